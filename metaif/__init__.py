@@ -1,0 +1,34 @@
+"""metaif: exact task and instance influence for bilevel meta-learning, in JAX.
+
+Conventions (binding, see README): every task and example has a weight multiplying a
+fixed-denominator mean; influence is the derivative at weight 1; removing a datum changes a
+quantity by about −influence; a positive influence on a loss target is harmful.
+"""
+
+from . import solvers as solvers
+from ._adapt import Adaptation as Adaptation
+from ._adapt import Proximal as Proximal
+from ._adapt import Unrolled as Unrolled
+from ._influence import AdaptedInfluence as AdaptedInfluence
+from ._influence import Influence as Influence
+from ._influence import adapted_influence as adapted_influence
+from ._influence import influence as influence
+from ._influence import instance_influence as instance_influence
+from ._influence import task_influence as task_influence
+from ._objective import adapt as adapt
+from ._objective import adaptation_residual as adaptation_residual
+from ._objective import meta_objective as meta_objective
+from ._objective import task_losses as task_losses
+from ._problem import BilevelProblem as BilevelProblem
+from ._problem import TaskSet as TaskSet
+from .training import TrainResult as TrainResult
+from .training import newton_refine as newton_refine
+from .training import meta_train as meta_train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adaptation", "AdaptedInfluence", "BilevelProblem", "Influence", "Proximal", "TaskSet", "TrainResult",
+    "Unrolled", "adapt", "adaptation_residual", "adapted_influence", "influence", "instance_influence",
+    "meta_objective", "meta_train", "newton_refine", "solvers", "task_influence", "task_losses",
+]

@@ -1,0 +1,343 @@
+"""Task and instance influence on meta-parameters, on scalar targets and on adapted parameters.
+
+Conventions (paper.md section 2, binding): every task and example carries a weight (t [n],
+a [n, m], b [n, q]) that multiplies a fixed-denominator mean. The influence of a weight ω is the
+derivative at ω = 1:
+
+    I_λ(ω) = dλ*/dω = −(H + δI)⁻¹ ∂_ω ∇_λ F(λ*)
+    I_f(ω) = ∇f(λ*)ᵀ I_λ(ω) = −∂_ω [vᵀ ∇_λ F(λ*; ω)],   v = (H + δI)⁻¹ ∇f(λ*)
+
+Removing a datum (weight 1 → 0) changes a quantity by about −I. A positive influence on a loss
+target means the datum raises that loss: it is harmful.
+
+With a target, one solve and one reverse-over-forward pass give every task and example score.
+Without one, per-task and per-example mixed gradients are formed by vmap (no Python loops) and
+solved in a batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from . import _linalg, _problem, _tree, _validate
+from ._linalg import SolveInfo
+from ._objective import Weights, adapt_one, hessian_operator, losses_per_task, objective, task_loss
+from ._problem import BilevelProblem, TaskSet
+from .solvers import CG, Dense, Solver
+
+PyTree = Any
+LEVELS = ("tasks", "support", "query")
+DENSE_LIMIT = 2048
+
+
+class Influence(NamedTuple):
+    """Influence of every task weight [n], support weight [n, m] and query weight [n, q].
+
+    With a scalar target these are arrays of I_f; without one, pytrees like meta_params with those
+    leading axes (I_λ). Sign: removing a datum changes the quantity by about −influence; a
+    positive influence on a loss is harmful. Levels that were not requested are None.
+
+    Attributes:
+      tasks, support, query: the scores.
+      solve: worst-case diagnostics over the inverse-Hessian solves (`metaif.solvers.SolveInfo`).
+      objective: F(λ) at the given meta-parameters (all weights 1).
+      grad_norm: ‖∇_λ F(λ)‖, how far λ is from the stationary point influence assumes.
+    """
+
+    tasks: Any
+    support: Any
+    query: Any
+    solve: SolveInfo
+    objective: jax.Array
+    grad_norm: jax.Array
+
+
+class AdaptedInfluence(NamedTuple):
+    """Influence of every training weight on one task's adapted parameters θ (or on g(θ)).
+
+    `tasks` [n], `support` [n, m], `query` [n, q]: total effect dθ/dω = ∂θ/∂ω + (dθ/dλ) I_λ(ω),
+    pytrees like the params, or arrays for a target g(θ). `direct` [m] is the part ∂θ/∂a_kj that
+    does not pass through λ: nonzero only for the adapted training task's own support examples
+    (already included in `support[k]`), None for a new task. The indirect part is total − direct.
+    """
+
+    tasks: Any
+    support: Any
+    query: Any
+    direct: Any
+    solve: SolveInfo
+    objective: jax.Array
+    grad_norm: jax.Array
+
+
+# ----------------------------------------------------------------------------- jitted cores
+
+
+def _operator(problem, meta_params, tasks):
+    weights = Weights.ones(tasks.n_tasks, tasks.n_support, tasks.n_query, _tree.float_dtype(meta_params))
+    return (weights, *hessian_operator(problem, meta_params, tasks, weights))
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "solver"))
+def _target_core(problem: BilevelProblem, solver: Solver, meta_params, tasks: TaskSet, target_grad) -> Influence:
+    weights, value, grad, hvp = _operator(problem, meta_params, tasks)
+    v, info = solver.solve(solver.prepare(hvp, meta_params), target_grad)
+
+    def directional(w: Weights) -> jax.Array:  # vᵀ ∇_λ F(λ; w)
+        return jax.jvp(lambda lam: objective(problem, lam, tasks, w), (meta_params,), (v,))[1]
+
+    scores = jax.grad(directional)(weights)
+    return Influence(-scores.tasks, -scores.support, -scores.query, info, value, _tree.norm(grad))
+
+
+def _mixed_gradients(problem, meta_params, tasks, weights, level):
+    """∂_ω ∇_λ F for every weight ω of one level: pytrees [n, ...] or [n, m|q, ...]."""
+    n = tasks.n_tasks
+
+    def task_grad(support, query, a, b):
+        return jax.grad(task_loss, argnums=1)(problem, meta_params, support, query, a, b)
+
+    def per_example(support, query, a, b):
+        wrt_support = level == "support"
+        w = a if wrt_support else b
+
+        def column(e):
+            f = (lambda x: task_grad(support, query, x, b)) if wrt_support else (lambda x: task_grad(support, query, a, x))
+            return jax.jvp(f, (w,), (e,))[1]
+
+        return jax.vmap(column)(jnp.eye(w.shape[0], dtype=w.dtype))
+
+    fn = task_grad if level == "tasks" else per_example
+    grads = jax.vmap(fn)(tasks.support, tasks.query, weights.support, weights.query)
+    return _tree.scale(1.0 / n, grads)
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "solver", "levels"))
+def _params_core(problem: BilevelProblem, solver: Solver, levels: tuple[str, ...], meta_params, tasks: TaskSet) -> Influence:
+    weights, value, grad, hvp = _operator(problem, meta_params, tasks)
+    state = solver.prepare(hvp, meta_params)
+
+    def neg_solve(b):
+        x, info = solver.solve(state, b)
+        return _tree.scale(-1.0, x), info
+
+    out, infos = {}, []
+    for level in levels:  # at most three static levels, not a loop over data
+        rhs = _mixed_gradients(problem, meta_params, tasks, weights, level)
+        batched = jax.vmap(neg_solve) if level == "tasks" else jax.vmap(jax.vmap(neg_solve))
+        out[level], info = batched(rhs)
+        infos.append(jax.tree.map(jnp.ravel, info))
+    info = _linalg.summarize(jax.tree.map(lambda *xs: jnp.concatenate(xs), *infos))
+    return Influence(out.get("tasks"), out.get("support"), out.get("query"), info, value, _tree.norm(grad))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _grad(fn, x):
+    return jax.grad(fn)(x)
+
+
+@functools.partial(jax.jit, static_argnames=("problem",))
+def _adapt_jacobian_apply(problem, meta_params, support, directions):
+    """(dθ/dλ) applied to a batch of directions with any leading axes."""
+    ones = jnp.ones((jax.tree.leaves(support)[0].shape[0],), _tree.float_dtype(meta_params))
+    _, jac = jax.linearize(lambda lam: adapt_one(problem, lam, support, ones), meta_params)
+    leading = jax.tree.leaves(directions)[0].ndim - jax.tree.leaves(meta_params)[0].ndim
+    for _ in range(leading):
+        jac = jax.vmap(jac)
+    return jac(directions)
+
+
+@functools.partial(jax.jit, static_argnames=("problem",))
+def _direct_params(problem, meta_params, support):
+    """∂θ/∂a_j for one task: pytree [m, ...]."""
+    ones = jnp.ones((jax.tree.leaves(support)[0].shape[0],), _tree.float_dtype(meta_params))
+    column = lambda e: jax.jvp(lambda a: adapt_one(problem, meta_params, support, a), (ones,), (e,))[1]
+    return jax.vmap(column)(jnp.eye(ones.shape[0], dtype=ones.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "target"))
+def _direct_target(problem, target, meta_params, support):
+    """∂g(θ)/∂a_j for one task: [m]."""
+    ones = jnp.ones((jax.tree.leaves(support)[0].shape[0],), _tree.float_dtype(meta_params))
+    return jax.grad(lambda a: target(adapt_one(problem, meta_params, support, a)))(ones)
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "target"))
+def _adapted_target_grad(problem, target, meta_params, support):
+    """∇_λ g(θ(λ)) for a task's support set."""
+    ones = jnp.ones((jax.tree.leaves(support)[0].shape[0],), _tree.float_dtype(meta_params))
+    return jax.grad(lambda lam: target(adapt_one(problem, lam, support, ones)))(meta_params)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_inputs(problem, meta_params, tasks, solver) -> Solver:
+    _problem.check_problem(problem)
+    _validate.floating_tree("meta_params", meta_params)
+    _problem.check_tasks(tasks)
+    _validate.finite_tree("meta_params", meta_params)
+    _problem.check_losses(problem, meta_params, tasks)
+    if solver is None:
+        return Dense() if _tree.size(meta_params) <= DENSE_LIMIT else CG()
+    if not isinstance(solver, Solver):
+        raise TypeError(
+            "solver must be a metaif.solvers.Solver such as metaif.solvers.Dense() or "
+            f"metaif.solvers.CG(); received {_validate.describe(solver)}."
+        )
+    return solver
+
+
+def _check_scalar_fn(name: str, fn, argument, argument_name: str) -> None:
+    _validate.callable_(name, fn, f"{argument_name} -> scalar")
+    try:
+        out = jax.eval_shape(fn, argument)
+    except Exception as error:
+        raise ValueError(f"{name} failed when called on {argument_name}: {error}") from error
+    leaves = jax.tree.leaves(out)
+    if len(leaves) != 1 or leaves[0].shape != ():
+        raise ValueError(f"{name} must return a scalar; it returned {jax.tree.map(lambda s: s.shape, out)}.")
+
+
+def _target_gradient(target, meta_params):
+    _check_scalar_fn("target", target, meta_params, "meta_params")
+    grad = _grad(target, meta_params)
+    _validate.finite_tree("the gradient of target at meta_params", grad)
+    return grad
+
+
+def _check_result(result, problem, meta_params, tasks) -> None:
+    """Turn a silent NaN into an error naming its source (skipped under tracing)."""
+    if not _validate.is_concrete(result.objective) or bool(jnp.isfinite(result.objective)):
+        return
+    n, m, q = _problem.check_tasks(tasks)
+    w = Weights.ones(n, m, q, _tree.float_dtype(meta_params))
+    losses = jax.jit(losses_per_task, static_argnums=0)(problem, meta_params, tasks, w.support, w.query)
+    bad = [int(i) for i in jnp.flatnonzero(~jnp.isfinite(losses))[:10]]
+    raise ValueError(
+        f"The meta-objective at meta_params is {float(result.objective)}: the losses of tasks {bad} "
+        "(first 10) are not finite after adaptation. Check inner_loss/outer_loss for log(0) or "
+        "overflow, and the adaptation's lr (too large a step diverges)."
+    )
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None,
+              solver: Solver | None = None) -> Influence:
+    """Influence of every task, support example and query example, in one call.
+
+    Args:
+      problem: the `BilevelProblem`.
+      meta_params: λ*, a stationary point of F (see `Influence.grad_norm`).
+      tasks: the training `TaskSet` (n tasks, m support, q query examples).
+      target: optional `meta_params -> scalar` (for example a meta-test loss, see
+        `metaif.task_losses`). Pass the same function object across calls to reuse compiled code.
+      solver: `metaif.solvers.Dense()` or `CG(...)`; default Dense up to 2,048 meta-parameters,
+        CG beyond.
+
+    Returns:
+      `Influence`: arrays [n], [n, m], [n, q] of I_f with a target; else pytrees like
+      meta_params with those leading axes (I_λ = dλ*/dω).
+    """
+    solver = _check_inputs(problem, meta_params, tasks, solver)
+    if target is None:
+        result = _params_core(problem, solver, LEVELS, meta_params, tasks)
+    else:
+        result = _target_core(problem, solver, meta_params, tasks, _target_gradient(target, meta_params))
+    _check_result(result, problem, meta_params, tasks)
+    return result
+
+
+def task_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None,
+                   solver: Solver | None = None, *, return_info: bool = False):
+    """Task influence I(t_k) for every training task.
+
+    Returns an array [n] of I_f(t_k) with a target `meta_params -> scalar`, else a pytree like
+    meta_params with leading axis n holding I_λ(t_k) = dλ*/dt_k (the paper's task-IF). Removing
+    task k changes the quantity by about −I(t_k). With `return_info=True`, returns
+    (scores, SolveInfo). See `influence` for the arguments.
+    """
+    solver = _check_inputs(problem, meta_params, tasks, solver)
+    if target is None:
+        result = _params_core(problem, solver, ("tasks",), meta_params, tasks)
+    else:
+        result = _target_core(problem, solver, meta_params, tasks, _target_gradient(target, meta_params))
+    _check_result(result, problem, meta_params, tasks)
+    return (result.tasks, result.solve) if return_info else result.tasks
+
+
+def instance_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None,
+                       solver: Solver | None = None) -> Influence:
+    """Instance influence of every support example [n, m] and query example [n, q].
+
+    Returns an `Influence` whose `.support` and `.query` hold I_f (arrays, with a target) or
+    I_λ (pytrees like meta_params with leading axes [n, m] and [n, q]). With a target, `.tasks`
+    comes free and is filled too. See `influence` for the arguments and conventions.
+    """
+    solver = _check_inputs(problem, meta_params, tasks, solver)
+    if target is None:
+        result = _params_core(problem, solver, ("support", "query"), meta_params, tasks)
+    else:
+        result = _target_core(problem, solver, meta_params, tasks, _target_gradient(target, meta_params))
+    _check_result(result, problem, meta_params, tasks)
+    return result
+
+
+def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, task: int | PyTree,
+                      target: Callable | None = None, solver: Solver | None = None) -> AdaptedInfluence:
+    """Influence of every training task and example on one task's adapted parameters θ.
+
+    Args:
+      task: an int k (training task k: direct effect of its own support weights plus the effect
+        through λ) or a new task's support pytree with leaves [m', ...] (effect through λ only).
+      target: optional `params -> scalar` g(θ), for example a prediction or a loss of the
+        adapted model; then the scores are arrays.
+      Other arguments as in `influence`.
+
+    Returns:
+      `AdaptedInfluence` with dθ/dω (or dg(θ)/dω) for every weight: leading axes [n], [n, m],
+      [n, q], plus the direct part `direct` [m] for a training task.
+    """
+    solver = _check_inputs(problem, meta_params, tasks, solver)
+    n = tasks.n_tasks
+    if isinstance(task, (int, jnp.integer)) and not isinstance(task, bool):
+        if not -n <= int(task) < n:
+            raise ValueError(f"task must be a training-task index in [0, {n}) or a support pytree; received {task}.")
+        index = int(task) % n
+        support = jax.tree.map(lambda leaf: leaf[index], tasks.support)
+    else:
+        index = None
+        support = task
+        expected = jax.tree.structure(tasks.support)
+        if jax.tree.structure(support) != expected:
+            raise ValueError(
+                f"task must be an int or a support set with the structure of tasks.support ({expected}); "
+                f"received {_validate.describe(support)}."
+            )
+        _problem._leading("task", jax.tree.map(lambda x: x[None], support), "n_support")
+
+    if target is None:
+        result = _params_core(problem, solver, LEVELS, meta_params, tasks)
+        _check_result(result, problem, meta_params, tasks)
+        apply = functools.partial(_adapt_jacobian_apply, problem, meta_params, support)
+        scores = [apply(result.tasks), apply(result.support), apply(result.query)]
+        direct = None if index is None else _direct_params(problem, meta_params, support)
+    else:
+        params_like = jax.eval_shape(adapt_one, problem, meta_params, support,
+                                     jnp.ones((jax.tree.leaves(support)[0].shape[0],), _tree.float_dtype(meta_params)))
+        _check_scalar_fn("target", target, params_like, "params")
+        grad = _adapted_target_grad(problem, target, meta_params, support)
+        _validate.finite_tree("the gradient of target(adapted params) with respect to meta_params", grad)
+        result = _target_core(problem, solver, meta_params, tasks, grad)
+        _check_result(result, problem, meta_params, tasks)
+        scores = [result.tasks, result.support, result.query]
+        direct = None if index is None else _direct_target(problem, target, meta_params, support)
+    if direct is not None:
+        scores[1] = jax.tree.map(lambda s, d: s.at[index].add(d), scores[1], direct)
+    return AdaptedInfluence(*scores, direct, result.solve, result.objective, result.grad_norm)

@@ -1,0 +1,161 @@
+"""The weighted meta-objective F(λ; t, a, b) of paper.md section 2 and its building blocks.
+
+    F(λ; t, a, b) = (1/n) Σ_i t_i (1/q) Σ_j b_ij ℓ_out(θ_i(λ; a_i), λ; q_ij) + (meta_reg/2)‖λ‖²
+
+Denominators n, m, q are fixed, so a weight of 0 removes a task or an example. Everything here is
+pure and traceable; adaptation is vmapped over tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+import functools
+
+from . import _problem, _tree, _validate
+from ._problem import BilevelProblem, TaskSet
+
+PyTree = Any
+
+
+class Weights(NamedTuple):
+    """Weights of every task [n], support example [n, m] and query example [n, q]."""
+
+    tasks: jax.Array
+    support: jax.Array
+    query: jax.Array
+
+    @classmethod
+    def ones(cls, n: int, m: int, q: int, dtype) -> "Weights":
+        return cls(jnp.ones((n,), dtype), jnp.ones((n, m), dtype), jnp.ones((n, q), dtype))
+
+
+def adapt_one(problem: BilevelProblem, meta_params: PyTree, support: PyTree, weights: jax.Array) -> PyTree:
+    """θ(λ; a) for one task: support leaves [m, ...], weights [m]."""
+    return problem.adapt.solve(problem.inner_loss, meta_params, support, weights)
+
+
+def query_loss(problem: BilevelProblem, params: PyTree, meta_params: PyTree, query: PyTree, weights: jax.Array) -> jax.Array:
+    """(1/q) Σ_j b_j ℓ_out(θ, λ; q_j) for one task's adapted params θ."""
+    losses = jax.vmap(problem.outer_loss, in_axes=(None, None, 0))(params, meta_params, query)
+    return jnp.mean(weights * losses)
+
+
+def task_loss(problem: BilevelProblem, meta_params: PyTree, support: PyTree, query: PyTree,
+              support_weights: jax.Array, query_weights: jax.Array) -> jax.Array:
+    """One task's weighted query loss after adaptation, L_O^i(λ; a_i, b_i)."""
+    params = adapt_one(problem, meta_params, support, support_weights)
+    return query_loss(problem, params, meta_params, query, query_weights)
+
+
+def losses_per_task(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet,
+                    support_weights: jax.Array, query_weights: jax.Array) -> jax.Array:
+    """[n] weighted query losses after adaptation, vmapped over tasks."""
+    per_task = jax.vmap(task_loss, in_axes=(None, None, 0, 0, 0, 0))
+    return per_task(problem, meta_params, tasks.support, tasks.query, support_weights, query_weights)
+
+
+def regularizer(problem: BilevelProblem, meta_params: PyTree) -> jax.Array:
+    return 0.5 * problem.meta_reg * _tree.sq_norm(meta_params)
+
+
+def objective(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights) -> jax.Array:
+    """F(λ; t, a, b)."""
+    losses = losses_per_task(problem, meta_params, tasks, weights.support, weights.query)
+    return jnp.mean(weights.tasks * losses) + regularizer(problem, meta_params)
+
+
+def hessian_operator(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights):
+    """(F, ∇_λ F, v ↦ H v) at λ: the value, the total gradient and the exact total-Hessian-vector
+    product ∇²_λλ F · v, third-order terms included (forward-over-reverse, linearised once so
+    repeated products reuse the forward pass)."""
+    value_and_grad = jax.value_and_grad(objective, argnums=1)
+    (value, grad), linear = jax.linearize(lambda lam: value_and_grad(problem, lam, tasks, weights), meta_params)
+    return value, grad, lambda v: linear(v)[1]
+
+
+def adaptation_gradient(problem: BilevelProblem, meta_params: PyTree, support: PyTree, weights: jax.Array) -> jax.Array:
+    """‖∇_θ L_I(θ(λ), λ)‖ for one task: how far adaptation is from its inner stationary point."""
+    params = adapt_one(problem, meta_params, support, weights)
+    grad = jax.grad(problem.adapt.objective, argnums=1)(problem.inner_loss, params, meta_params, support, weights)
+    return _tree.norm(grad)
+
+
+# ----------------------------------------------------------------------------- public wrappers
+
+_adapt_jit = jax.jit(adapt_one, static_argnums=0)
+_objective_jit = jax.jit(objective, static_argnums=0)
+_losses_jit = jax.jit(losses_per_task, static_argnums=0)
+_residual_jit = jax.jit(jax.vmap(adaptation_gradient, in_axes=(None, None, 0, 0)), static_argnums=0)
+
+
+def _full_weights(meta_params, tasks, task_weights=None, support_weights=None, query_weights=None) -> Weights:
+    n, m, q = _problem.check_tasks(tasks)
+    _problem.check_weights("task_weights", task_weights, (n,))
+    _problem.check_weights("support_weights", support_weights, (n, m))
+    _problem.check_weights("query_weights", query_weights, (n, q))
+    ones = Weights.ones(n, m, q, _tree.float_dtype(meta_params))
+    given = (task_weights, support_weights, query_weights)
+    return Weights(*(o if w is None else jnp.asarray(w, o.dtype) for o, w in zip(ones, given)))
+
+
+def _check(problem, meta_params, tasks):
+    _problem.check_problem(problem)
+    _validate.floating_tree("meta_params", meta_params)
+    _problem.check_tasks(tasks)
+    _problem.check_losses(problem, meta_params, tasks)
+
+
+def adapt(problem: BilevelProblem, meta_params: PyTree, support: PyTree, weights: jax.Array | None = None) -> PyTree:
+    """Adapted parameters θ(λ; a) of one task.
+
+    Args:
+      support: one task's support set, leaves [m, ...].
+      weights: support weights a [m] (default ones; 0 removes an example).
+    Returns:
+      a pytree like meta_params. Differentiable in meta_params and weights (any order).
+    """
+    _problem.check_problem(problem)
+    _validate.floating_tree("meta_params", meta_params)
+    tasks = TaskSet(jax.tree.map(lambda x: jnp.asarray(x)[None], support), jax.tree.map(lambda x: jnp.asarray(x)[None], support))
+    n, m, _ = _problem.check_tasks(tasks, "support (with a task axis added)")
+    _problem.check_weights("weights", weights, (m,))
+    w = jnp.ones((m,), _tree.float_dtype(meta_params)) if weights is None else jnp.asarray(weights, _tree.float_dtype(meta_params))
+    return _adapt_jit(problem, meta_params, support, w)
+
+
+def meta_objective(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, task_weights=None,
+                   support_weights=None, query_weights=None) -> jax.Array:
+    """F(λ; t, a, b) = (1/n) Σ_i t_i (1/q) Σ_j b_ij ℓ_out(θ_i(λ; a_i), λ; q_ij) + (meta_reg/2)‖λ‖².
+
+    Weights shaped [n], [n, m], [n, q], default ones; denominators stay n, m, q, so a weight of 0
+    removes that task or example.
+    """
+    _check(problem, meta_params, tasks)
+    return _objective_jit(problem, meta_params, tasks, _full_weights(meta_params, tasks, task_weights, support_weights, query_weights))
+
+
+def task_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, support_weights=None,
+                query_weights=None) -> jax.Array:
+    """[n] query losses of each task after adaptation (weighted means; default weights 1).
+
+    `lambda lam: metaif.task_losses(problem, lam, test_tasks).mean()` is the meta-test loss, the
+    usual influence target.
+    """
+    _check(problem, meta_params, tasks)
+    w = _full_weights(meta_params, tasks, None, support_weights, query_weights)
+    return _losses_jit(problem, meta_params, tasks, w.support, w.query)
+
+
+def adaptation_residual(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet) -> jax.Array:
+    """[n] norms ‖∇_θ L_I(θ_i, λ)‖ of the inner objective at each adapted θ_i.
+
+    For `Proximal` adaptation these should be near 0 (the implicit derivatives assume an exact
+    inner minimiser): if not, raise `steps` or tune `lr`. For `Unrolled` they are informative only.
+    """
+    _check(problem, meta_params, tasks)
+    w = _full_weights(meta_params, tasks)
+    return _residual_jit(problem, meta_params, tasks.support, w.support)
