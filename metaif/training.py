@@ -66,7 +66,8 @@ def _train_chunk(problem, optimizer, length, batch_size, meta_params, opt_state,
             index = jax.random.choice(step_key, n, (batch_size,), replace=False)
             batch, w = tasks[index], jax.tree.map(lambda x: x[index], weights)
         value, grad = _value_and_grad(problem, params, batch, w)
-        updates, state = optimizer.update(grad, state, params)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int counters
+            updates, state = optimizer.update(grad, state, params)
         return (optax.apply_updates(params, updates), state), (value, _tree.norm(grad))
 
     (meta_params, opt_state), (values, norms) = jax.lax.scan(step, (meta_params, opt_state), jax.random.split(key, length))
@@ -103,7 +104,8 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, e.g. optax.adam(1e-2); received {_validate.describe(optimizer)}.")
     weights = _full_weights(meta_params, tasks, task_weights, support_weights, query_weights)
-    opt_state = optimizer.init(meta_params)
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = optimizer.init(meta_params)
     key = jax.random.key(seed)
     chunk = log_every or steps
     values, norms, done = [], [], 0

@@ -1,0 +1,130 @@
+"""Reference problems: generated task sets and ready-made models for examples, tests and benchmarks.
+
+Each model is a pair of pure functions, `init(key, ...) -> params` and a per-example loss
+`(params, meta_params, example) -> scalar` usable as `BilevelProblem.inner_loss`/`outer_loss`.
+Examples are dicts `{"x": [...], "y": ...}`; task sets are `TaskSet`s with leading axes
+[n_tasks, n_examples].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._problem import TaskSet
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------- task sets
+
+
+def regression_tasks(n_tasks: int, n_support: int, n_query: int, dim: int, noise: float = 0.1,
+                     spread: float = 0.5, seed: int = 0, dtype=np.float64) -> tuple[TaskSet, np.ndarray]:
+    """Linear-regression tasks y = x·w_i + ε with w_i = w_0 + spread·N(0, I).
+
+    Returns (TaskSet with {"x": [n, k, dim], "y": [n, k]}, the task weights w_i [n, dim]).
+    """
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=dim) + spread * rng.normal(size=(n_tasks, dim))
+
+    def sample(k):
+        x = rng.normal(size=(n_tasks, k, dim))
+        y = np.einsum("nkd,nd->nk", x, w) + noise * rng.normal(size=(n_tasks, k))
+        return {"x": jnp.asarray(x, dtype), "y": jnp.asarray(y, dtype)}
+
+    return TaskSet(sample(n_support), sample(n_query)), w
+
+
+def classification_tasks(n_tasks: int, n_support: int, n_query: int, dim: int, ways: int, spread: float = 0.5,
+                         scale: float = 2.0, seed: int = 0, dtype=np.float64) -> TaskSet:
+    """Linear softmax tasks: inputs x ~ N(0, I); labels drawn from softmax(x·W_i) with
+    W_i = scale·(W_0 + spread·N(0, I)), so tasks share structure that meta-learning can find.
+
+    Returns a TaskSet with {"x": [n, k, dim] float, "y": [n, k] int32}.
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(dim, ways)) / np.sqrt(dim)
+    weights = scale * (base + spread * rng.normal(size=(n_tasks, dim, ways)) / np.sqrt(dim))
+
+    def sample(k):
+        x = rng.normal(size=(n_tasks, k, dim))
+        logits = np.einsum("nkd,ndc->nkc", x, weights)
+        gumbel = -np.log(-np.log(rng.uniform(size=logits.shape)))
+        y = np.argmax(logits + gumbel, axis=-1)
+        return {"x": jnp.asarray(x, dtype), "y": jnp.asarray(y, jnp.int32)}
+
+    return TaskSet(sample(n_support), sample(n_query))
+
+
+def corrupt_labels(tasks: TaskSet, ways: int, task_fraction: float = 0.0, support_fraction: float = 0.0,
+                   seed: int = 0) -> tuple[TaskSet, np.ndarray, np.ndarray]:
+    """Corrupt classification tasks: a fraction of tasks gets random query labels (breaking the
+    support-query link) and a fraction of support labels is flipped to another class.
+
+    Returns (corrupted TaskSet, task mask [n] bool, support mask [n, m] bool).
+    """
+    rng = np.random.default_rng(seed)
+    ys, yq = np.array(tasks.support["y"]), np.array(tasks.query["y"])
+    n, m = ys.shape
+    task_mask = np.zeros(n, bool)
+    task_mask[rng.choice(n, int(round(task_fraction * n)), replace=False)] = True
+    yq[task_mask] = rng.integers(0, ways, size=yq[task_mask].shape)
+    support_mask = rng.uniform(size=(n, m)) < support_fraction
+    ys[support_mask] = (ys[support_mask] + rng.integers(1, ways, size=support_mask.sum())) % ways
+    support = dict(tasks.support, y=jnp.asarray(ys, tasks.support["y"].dtype))
+    query = dict(tasks.query, y=jnp.asarray(yq, tasks.query["y"].dtype))
+    return TaskSet(support, query), task_mask, support_mask
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def squared_loss(params: PyTree, meta_params: PyTree, example: PyTree) -> jax.Array:
+    """Linear regression: ½(x·w − y)² with params {"w": [dim]}."""
+    return 0.5 * (example["x"] @ params["w"] - example["y"]) ** 2
+
+
+def linear_init(key: jax.Array, dim: int, ways: int, dtype=jnp.float64) -> PyTree:
+    return {"w": 0.01 * jax.random.normal(key, (dim, ways), dtype), "b": jnp.zeros((ways,), dtype)}
+
+
+def linear_logits(params: PyTree, x: jax.Array) -> jax.Array:
+    return x @ params["w"] + params["b"]
+
+
+def mlp_init(key: jax.Array, sizes: tuple[int, ...], dtype=jnp.float64) -> PyTree:
+    """He-initialised MLP params [{"w", "b"}, ...] for layer sizes (in, hidden..., out)."""
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [
+        {"w": jax.random.normal(k, (a, b), dtype) * np.sqrt(2.0 / a), "b": jnp.zeros((b,), dtype)}
+        for k, a, b in zip(keys, sizes[:-1], sizes[1:])
+    ]
+
+
+def mlp_logits(params: PyTree, x: jax.Array) -> jax.Array:
+    """tanh MLP (smooth, so third derivatives exist)."""
+    for layer in params[:-1]:
+        x = jnp.tanh(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
+    return -jax.nn.log_softmax(logits)[label]
+
+
+def linear_cross_entropy(params: PyTree, meta_params: PyTree, example: PyTree) -> jax.Array:
+    """Multinomial logistic regression loss of one example, params {"w": [dim, ways], "b": [ways]}."""
+    return cross_entropy(linear_logits(params, example["x"]), example["y"])
+
+
+def mlp_cross_entropy(params: PyTree, meta_params: PyTree, example: PyTree) -> jax.Array:
+    """Cross-entropy of a tanh MLP (params from `mlp_init`) on one example."""
+    return cross_entropy(mlp_logits(params, example["x"]), example["y"])
+
+
+def accuracy(logits_fn, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.argmax(logits_fn(params, x), axis=-1) == y)
