@@ -329,9 +329,7 @@ def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskS
         scores = [apply(result.tasks), apply(result.support), apply(result.query)]
         direct = None if index is None else _direct_params(problem, meta_params, support)
     else:
-        params_like = jax.eval_shape(adapt_one, problem, meta_params, support,
-                                     jnp.ones((jax.tree.leaves(support)[0].shape[0],), _tree.float_dtype(meta_params)))
-        _check_scalar_fn("target", target, params_like, "params")
+        _check_scalar_fn("target", target, meta_params, "params (shaped like meta_params)")
         grad = _adapted_target_grad(problem, target, meta_params, support)
         _validate.finite_tree("the gradient of target(adapted params) with respect to meta_params", grad)
         result = _target_core(problem, solver, meta_params, tasks, grad)
