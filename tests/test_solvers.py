@@ -1,0 +1,72 @@
+"""Rung 3: solvers against the dense matrix. Dense and CG agree; both report honest diagnostics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import metaif
+from metaif import _linalg, problems
+from metaif._tree import ravel
+
+N, M, Q, DIM, WAYS = 5, 6, 6, 3, 3
+TASKS = problems.classification_tasks(N, M, Q, DIM, WAYS, seed=2)
+LOSS = problems.linear_cross_entropy
+PROBLEM = metaif.BilevelProblem(LOSS, LOSS, metaif.Unrolled(steps=2, lr=0.5), meta_reg=0.05)
+LAM = metaif.newton_refine(PROBLEM, problems.linear_init(jax.random.key(0), DIM, WAYS), TASKS, steps=8).meta_params
+FLAT, UNRAVEL = ravel(LAM)
+HESSIAN = jax.hessian(lambda x: metaif.meta_objective(PROBLEM, UNRAVEL(x), TASKS))(FLAT)
+META_REG_GRAD = 0.05 * FLAT  # gradient of (meta_reg/2)‖λ‖², removed from F's task gradients
+TARGET = lambda lam: jnp.sum(lam["w"] ** 2) + lam["b"][0]
+
+
+def test_dense_matches_explicit_inverse_with_damping():
+    damping = 0.3
+    scores, info = metaif.task_influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.Dense(damping), return_info=True)
+    v = jnp.linalg.solve(HESSIAN + damping * jnp.eye(FLAT.size), ravel(jax.grad(TARGET)(LAM))[0])
+    task_grads = jnp.stack([
+        jax.grad(lambda x: metaif.meta_objective(PROBLEM, UNRAVEL(x), TASKS, task_weights=jnp.eye(N)[k] * N))(FLAT)
+        - META_REG_GRAD for k in range(N)
+    ]) / N
+    np.testing.assert_allclose(scores, -task_grads @ v, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(info.min_eigenvalue, np.linalg.eigvalsh(np.asarray(HESSIAN))[0], rtol=1e-9)
+    assert bool(info.converged) and not bool(info.indefinite) and float(info.relative_residual) < 1e-12
+
+
+
+def test_cg_agrees_with_dense():
+    dense = metaif.influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.Dense())
+    cg = metaif.influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(tol=1e-12, maxiter=200))
+    for a, b in zip((dense.tasks, dense.support, dense.query), (cg.tasks, cg.support, cg.query)):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12 * np.max(np.abs(a)))
+    assert bool(cg.solve.converged) and 0 < int(cg.solve.iterations) <= FLAT.size + 2
+    assert np.isnan(float(cg.solve.min_eigenvalue))
+    params_dense = metaif.task_influence(PROBLEM, LAM, TASKS, solver=metaif.solvers.Dense(0.1))
+    params_cg = metaif.task_influence(PROBLEM, LAM, TASKS, solver=metaif.solvers.CG(damping=0.1, tol=1e-12))
+    for a, b in zip(jax.tree.leaves(params_dense), jax.tree.leaves(params_cg)):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_cg_reports_non_convergence():
+    scores, info = metaif.task_influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(maxiter=2, tol=1e-12), return_info=True)
+    assert not bool(info.converged) and int(info.iterations) == 2 and float(info.relative_residual) > 1e-6
+    assert np.all(np.isfinite(scores))
+    batched = metaif.instance_influence(PROBLEM, LAM, TASKS, solver=metaif.solvers.CG(maxiter=1))
+    assert not bool(batched.solve.converged) and int(batched.solve.iterations) == 1
+
+
+def test_cg_stops_on_negative_curvature():
+    matrix = jnp.diag(jnp.array([2.0, 1.0, -1.0]))
+    b = jnp.array([1.0, 1.0, 1.0])
+    x, info = _linalg.conjugate_gradient(lambda v: matrix @ v, b, tol=1e-12, maxiter=10)
+    assert bool(info.indefinite) and not bool(info.converged) and np.all(np.isfinite(x))
+    factor = _linalg.eigh(matrix)
+    x, info = _linalg.eigh_solve(factor, b, 0.0)
+    assert bool(info.indefinite) and float(info.min_eigenvalue) == -1.0
+    np.testing.assert_allclose(matrix @ x, b, rtol=1e-12)
+    x, info = _linalg.eigh_solve(factor, b, 1.0)  # shifted eigenvalue 0: singular
+    assert not bool(info.converged)
+
+
+def test_cg_on_zero_right_hand_side():
+    x, info = _linalg.conjugate_gradient(lambda v: 2.0 * v, jnp.zeros(3), tol=1e-10, maxiter=5)
+    assert bool(info.converged) and int(info.iterations) == 0 and np.all(x == 0)
