@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from . import _linalg, _problem, _tree, _validate
 from ._linalg import SolveInfo
-from ._objective import Weights, adapt_one, hessian_operator, losses_per_task, objective, task_loss
+from ._objective import Weights, adapt_one, adaptation_gradient, hessian_operator, losses_per_task, objective, task_loss
 from ._problem import BilevelProblem, TaskSet
 from .solvers import CG, Dense, Solver
 
@@ -46,6 +46,8 @@ class Influence(NamedTuple):
       solve: worst-case diagnostics over the inverse-Hessian solves (`metaif.solvers.SolveInfo`).
       objective: F(λ) at the given meta-parameters (all weights 1).
       grad_norm: ‖∇_λ F(λ)‖, how far λ is from the stationary point influence assumes.
+      adaptation_residual: max over tasks of ‖∇_θ L_I(θ_i, λ)‖; for `Proximal` adaptation the
+        implicit derivatives assume it is ≈ 0 (else raise `steps` or tune `lr`).
     """
 
     tasks: Any
@@ -54,6 +56,7 @@ class Influence(NamedTuple):
     solve: SolveInfo
     objective: jax.Array
     grad_norm: jax.Array
+    adaptation_residual: jax.Array
 
 
 class AdaptedInfluence(NamedTuple):
@@ -72,6 +75,7 @@ class AdaptedInfluence(NamedTuple):
     solve: SolveInfo
     objective: jax.Array
     grad_norm: jax.Array
+    adaptation_residual: jax.Array
 
 
 # ----------------------------------------------------------------------------- jitted cores
@@ -80,6 +84,11 @@ class AdaptedInfluence(NamedTuple):
 def _operator(problem, meta_params, tasks):
     weights = Weights.ones(tasks.n_tasks, tasks.n_support, tasks.n_query, _tree.float_dtype(meta_params))
     return (weights, *hessian_operator(problem, meta_params, tasks, weights))
+
+
+def _diagnostics(problem, meta_params, tasks, weights, value, grad):
+    residual = jax.vmap(adaptation_gradient, in_axes=(None, None, 0, 0))(problem, meta_params, tasks.support, weights.support)
+    return value, _tree.norm(grad), jnp.max(residual)
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "solver"))
@@ -91,7 +100,7 @@ def _target_core(problem: BilevelProblem, solver: Solver, meta_params, tasks: Ta
         return jax.jvp(lambda lam: objective(problem, lam, tasks, w), (meta_params,), (v,))[1]
 
     scores = jax.grad(directional)(weights)
-    return Influence(-scores.tasks, -scores.support, -scores.query, info, value, _tree.norm(grad))
+    return Influence(-scores.tasks, -scores.support, -scores.query, info, *_diagnostics(problem, meta_params, tasks, weights, value, grad))
 
 
 def _mixed_gradients(problem, meta_params, tasks, weights, level):
@@ -132,7 +141,7 @@ def _params_core(problem: BilevelProblem, solver: Solver, levels: tuple[str, ...
         out[level], info = batched(rhs)
         infos.append(jax.tree.map(jnp.ravel, info))
     info = _linalg.summarize(jax.tree.map(lambda *xs: jnp.concatenate(xs), *infos))
-    return Influence(out.get("tasks"), out.get("support"), out.get("query"), info, value, _tree.norm(grad))
+    return Influence(out.get("tasks"), out.get("support"), out.get("query"), info, *_diagnostics(problem, meta_params, tasks, weights, value, grad))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -338,4 +347,4 @@ def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskS
         direct = None if index is None else _direct_target(problem, target, meta_params, support)
     if direct is not None:
         scores[1] = jax.tree.map(lambda s, d: s.at[index].add(d), scores[1], direct)
-    return AdaptedInfluence(*scores, direct, result.solve, result.objective, result.grad_norm)
+    return AdaptedInfluence(*scores, direct, *result[3:])
