@@ -60,8 +60,8 @@ class Unrolled(Adaptation):
     lr: float
 
     def __post_init__(self):
-        _validate.positive_int("Unrolled.steps", self.steps)
-        _validate.positive("Unrolled.lr", self.lr)
+        _validate.set_fields(self, steps=_validate.positive_int("Unrolled.steps", self.steps),
+                             lr=_validate.positive("Unrolled.lr", self.lr))
 
     def objective(self, inner_loss, params, meta_params, support, weights):
         return inner_objective(inner_loss, params, meta_params, support, weights)
@@ -90,13 +90,16 @@ class Proximal(Adaptation):
     inner_maxiter: int = 200
 
     def __post_init__(self):
-        _validate.positive("Proximal.reg", self.reg)
-        _validate.positive_int("Proximal.steps", self.steps)
-        _validate.positive("Proximal.lr", self.lr)
         if self.inner_solve not in ("cg", "dense"):
             raise ValueError(f"Proximal.inner_solve must be 'cg' or 'dense'; received {self.inner_solve!r}.")
-        _validate.positive("Proximal.inner_tol", self.inner_tol)
-        _validate.positive_int("Proximal.inner_maxiter", self.inner_maxiter)
+        _validate.set_fields(
+            self,
+            reg=_validate.positive("Proximal.reg", self.reg),
+            steps=_validate.positive_int("Proximal.steps", self.steps),
+            lr=_validate.positive("Proximal.lr", self.lr),
+            inner_tol=_validate.positive("Proximal.inner_tol", self.inner_tol),
+            inner_maxiter=_validate.positive_int("Proximal.inner_maxiter", self.inner_maxiter),
+        )
 
     def objective(self, inner_loss, params, meta_params, support, weights):
         distance = _tree.sq_norm(_tree.sub(params, meta_params))

@@ -18,14 +18,16 @@ solved in a batch.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _linalg, _problem, _tree, _validate
 from ._linalg import SolveInfo
-from ._objective import Weights, adapt_one, adaptation_gradient, hessian_operator, losses_per_task, objective, task_loss
+from ._objective import Weights, adapt_one, adaptation_gradient, check_finite_losses, hessian_operator, objective, task_loss
 from ._problem import BilevelProblem, TaskSet
 from .solvers import CG, Dense, Solver
 
@@ -223,15 +225,9 @@ def _check_result(result, problem, meta_params, tasks) -> None:
     """Turn a silent NaN into an error naming its source (skipped under tracing)."""
     if not _validate.is_concrete(result.objective) or bool(jnp.isfinite(result.objective)):
         return
-    n, m, q = _problem.check_tasks(tasks)
-    w = Weights.ones(n, m, q, _tree.float_dtype(meta_params))
-    losses = jax.jit(losses_per_task, static_argnums=0)(problem, meta_params, tasks, w.support, w.query)
-    bad = [int(i) for i in jnp.flatnonzero(~jnp.isfinite(losses))[:10]]
-    raise ValueError(
-        f"The meta-objective at meta_params is {float(result.objective)}: the losses of tasks {bad} "
-        "(first 10) are not finite after adaptation. Check inner_loss/outer_loss for log(0) or "
-        "overflow, and the adaptation's lr (too large a step diverges)."
-    )
+    weights = Weights.ones(tasks.n_tasks, tasks.n_support, tasks.n_query, _tree.float_dtype(meta_params))
+    check_finite_losses(problem, meta_params, tasks, weights, f"The meta-objective at meta_params is {float(result.objective)}")
+    raise ValueError(f"The meta-objective at meta_params is {float(result.objective)} although every task loss is finite: check meta_params.")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -315,7 +311,9 @@ def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskS
     """
     solver = _check_inputs(problem, meta_params, tasks, solver)
     n = tasks.n_tasks
-    if isinstance(task, (int, jnp.integer)) and not isinstance(task, bool):
+    is_index = isinstance(task, numbers.Integral) or (
+        hasattr(task, "dtype") and jnp.ndim(task) == 0 and jnp.issubdtype(task.dtype, jnp.integer) and _validate.is_concrete(task))
+    if is_index and not isinstance(task, (bool, np.bool_)):
         if not -n <= int(task) < n:
             raise ValueError(f"task must be a training-task index in [0, {n}) or a support pytree; received {task}.")
         index = int(task) % n
@@ -329,7 +327,7 @@ def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskS
                 f"task must be an int or a support set with the structure of tasks.support ({expected}); "
                 f"received {_validate.describe(support)}."
             )
-        _problem._leading("task", jax.tree.map(lambda x: x[None], support), "n_support")
+        _problem.leading_axes("task", support, ("n_support",))
 
     if target is None:
         result = _params_core(problem, solver, LEVELS, meta_params, tasks)

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import functools
 
@@ -102,6 +103,20 @@ def _full_weights(meta_params, tasks, task_weights=None, support_weights=None, q
     return Weights(*(o if w is None else jnp.asarray(w, o.dtype) for o, w in zip(ones, given)))
 
 
+def check_finite_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights, context: str) -> None:
+    """Raise a ValueError naming the tasks whose losses are not finite (skipped under tracing)."""
+    if not _validate.is_concrete((meta_params, tasks)):
+        return
+    losses = np.asarray(_losses_jit(problem, meta_params, tasks, weights.support, weights.query))
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        raise ValueError(
+            f"{context}: the losses of tasks {bad[:10].tolist()} (first 10 of {bad.size}) are not finite "
+            "after adaptation. Check inner_loss/outer_loss for log(0) or overflow, and the adaptation's "
+            "lr (too large a step diverges)."
+        )
+
+
 def _check(problem, meta_params, tasks):
     _problem.check_problem(problem)
     _validate.floating_tree("meta_params", meta_params)
@@ -120,9 +135,11 @@ def adapt(problem: BilevelProblem, meta_params: PyTree, support: PyTree, weights
     """
     _problem.check_problem(problem)
     _validate.floating_tree("meta_params", meta_params)
-    tasks = TaskSet(jax.tree.map(lambda x: jnp.asarray(x)[None], support), jax.tree.map(lambda x: jnp.asarray(x)[None], support))
-    n, m, _ = _problem.check_tasks(tasks, "support (with a task axis added)")
+    (m,) = _problem.leading_axes("support", support, ("n_support",))
     _problem.check_weights("weights", weights, (m,))
+    batched = jax.tree.map(lambda x: jnp.asarray(x)[None], support)
+    tasks = TaskSet(batched, batched)
+    _problem.check_losses(problem, meta_params, tasks, which=("inner_loss",))
     w = jnp.ones((m,), _tree.float_dtype(meta_params)) if weights is None else jnp.asarray(weights, _tree.float_dtype(meta_params))
     return _adapt_jit(problem, meta_params, support, w)
 

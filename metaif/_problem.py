@@ -75,24 +75,26 @@ class BilevelProblem:
                 "BilevelProblem.adapt must be an adaptation strategy, metaif.Proximal(reg, steps, lr) "
                 f"or metaif.Unrolled(steps, lr); received {_validate.describe(self.adapt)}."
             )
-        _validate.non_negative("BilevelProblem.meta_reg", self.meta_reg)
+        _validate.set_fields(self, meta_reg=_validate.non_negative("BilevelProblem.meta_reg", self.meta_reg))
 
 
-def _leading(name: str, tree: PyTree, what: str) -> tuple[int, int]:
+def leading_axes(name: str, tree: PyTree, axes: tuple[str, ...]) -> tuple[int, ...]:
+    """The common leading sizes of a pytree's leaves, named `axes` in error messages."""
+    layout = f"[{', '.join(axes)}, ...]"
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     if not leaves:
-        raise ValueError(f"{name} must be a pytree of arrays with leading axes [n_tasks, {what}, ...]; received {_validate.describe(tree)}.")
+        raise ValueError(f"{name} must be a pytree of arrays with leading axes {layout}; received {_validate.describe(tree)}.")
     shapes = {}
     for path, leaf in leaves:
         shape = np.shape(leaf)
-        if len(shape) < 2:
+        if len(shape) < len(axes):
             raise ValueError(
                 f"{name} leaf {jax.tree_util.keystr(path) or '(root)'} has shape {shape}; expected "
-                f"leading axes [n_tasks, {what}, ...] (at least 2 dimensions)."
+                f"leading axes {layout} (at least {len(axes)} dimension(s))."
             )
-        shapes[jax.tree_util.keystr(path) or "(root)"] = tuple(shape[:2])
+        shapes[jax.tree_util.keystr(path) or "(root)"] = tuple(shape[: len(axes)])
     if len(set(shapes.values())) > 1:
-        raise ValueError(f"{name} leaves disagree on their leading axes [n_tasks, {what}]: {shapes}.")
+        raise ValueError(f"{name} leaves disagree on their leading axes {layout}: {shapes}.")
     return next(iter(shapes.values()))
 
 
@@ -100,8 +102,8 @@ def check_tasks(tasks: Any, name: str = "tasks") -> tuple[int, int, int]:
     """Validate a TaskSet; returns (n_tasks, n_support, n_query)."""
     if not isinstance(tasks, TaskSet):
         raise TypeError(f"{name} must be a metaif.TaskSet(support, query); received {_validate.describe(tasks)}.")
-    n_s, m = _leading(f"{name}.support", tasks.support, "n_support")
-    n_q, q = _leading(f"{name}.query", tasks.query, "n_query")
+    n_s, m = leading_axes(f"{name}.support", tasks.support, ("n_tasks", "n_support"))
+    n_q, q = leading_axes(f"{name}.query", tasks.query, ("n_tasks", "n_query"))
     if n_s != n_q:
         raise ValueError(
             f"{name}.support and {name}.query must hold the same number of tasks (leading axis); "
@@ -117,9 +119,10 @@ def check_problem(problem: Any) -> None:
         raise TypeError(f"problem must be a metaif.BilevelProblem(inner_loss, outer_loss, adapt); received {_validate.describe(problem)}.")
 
 
-def check_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet) -> None:
+def check_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, which: tuple[str, ...] = ("inner_loss", "outer_loss")) -> None:
     """Trace each loss on one example (no FLOPs) and require a scalar output."""
-    for which, data in (("inner_loss", tasks.support), ("outer_loss", tasks.query)):
+    data_of = {"inner_loss": tasks.support, "outer_loss": tasks.query}
+    for which, data in ((w, data_of[w]) for w in which):
         example = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf)[2:], leaf.dtype), data)
         loss = getattr(problem, which)
         try:

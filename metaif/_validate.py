@@ -4,6 +4,7 @@ received and says what is expected."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -12,25 +13,41 @@ import numpy as np
 
 def describe(value: Any) -> str:
     """A short description of a received value for error messages."""
+    if isinstance(value, np.generic):
+        return f"numpy scalar {value!r}"
     if isinstance(value, (jax.Array, np.ndarray)) or hasattr(value, "shape"):
         return f"array of shape {tuple(value.shape)} and dtype {value.dtype}"
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
-def non_negative(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+
+
+def non_negative(name: str, value: Any) -> float:
+    """The value as a Python float (numpy scalars accepted), or a ValueError."""
+    if not _real(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0; received {describe(value)}.")
+    return float(value)
 
 
-def positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+def positive(name: str, value: Any) -> float:
+    if not _real(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0; received {describe(value)}.")
+    return float(value)
 
 
-def positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) or value < 1:
         raise ValueError(f"{name} must be an int >= 1; received {describe(value)}.")
+    return int(value)
+
+
+def set_fields(instance: Any, **values: Any) -> None:
+    """Store validated (coerced) values on a frozen dataclass from its __post_init__."""
+    for name, value in values.items():
+        object.__setattr__(instance, name, value)
 
 
 def callable_(name: str, value: Any, signature: str) -> None:

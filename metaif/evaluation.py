@@ -60,8 +60,8 @@ def retrain(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weight
     """Re-solve F(λ; w) for each weight setting in `weights` (leaves with a leading batch axis B),
     warm-started at meta_params, by `steps` exact Newton steps; `batch_size` settings at a time."""
     _check(problem, meta_params, tasks)
-    _validate.positive_int("steps", steps)
-    _validate.non_negative("damping", damping)
+    steps = _validate.positive_int("steps", steps)
+    damping = _validate.non_negative("damping", damping)
     return _retrain(problem, steps, damping, batch_size, meta_params, tasks, weights)
 
 

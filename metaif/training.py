@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _linalg, _tree, _validate
-from ._objective import Weights, _check, _full_weights, objective
+from ._objective import Weights, _check, _full_weights, check_finite_losses, objective
 from ._problem import BilevelProblem, TaskSet
 
 PyTree = Any
@@ -94,16 +94,17 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
     """
     _check(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
-    _validate.positive_int("steps", steps)
+    steps = _validate.positive_int("steps", steps)
     n = tasks.n_tasks
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n):
         raise ValueError(f"batch_size must be None or an int in [1, n_tasks={n}]; received {_validate.describe(batch_size)}.")
     if log_every is not None:
-        _validate.positive_int("log_every", log_every)
+        log_every = _validate.positive_int("log_every", log_every)
     optimizer = optax.adam(1e-2) if optimizer is None else optimizer
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, e.g. optax.adam(1e-2); received {_validate.describe(optimizer)}.")
     weights = _full_weights(meta_params, tasks, task_weights, support_weights, query_weights)
+    check_finite_losses(problem, meta_params, tasks, weights, "meta_train at the initial meta_params")
     with jax.numpy_dtype_promotion("standard"):
         opt_state = optimizer.init(meta_params)
     key = jax.random.key(seed)
@@ -120,6 +121,7 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
             print(f"meta_train step {done}/{steps}: F = {float(v[-1]):.6g}, ||grad|| = {float(g[-1]):.3e}", flush=True)
     value, grad_norm = _full_value_and_grad(problem, meta_params, tasks, weights)
     if not bool(jnp.isfinite(value)):
+        check_finite_losses(problem, meta_params, tasks, weights, "meta_train diverged")
         raise ValueError(f"meta_train diverged: the objective is {float(value)}. Lower the optimiser's learning rate or the adaptation's lr.")
     return TrainResult(meta_params, jnp.concatenate(values), jnp.concatenate(norms), value, grad_norm)
 
@@ -155,10 +157,12 @@ def newton_refine(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
     """
     _check(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
-    _validate.positive_int("steps", steps)
-    _validate.non_negative("damping", damping)
+    steps = _validate.positive_int("steps", steps)
+    damping = _validate.non_negative("damping", damping)
     weights = _full_weights(meta_params, tasks, task_weights, support_weights, query_weights)
+    check_finite_losses(problem, meta_params, tasks, weights, "newton_refine at the initial meta_params")
     params, value, grad_norm, values, norms = newton_core(problem, steps, damping, meta_params, tasks, weights)
     if not bool(jnp.isfinite(value)):
+        check_finite_losses(problem, params, tasks, weights, "newton_refine diverged")
         raise ValueError(f"newton_refine diverged (F = {float(value)}): start closer to a minimum or pass damping > 0.")
     return TrainResult(params, values, norms, value, grad_norm)

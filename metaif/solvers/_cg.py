@@ -21,9 +21,12 @@ class CG(Solver):
     tol: float = 1e-8
 
     def __post_init__(self):
-        _validate.non_negative("CG.damping", self.damping)
-        _validate.positive_int("CG.maxiter", self.maxiter)
-        _validate.positive("CG.tol", self.tol)
+        _validate.set_fields(
+            self,
+            damping=_validate.non_negative("CG.damping", self.damping),
+            maxiter=_validate.positive_int("CG.maxiter", self.maxiter),
+            tol=_validate.positive("CG.tol", self.tol),
+        )
 
     def prepare(self, hvp, like):
         if self.damping == 0:

@@ -21,7 +21,7 @@ class Dense(Solver):
     damping: float = 0.0
 
     def __post_init__(self):
-        _validate.non_negative("Dense.damping", self.damping)
+        _validate.set_fields(self, damping=_validate.non_negative("Dense.damping", self.damping))
 
     def prepare(self, hvp, like):
         return _linalg.eigh(_linalg.dense_matrix(hvp, like))
