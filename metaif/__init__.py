@@ -15,7 +15,9 @@ from ._influence import adapted_influence as adapted_influence
 from ._influence import influence as influence
 from ._influence import instance_influence as instance_influence
 from ._influence import task_influence as task_influence
+from ._objective import Weights as Weights
 from ._objective import adapt as adapt
+from ._objective import adapt_tasks as adapt_tasks
 from ._objective import adaptation_residual as adaptation_residual
 from ._objective import meta_objective as meta_objective
 from ._objective import task_losses as task_losses
@@ -29,6 +31,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adaptation", "AdaptedInfluence", "BilevelProblem", "Influence", "Proximal", "TaskSet", "TrainResult",
-    "Unrolled", "adapt", "adaptation_residual", "adapted_influence", "influence", "instance_influence",
+    "Unrolled", "Weights", "adapt", "adapt_tasks", "adaptation_residual", "adapted_influence", "influence", "instance_influence",
     "meta_objective", "meta_train", "newton_refine", "solvers", "task_influence", "task_losses",
 ]

@@ -90,6 +90,7 @@ def adaptation_gradient(problem: BilevelProblem, meta_params: PyTree, support: P
 _adapt_jit = jax.jit(adapt_one, static_argnums=0)
 _objective_jit = jax.jit(objective, static_argnums=0)
 _losses_jit = jax.jit(losses_per_task, static_argnums=0)
+_adapt_tasks_jit = jax.jit(jax.vmap(adapt_one, in_axes=(None, None, 0, 0)), static_argnums=0)
 _residual_jit = jax.jit(jax.vmap(adaptation_gradient, in_axes=(None, None, 0, 0)), static_argnums=0)
 
 
@@ -142,6 +143,14 @@ def adapt(problem: BilevelProblem, meta_params: PyTree, support: PyTree, weights
     _problem.check_losses(problem, meta_params, tasks, which=("inner_loss",))
     w = jnp.ones((m,), _tree.float_dtype(meta_params)) if weights is None else jnp.asarray(weights, _tree.float_dtype(meta_params))
     return _adapt_jit(problem, meta_params, support, w)
+
+
+def adapt_tasks(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, support_weights=None) -> PyTree:
+    """Adapted parameters of every task of a TaskSet, vmapped: a pytree like meta_params with a
+    leading axis n. `support_weights` [n, m] as in `meta_objective`."""
+    _check(problem, meta_params, tasks)
+    w = _full_weights(meta_params, tasks, None, support_weights, None)
+    return _adapt_tasks_jit(problem, meta_params, tasks.support, w.support)
 
 
 def meta_objective(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, task_weights=None,

@@ -18,7 +18,6 @@ import optax
 
 import metaif
 from metaif import evaluation, problems, solvers
-from metaif._objective import Weights, adapt_one
 
 WAYS, DIM, SUPPORT, QUERY, N_TEST = 3, 5, 15, 15, 100
 
@@ -42,9 +41,9 @@ def header(title: str) -> None:
 
 def make_data(n_tasks: int, seed: int):
     """Corrupted training tasks (with their corruption masks) and clean held-out test tasks."""
-    # One call, then split: another seed would draw tasks from a different meta-distribution.
-    every = problems.classification_tasks(n_tasks + N_TEST, SUPPORT, QUERY, DIM, WAYS, seed=seed)
-    train, test = every[:n_tasks], every[n_tasks:]
+    # One task distribution (family_seed), two independent draws of tasks from it.
+    train = problems.classification_tasks(n_tasks, SUPPORT, QUERY, DIM, WAYS, seed=2 * seed, family_seed=seed)
+    test = problems.classification_tasks(N_TEST, SUPPORT, QUERY, DIM, WAYS, seed=2 * seed + 1, family_seed=seed)
     train, task_mask, support_mask = problems.corrupt_labels(train, WAYS, task_fraction=0.2, support_fraction=0.1, seed=seed + 1)
     return train, test, task_mask, support_mask
 
@@ -64,12 +63,8 @@ def train(problem, tasks, seed: int, steps: int):
 
 def mean_accuracy(problem, lam, tasks) -> float:
     """Query accuracy after adapting to each task's support set, averaged over tasks."""
-    ones = jnp.ones((tasks.n_support,), jnp.float64)
-    params = jax.vmap(adapt_one, in_axes=(None, None, 0, None))(problem, lam, tasks.support, ones)
-    # Per-example logits and int64 labels (argmax's dtype) keep this valid under strict promotion.
-    logits = jax.vmap(problems.linear_logits, in_axes=(None, 0))
-    labels = tasks.query["y"].astype(jnp.int64)
-    acc = jax.vmap(problems.accuracy, in_axes=(None, 0, 0, 0))(logits, params, tasks.query["x"], labels)
+    params = metaif.adapt_tasks(problem, lam, tasks)
+    acc = jax.vmap(problems.accuracy, in_axes=(None, 0, 0, 0))(problems.linear_logits, params, tasks.query["x"], tasks.query["y"])
     return float(acc.mean())
 
 
@@ -124,7 +119,7 @@ def check_retraining(problem, lam, tasks, target, scores, rng, n_sample: int) ->
 def edit_without_retraining(problem, lam, tasks, test, target, scores, task_mask, k: int) -> None:
     """Remove the k most harmful tasks: first-order prediction vs an actual retraining."""
     worst = np.argsort(scores)[::-1][:k]
-    weights = Weights.ones(tasks.n_tasks, tasks.n_support, tasks.n_query, jnp.float64)
+    weights = metaif.Weights.ones(tasks.n_tasks, tasks.n_support, tasks.n_query, jnp.float64)
     weights = weights._replace(tasks=weights.tasks.at[worst].set(0.0))
     retrained = evaluation.retrain(problem, lam, tasks, jax.tree.map(lambda w: w[None], weights), steps=8)
     lam_new = jax.tree.map(lambda p: p[0], retrained.meta_params)
@@ -149,7 +144,10 @@ def main(argv=None) -> None:
     if args.tasks < 10:
         parser.error("--tasks must be at least 10")
 
-    jax.config.update("jax_enable_x64", True)  # before any array is created
+    # Before the first computation: float64, and single-threaded Eigen on CPU (its thread pool can
+    # deadlock on vmapped LAPACK calls, seen with jaxlib 0.10.2 on 2 cores).
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+    jax.config.update("jax_enable_x64", True)
     tasks, test, task_mask, support_mask = make_data(args.tasks, args.seed)
     problem = make_problem()
     print(f"metaif {metaif.__version__} demo: {WAYS}-way linear softmax (dim {DIM}), iMAML-style proximal adaptation")

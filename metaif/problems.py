@@ -23,13 +23,16 @@ PyTree = Any
 
 
 def regression_tasks(n_tasks: int, n_support: int, n_query: int, dim: int, noise: float = 0.1,
-                     spread: float = 0.5, seed: int = 0, dtype=np.float64) -> tuple[TaskSet, np.ndarray]:
+                     spread: float = 0.5, seed: int = 0, family_seed: int = 0, dtype=np.float64) -> tuple[TaskSet, np.ndarray]:
     """Linear-regression tasks y = x·w_i + ε with w_i = w_0 + spread·N(0, I).
 
+    `family_seed` draws the shared w_0 (the task distribution); `seed` draws the tasks, so task
+    sets with different `seed` and the same `family_seed` come from one distribution.
     Returns (TaskSet with {"x": [n, k, dim], "y": [n, k]}, the task weights w_i [n, dim]).
     """
-    rng = np.random.default_rng(seed)
-    w = rng.normal(size=dim) + spread * rng.normal(size=(n_tasks, dim))
+    base = np.random.default_rng([family_seed, 0]).normal(size=dim)
+    rng = np.random.default_rng([family_seed, 1, seed])
+    w = base + spread * rng.normal(size=(n_tasks, dim))
 
     def sample(k):
         x = rng.normal(size=(n_tasks, k, dim))
@@ -40,14 +43,16 @@ def regression_tasks(n_tasks: int, n_support: int, n_query: int, dim: int, noise
 
 
 def classification_tasks(n_tasks: int, n_support: int, n_query: int, dim: int, ways: int, spread: float = 0.5,
-                         scale: float = 2.0, seed: int = 0, dtype=np.float64) -> TaskSet:
+                         scale: float = 2.0, seed: int = 0, family_seed: int = 0, dtype=np.float64) -> TaskSet:
     """Linear softmax tasks: inputs x ~ N(0, I); labels drawn from softmax(x·W_i) with
     W_i = scale·(W_0 + spread·N(0, I)), so tasks share structure that meta-learning can find.
 
+    `family_seed` draws the shared W_0 (the task distribution); `seed` draws the tasks, so a
+    held-out test set is `seed=1` with the training set's `family_seed`.
     Returns a TaskSet with {"x": [n, k, dim] float, "y": [n, k] int32}.
     """
-    rng = np.random.default_rng(seed)
-    base = rng.normal(size=(dim, ways)) / np.sqrt(dim)
+    base = np.random.default_rng([family_seed, 0]).normal(size=(dim, ways)) / np.sqrt(dim)
+    rng = np.random.default_rng([family_seed, 1, seed])
     weights = scale * (base + spread * rng.normal(size=(n_tasks, dim, ways)) / np.sqrt(dim))
 
     def sample(k):
@@ -92,8 +97,15 @@ def linear_init(key: jax.Array, dim: int, ways: int, dtype=jnp.float64) -> PyTre
     return {"w": 0.01 * jax.random.normal(key, (dim, ways), dtype), "b": jnp.zeros((ways,), dtype)}
 
 
+def _affine(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """x @ w + b for one example [d] or a batch [..., d], without rank promotion."""
+    out = x @ w
+    return out + b.reshape((1,) * (out.ndim - 1) + b.shape)
+
+
 def linear_logits(params: PyTree, x: jax.Array) -> jax.Array:
-    return x @ params["w"] + params["b"]
+    """Logits [..., ways] for inputs [..., dim]."""
+    return _affine(x, params["w"], params["b"])
 
 
 def mlp_init(key: jax.Array, sizes: tuple[int, ...], dtype=jnp.float64) -> PyTree:
@@ -108,8 +120,8 @@ def mlp_init(key: jax.Array, sizes: tuple[int, ...], dtype=jnp.float64) -> PyTre
 def mlp_logits(params: PyTree, x: jax.Array) -> jax.Array:
     """tanh MLP (smooth, so third derivatives exist)."""
     for layer in params[:-1]:
-        x = jnp.tanh(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
+        x = jnp.tanh(_affine(x, layer["w"], layer["b"]))
+    return _affine(x, params[-1]["w"], params[-1]["b"])
 
 
 def cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
@@ -127,4 +139,6 @@ def mlp_cross_entropy(params: PyTree, meta_params: PyTree, example: PyTree) -> j
 
 
 def accuracy(logits_fn, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
-    return jnp.mean(jnp.argmax(logits_fn(params, x), axis=-1) == y)
+    """Fraction of inputs x [k, dim] whose argmax logit equals the label y [k]."""
+    predicted = jnp.argmax(logits_fn(params, x), axis=-1)
+    return jnp.mean((predicted == y.astype(predicted.dtype)).astype(x.dtype))
