@@ -9,6 +9,7 @@ Run with `python -m metaif.demo [--seed S] [--tasks N] [--quick]`.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
