@@ -11,10 +11,6 @@ from jax.flatten_util import ravel_pytree
 PyTree = Any
 
 
-def add(x: PyTree, y: PyTree) -> PyTree:
-    return jax.tree.map(jnp.add, x, y)
-
-
 def sub(x: PyTree, y: PyTree) -> PyTree:
     return jax.tree.map(jnp.subtract, x, y)
 
@@ -57,7 +53,3 @@ def float_dtype(x: PyTree) -> jnp.dtype:
 def ravel(x: PyTree):
     """(flat vector, unravel function); only for dense solvers and test oracles."""
     return ravel_pytree(x)
-
-
-def unstack(x: PyTree, axis_size: int) -> list[PyTree]:
-    return [jax.tree.map(lambda leaf: leaf[i], x) for i in range(axis_size)]
