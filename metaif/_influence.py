@@ -151,10 +151,15 @@ def _grad(fn, x):
     return jax.grad(fn)(x)
 
 
+def _unit_weights(meta_params, support) -> jax.Array:
+    """Support weights [m] of one task, all 1, in the meta-parameters' dtype."""
+    return jnp.ones((jax.tree.leaves(support)[0].shape[0],), _tree.float_dtype(meta_params))
+
+
 @functools.partial(jax.jit, static_argnames=("problem",))
 def _adapt_jacobian_apply(problem, meta_params, support, directions):
     """(dθ/dλ) applied to a batch of directions with any leading axes."""
-    ones = jnp.ones((jax.tree.leaves(support)[0].shape[0],), _tree.float_dtype(meta_params))
+    ones = _unit_weights(meta_params, support)
     _, jac = jax.linearize(lambda lam: adapt_one(problem, lam, support, ones), meta_params)
     leading = jax.tree.leaves(directions)[0].ndim - jax.tree.leaves(meta_params)[0].ndim
     for _ in range(leading):
@@ -165,7 +170,7 @@ def _adapt_jacobian_apply(problem, meta_params, support, directions):
 @functools.partial(jax.jit, static_argnames=("problem",))
 def _direct_params(problem, meta_params, support):
     """∂θ/∂a_j for one task: pytree [m, ...]."""
-    ones = jnp.ones((jax.tree.leaves(support)[0].shape[0],), _tree.float_dtype(meta_params))
+    ones = _unit_weights(meta_params, support)
     column = lambda e: jax.jvp(lambda a: adapt_one(problem, meta_params, support, a), (ones,), (e,))[1]
     return jax.vmap(column)(jnp.eye(ones.shape[0], dtype=ones.dtype))
 
@@ -173,14 +178,14 @@ def _direct_params(problem, meta_params, support):
 @functools.partial(jax.jit, static_argnames=("problem", "target"))
 def _direct_target(problem, target, meta_params, support):
     """∂g(θ)/∂a_j for one task: [m]."""
-    ones = jnp.ones((jax.tree.leaves(support)[0].shape[0],), _tree.float_dtype(meta_params))
+    ones = _unit_weights(meta_params, support)
     return jax.grad(lambda a: target(adapt_one(problem, meta_params, support, a)))(ones)
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "target"))
 def _adapted_target_grad(problem, target, meta_params, support):
     """∇_λ g(θ(λ)) for a task's support set."""
-    ones = jnp.ones((jax.tree.leaves(support)[0].shape[0],), _tree.float_dtype(meta_params))
+    ones = _unit_weights(meta_params, support)
     return jax.grad(lambda lam: target(adapt_one(problem, lam, support, ones)))(meta_params)
 
 
