@@ -31,9 +31,12 @@ Runs unchanged on CPU or GPU (float64 everywhere).
 
 from __future__ import annotations
 
+import os
 import time
 
 _SCRIPT_START = time.perf_counter()
+# XLA's multi-threaded Eigen pool on CPU can deadlock on vmapped LAPACK calls (jaxlib 0.10.2).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 import jax  # noqa: E402
 

@@ -33,7 +33,7 @@ from .solvers import CG, Dense, Solver
 
 PyTree = Any
 LEVELS = ("tasks", "support", "query")
-DENSE_LIMIT = 2048
+DENSE_LIMIT = 256
 
 
 class Influence(NamedTuple):
@@ -248,8 +248,8 @@ def influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, targ
       tasks: the training `TaskSet` (n tasks, m support, q query examples).
       target: optional `meta_params -> scalar` (for example a meta-test loss, see
         `metaif.task_losses`). Pass the same function object across calls to reuse compiled code.
-      solver: `metaif.solvers.Dense()` or `CG(...)`; default Dense up to 2,048 meta-parameters,
-        CG beyond.
+      solver: `metaif.solvers.Dense()` or `CG(...)`; default Dense up to 256 meta-parameters
+        (it costs d Hessian-vector products), CG beyond.
 
     Returns:
       `Influence`: arrays [n], [n, m], [n, q] of I_f with a target; else pytrees like
