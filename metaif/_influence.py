@@ -235,6 +235,17 @@ def _check_result(result, problem, meta_params, tasks) -> None:
     raise ValueError(f"The meta-objective at meta_params is {float(result.objective)} although every task loss is finite: check meta_params.")
 
 
+def _compute(problem, meta_params, tasks, target, solver, levels: tuple[str, ...]) -> Influence:
+    """Validate, then one jitted core: all levels with a target, the requested ones without."""
+    solver = _check_inputs(problem, meta_params, tasks, solver)
+    if target is None:
+        result = _params_core(problem, solver, levels, meta_params, tasks)
+    else:
+        result = _target_core(problem, solver, meta_params, tasks, _target_gradient(target, meta_params))
+    _check_result(result, problem, meta_params, tasks)
+    return result
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -255,13 +266,7 @@ def influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, targ
       `Influence`: arrays [n], [n, m], [n, q] of I_f with a target; else pytrees like
       meta_params with those leading axes (I_λ = dλ*/dω).
     """
-    solver = _check_inputs(problem, meta_params, tasks, solver)
-    if target is None:
-        result = _params_core(problem, solver, LEVELS, meta_params, tasks)
-    else:
-        result = _target_core(problem, solver, meta_params, tasks, _target_gradient(target, meta_params))
-    _check_result(result, problem, meta_params, tasks)
-    return result
+    return _compute(problem, meta_params, tasks, target, solver, LEVELS)
 
 
 def task_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None,
@@ -273,12 +278,7 @@ def task_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet,
     task k changes the quantity by about −I(t_k). With `return_info=True`, returns
     (scores, SolveInfo). See `influence` for the arguments.
     """
-    solver = _check_inputs(problem, meta_params, tasks, solver)
-    if target is None:
-        result = _params_core(problem, solver, ("tasks",), meta_params, tasks)
-    else:
-        result = _target_core(problem, solver, meta_params, tasks, _target_gradient(target, meta_params))
-    _check_result(result, problem, meta_params, tasks)
+    result = _compute(problem, meta_params, tasks, target, solver, ("tasks",))
     return (result.tasks, result.solve) if return_info else result.tasks
 
 
@@ -290,13 +290,7 @@ def instance_influence(problem: BilevelProblem, meta_params: PyTree, tasks: Task
     I_λ (pytrees like meta_params with leading axes [n, m] and [n, q]). With a target, `.tasks`
     comes free and is filled too. See `influence` for the arguments and conventions.
     """
-    solver = _check_inputs(problem, meta_params, tasks, solver)
-    if target is None:
-        result = _params_core(problem, solver, ("support", "query"), meta_params, tasks)
-    else:
-        result = _target_core(problem, solver, meta_params, tasks, _target_gradient(target, meta_params))
-    _check_result(result, problem, meta_params, tasks)
-    return result
+    return _compute(problem, meta_params, tasks, target, solver, ("support", "query"))
 
 
 def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, task: int | PyTree,

@@ -75,5 +75,10 @@ def leave_one_out(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
     n, m, q = tasks.n_tasks, tasks.n_support, tasks.n_query
     weights = removal_weights(n, m, q, level, indices, _tree.float_dtype(meta_params))
     result = retrain(problem, meta_params, tasks, weights, steps=steps, batch_size=batch_size)
-    values = jax.jit(jax.vmap(target))(result.meta_params)
+    values = _map_target(target, result.meta_params)
     return values - target(meta_params), result.grad_norm
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _map_target(target, batched_params):
+    return jax.vmap(target)(batched_params)
