@@ -25,9 +25,10 @@ PyTree = Any
 Loss = Callable[[PyTree, PyTree, PyTree], jax.Array]
 
 
-def inner_objective(inner_loss: Loss, params: PyTree, meta_params: PyTree, support: PyTree, weights: jax.Array) -> jax.Array:
-    """(1/m) Σ_j a_j ℓ_in(θ, λ; s_j) for one task: support leaves [m, ...], weights [m]."""
-    losses = jax.vmap(inner_loss, in_axes=(None, None, 0))(params, meta_params, support)
+def weighted_mean_loss(loss: Loss, params: PyTree, meta_params: PyTree, examples: PyTree, weights: jax.Array) -> jax.Array:
+    """(1/k) Σ_j w_j ℓ(θ, λ; z_j) over one task's examples (leaves [k, ...]) with weights [k]:
+    a fixed-denominator mean, so weight 0 removes an example."""
+    losses = jax.vmap(loss, in_axes=(None, None, 0))(params, meta_params, examples)
     return jnp.mean(weights * losses)
 
 
@@ -64,7 +65,7 @@ class Unrolled(Adaptation):
                              lr=_validate.positive("Unrolled.lr", self.lr))
 
     def objective(self, inner_loss, params, meta_params, support, weights):
-        return inner_objective(inner_loss, params, meta_params, support, weights)
+        return weighted_mean_loss(inner_loss, params, meta_params, support, weights)
 
     def solve(self, inner_loss, meta_params, support, weights):
         return self._gradient_steps(inner_loss, meta_params, support, weights, self.steps, self.lr)
@@ -103,7 +104,7 @@ class Proximal(Adaptation):
 
     def objective(self, inner_loss, params, meta_params, support, weights):
         distance = _tree.sq_norm(_tree.sub(params, meta_params))
-        return inner_objective(inner_loss, params, meta_params, support, weights) + 0.5 * self.reg * distance
+        return weighted_mean_loss(inner_loss, params, meta_params, support, weights) + 0.5 * self.reg * distance
 
     def _linear_solve(self, matvec, b):
         if self.inner_solve == "dense":

@@ -27,7 +27,9 @@ import numpy as np
 
 from . import _linalg, _problem, _tree, _validate
 from ._linalg import SolveInfo
-from ._objective import Weights, adapt_one, adaptation_gradient, check_finite_losses, hessian_operator, objective, task_loss
+from ._objective import (
+    Weights, adapt_one, adaptation_gradient, check_arguments, check_finite_losses, hessian_operator, objective, task_loss,
+)
 from ._problem import BilevelProblem, TaskSet
 from .solvers import CG, Dense, Solver
 
@@ -193,11 +195,8 @@ def _adapted_target_grad(problem, target, meta_params, support):
 
 
 def _check_inputs(problem, meta_params, tasks, solver) -> Solver:
-    _problem.check_problem(problem)
-    _validate.floating_tree("meta_params", meta_params)
-    _problem.check_tasks(tasks)
+    check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
-    _problem.check_losses(problem, meta_params, tasks)
     if solver is None:
         return Dense() if _tree.size(meta_params) <= DENSE_LIMIT else CG()
     if not isinstance(solver, Solver):

@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import functools
-
 from . import _problem, _tree, _validate
+from ._adapt import weighted_mean_loss
 from ._problem import BilevelProblem, TaskSet
 
 PyTree = Any
@@ -39,17 +38,11 @@ def adapt_one(problem: BilevelProblem, meta_params: PyTree, support: PyTree, wei
     return problem.adapt.solve(problem.inner_loss, meta_params, support, weights)
 
 
-def query_loss(problem: BilevelProblem, params: PyTree, meta_params: PyTree, query: PyTree, weights: jax.Array) -> jax.Array:
-    """(1/q) Σ_j b_j ℓ_out(θ, λ; q_j) for one task's adapted params θ."""
-    losses = jax.vmap(problem.outer_loss, in_axes=(None, None, 0))(params, meta_params, query)
-    return jnp.mean(weights * losses)
-
-
 def task_loss(problem: BilevelProblem, meta_params: PyTree, support: PyTree, query: PyTree,
               support_weights: jax.Array, query_weights: jax.Array) -> jax.Array:
     """One task's weighted query loss after adaptation, L_O^i(λ; a_i, b_i)."""
     params = adapt_one(problem, meta_params, support, support_weights)
-    return query_loss(problem, params, meta_params, query, query_weights)
+    return weighted_mean_loss(problem.outer_loss, params, meta_params, query, query_weights)
 
 
 def losses_per_task(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet,
@@ -118,7 +111,8 @@ def check_finite_losses(problem: BilevelProblem, meta_params: PyTree, tasks: Tas
         )
 
 
-def _check(problem, meta_params, tasks):
+def check_arguments(problem, meta_params, tasks) -> None:
+    """Validate the problem, meta-parameters, tasks and the losses' output shapes."""
     _problem.check_problem(problem)
     _validate.floating_tree("meta_params", meta_params)
     _problem.check_tasks(tasks)
@@ -148,7 +142,7 @@ def adapt(problem: BilevelProblem, meta_params: PyTree, support: PyTree, weights
 def adapt_tasks(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, support_weights=None) -> PyTree:
     """Adapted parameters of every task of a TaskSet, vmapped: a pytree like meta_params with a
     leading axis n. `support_weights` [n, m] as in `meta_objective`."""
-    _check(problem, meta_params, tasks)
+    check_arguments(problem, meta_params, tasks)
     w = _full_weights(meta_params, tasks, None, support_weights, None)
     return _adapt_tasks_jit(problem, meta_params, tasks.support, w.support)
 
@@ -160,7 +154,7 @@ def meta_objective(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet,
     Weights shaped [n], [n, m], [n, q], default ones; denominators stay n, m, q, so a weight of 0
     removes that task or example.
     """
-    _check(problem, meta_params, tasks)
+    check_arguments(problem, meta_params, tasks)
     return _objective_jit(problem, meta_params, tasks, _full_weights(meta_params, tasks, task_weights, support_weights, query_weights))
 
 
@@ -171,7 +165,7 @@ def task_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, su
     `lambda lam: metaif.task_losses(problem, lam, test_tasks).mean()` is the meta-test loss, the
     usual influence target.
     """
-    _check(problem, meta_params, tasks)
+    check_arguments(problem, meta_params, tasks)
     w = _full_weights(meta_params, tasks, None, support_weights, query_weights)
     return _losses_jit(problem, meta_params, tasks, w.support, w.query)
 
@@ -182,6 +176,6 @@ def adaptation_residual(problem: BilevelProblem, meta_params: PyTree, tasks: Tas
     For `Proximal` adaptation these should be near 0 (the implicit derivatives assume an exact
     inner minimiser): if not, raise `steps` or tune `lr`. For `Unrolled` they are informative only.
     """
-    _check(problem, meta_params, tasks)
+    check_arguments(problem, meta_params, tasks)
     w = _full_weights(meta_params, tasks)
     return _residual_jit(problem, meta_params, tasks.support, w.support)

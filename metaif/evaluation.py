@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _tree, _validate
-from ._objective import Weights, _check
+from ._objective import Weights, check_arguments
 from ._problem import BilevelProblem, TaskSet
 from .training import newton_core
 
@@ -59,7 +59,7 @@ def retrain(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weight
             damping: float = 0.0, batch_size: int | None = 8) -> Retrained:
     """Re-solve F(λ; w) for each weight setting in `weights` (leaves with a leading batch axis B),
     warm-started at meta_params, by `steps` exact Newton steps; `batch_size` settings at a time."""
-    _check(problem, meta_params, tasks)
+    check_arguments(problem, meta_params, tasks)
     steps = _validate.positive_int("steps", steps)
     damping = _validate.non_negative("damping", damping)
     return _retrain(problem, steps, damping, batch_size, meta_params, tasks, weights)

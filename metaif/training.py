@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _linalg, _tree, _validate
-from ._objective import Weights, _check, _full_weights, check_finite_losses, objective
+from ._objective import Weights, _full_weights, check_arguments, check_finite_losses, objective
 from ._problem import BilevelProblem, TaskSet
 
 PyTree = Any
@@ -92,7 +92,7 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
     Returns:
       `TrainResult` with the histories and the final full-batch objective and gradient norm.
     """
-    _check(problem, meta_params, tasks)
+    check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
     steps = _validate.positive_int("steps", steps)
     n = tasks.n_tasks
@@ -168,7 +168,7 @@ def newton_refine(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
     rejected and damped). Check `grad_norm` of the result: far from a minimum more steps are
     needed. `damping` > 0 adds a fixed shift. Weights as in `meta_train`.
     """
-    _check(problem, meta_params, tasks)
+    check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
     steps = _validate.positive_int("steps", steps)
     damping = _validate.non_negative("damping", damping)
