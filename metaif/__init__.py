@@ -5,8 +5,10 @@ fixed-denominator mean; influence is the derivative at weight 1; removing a datu
 quantity by about −influence; a positive influence on a loss target is harmful.
 """
 
+from . import curvature as curvature
 from . import solvers as solvers
 from ._adapt import Adaptation as Adaptation
+from ._adapt import FirstOrder as FirstOrder
 from ._adapt import Proximal as Proximal
 from ._adapt import Unrolled as Unrolled
 from ._influence import AdaptedInfluence as AdaptedInfluence
@@ -30,7 +32,7 @@ from .training import meta_train as meta_train
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adaptation", "AdaptedInfluence", "BilevelProblem", "Influence", "Proximal", "TaskSet", "TrainResult",
-    "Unrolled", "Weights", "adapt", "adapt_tasks", "adaptation_residual", "adapted_influence", "influence", "instance_influence",
+    "Adaptation", "AdaptedInfluence", "BilevelProblem", "FirstOrder", "Influence", "Proximal", "TaskSet", "TrainResult",
+    "Unrolled", "Weights", "adapt", "adapt_tasks", "adaptation_residual", "adapted_influence", "curvature", "influence", "instance_influence",
     "meta_objective", "meta_train", "newton_refine", "solvers", "task_influence", "task_losses",
 ]

@@ -8,6 +8,9 @@ Inner objective of one task (paper.md section 2), with support weights a (shape 
   differentiated again to any order (the total Hessian's third-order terms included).
 * `Unrolled` (MAML): Ω = 0; θ is `steps` gradient steps from λ; derivatives by differentiating
   the steps (`lax.scan`).
+* `FirstOrder(base)`: the same θ, with dθ/dλ replaced by the identity (first-order MAML); the
+  derivatives in the support weights stay exact. Influence with it is the paper's Direct-IF
+  baseline ("ignores θ(λ)").
 """
 
 from __future__ import annotations
@@ -128,3 +131,30 @@ class Proximal(Adaptation):
             return theta, theta_dot
 
         return argmin(meta_params, support, weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstOrder(Adaptation):
+    """`base`'s adapted parameters with dθ/dλ replaced by the identity: θ(sg(λ), a) + λ − sg(λ).
+
+    Values equal `base`; derivatives in λ are first-order (FO-MAML), derivatives in the support
+    weights a stay exact. Train with it for first-order MAML; compute influence with it (a
+    problem whose `adapt` is `FirstOrder(problem.adapt)`) for the paper's Direct-IF baseline.
+    """
+
+    base: Adaptation
+
+    def __post_init__(self):
+        if not isinstance(self.base, Adaptation) or isinstance(self.base, FirstOrder):
+            raise TypeError(
+                "FirstOrder.base must be an Adaptation such as Unrolled(...) or Proximal(...) (not FirstOrder); "
+                f"received {_validate.describe(self.base)}."
+            )
+
+    def objective(self, inner_loss, params, meta_params, support, weights):
+        return self.base.objective(inner_loss, params, meta_params, support, weights)
+
+    def solve(self, inner_loss, meta_params, support, weights):
+        fixed = jax.lax.stop_gradient(meta_params)
+        theta = self.base.solve(inner_loss, fixed, support, weights)
+        return jax.tree.map(lambda th, lam, f: th + (lam - f), theta, meta_params, fixed)

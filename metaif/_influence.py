@@ -25,11 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _linalg, _problem, _tree, _validate
+from . import _batching, _hessian, _linalg, _problem, _tree, _validate, curvature as _curvature
 from ._linalg import SolveInfo
-from ._objective import (
-    Weights, adapt_one, adaptation_gradient, check_arguments, check_finite_losses, hessian_operator, objective, task_loss,
-)
+from ._objective import adapt_one, adaptation_gradient, check_arguments, check_finite_losses, task_loss, unit_weights
+from .curvature import Curvature
 from ._problem import BilevelProblem, TaskSet
 from .solvers import CG, Dense, Solver
 
@@ -85,29 +84,44 @@ class AdaptedInfluence(NamedTuple):
 # ----------------------------------------------------------------------------- jitted cores
 
 
-def _operator(problem, meta_params, tasks):
-    weights = Weights.ones(tasks.n_tasks, tasks.n_support, tasks.n_query, _tree.float_dtype(meta_params))
-    return (weights, *hessian_operator(problem, meta_params, tasks, weights))
+def _operator(problem, curvature, batch_size, meta_params, tasks):
+    weights = unit_weights(meta_params, tasks)
+    return (weights, *_hessian.operator(problem, meta_params, tasks, weights, curvature, batch_size))
 
 
-def _diagnostics(problem, meta_params, tasks, weights, value, grad):
-    residual = jax.vmap(adaptation_gradient, in_axes=(None, None, 0, 0))(problem, meta_params, tasks.support, weights.support)
+def _diagnostics(problem, batch_size, meta_params, tasks, weights, value, grad):
+    residual = _batching.map_tasks(
+        lambda data: adaptation_gradient(problem, meta_params, data[0], data[1]), (tasks.support, weights.support), batch_size)
     return value, _tree.norm(grad), jnp.max(residual)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "solver"))
-def _target_core(problem: BilevelProblem, solver: Solver, meta_params, tasks: TaskSet, target_grad) -> Influence:
-    weights, value, grad, hvp = _operator(problem, meta_params, tasks)
-    v, info = solver.solve(solver.prepare(hvp, meta_params), target_grad)
+def _task_scores(problem, batch_size, meta_params, tasks, weights, v):
+    """−∂_ω [vᵀ ∇_λ F(λ; ω)] for every weight ω, task by task: ([n], [n, m], [n, q])."""
+    n = tasks.n_tasks
 
-    def directional(w: Weights) -> jax.Array:  # vᵀ ∇_λ F(λ; w)
-        return jax.jvp(lambda lam: objective(problem, lam, tasks, w), (meta_params,), (v,))[1]
+    def one_task(data):
+        support, query, t, a, b = data
 
-    scores = jax.grad(directional)(weights)
-    return Influence(-scores.tasks, -scores.support, -scores.query, info, *_diagnostics(problem, meta_params, tasks, weights, value, grad))
+        def directional(t, a, b):  # t · vᵀ ∇_λ L_O^i(λ; a, b) / n
+            loss = lambda lam: task_loss(problem, lam, support, query, a, b)
+            return t * jax.jvp(loss, (meta_params,), (v,))[1] / n
+
+        return jax.grad(directional, argnums=(0, 1, 2))(t, a, b)
+
+    scores = _batching.map_tasks(one_task, (tasks.support, tasks.query, *weights), batch_size)
+    return tuple(-s for s in scores)
 
 
-def _mixed_gradients(problem, meta_params, tasks, weights, level):
+@functools.partial(jax.jit, static_argnames=("problem", "solver", "curvature", "batch_size"))
+def _target_core(problem: BilevelProblem, solver: Solver, curvature: Curvature, batch_size: int | None, meta_params,
+                 tasks: TaskSet, target_grad) -> Influence:
+    weights, value, grad, op = _operator(problem, curvature, batch_size, meta_params, tasks)
+    v, info = solver.solve(solver.prepare(op), target_grad)
+    scores = _task_scores(problem, batch_size, meta_params, tasks, weights, v)
+    return Influence(*scores, info, *_diagnostics(problem, batch_size, meta_params, tasks, weights, value, grad))
+
+
+def _mixed_gradients(problem, meta_params, tasks, weights, level, batch_size):
     """∂_ω ∇_λ F for every weight ω of one level: pytrees [n, ...] or [n, m|q, ...]."""
     n = tasks.n_tasks
 
@@ -125,14 +139,15 @@ def _mixed_gradients(problem, meta_params, tasks, weights, level):
         return jax.vmap(column)(jnp.eye(w.shape[0], dtype=w.dtype))
 
     fn = task_grad if level == "tasks" else per_example
-    grads = jax.vmap(fn)(tasks.support, tasks.query, weights.support, weights.query)
+    grads = _batching.map_tasks(lambda data: fn(*data), (tasks.support, tasks.query, weights.support, weights.query), batch_size)
     return _tree.scale(1.0 / n, grads)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "solver", "levels"))
-def _params_core(problem: BilevelProblem, solver: Solver, levels: tuple[str, ...], meta_params, tasks: TaskSet) -> Influence:
-    weights, value, grad, hvp = _operator(problem, meta_params, tasks)
-    state = solver.prepare(hvp, meta_params)
+@functools.partial(jax.jit, static_argnames=("problem", "solver", "curvature", "batch_size", "levels"))
+def _params_core(problem: BilevelProblem, solver: Solver, curvature: Curvature, batch_size: int | None,
+                 levels: tuple[str, ...], meta_params, tasks: TaskSet) -> Influence:
+    weights, value, grad, op = _operator(problem, curvature, batch_size, meta_params, tasks)
+    state = solver.prepare(op)
 
     def neg_solve(b):
         x, info = solver.solve(state, b)
@@ -140,12 +155,13 @@ def _params_core(problem: BilevelProblem, solver: Solver, levels: tuple[str, ...
 
     out, infos = {}, []
     for level in levels:  # at most three static levels, not a loop over data
-        rhs = _mixed_gradients(problem, meta_params, tasks, weights, level)
-        batched = jax.vmap(neg_solve) if level == "tasks" else jax.vmap(jax.vmap(neg_solve))
-        out[level], info = batched(rhs)
+        rhs = _mixed_gradients(problem, meta_params, tasks, weights, level, batch_size)
+        per_task = neg_solve if level == "tasks" else jax.vmap(neg_solve)
+        out[level], info = _batching.map_tasks(per_task, rhs, batch_size)
         infos.append(jax.tree.map(jnp.ravel, info))
     info = _linalg.summarize(jax.tree.map(lambda *xs: jnp.concatenate(xs), *infos))
-    return Influence(out.get("tasks"), out.get("support"), out.get("query"), info, *_diagnostics(problem, meta_params, tasks, weights, value, grad))
+    return Influence(out.get("tasks"), out.get("support"), out.get("query"), info,
+                     *_diagnostics(problem, batch_size, meta_params, tasks, weights, value, grad))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -194,17 +210,27 @@ def _adapted_target_grad(problem, target, meta_params, support):
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_inputs(problem, meta_params, tasks, solver) -> Solver:
+class _Options(NamedTuple):
+    solver: Solver
+    curvature: Curvature
+    batch_size: int | None
+
+
+def _check_inputs(problem, meta_params, tasks, solver, curvature, batch_size) -> _Options:
     check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
     if solver is None:
-        return Dense() if _tree.size(meta_params) <= DENSE_LIMIT else CG()
-    if not isinstance(solver, Solver):
+        solver = Dense() if _tree.size(meta_params) <= DENSE_LIMIT else CG()
+    elif not isinstance(solver, Solver):
         raise TypeError(
             "solver must be a metaif.solvers.Solver such as metaif.solvers.Dense() or "
             f"metaif.solvers.CG(); received {_validate.describe(solver)}."
         )
-    return solver
+    curvature = _curvature.check(curvature)
+    curvature.check(problem, meta_params, tasks)
+    if batch_size is not None:
+        batch_size = _validate.positive_int("batch_size", batch_size)
+    return _Options(solver, curvature, batch_size)
 
 
 def _check_scalar_fn(name: str, fn, argument, argument_name: str) -> None:
@@ -229,18 +255,18 @@ def _check_result(result, problem, meta_params, tasks) -> None:
     """Turn a silent NaN into an error naming its source (skipped under tracing)."""
     if not _validate.is_concrete(result.objective) or bool(jnp.isfinite(result.objective)):
         return
-    weights = Weights.ones(tasks.n_tasks, tasks.n_support, tasks.n_query, _tree.float_dtype(meta_params))
+    weights = unit_weights(meta_params, tasks)
     check_finite_losses(problem, meta_params, tasks, weights, f"The meta-objective at meta_params is {float(result.objective)}")
     raise ValueError(f"The meta-objective at meta_params is {float(result.objective)} although every task loss is finite: check meta_params.")
 
 
-def _compute(problem, meta_params, tasks, target, solver, levels: tuple[str, ...]) -> Influence:
+def _compute(problem, meta_params, tasks, target, levels: tuple[str, ...], *options) -> Influence:
     """Validate, then one jitted core: all levels with a target, the requested ones without."""
-    solver = _check_inputs(problem, meta_params, tasks, solver)
+    options = _check_inputs(problem, meta_params, tasks, *options)
     if target is None:
-        result = _params_core(problem, solver, levels, meta_params, tasks)
+        result = _params_core(problem, *options, levels, meta_params, tasks)
     else:
-        result = _target_core(problem, solver, meta_params, tasks, _target_gradient(target, meta_params))
+        result = _target_core(problem, *options, meta_params, tasks, _target_gradient(target, meta_params))
     _check_result(result, problem, meta_params, tasks)
     return result
 
@@ -249,7 +275,8 @@ def _compute(problem, meta_params, tasks, target, solver, levels: tuple[str, ...
 
 
 def influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None,
-              solver: Solver | None = None) -> Influence:
+              solver: Solver | None = None, *, curvature: Curvature | None = None,
+              batch_size: int | None = None) -> Influence:
     """Influence of every task, support example and query example, in one call.
 
     Args:
@@ -258,18 +285,23 @@ def influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, targ
       tasks: the training `TaskSet` (n tasks, m support, q query examples).
       target: optional `meta_params -> scalar` (for example a meta-test loss, see
         `metaif.task_losses`). Pass the same function object across calls to reuse compiled code.
-      solver: `metaif.solvers.Dense()` or `CG(...)`; default Dense up to 256 meta-parameters
-        (it costs d Hessian-vector products), CG beyond.
+      solver: a `metaif.solvers` solver; default Dense up to 256 meta-parameters (it costs d
+        Hessian-vector products), CG beyond.
+      curvature: a `metaif.curvature` option for the solves (default `Exact()`, the total
+        Hessian with its third-order terms); the mixed derivatives stay exact.
+      batch_size: process tasks this many at a time (`lax.map`/`scan`): same answers, peak
+        memory bounded by the chunk instead of n. Default: all tasks at once.
 
     Returns:
       `Influence`: arrays [n], [n, m], [n, q] of I_f with a target; else pytrees like
       meta_params with those leading axes (I_λ = dλ*/dω).
     """
-    return _compute(problem, meta_params, tasks, target, solver, LEVELS)
+    return _compute(problem, meta_params, tasks, target, LEVELS, solver, curvature, batch_size)
 
 
 def task_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None,
-                   solver: Solver | None = None, *, return_info: bool = False):
+                   solver: Solver | None = None, *, curvature: Curvature | None = None, batch_size: int | None = None,
+                   return_info: bool = False):
     """Task influence I(t_k) for every training task.
 
     Returns an array [n] of I_f(t_k) with a target `meta_params -> scalar`, else a pytree like
@@ -277,23 +309,25 @@ def task_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet,
     task k changes the quantity by about −I(t_k). With `return_info=True`, returns
     (scores, SolveInfo). See `influence` for the arguments.
     """
-    result = _compute(problem, meta_params, tasks, target, solver, ("tasks",))
+    result = _compute(problem, meta_params, tasks, target, ("tasks",), solver, curvature, batch_size)
     return (result.tasks, result.solve) if return_info else result.tasks
 
 
 def instance_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None,
-                       solver: Solver | None = None) -> Influence:
+                       solver: Solver | None = None, *, curvature: Curvature | None = None,
+                       batch_size: int | None = None) -> Influence:
     """Instance influence of every support example [n, m] and query example [n, q].
 
     Returns an `Influence` whose `.support` and `.query` hold I_f (arrays, with a target) or
     I_λ (pytrees like meta_params with leading axes [n, m] and [n, q]). With a target, `.tasks`
     comes free and is filled too. See `influence` for the arguments and conventions.
     """
-    return _compute(problem, meta_params, tasks, target, solver, ("support", "query"))
+    return _compute(problem, meta_params, tasks, target, ("support", "query"), solver, curvature, batch_size)
 
 
 def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, task: int | PyTree,
-                      target: Callable | None = None, solver: Solver | None = None) -> AdaptedInfluence:
+                      target: Callable | None = None, solver: Solver | None = None, *,
+                      curvature: Curvature | None = None, batch_size: int | None = None) -> AdaptedInfluence:
     """Influence of every training task and example on one task's adapted parameters θ.
 
     Args:
@@ -307,7 +341,7 @@ def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskS
       `AdaptedInfluence` with dθ/dω (or dg(θ)/dω) for every weight: leading axes [n], [n, m],
       [n, q], plus the direct part `direct` [m] for a training task.
     """
-    solver = _check_inputs(problem, meta_params, tasks, solver)
+    options = _check_inputs(problem, meta_params, tasks, solver, curvature, batch_size)
     n = tasks.n_tasks
     is_index = isinstance(task, numbers.Integral) or (
         hasattr(task, "dtype") and jnp.ndim(task) == 0 and jnp.issubdtype(task.dtype, jnp.integer) and _validate.is_concrete(task))
@@ -328,7 +362,7 @@ def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskS
         _problem.leading_axes("task", support, ("n_support",))
 
     if target is None:
-        result = _params_core(problem, solver, LEVELS, meta_params, tasks)
+        result = _params_core(problem, *options, LEVELS, meta_params, tasks)
         _check_result(result, problem, meta_params, tasks)
         apply = functools.partial(_adapt_jacobian_apply, problem, meta_params, support)
         scores = [apply(result.tasks), apply(result.support), apply(result.query)]
@@ -337,7 +371,7 @@ def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskS
         _check_scalar_fn("target", target, meta_params, "params (shaped like meta_params)")
         grad = _adapted_target_grad(problem, target, meta_params, support)
         _validate.finite_tree("the gradient of target(adapted params) with respect to meta_params", grad)
-        result = _target_core(problem, solver, meta_params, tasks, grad)
+        result = _target_core(problem, *options, meta_params, tasks, grad)
         _check_result(result, problem, meta_params, tasks)
         scores = [result.tasks, result.support, result.query]
         direct = None if index is None else _direct_target(problem, target, meta_params, support)

@@ -33,6 +33,11 @@ class Weights(NamedTuple):
         return cls(jnp.ones((n,), dtype), jnp.ones((n, m), dtype), jnp.ones((n, q), dtype))
 
 
+def unit_weights(meta_params: PyTree, tasks: TaskSet) -> Weights:
+    """All-ones weights for `tasks` in the meta-parameters' dtype (the point where influence is taken)."""
+    return Weights.ones(tasks.n_tasks, tasks.n_support, tasks.n_query, _tree.float_dtype(meta_params))
+
+
 def adapt_one(problem: BilevelProblem, meta_params: PyTree, support: PyTree, weights: jax.Array) -> PyTree:
     """θ(λ; a) for one task: support leaves [m, ...], weights [m]."""
     return problem.adapt.solve(problem.inner_loss, meta_params, support, weights)
@@ -60,15 +65,6 @@ def objective(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weig
     """F(λ; t, a, b)."""
     losses = losses_per_task(problem, meta_params, tasks, weights.support, weights.query)
     return jnp.mean(weights.tasks * losses) + regularizer(problem, meta_params)
-
-
-def hessian_operator(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights):
-    """(F, ∇_λ F, v ↦ H v) at λ: the value, the total gradient and the exact total-Hessian-vector
-    product ∇²_λλ F · v, third-order terms included (forward-over-reverse, linearised once so
-    repeated products reuse the forward pass)."""
-    value_and_grad = jax.value_and_grad(objective, argnums=1)
-    (value, grad), linear = jax.linearize(lambda lam: value_and_grad(problem, lam, tasks, weights), meta_params)
-    return value, grad, lambda v: linear(v)[1]
 
 
 def adaptation_gradient(problem: BilevelProblem, meta_params: PyTree, support: PyTree, weights: jax.Array) -> jax.Array:

@@ -28,10 +28,10 @@ class CG(Solver):
             tol=_validate.positive("CG.tol", self.tol),
         )
 
-    def prepare(self, hvp, like):
+    def prepare(self, operator):
         if self.damping == 0:
-            return hvp
-        return lambda v: _tree.axpy(self.damping, v, hvp(v))
+            return operator.hvp
+        return lambda v: _tree.axpy(self.damping, v, operator.hvp(v))
 
     def solve(self, state, b):
         return _linalg.conjugate_gradient(state, b, tol=self.tol, maxiter=self.maxiter)

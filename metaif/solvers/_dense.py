@@ -23,8 +23,8 @@ class Dense(Solver):
     def __post_init__(self):
         _validate.set_fields(self, damping=_validate.non_negative("Dense.damping", self.damping))
 
-    def prepare(self, hvp, like):
-        return _linalg.eigh(_linalg.dense_matrix(hvp, like))
+    def prepare(self, operator):
+        return _linalg.eigh(_linalg.dense_matrix(operator.hvp, operator.like))
 
     def solve(self, state, b):
         flat, unravel = _tree.ravel(b)

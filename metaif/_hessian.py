@@ -1,0 +1,69 @@
+"""The curvature operator the solvers see: value, total gradient and v ↦ H v, chunked over tasks.
+
+F(λ) = (1/n) Σ_i t_i L_O^i(λ) + (meta_reg/2)‖λ‖². Every curvature option (`metaif.curvature`) is
+(1/n) Σ_chunks [∇²S̃(λ*) + shift·I] + meta_reg·I. Without chunking the products reuse one
+linearisation (the forward pass is stored once); with `batch_size` each product recomputes chunk
+by chunk, so memory grows with the chunk, not with n.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from . import _batching, _tree
+from .curvature import Curvature, Exact, _task_sum
+from .solvers import Operator
+
+PyTree = Any
+
+
+def _scaled(n: int, summed: PyTree, meta_reg: float, lam: PyTree, shift=0.0) -> PyTree:
+    """summed / n + (meta_reg + shift) · lam."""
+    return jax.tree.map(lambda s, x: s / n + (meta_reg + shift) * x, summed, lam)
+
+
+def value_and_grad(problem, meta_params, tasks, weights, batch_size: int | None):
+    """(F, ∇_λ F) at λ with the given weights, summed chunk by chunk."""
+    n = tasks.n_tasks
+    chunk = lambda data: jax.value_and_grad(_task_sum, argnums=1)(problem, meta_params, *data)
+    value, grad = _batching.sum_chunks(chunk, (tasks, weights), batch_size)
+    return value / n + 0.5 * problem.meta_reg * _tree.sq_norm(meta_params), _scaled(n, grad, problem.meta_reg, meta_params)
+
+
+def operator(problem, meta_params, tasks, weights, curvature: Curvature, batch_size: int | None):
+    """(F, ∇_λ F, Operator) at λ = meta_params for the chosen curvature."""
+    n, reg = tasks.n_tasks, problem.meta_reg
+    data = (tasks, weights)
+
+    def chunk_hvp(chunk, v):
+        surrogate, _ = curvature.surrogate(problem, meta_params, *chunk)
+        return jax.jvp(jax.grad(surrogate), (meta_params,), (v,))[1]
+
+    if batch_size is None or batch_size >= n:
+        if isinstance(curvature, Exact):  # one linearisation gives F, ∇F and cached products
+            full = lambda lam: jax.value_and_grad(_task_sum, argnums=1)(problem, lam, tasks, weights)
+            (value, grad), linear = jax.linearize(full, meta_params)
+            shift = 0.0
+            summed_hvp = lambda v: linear(v)[1]
+            value = value / n + 0.5 * reg * _tree.sq_norm(meta_params)
+            grad = _scaled(n, grad, reg, meta_params)
+        else:
+            value, grad = value_and_grad(problem, meta_params, tasks, weights, None)
+            surrogate, shift = curvature.surrogate(problem, meta_params, tasks, weights)
+            _, summed_hvp = jax.linearize(jax.grad(surrogate), meta_params)
+    else:
+        value, grad = value_and_grad(problem, meta_params, tasks, weights, batch_size)
+        shift = _batching.sum_chunks(lambda chunk: curvature.surrogate(problem, meta_params, *chunk)[1], data, batch_size)
+        summed_hvp = lambda v: _batching.sum_chunks(lambda chunk: chunk_hvp(chunk, v), data, batch_size)
+
+    shift = shift / n
+    hvp = lambda v: _scaled(n, summed_hvp(v), reg, v, shift)
+
+    def sample_hvp(key, v, batch: int):
+        index = jax.random.randint(key, (batch,), 0, n)
+        chunk = jax.tree.map(lambda x: x[index], data)
+        return _scaled(batch, chunk_hvp(chunk, v), reg, v, shift)
+
+    return value, grad, Operator(hvp, meta_params, sample_hvp, n)
