@@ -6,6 +6,7 @@ quantity by about −influence; a positive influence on a loss target is harmful
 """
 
 from . import curvature as curvature
+from . import explain as explain
 from . import solvers as solvers
 from ._adapt import Adaptation as Adaptation
 from ._adapt import FirstOrder as FirstOrder
@@ -18,6 +19,10 @@ from ._influence import influence as influence
 from ._influence import instance_influence as instance_influence
 from ._influence import task_influence as task_influence
 from ._objective import Weights as Weights
+from ._pairwise import NewTaskInfluence as NewTaskInfluence
+from ._pairwise import new_task_influence as new_task_influence
+from ._pairwise import pairwise_influence as pairwise_influence
+from ._pairwise import self_influence as self_influence
 from ._objective import adapt as adapt
 from ._objective import adapt_tasks as adapt_tasks
 from ._objective import adaptation_residual as adaptation_residual
@@ -32,7 +37,7 @@ from .training import meta_train as meta_train
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adaptation", "AdaptedInfluence", "BilevelProblem", "FirstOrder", "Influence", "Proximal", "TaskSet", "TrainResult",
-    "Unrolled", "Weights", "adapt", "adapt_tasks", "adaptation_residual", "adapted_influence", "curvature", "influence", "instance_influence",
-    "meta_objective", "meta_train", "newton_refine", "solvers", "task_influence", "task_losses",
+    "Adaptation", "AdaptedInfluence", "BilevelProblem", "FirstOrder", "Influence", "NewTaskInfluence", "Proximal", "TaskSet", "TrainResult",
+    "Unrolled", "Weights", "adapt", "adapt_tasks", "adaptation_residual", "adapted_influence", "curvature", "explain", "influence", "instance_influence",
+    "meta_objective", "meta_train", "new_task_influence", "newton_refine", "pairwise_influence", "self_influence", "solvers", "task_influence", "task_losses",
 ]

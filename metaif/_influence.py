@@ -121,26 +121,25 @@ def _target_core(problem: BilevelProblem, solver: Solver, curvature: Curvature, 
     return Influence(*scores, info, *_diagnostics(problem, batch_size, meta_params, tasks, weights, value, grad))
 
 
-def _mixed_gradients(problem, meta_params, tasks, weights, level, batch_size):
-    """∂_ω ∇_λ F for every weight ω of one level: pytrees [n, ...] or [n, m|q, ...]."""
-    n = tasks.n_tasks
+def task_mixed_gradients(problem, meta_params, support, query, a, b, level: str):
+    """One task's ∂_ω ∇_λ L_O^i for its weights of one level (t_i enters as L_O^i itself):
+    a pytree like meta_params ("tasks") or with a leading axis m ("support") or q ("query")."""
 
-    def task_grad(support, query, a, b):
+    def task_grad(a, b):
         return jax.grad(task_loss, argnums=1)(problem, meta_params, support, query, a, b)
 
-    def per_example(support, query, a, b):
-        wrt_support = level == "support"
-        w = a if wrt_support else b
+    if level == "tasks":
+        return task_grad(a, b)
+    w = a if level == "support" else b
+    along = (lambda x: task_grad(x, b)) if level == "support" else (lambda x: task_grad(a, x))
+    return jax.vmap(lambda e: jax.jvp(along, (w,), (e,))[1])(jnp.eye(w.shape[0], dtype=w.dtype))
 
-        def column(e):
-            f = (lambda x: task_grad(support, query, x, b)) if wrt_support else (lambda x: task_grad(support, query, a, x))
-            return jax.jvp(f, (w,), (e,))[1]
 
-        return jax.vmap(column)(jnp.eye(w.shape[0], dtype=w.dtype))
-
-    fn = task_grad if level == "tasks" else per_example
-    grads = _batching.map_tasks(lambda data: fn(*data), (tasks.support, tasks.query, weights.support, weights.query), batch_size)
-    return _tree.scale(1.0 / n, grads)
+def _mixed_gradients(problem, meta_params, tasks, weights, level, batch_size):
+    """∂_ω ∇_λ F for every weight ω of one level: pytrees [n, ...] or [n, m|q, ...]."""
+    per_task = lambda data: task_mixed_gradients(problem, meta_params, *data, level)
+    grads = _batching.map_tasks(per_task, (tasks.support, tasks.query, weights.support, weights.query), batch_size)
+    return _tree.scale(1.0 / tasks.n_tasks, grads)
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "solver", "curvature", "batch_size", "levels"))
