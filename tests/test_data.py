@@ -409,8 +409,9 @@ def test_few_shot_errors():
     cases = [
         (dict(ways=7), ValueError, r"ways\) = 7 exceeds the 6 available classes"),
         (dict(shots=5, queries=3), ValueError, "shots \\+ queries = 8 examples per class"),
-        (dict(classes=[3, 4]), ValueError, "absent ids \\[4\\]"),
+        (dict(classes=[3, 4]), ValueError, "ids absent from labels \\[4\\]"),
         (dict(classes=[3, 3]), ValueError, "1 duplicate"),
+        (dict(classes=[]), ValueError, r"received 0 id\(s\)\."),
         (dict(seed=-1), ValueError, r"seed\) must be an int >= 0"),
         (dict(seed=1.5), ValueError, r"seed\) must be an int >= 0"),
         (dict(shots=0), ValueError, r"shots\) must be an int >= 1"),
@@ -475,6 +476,9 @@ def test_corrupt_errors(clean_tasks):
         data.corrupt(clean_tasks, 1.5, "task", seed=0)
     with pytest.raises(ValueError, match=r"corrupt\(n_classes\) must be >= 2 and cover the labels 0..4"):
         data.corrupt(clean_tasks, 0.1, "task", seed=0, n_classes=3)
+    negative = metaif.TaskSet(clean_tasks.support, {**clean_tasks.query, "y": clean_tasks.query["y"] - 1})
+    with pytest.raises(ValueError, match=r"labels must be class ids >= 0; found -1"):
+        data.corrupt(negative, 0.1, "query", seed=0)
     with pytest.raises(TypeError, match=r"support\['y'\] must be an integer array"):
         data.corrupt(data.sinusoid_tasks(3, 2, 2, seed=0), 0.1, "support", seed=0)
     with pytest.raises(TypeError, match="metaif.TaskSet"):
@@ -503,3 +507,28 @@ def test_sinusoid_ground_truth():
         data.sinusoid_tasks(3, 2, 2, seed=0, amplitude=(5.0, 1.0))
     with pytest.raises(TypeError, match=r"sinusoid_tasks\(dtype\)"):
         data.sinusoid_tasks(3, 2, 2, seed=0, dtype=np.int32)
+
+
+# --------------------------------------------------------------------------------------------- into the core
+
+
+def _flat_cross_entropy(params, meta_params, example):
+    from metaif import problems
+
+    return problems.linear_cross_entropy(params, meta_params, {"x": example["x"].reshape(-1), "y": example["y"]})
+
+
+def test_sampled_tasks_feed_the_core():
+    """Sampled digits tasks (numpy leaves) and their corrupted copy run through metaif's jitted objective."""
+    import jax.numpy as jnp
+
+    digits = data.load_digits()
+    tasks = data.few_shot_tasks(digits.images, digits.labels, 6, 3, 2, 4, seed=0)
+    noisy, _ = data.corrupt(tasks, 0.5, "task", seed=0)
+    problem = metaif.BilevelProblem(_flat_cross_entropy, _flat_cross_entropy, metaif.Unrolled(steps=2, lr=0.5))
+    params = {"w": jnp.zeros((64, 3), jnp.float32), "b": jnp.zeros((3,), jnp.float32)}
+    for task_set in (tasks, noisy):
+        losses = metaif.task_losses(problem, params, task_set)
+        assert losses.shape == (6,) and losses.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(losses)))
+    # an adapted zero model on clean tasks beats chance (log 3) on its own task's query set
+    assert float(metaif.task_losses(problem, params, tasks).mean()) < np.log(3)

@@ -42,17 +42,17 @@ def corrupt(tasks: TaskSet, fraction: float, level: str, seed: int, *, n_classes
       (corrupted TaskSet, mask): mask is [n] bool for level="task", [n, m] or [n, q] bool for
       "support" or "query" (True = corrupted). Inputs other than the labels are shared, not copied.
     """
-    n, m, q = check_tasks(tasks, "corrupt(tasks)")
+    n, _, _ = check_tasks(tasks, "corrupt(tasks)")
     fraction = _args.fraction("corrupt(fraction)", fraction)
     if level not in LEVELS:
         raise ValueError(f"corrupt(level) must be one of {LEVELS}; received {_validate.describe(level)}.")
     rng = np.random.default_rng(_args.seed("corrupt(seed)", seed))
     labels = {part: _labels(tasks, part, key) for part in ("support", "query")}
-    top = max(int(y.max()) for y in labels.values()) + 1
-    if n_classes is None:
-        n_classes = top
-    n_classes = _validate.positive_int("corrupt(n_classes)", n_classes)
-    if n_classes < 2 or n_classes < top or min(int(y.min()) for y in labels.values()) < 0:
+    low, top = min(int(y.min()) for y in labels.values()), max(int(y.max()) for y in labels.values()) + 1
+    if low < 0:
+        raise ValueError(f"corrupt(tasks) labels must be class ids >= 0; found {low}.")
+    n_classes = _validate.positive_int("corrupt(n_classes)", top if n_classes is None else n_classes)
+    if n_classes < 2 or n_classes < top:
         raise ValueError(f"corrupt(n_classes) must be >= 2 and cover the labels 0..{top - 1} in tasks; received n_classes={n_classes}.")
     new = {part: getattr(tasks, part)[key] for part in labels}
     new.update({part: labels[part].copy() for part in (("support", "query") if level == "task" else (level,))})

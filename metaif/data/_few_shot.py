@@ -71,11 +71,12 @@ def _sample(caller, labels, n_tasks, ways, shots, queries, seed, classes, rotate
         pool = present
     else:
         pool = _args.integer_array(f"{caller}(classes)", classes, 1)
-        absent = np.setdiff1d(pool, present)
-        if absent.size or np.unique(pool).size != pool.size or pool.size == 0:
+        absent, duplicates = np.setdiff1d(pool, present), pool.size - np.unique(pool).size
+        if absent.size or duplicates or pool.size == 0:
+            problems = [f"{duplicates} duplicate(s)"] * bool(duplicates) + [f"ids absent from labels {absent[:10].tolist()}"] * bool(absent.size)
             raise ValueError(
-                f"{caller}(classes) must list distinct class ids present in labels; received "
-                f"{pool.size} id(s) with {pool.size - np.unique(pool).size} duplicate(s) and absent ids {absent[:10].tolist()}."
+                f"{caller}(classes) must list distinct class ids present in labels; received {pool.size} id(s)"
+                + (f" with {' and '.join(problems)}." if problems else ".")
             )
     slot = np.searchsorted(present, pool)
     need = shots + queries

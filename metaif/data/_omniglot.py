@@ -63,14 +63,15 @@ class ClassSplit(NamedTuple):
 
 
 def _members(loader: str, source: Path, part: str) -> list[tuple[str, bytes]]:
-    """(relative path 'part/alphabet/character/file.png', PNG bytes), sorted by path."""
+    """(relative path 'part/alphabet/character/file.png', PNG bytes), sorted by path components
+    (the same order for a zip and for its unzipped folder)."""
     if source.is_file():
         with zipfile.ZipFile(source) as archive:
             names = sorted(n for n in archive.namelist() if n.endswith(".png") and not n.startswith("__MACOSX"))
             members = [(n, archive.read(n)) for n in names]
     else:
         members = [(p.relative_to(source.parent).as_posix(), p.read_bytes()) for p in sorted(source.rglob("*.png"))]
-    good = [(n, b) for n, b in members if len(n.split("/")) == 4 and n.split("/")[0] == part]
+    good = sorted(((n, b) for n, b in members if len(n.split("/")) == 4 and n.split("/")[0] == part), key=lambda m: m[0].split("/"))
     if not good:
         raise ValueError(
             f"{loader}: {str(source)!r} holds no images laid out as {part}/<alphabet>/<character>/<image>.png. {_SOURCE}"
@@ -115,7 +116,7 @@ def _read_part(loader: str, source: Path, part: str, size: int, verify: bool) ->
     }
 
 
-def _part(loader: str, root: Path, part: str, size: int, verify: bool, cache: bool) -> tuple[dict[str, np.ndarray], Path]:
+def _part(loader: str, root: Path, part: str, size: int, verify: bool, cache: bool) -> dict[str, np.ndarray]:
     folders = _source.candidates(root, ("omniglot", "Omniglot", "omniglot-py"))
     source = _source.find(loader, folders, (f"{part}.zip", f"{part}/"), f"the Omniglot {part} set", _SOURCE)
     name = f"omniglot-{part}-{size}px-v{_CACHE_VERSION}-{_source.fingerprint(source)[:24]}.npz"
@@ -127,7 +128,7 @@ def _part(loader: str, root: Path, part: str, size: int, verify: bool, cache: bo
     if verify:
         _source.check_digest(loader, source, _CONTENT_SHA256[part], str(arrays["content_sha256"]),
                              "sha256 of the decoded images", _SOURCE)
-    return arrays, source
+    return arrays
 
 
 def load_omniglot(root=None, *, size: int = 28, verify: bool = True, cache: bool = True) -> Omniglot:
@@ -144,7 +145,7 @@ def load_omniglot(root=None, *, size: int = 28, verify: bool = True, cache: bool
     loader = "load_omniglot"
     size = _validate.positive_int("load_omniglot(size)", size)
     base = _source.data_root(loader, root)
-    arrays = [_part(loader, base, part, size, verify, cache)[0] for part in _PARTS]
+    arrays = [_part(loader, base, part, size, verify, cache) for part in _PARTS]
     n_classes = int(arrays[0]["labels"].max()) + 1
     n_alphabets = len(arrays[0]["alphabet_names"])
     return Omniglot(
@@ -159,13 +160,14 @@ def load_omniglot(root=None, *, size: int = 28, verify: bool = True, cache: bool
 def omniglot_split(n_train: int = 1200, n_val: int = 0, *, seed: int | None = None) -> ClassSplit:
     """The standard Omniglot class split over `load_omniglot` class ids.
 
-    Convention (as in Santoro et al. 2016, Vinyals et al. 2016 and common MAML code): the 1,623
-    classes in `load_omniglot` order (964 background classes, then 659 evaluation classes);
-    meta-train = the first `n_train` (default 1,200: all background classes and the first 236
-    evaluation classes), meta-val = the next `n_val`, meta-test = the rest (default 423 classes,
-    all from evaluation alphabets). MAML's setting is `omniglot_split(1100, 100)`. With `seed`, the
-    classes are shuffled first (a random class split). Rotation classes (see `few_shot_tasks(...,
-    rotate=True)`) follow the split of their base class.
+    Convention: the 1,623 classes in `load_omniglot` order (964 background classes, then 659
+    evaluation classes); meta-train = the first `n_train`, meta-val = the next `n_val`, meta-test =
+    the rest. The default gives the usual counts (Santoro et al. 2016; Finn et al. 2017): 1,200
+    meta-train classes (all 964 background classes and the first 236 evaluation classes) and 423
+    meta-test classes, all from evaluation alphabets. MAML's counts are `omniglot_split(1100, 100)`.
+    With `seed`, the classes are shuffled first, a random class split as in MAML's own code (not
+    its exact permutation). Rotation classes (`few_shot_tasks(..., rotate=True)`) follow the
+    split of their base class.
     """
     n_train = _validate.positive_int("omniglot_split(n_train)", n_train)
     n_val = _args.non_negative_int("omniglot_split(n_val)", n_val)
