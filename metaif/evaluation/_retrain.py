@@ -1,0 +1,273 @@
+"""Ground truth by retraining: many re-solves of the weighted meta-objective in one jitted call.
+
+* `retrain`: warm-started at λ*, exact (safeguarded) Newton steps on F(λ; w) for a batch of
+  weight settings, `lax.map(..., batch_size=...)` over the batch. With `proximal=ρ` it minimises
+  F(λ; w) + (ρ/2)‖λ − λ*‖² instead: the retraining that damped influence (solver damping δ = ρ)
+  estimates, and the meaningful ground truth in non-convex networks.
+* `retrain_cold`: from fresh initialisations over several seeds (optax Adam, then Newton polish),
+  the retraining a user would run from scratch; seeds also set the minibatch order.
+* `leave_one_out`: the actual change of a target when each datum of one level is removed.
+
+Every retraining reports its final gradient norm (of the objective it minimised), so measured
+changes can be told apart from optimiser noise; compare repeated retrainings with
+`metaif.evaluation.noise_ceiling`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .. import _tree, _validate
+from .._objective import Weights, check_arguments, objective
+from .._problem import BilevelProblem, TaskSet
+from ._newton import newton
+
+PyTree = Any
+Level = Literal["tasks", "support", "query"]
+LEVELS = ("tasks", "support", "query")
+
+
+class Retrained(NamedTuple):
+    """Retrained meta-parameters (leading batch axes, e.g. [B] or [S, B]) and the final gradient
+    norm of the objective each retraining minimised (same leading axes)."""
+
+    meta_params: PyTree
+    grad_norm: jax.Array
+
+
+def check_level(level: Any) -> str:
+    if level not in LEVELS:
+        raise ValueError(f"level must be 'tasks', 'support' or 'query'; received {_validate.describe(level)}.")
+    return level
+
+
+def level_shape(level: str, n: int, m: int, q: int) -> tuple[int, ...]:
+    """The shape of one level's weights: (n,), (n, m) or (n, q)."""
+    return {"tasks": (n,), "support": (n, m), "query": (n, q)}[check_level(level)]
+
+
+def removal_weights(n: int, m: int, q: int, level: Level, indices, dtype=jnp.float64) -> Weights:
+    """Weights [B, ...] that each remove one datum: task indices [B] for level "tasks", or
+    (task, example) index pairs [B, 2] for "support" and "query"."""
+    shape = level_shape(level, n, m, q)
+    indices = np.asarray(indices)
+    ok_shape = indices.ndim == 1 if level == "tasks" else (indices.ndim == 2 and indices.shape[1] == 2)
+    if not ok_shape or not np.issubdtype(indices.dtype, np.integer):
+        layout = "[B] task indices" if level == "tasks" else "[B, 2] (task, example) index pairs"
+        raise ValueError(f"indices for level {level!r} must be integer {layout}; received {_validate.describe(indices)}.")
+    columns = indices.reshape(indices.shape[0], -1)
+    if np.any(columns < 0) or np.any(columns >= np.asarray(shape)):
+        raise ValueError(f"indices for level {level!r} must lie in [0, {shape}) per column; received values in "
+                         f"[{columns.min()}, {columns.max()}].")
+    ones = Weights.ones(n, m, q, dtype)
+    batch = indices.shape[0]
+    tiled = Weights(*(jnp.broadcast_to(w, (batch, *w.shape)) for w in ones))
+    rows = np.arange(batch)
+    if level == "tasks":
+        return tiled._replace(tasks=tiled.tasks.at[rows, indices].set(0.0))
+    if level == "support":
+        return tiled._replace(support=tiled.support.at[rows, indices[:, 0], indices[:, 1]].set(0.0))
+    return tiled._replace(query=tiled.query.at[rows, indices[:, 0], indices[:, 1]].set(0.0))
+
+
+def check_batched_weights(weights: Any, tasks: TaskSet, name: str = "weights") -> int:
+    """Validate a `Weights` whose leaves have a common leading batch axis B; returns B."""
+    n, m, q = tasks.n_tasks, tasks.n_support, tasks.n_query
+    if not isinstance(weights, Weights):
+        raise TypeError(f"{name} must be a metaif.Weights(tasks [B, n], support [B, n, m], query [B, n, q]); "
+                        f"received {_validate.describe(weights)}.")
+    batch = np.shape(weights.tasks)[:1]
+    for field, tail in zip(Weights._fields, ((n,), (n, m), (n, q))):
+        shape = np.shape(getattr(weights, field))
+        if len(batch) != 1 or shape != batch + tail:
+            raise ValueError(f"{name}.{field} must have shape [B, {', '.join(map(str, tail))}] with one batch size B "
+                             f"for all three fields; received shapes {[np.shape(w) for w in weights]} "
+                             "(use metaif.evaluation.removal_weights or subset_weights).")
+    return batch[0]
+
+
+def _map(fn: Callable, data: PyTree, batch_size: int | None) -> PyTree:
+    """fn over the leading axis: one vmap when batch_size is None or covers it, else lax.map chunks."""
+    if batch_size is None or batch_size >= jax.tree.leaves(data)[0].shape[0]:
+        return jax.vmap(fn)(data)
+    return jax.lax.map(fn, data, batch_size=batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "steps", "batch_size"))
+def _retrain(problem, steps, damping, proximal, batch_size, meta_params, tasks, weights):
+    solve = lambda w: newton(problem, steps, damping, proximal, meta_params, meta_params, tasks, w)
+    params, _, grad_norm = _map(solve, weights, batch_size)
+    return Retrained(params, grad_norm)
+
+
+def _batch_size(value, weights: Weights, repeats: int = 1):
+    """The validated batch size, None when it covers all `repeats`·B settings (one compiled vmap)."""
+    if value is None:
+        return None
+    value = _validate.positive_int("batch_size", value)
+    return None if value >= repeats * weights.tasks.shape[0] else value
+
+
+def retrain(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights, steps: int = 6,
+            damping: float = 0.0, batch_size: int | None = 8, *, proximal: float = 0.0) -> Retrained:
+    """Re-solve the objective for each weight setting in `weights` (leaves [B, n], [B, n, m],
+    [B, n, q]), warm-started at meta_params, by `steps` safeguarded Newton steps.
+
+    Args:
+      damping: a fixed shift added to every Newton step's Hessian (slows steps; does not change
+        the solution).
+      batch_size: weight settings solved at a time (`lax.map`); None: all at once (vmap).
+      proximal: ρ >= 0; minimise F(λ; w) + (ρ/2)‖λ − meta_params‖² (the retraining that
+        influence with solver damping δ = ρ estimates). 0: plain retraining.
+
+    Returns:
+      `Retrained` with leading axis B; `grad_norm` is that of the minimised objective.
+    """
+    check_arguments(problem, meta_params, tasks)
+    _validate.finite_tree("meta_params", meta_params)
+    check_batched_weights(weights, tasks)
+    steps = _validate.positive_int("steps", steps)
+    damping = _validate.non_negative("damping", damping)
+    proximal = _validate.non_negative("proximal", proximal)
+    weights = Weights(*(jnp.asarray(w, _tree.float_dtype(meta_params)) for w in weights))
+    return _retrain(problem, steps, damping, proximal, _batch_size(batch_size, weights), meta_params, tasks, weights)
+
+
+# ----------------------------------------------------------------------------- cold start
+
+
+def _adam(problem, optimizer, steps, task_batch, params, key, tasks, weights):
+    """`steps` optimiser steps on F(λ; w) (task minibatches drawn with `key` when task_batch)."""
+    grad = jax.grad(objective, argnums=1)
+    n = tasks.n_tasks
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int counters
+        state = optimizer.init(params)
+
+    def step(carry, step_key):
+        params, state = carry
+        if task_batch is None:
+            batch, w = tasks, weights
+        else:
+            index = jax.random.choice(step_key, n, (task_batch,), replace=False)
+            batch, w = tasks[index], jax.tree.map(lambda x: x[index], weights)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, state = optimizer.update(grad(problem, params, batch, w), state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    (params, _), _ = jax.lax.scan(step, (params, state), jax.random.split(key, steps))
+    return params
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "init", "optimizer", "steps", "newton_steps", "task_batch",
+                                             "batch_size"))
+def _retrain_cold(problem, init, optimizer, steps, newton_steps, task_batch, batch_size, start, seeds, tasks, weights):
+    def one(pair):
+        seed, w = pair
+        init_key, order_key = jax.random.split(jax.random.key(seed))
+        params = start if init is None else init(init_key)
+        params = _adam(problem, optimizer, steps, task_batch, params, order_key, tasks, w)
+        params, _, grad_norm = newton(problem, newton_steps, 0.0, 0.0, params, params, tasks, w)
+        return params, grad_norm
+
+    count, batch = seeds.shape[0], weights.tasks.shape[0]
+    pairs = (jnp.repeat(seeds, batch), jax.tree.map(lambda x: jnp.tile(x, (count,) + (1,) * (x.ndim - 1)), weights))
+    params, grad_norm = _map(one, pairs, batch_size)
+    unflatten = lambda x: x.reshape((count, batch) + x.shape[1:])
+    return Retrained(jax.tree.map(unflatten, params), unflatten(grad_norm))
+
+
+def retrain_cold(problem: BilevelProblem, init: Callable[[jax.Array], PyTree] | PyTree, tasks: TaskSet, weights: Weights,
+                 seeds=(0, 1), optimizer: optax.GradientTransformation | None = None, steps: int = 500,
+                 newton_steps: int = 8, task_batch: int | None = None, batch_size: int | None = 8) -> Retrained:
+    """Retrain from scratch for every weight setting and seed: `steps` optimiser steps from a fresh
+    initialisation, then `newton_steps` Newton steps, all in one jitted call.
+
+    Args:
+      init: `key -> meta_params` (a fresh initialisation per seed; pass the same function object
+        across calls to reuse compiled code), or fixed meta_params (then seeds vary only the
+        minibatch order, which needs `task_batch`).
+      weights: `Weights` with leaves [B, n], [B, n, m], [B, n, q].
+      seeds: S ints; each seeds the initialisation and the task-minibatch order.
+      optimizer: optax transformation (default `optax.adam(1e-2)`).
+      task_batch: tasks per optimiser step (without replacement); None for full batch.
+      batch_size: retrainings (seed × setting pairs) run at a time; None: all at once.
+
+    Returns:
+      `Retrained` with leading axes [S, B] and the final ‖∇F(λ; w)‖ of each retraining.
+    """
+    steps = _validate.positive_int("steps", steps)
+    newton_steps = _validate.positive_int("newton_steps", newton_steps)
+    seeds = np.asarray(seeds)
+    if seeds.ndim != 1 or seeds.size < 1 or not np.issubdtype(seeds.dtype, np.integer):
+        raise ValueError(f"seeds must be a non-empty sequence of ints; received {_validate.describe(seeds)}.")
+    optimizer = optax.adam(1e-2) if optimizer is None else optimizer
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"optimizer must be an optax.GradientTransformation, e.g. optax.adam(1e-2); received {_validate.describe(optimizer)}.")
+    start = init(jax.random.split(jax.random.key(int(seeds[0])))[0]) if callable(init) else init
+    check_arguments(problem, start, tasks)
+    _validate.finite_tree("init", start)
+    check_batched_weights(weights, tasks)
+    n = tasks.n_tasks
+    if task_batch is not None and (isinstance(task_batch, bool) or not isinstance(task_batch, int) or not 1 <= task_batch <= n):
+        raise ValueError(f"task_batch must be None or an int in [1, n_tasks={n}]; received {_validate.describe(task_batch)}.")
+    weights = Weights(*(jnp.asarray(w, _tree.float_dtype(start)) for w in weights))
+    fn = init if callable(init) else None
+    return _retrain_cold(problem, fn, optimizer, steps, newton_steps, task_batch, _batch_size(batch_size, weights, seeds.size),
+                         None if callable(init) else start, jnp.asarray(seeds), tasks, weights)
+
+
+# ----------------------------------------------------------------------------- targets and LOO
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _map_target(target, axes, batched_params):
+    fn = target
+    for _ in range(axes):
+        fn = jax.vmap(fn)
+    return fn(batched_params)
+
+
+def target_values(target: Callable[[PyTree], jax.Array], retrained: Retrained) -> jax.Array:
+    """target(λ) of every retrained λ: an array shaped like `retrained.grad_norm` ([B] or [S, B])."""
+    if not isinstance(retrained, Retrained):
+        raise TypeError(f"retrained must be a metaif.evaluation.Retrained; received {_validate.describe(retrained)}.")
+    _validate.callable_("target", target, "meta_params -> scalar")
+    return _map_target(target, np.ndim(retrained.grad_norm), retrained.meta_params)
+
+
+def all_indices(level: str, n: int, m: int, q: int) -> np.ndarray:
+    """Every datum of a level: task indices [n], or (task, example) pairs [n·m | n·q, 2]."""
+    shape = level_shape(level, n, m, q)
+    return np.arange(n) if level == "tasks" else np.stack(np.unravel_index(np.arange(int(np.prod(shape))), shape), 1)
+
+
+def leave_one_out(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, level: Level, indices,
+                  target: Callable[[PyTree], jax.Array], steps: int = 6, batch_size: int | None = 8, *,
+                  proximal: float = 0.0):
+    """Actual change of `target` when each datum in `indices` is removed and F is re-solved.
+
+    Args:
+      level: "tasks", "support" or "query".
+      indices: task indices [B] or (task, example) pairs [B, 2]; None for every datum of the level.
+      proximal: ρ as in `retrain` (0: plain retraining).
+
+    Returns (changes = target(λ_without) − target(λ*), final gradient norms): arrays [B], or the
+    level's shape ([n], [n, m] or [n, q]) when indices is None. Compare with −influence.
+    """
+    check_level(level)
+    n, m, q = tasks.n_tasks, tasks.n_support, tasks.n_query
+    full = indices is None
+    indices = all_indices(level, n, m, q) if full else indices
+    weights = removal_weights(n, m, q, level, indices, _tree.float_dtype(meta_params))
+    result = retrain(problem, meta_params, tasks, weights, steps=steps, batch_size=batch_size, proximal=proximal)
+    changes = target_values(target, result) - target(meta_params)
+    if full:
+        shape = level_shape(level, n, m, q)
+        return changes.reshape(shape), result.grad_norm.reshape(shape)
+    return changes, result.grad_norm
