@@ -93,8 +93,6 @@ def _target_gradient(target, meta_params):
     return grad
 
 
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _grad(fn, x):
     return jax.grad(fn)(x)
