@@ -132,7 +132,7 @@ def trak_projection(meta_params: PyTree, dim: int, seed: int = 0) -> PyTree:
     dim = _validate.positive_int("dim", dim)
     leaves, treedef = jax.tree.flatten(meta_params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    scale = 1.0 / np.sqrt(dim)
+    scale = float(1.0 / np.sqrt(dim))
     return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, (dim, *jnp.shape(x)), jnp.result_type(x))
                                         for k, x in zip(keys, leaves)])
 
@@ -148,7 +148,7 @@ def _trak_core(problem, batch_size, damping, projection, meta_params, tasks, tar
     weights = unit_weights(meta_params, tasks)
     task_grad = lambda data: _project(projection, jax.grad(task_loss, argnums=1)(problem, meta_params, *data))
     phi = _batching.map_tasks(task_grad, (tasks.support, tasks.query, weights.support, weights.query), batch_size)
-    phi = phi / np.sqrt(n)  # [n, k]: rows P ∇L_O^i / √n, so ΦᵀΦ = P (Fisher of F) Pᵀ
+    phi = phi / float(np.sqrt(n))  # [n, k]: rows P ∇L_O^i / √n, so ΦᵀΦ = P (Fisher of F) Pᵀ
     kernel = phi.T @ phi + damping * jnp.eye(phi.shape[1], dtype=phi.dtype)
     coefficients = jnp.linalg.solve(kernel, _project(projection, target_grad))
     v = jax.tree.map(lambda p: jnp.tensordot(coefficients, p, axes=1), projection)
