@@ -1,6 +1,9 @@
-"""Linear-algebra kernels on pytrees: conjugate gradients and a dense symmetric eigen-solve.
+"""Linear-algebra kernels on pytrees: (preconditioned) conjugate gradients, the Neumann series,
+Lanczos with full reorthogonalisation, and a dense symmetric eigen-solve.
 
-Both report a `SolveInfo`, so failure is visible in the result and never silent.
+Every solve reports a `SolveInfo`, so failure is visible in the result and never silent. Vectors
+are pytrees shaped like the meta-parameters; a basis of k vectors is one pytree whose leaves carry
+a leading axis k (no raveling).
 """
 
 from __future__ import annotations
@@ -14,19 +17,26 @@ from . import _tree
 
 PyTree = Any
 
-
 class SolveInfo(NamedTuple):
     """Diagnostics of a linear solve (H + damping·I) x = b.
 
     Attributes:
-      iterations: matrix-vector products spent by an iterative solver (0 for a dense solve).
+      iterations: Hessian-vector products the solver spent on this right-hand side (CG, Neumann:
+        one per iteration; LiSSA: minibatch products, iterations × repeats; 0 for solves that only
+        reuse what `prepare` computed: Dense, LowRank, Identity). The one extra product that
+        recomputes the residual, and products spent once in `prepare`, are not counted.
       residual_norm: ‖(H + damping·I) x − b‖, recomputed from x (not the solver's recursion).
       relative_residual: residual_norm / ‖b‖ (0 when b = 0).
       converged: CG: the tolerance was met before `maxiter` and before any non-positive
-        curvature; dense: H + damping·I was invertible and the solution is finite.
+        curvature; dense: H + damping·I was invertible and the solution is finite; approximate
+        solvers (Neumann, LiSSA, LowRank, Identity): relative_residual <= their `tol`.
       indefinite: whether H + damping·I showed a non-positive curvature direction
-        (dense: its smallest eigenvalue is <= 0; CG: some search direction had pᵀ(H + δI)p <= 0).
-      min_eigenvalue: smallest eigenvalue of H (without damping) for dense solves, NaN otherwise.
+        (dense: its smallest eigenvalue is <= 0; CG: some search direction had pᵀ(H + δI)p <= 0;
+        Neumann: a Lanczos estimate or a series term did; LowRank: the smallest Ritz value).
+        False means none was detected, not that none exists.
+      min_eigenvalue: smallest eigenvalue of H (without damping) for dense solves; for LowRank the
+        smallest Ritz value of its Lanczos run (an upper bound, exact when the run spans the whole
+        space); NaN otherwise.
 
     Batched solves (one per right-hand side) carry a leading batch axis on every field.
     """
@@ -43,37 +53,75 @@ def _relative(residual: jax.Array, b_norm: jax.Array) -> jax.Array:
     return jnp.where(b_norm > 0, residual / jnp.where(b_norm > 0, b_norm, 1.0), 0.0)
 
 
-def conjugate_gradient(
-    matvec: Callable[[PyTree], PyTree], b: PyTree, *, tol: float, maxiter: int
+def solve_info(matvec: Callable[[PyTree], PyTree], x: PyTree, b: PyTree, *, iterations: Any, tol: float,
+               indefinite: Any = False, min_eigenvalue: Any = None) -> SolveInfo:
+    """Diagnostics of an approximate solve A x ≈ b, with the residual recomputed by one product.
+
+    `converged` is relative_residual <= tol (False for a non-finite x).
+    """
+    dtype = _tree.float_dtype(b)
+    residual = _tree.norm(_tree.sub(matvec(x), b))
+    relative = _relative(residual, _tree.norm(b))
+    nan = jnp.full((), jnp.nan, dtype)
+    return SolveInfo(
+        iterations=jnp.asarray(iterations, jnp.int32),
+        residual_norm=residual,
+        relative_residual=relative,
+        converged=jnp.isfinite(residual) & (relative <= tol),
+        indefinite=jnp.asarray(indefinite, bool),
+        min_eigenvalue=nan if min_eigenvalue is None else jnp.asarray(min_eigenvalue, dtype),
+    )
+
+
+# ----------------------------------------------------------------------------- conjugate gradients
+
+
+def preconditioned_conjugate_gradient(
+    matvec: Callable[[PyTree], PyTree], b: PyTree, *, tol: float, maxiter: int,
+    preconditioner: Callable[[PyTree], PyTree] | None = None,
 ) -> tuple[PyTree, SolveInfo]:
     """Solve A x = b for symmetric positive-definite A given only x ↦ A x.
 
-    Stops when the recursive residual is at most tol·‖b‖, after `maxiter` products, or at the
-    first direction of non-positive curvature (then `indefinite` is True and `converged` False).
+    `preconditioner` is r ↦ P⁻¹ r for a symmetric positive-definite P ≈ A (None: the identity,
+    plain CG). Stops when the recursive residual ‖r‖ is at most tol·‖b‖, after `maxiter`
+    products, or at the first direction of non-positive curvature pᵀAp <= 0 (then `indefinite`
+    is True and `converged` False). `iterations` counts products with A; the final residual is
+    recomputed with one more.
     """
+    identity = preconditioner is None
     b_norm = _tree.norm(b)
     dtype = b_norm.dtype
     threshold = tol * b_norm
 
+    def precondition(r, rs):
+        """(z, rᵀz) with z = P⁻¹ r; rᵀz = ‖r‖² for the identity."""
+        if identity:
+            return r, rs
+        z = preconditioner(r)
+        return z, _tree.vdot(r, z)
+
     def cond(state):
-        k, _, _, _, rs, bad = state
+        k, _, _, _, _, rs, bad = state
         return (k < maxiter) & (jnp.sqrt(rs) > threshold) & ~bad
 
     def body(state):
-        k, x, r, p, rs, _ = state
+        k, x, r, p, rz, _, _ = state
         ap = matvec(p)
         pap = _tree.vdot(p, ap)
         bad = ~(pap > 0)
-        alpha = jnp.where(bad, 0.0, rs / jnp.where(bad, 1.0, pap))
+        alpha = jnp.where(bad, 0.0, rz / jnp.where(bad, 1.0, pap))
         x = _tree.axpy(alpha, p, x)
         r = _tree.axpy(-alpha, ap, r)
-        rs_new = _tree.sq_norm(r)
-        beta = rs_new / jnp.where(rs > 0, rs, 1.0)
-        p = _tree.axpy(beta, p, r)
-        return k + 1, x, r, p, rs_new, bad
+        rs = _tree.sq_norm(r)
+        z, rz_new = precondition(r, rs)
+        beta = rz_new / jnp.where(rz > 0, rz, 1.0)
+        p = _tree.axpy(beta, p, z)
+        return k + 1, x, r, p, rz_new, rs, bad
 
-    init = (jnp.zeros((), jnp.int32), _tree.zeros_like(b), b, b, _tree.sq_norm(b), jnp.zeros((), bool))
-    k, x, _, _, rs, bad = jax.lax.while_loop(cond, body, init)
+    rs0 = _tree.sq_norm(b)
+    z0, rz0 = precondition(b, rs0)
+    init = (jnp.zeros((), jnp.int32), _tree.zeros_like(b), b, z0, rz0, rs0, jnp.zeros((), bool))
+    k, x, _, _, _, rs, bad = jax.lax.while_loop(cond, body, init)
     residual = _tree.norm(_tree.sub(matvec(x), b))
     info = SolveInfo(
         iterations=k,
@@ -84,6 +132,158 @@ def conjugate_gradient(
         min_eigenvalue=jnp.full((), jnp.nan, dtype),
     )
     return x, info
+
+
+def conjugate_gradient(
+    matvec: Callable[[PyTree], PyTree], b: PyTree, *, tol: float, maxiter: int
+) -> tuple[PyTree, SolveInfo]:
+    """Plain conjugate gradients: `preconditioned_conjugate_gradient` with the identity."""
+    return preconditioned_conjugate_gradient(matvec, b, tol=tol, maxiter=maxiter)
+
+
+# ----------------------------------------------------------------------------- Neumann series
+
+
+def neumann_series(matvec: Callable[[jax.Array, PyTree], PyTree], b: PyTree, scale: Any, steps: int
+                   ) -> tuple[PyTree, jax.Array]:
+    """x = η Σ_{j=0..J} r_j with r_0 = b, r_{j+1} = (I − η A_j) r_j, η = `scale`, J = `steps`.
+
+    `matvec(j, v)` = A_j v may change with the step j (LiSSA's minibatch estimates); with one A it
+    is the truncated Neumann series η Σ_{j=0..J} (I − ηA)^j b of A⁻¹ b (Richardson iteration
+    from 0), at the cost of J products. Also returns whether some term had r_jᵀ A_j r_j <= 0
+    while ‖r_j‖ was above rounding level (non-positive curvature: the series diverges there).
+    """
+    dtype = _tree.float_dtype(b)
+    scale = jnp.asarray(scale, dtype)
+    floor = 100 * jnp.finfo(dtype).eps * _tree.norm(b)
+
+    def body(j, state):
+        x, r, bad = state
+        x = _tree.axpy(scale, r, x)
+        ar = matvec(j, r)
+        bad = bad | ((_tree.vdot(r, ar) <= 0) & (_tree.norm(r) > floor))
+        return x, _tree.axpy(-scale, ar, r), bad
+
+    x, r, bad = jax.lax.fori_loop(0, steps, body, (_tree.zeros_like(b), b, jnp.zeros((), bool)))
+    return _tree.axpy(scale, r, x), bad
+
+
+# ----------------------------------------------------------------------------- random vectors, bases
+
+
+def random_like(key: jax.Array, like: PyTree, kind: str = "normal", batch: int | None = None) -> PyTree:
+    """A random pytree shaped like `like` (with a leading axis `batch` if given): standard normal
+    or Rademacher (±1) entries in each leaf's dtype. One draw of the total size, split into leaves
+    (one random-number kernel, whatever the number of leaves)."""
+    leaves, treedef = jax.tree.flatten(like)
+    dtype = _tree.float_dtype(like)
+    rows = () if batch is None else (batch,)
+    total = sum(leaf.size for leaf in leaves)
+    if kind == "normal":
+        draw = jax.random.normal(key, (*rows, total), dtype)
+    else:
+        draw = jax.random.rademacher(key, (*rows, total), jnp.int32).astype(dtype)
+    out, start = [], 0
+    for leaf in leaves:
+        piece = jax.lax.slice_in_dim(draw, start, start + leaf.size, axis=-1)
+        out.append(piece.reshape(*rows, *leaf.shape).astype(leaf.dtype))
+        start += leaf.size
+    return jax.tree.unflatten(treedef, out)
+
+
+def basis_dot(basis: PyTree, v: PyTree) -> jax.Array:
+    """[Vᵢᵀ v]ᵢ for a basis pytree with leading axis k: shape [k]."""
+    parts = [jnp.tensordot(B, x, axes=x.ndim) for B, x in zip(jax.tree.leaves(basis), jax.tree.leaves(v))]
+    return sum(parts[1:], parts[0])
+
+
+def basis_combine(basis: PyTree, coefficients: jax.Array) -> PyTree:
+    """Σᵢ cᵢ Vᵢ for a basis pytree with leading axis k and coefficients [k]."""
+    return jax.tree.map(lambda B: jnp.tensordot(coefficients, B, axes=1), basis)
+
+
+# ----------------------------------------------------------------------------- Lanczos
+
+
+class Lanczos(NamedTuple):
+    """Ritz pairs of a symmetric operator A from a Lanczos run of `steps` products.
+
+    Attributes:
+      values: [steps] Ritz values θ, ascending; they lie in [λ_min(A), λ_max(A)] and the extreme
+        ones converge first.
+      vectors: pytree with leading axis [steps]: the orthonormal Ritz vectors yᵢ.
+      residuals: [steps] ‖A yᵢ − θᵢ yᵢ‖ (from the Lanczos relation): some eigenvalue of A lies
+        within residualᵢ of θᵢ.
+    """
+
+    values: jax.Array
+    vectors: PyTree
+    residuals: jax.Array
+
+
+def least_represented(basis: PyTree) -> PyTree:
+    """The coordinate vector eᵢ (a pytree, one entry 1) with the smallest Σ_k basis_k[i]²; the
+    first such i in leaf order."""
+    weights = [jnp.sum(B**2, axis=0).reshape(-1) for B in jax.tree.leaves(basis)]
+    index = jnp.argmin(jnp.concatenate(weights))
+    out, start = [], 0
+    for B, w in zip(jax.tree.leaves(basis), weights):
+        out.append((jnp.arange(start, start + w.size) == index).astype(B.dtype).reshape(B.shape[1:]))
+        start += w.size
+    return jax.tree.unflatten(jax.tree.structure(basis), out)
+
+
+def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, steps: int, key: jax.Array) -> Lanczos:
+    """`steps` Lanczos iterations on x ↦ A x (A symmetric) from a random start, with full
+    reorthogonalisation (classical Gram–Schmidt, twice) against the stored basis.
+
+    On breakdown (an invariant subspace: the new direction vanishes to rounding level) it restarts
+    from the coordinate vector eᵢ least represented in the basis (smallest Σ_k Q_ki², so
+    ‖(I − QQᵀ)eᵢ‖² >= 1 − steps/d > 0), orthogonalised against it: repeated eigenvalues are found
+    too. `steps` must not exceed the dimension d. Memory: steps vectors; time: steps products +
+    O(steps²·d).
+    """
+    dtype = _tree.float_dtype(like)
+    eps = jnp.finfo(dtype).eps
+
+    def normalise(v):
+        n = _tree.norm(v)
+        return _tree.scale(1.0 / jnp.where(n > 0, n, 1.0), v)
+
+    def orthogonalise(basis, w):
+        for _ in range(2):
+            w = _tree.sub(w, basis_combine(basis, basis_dot(basis, w)))
+        return w
+
+    def body(j, state):
+        basis, alphas, betas, q, q_prev, beta_prev = state
+        basis = jax.tree.map(lambda B, v: B.at[j].set(v), basis, q)
+        w = matvec(q)
+        w_norm = _tree.norm(w)
+        alpha = _tree.vdot(q, w)
+        w = orthogonalise(basis, _tree.axpy(-alpha, q, _tree.axpy(-beta_prev, q_prev, w)))
+        beta = _tree.norm(w)
+        breakdown = beta <= 100 * eps * w_norm
+
+        def restart(_):
+            return normalise(orthogonalise(basis, least_represented(basis)))
+
+        q_next = jax.lax.cond(breakdown, restart, lambda _: normalise(w), None)
+        beta = jnp.where(breakdown, jnp.zeros((), dtype), beta)
+        return basis, alphas.at[j].set(alpha), betas.at[j].set(beta), q_next, q, beta
+
+    basis = jax.tree.map(lambda leaf: jnp.zeros((steps, *leaf.shape), leaf.dtype), like)
+    vector = jnp.zeros((steps,), dtype)
+    start = normalise(random_like(key, like))
+    init = (basis, vector, vector, start, _tree.zeros_like(like), jnp.zeros((), dtype))
+    basis, alphas, betas, _, _, _ = jax.lax.fori_loop(0, steps, body, init)
+    tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+    values, s = jnp.linalg.eigh(tridiagonal)
+    vectors = jax.tree.map(lambda B: jnp.tensordot(s.T, B, axes=1), basis)
+    return Lanczos(values, vectors, jnp.abs(betas[-1] * s[-1, :]))
+
+
+# ----------------------------------------------------------------------------- dense
 
 
 class Eigh(NamedTuple):
