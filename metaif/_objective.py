@@ -8,13 +8,14 @@ pure and traceable; adaptation is vmapped over tasks.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _problem, _tree, _validate
+from . import _batching, _problem, _tree, _validate
 from ._adapt import weighted_mean_loss
 from ._problem import BilevelProblem, TaskSet
 
@@ -34,8 +35,32 @@ class Weights(NamedTuple):
 
 
 def unit_weights(meta_params: PyTree, tasks: TaskSet) -> Weights:
-    """All-ones weights for `tasks` in the meta-parameters' dtype (the point where influence is taken)."""
-    return Weights.ones(tasks.n_tasks, tasks.n_support, tasks.n_query, _tree.float_dtype(meta_params))
+    """All-ones weights for `tasks` in the meta-parameters' dtype (the point where influence is
+    taken), sharded like the tasks' data (see `shard_like_tasks`)."""
+    ones = Weights.ones(tasks.n_tasks, tasks.n_support, tasks.n_query, _tree.float_dtype(meta_params))
+    return shard_like_tasks(ones, tasks, meta_params)
+
+
+def shard_like_tasks(weights: Weights, tasks: TaskSet, meta_params: PyTree) -> Weights:
+    """`weights` with their task axis sharded like `tasks.support` when that is sharded over
+    Explicit mesh axes (vmap requires arrays mapped together to share the task sharding); then
+    `meta_params` must live on the same mesh (replicated), else a ValueError says how to place
+    them. Unchanged otherwise: unsharded data, or Auto axes, where the compiler places weights."""
+    layout = _batching.task_layout(tasks.support)
+    if layout is None or not layout.explicit:
+        return weights
+    axes = layout.entry if isinstance(layout.entry, tuple) else (layout.entry,)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(meta_params):
+        mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+        if mesh is None or not set(axes) <= set(mesh.axis_names):
+            raise ValueError(
+                f"tasks are sharded over the Explicit mesh axis {layout.entry!r}, but meta_params leaf "
+                f"{jax.tree_util.keystr(path) or '(root)'} ({_validate.describe(leaf)}) is not on that mesh. "
+                "Replicate the meta-parameters on the mesh with metaif.parallel.replicate(meta_params, mesh) "
+                "(or create them under jax.set_mesh(mesh))."
+            )
+    sharding = jax.sharding.NamedSharding(layout.mesh, jax.P(layout.entry))
+    return Weights(*(jax.sharding.reshard(w, sharding) for w in weights))
 
 
 def adapt_one(problem: BilevelProblem, meta_params: PyTree, support: PyTree, weights: jax.Array) -> PyTree:
@@ -53,8 +78,10 @@ def task_loss(problem: BilevelProblem, meta_params: PyTree, support: PyTree, que
 def losses_per_task(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet,
                     support_weights: jax.Array, query_weights: jax.Array) -> jax.Array:
     """[n] weighted query losses after adaptation, vmapped over tasks."""
-    per_task = jax.vmap(task_loss, in_axes=(None, None, 0, 0, 0, 0))
-    return per_task(problem, meta_params, tasks.support, tasks.query, support_weights, query_weights)
+    # problem is bound, not passed to vmap: under Explicit task sharding (jax 0.10) vmap requires
+    # every unmapped argument to be a JAX type.
+    per_task = jax.vmap(functools.partial(task_loss, problem), in_axes=(None, 0, 0, 0, 0))
+    return per_task(meta_params, tasks.support, tasks.query, support_weights, query_weights)
 
 
 def regularizer(problem: BilevelProblem, meta_params: PyTree) -> jax.Array:
@@ -79,8 +106,16 @@ def adaptation_gradient(problem: BilevelProblem, meta_params: PyTree, support: P
 _adapt_jit = jax.jit(adapt_one, static_argnums=0)
 _objective_jit = jax.jit(objective, static_argnums=0)
 _losses_jit = jax.jit(losses_per_task, static_argnums=0)
-_adapt_tasks_jit = jax.jit(jax.vmap(adapt_one, in_axes=(None, None, 0, 0)), static_argnums=0)
-_residual_jit = jax.jit(jax.vmap(adaptation_gradient, in_axes=(None, None, 0, 0)), static_argnums=0)
+
+
+def _per_task(fn):
+    """fn(problem, λ, support, weights) vmapped over tasks, with problem bound outside vmap."""
+    return lambda problem, meta_params, support, weights: jax.vmap(
+        functools.partial(fn, problem), in_axes=(None, 0, 0))(meta_params, support, weights)
+
+
+_adapt_tasks_jit = jax.jit(_per_task(adapt_one), static_argnums=0)
+_residual_jit = jax.jit(_per_task(adaptation_gradient), static_argnums=0)
 
 
 def _full_weights(meta_params, tasks, task_weights=None, support_weights=None, query_weights=None) -> Weights:
@@ -90,7 +125,7 @@ def _full_weights(meta_params, tasks, task_weights=None, support_weights=None, q
     _problem.check_weights("query_weights", query_weights, (n, q))
     ones = Weights.ones(n, m, q, _tree.float_dtype(meta_params))
     given = (task_weights, support_weights, query_weights)
-    return Weights(*(o if w is None else jnp.asarray(w, o.dtype) for o, w in zip(ones, given)))
+    return shard_like_tasks(Weights(*(o if w is None else jnp.asarray(w, o.dtype) for o, w in zip(ones, given))), tasks, meta_params)
 
 
 def check_finite_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights, context: str) -> None:
