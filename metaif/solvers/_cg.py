@@ -12,6 +12,7 @@ from ._base import Solver
 from ._neumann import damped
 
 PRECONDITIONERS = (None, "diagonal", "lowrank")
+DEFAULT_RANK = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +29,7 @@ class CG(Solver):
         very different curvature scales.
       "lowrank": P⁻¹ = V diag(1/(λᵢ + δ)) Vᵀ + (I − VVᵀ)/(λ_rank + δ) from the top-`rank`
         eigenpairs of H (min(d, 2·rank + 20) Lanczos products): removes the largest eigenvalues
-        from CG's condition number.
+        from CG's condition number, (λ_max + δ)/(λ_min + δ) becomes about (λ_rank + δ)/(λ_min + δ).
 
     Attributes (defaults in parentheses):
       damping: δ >= 0 (0.0).
@@ -36,7 +37,7 @@ class CG(Solver):
       tol: relative residual to stop at (1e-8).
       preconditioner: None, "diagonal" or "lowrank" (None).
       probes: Hutchinson probes for "diagonal" (32).
-      rank: eigenpairs for "lowrank", at most d (16).
+      rank: eigenpairs for "lowrank", at most d, or None for min(16, d) (None).
       seed: seed of the probes or of the Lanczos start vector (0).
     """
 
@@ -45,7 +46,7 @@ class CG(Solver):
     tol: float = 1e-8
     preconditioner: str | None = None
     probes: int = 32
-    rank: int = 16
+    rank: int | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -56,7 +57,7 @@ class CG(Solver):
             tol=_validate.positive("CG.tol", self.tol),
             preconditioner=_checks.choice("CG.preconditioner", self.preconditioner, PRECONDITIONERS),
             probes=_validate.positive_int("CG.probes", self.probes),
-            rank=_validate.positive_int("CG.rank", self.rank),
+            rank=_checks.optional_positive_int("CG.rank", self.rank),
             seed=_checks.non_negative_int("CG.seed", self.seed),
         )
 
@@ -68,9 +69,13 @@ class CG(Solver):
             key = jax.random.key(self.seed)
             return matvec, _preconditioner.jacobi(operator.hvp, operator.like, self.damping, self.probes, key)
         dimension = _tree.size(operator.like)
-        _checks.at_most_dimension("CG.rank", self.rank, dimension)
-        steps = _spectrum.default_steps(self.rank, dimension)
-        return matvec, _preconditioner.spectral(operator.hvp, operator.like, self.damping, self.rank, steps, self.seed)
+        if self.rank is None:
+            rank = min(DEFAULT_RANK, dimension)
+        else:
+            rank = self.rank
+            _checks.at_most_dimension("CG.rank", rank, dimension)
+        steps = _spectrum.default_steps(rank, dimension)
+        return matvec, _preconditioner.spectral(operator.hvp, operator.like, self.damping, rank, steps, self.seed)
 
     def solve(self, state, b):
         matvec, preconditioner = state

@@ -9,6 +9,8 @@ from . import _checks, _spectrum
 from ._base import Solver
 from ._neumann import damped
 
+DEFAULT_RANK = 20
+
 
 @dataclasses.dataclass(frozen=True)
 class LowRank(Solver):
@@ -24,14 +26,14 @@ class LowRank(Solver):
     λ_min(H); exact when iterations = d) and `indefinite` is whether it is <= −δ.
 
     Attributes (defaults in parentheses):
-      rank: eigenpairs kept, 1 <= rank <= d (20).
+      rank: eigenpairs kept, 1 <= rank <= d, or None for min(20, d, iterations) (None).
       damping: δ > 0 (0.01).
       iterations: Lanczos products, rank <= iterations <= d, or None for min(d, 2·rank + 20) (None).
       tol: `converged` means relative residual <= tol (1e-6); a truncated spectrum rarely meets it.
       seed: seed of the Lanczos start vector (0).
     """
 
-    rank: int = 20
+    rank: int | None = None
     damping: float = 0.01
     iterations: int | None = None
     tol: float = 1e-6
@@ -40,25 +42,29 @@ class LowRank(Solver):
     def __post_init__(self):
         _validate.set_fields(
             self,
-            rank=_validate.positive_int("LowRank.rank", self.rank),
+            rank=_checks.optional_positive_int("LowRank.rank", self.rank),
             damping=_validate.positive("LowRank.damping", self.damping),
             iterations=_checks.optional_positive_int("LowRank.iterations", self.iterations),
             tol=_validate.positive("LowRank.tol", self.tol),
             seed=_checks.non_negative_int("LowRank.seed", self.seed),
         )
-        if self.iterations is not None and self.iterations < self.rank:
+        if self.iterations is not None and self.rank is not None and self.iterations < self.rank:
             raise ValueError(f"LowRank.iterations must be at least LowRank.rank = {self.rank}; "
                              f"received {self.iterations}.")
 
     def prepare(self, operator):
         dimension = _tree.size(operator.like)
-        _checks.at_most_dimension("LowRank.rank", self.rank, dimension)
+        if self.rank is None:
+            rank = min(DEFAULT_RANK, dimension if self.iterations is None else self.iterations)
+        else:
+            rank = self.rank
+            _checks.at_most_dimension("LowRank.rank", rank, dimension)
         if self.iterations is None:
-            steps = _spectrum.default_steps(self.rank, dimension)
+            steps = _spectrum.default_steps(rank, dimension)
         else:
             _checks.at_most_dimension("LowRank.iterations", self.iterations, dimension)
             steps = self.iterations
-        pairs, smallest = _spectrum.extreme_pairs(operator.hvp, operator.like, self.rank, "largest", steps, self.seed)
+        pairs, smallest = _spectrum.extreme_pairs(operator.hvp, operator.like, rank, "largest", steps, self.seed)
         return damped(operator.hvp, self.damping), pairs, smallest
 
     def solve(self, state, b):
