@@ -16,9 +16,9 @@ DEFAULT_RANK = 20
 class LowRank(Solver):
     """x = V diag(1/(λᵢ + δ)) Vᵀ b + (b − V Vᵀ b)/δ with (λᵢ, Vᵢ) the top-`rank` eigenpairs of H.
 
-    `prepare` runs `iterations` Lanczos products (full reorthogonalisation, `rank` + 1 stored
-    vectors per step of memory: rank × d overall for the result); every solve is then
-    O(rank·d), with no Hessian-vector product (one more checks the residual). The discarded
+    `prepare` runs `iterations` Lanczos products (full reorthogonalisation: `iterations` vectors
+    of memory while it runs, `rank` kept); every solve is then O(rank·d), with no
+    Hessian-vector product (one more checks the residual). The discarded
     subspace is treated as if H were 0 there: δ acts as its eigenvalue, so `damping` must be > 0
     and sets how much weight those directions get. Exact when rank = d (given enough iterations).
 
