@@ -6,6 +6,7 @@ quantity by about −influence; a positive influence on a loss target is harmful
 """
 
 from . import curvature as curvature
+from . import data as data
 from . import explain as explain
 from . import solvers as solvers
 from ._adapt import Adaptation as Adaptation
@@ -38,6 +39,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adaptation", "AdaptedInfluence", "BilevelProblem", "FirstOrder", "Influence", "NewTaskInfluence", "Proximal", "TaskSet", "TrainResult",
-    "Unrolled", "Weights", "adapt", "adapt_tasks", "adaptation_residual", "adapted_influence", "curvature", "explain", "influence", "instance_influence",
+    "Unrolled", "Weights", "adapt", "adapt_tasks", "adaptation_residual", "adapted_influence", "curvature", "data", "explain", "influence", "instance_influence",
     "meta_objective", "meta_train", "new_task_influence", "newton_refine", "pairwise_influence", "self_influence", "solvers", "task_influence", "task_losses",
 ]

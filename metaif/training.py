@@ -126,25 +126,33 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
     return TrainResult(meta_params, jnp.concatenate(values), jnp.concatenate(norms), value, grad_norm)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "steps"))
-def newton_core(problem: BilevelProblem, steps: int, damping: float, meta_params: PyTree, tasks: TaskSet, weights: Weights):
-    """`steps` safeguarded Newton steps on F(λ; w) with the dense total Hessian.
+def newton_steps(problem: BilevelProblem, steps: int, shift, proximal, center: PyTree, start: PyTree, tasks: TaskSet,
+                 weights: Weights):
+    """`steps` safeguarded Newton steps from `start` on F(λ; w) + (proximal/2)‖λ − center‖².
 
-    Each step solves (|H| + (damping + μ)·I) Δ = −∇F, where |H| takes absolute eigenvalues (so Δ
-    descends even near saddles), and is accepted only if F does not rise; a rejected step raises μ
-    tenfold, an accepted one lowers it. Near a minimum μ → 0 and this is plain Newton, converging
-    quadratically. Pure and vmappable over `weights` (many retrainings in one call).
-    Returns (λ, F, ‖∇F‖, F history, ‖∇F‖ history)."""
+    Each step solves (|H| + (shift + μ)·I) Δ = −∇, where |H| takes the dense total Hessian's
+    absolute eigenvalues (so Δ descends even near saddles), and is accepted only if the objective
+    does not rise; a rejected step raises μ tenfold, an accepted one lowers it. Near a minimum
+    μ → 0 and this is plain Newton, converging quadratically. `proximal` = ρ > 0 gives the
+    proximal retraining that damped influence (damping δ = ρ) estimates. Pure and vmappable over
+    `weights` (many retrainings in one call); materialises the d×d Hessian (small models).
+    Returns (λ, objective, ‖gradient‖, objective history [steps], ‖gradient‖ history [steps]).
+    """
     grad = jax.grad(objective, argnums=1)
-    flat0, unravel = _tree.ravel(meta_params)
-    value_of = lambda x: objective(problem, unravel(x), tasks, weights)
-    gradient_of = lambda x: _tree.ravel(grad(problem, unravel(x), tasks, weights))[0]
+    flat_center, unravel = _tree.ravel(center)
+    flat_start = _tree.ravel(start)[0]
+
+    def value_of(x):
+        return objective(problem, unravel(x), tasks, weights) + 0.5 * proximal * jnp.sum((x - flat_center) ** 2)
+
+    def gradient_of(x):
+        return _tree.ravel(grad(problem, unravel(x), tasks, weights))[0] + proximal * (x - flat_center)
 
     def step(carry, _):
         x, value, mu = carry
         gradient = gradient_of(x)
         factor = _linalg.eigh(jax.jacfwd(gradient_of)(x))
-        scale = jnp.abs(factor.values) + damping + mu
+        scale = jnp.abs(factor.values) + shift + mu
         candidate = x - factor.vectors @ ((factor.vectors.T @ gradient) / scale)
         new_value = value_of(candidate)
         accept = jnp.isfinite(new_value) & (new_value <= value + 1e-12 * jnp.abs(value))
@@ -153,9 +161,15 @@ def newton_core(problem: BilevelProblem, steps: int, damping: float, meta_params
         x, value_next = jnp.where(accept, candidate, x), jnp.where(accept, new_value, value)
         return (x, value_next, mu), (value, jnp.linalg.norm(gradient))
 
-    init = (flat0, value_of(flat0), jnp.zeros((), flat0.dtype))
+    init = (flat_start, value_of(flat_start), jnp.zeros((), flat_start.dtype))
     (flat, value, _), (values, norms) = jax.lax.scan(step, init, None, length=steps)
     return unravel(flat), value, jnp.linalg.norm(gradient_of(flat)), values, norms
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "steps"))
+def newton_core(problem: BilevelProblem, steps: int, damping: float, meta_params: PyTree, tasks: TaskSet, weights: Weights):
+    """Jitted `newton_steps` on F(λ; w) alone (no proximal term), from meta_params."""
+    return newton_steps(problem, steps, damping, 0.0, meta_params, meta_params, tasks, weights)
 
 
 def newton_refine(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, steps: int = 10, damping: float = 0.0,

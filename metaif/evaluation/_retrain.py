@@ -26,7 +26,7 @@ import optax
 from .. import _tree, _validate
 from .._objective import Weights, check_arguments, objective
 from .._problem import BilevelProblem, TaskSet
-from ._newton import newton
+from ..training import newton_steps as _newton
 
 PyTree = Any
 Level = Literal["tasks", "support", "query"]
@@ -101,7 +101,7 @@ def _map(fn: Callable, data: PyTree, batch_size: int | None) -> PyTree:
 
 @functools.partial(jax.jit, static_argnames=("problem", "steps", "batch_size"))
 def _retrain(problem, steps, damping, proximal, batch_size, meta_params, tasks, weights):
-    solve = lambda w: newton(problem, steps, damping, proximal, meta_params, meta_params, tasks, w)
+    solve = lambda w: _newton(problem, steps, damping, proximal, meta_params, meta_params, tasks, w)[:3]
     params, _, grad_norm = _map(solve, weights, batch_size)
     return Retrained(params, grad_norm)
 
@@ -172,7 +172,7 @@ def _retrain_cold(problem, init, optimizer, steps, newton_steps, task_batch, bat
         init_key, order_key = jax.random.split(jax.random.key(seed))
         params = start if init is None else init(init_key)
         params = _adam(problem, optimizer, steps, task_batch, params, order_key, tasks, w)
-        params, _, grad_norm = newton(problem, newton_steps, 0.0, 0.0, params, params, tasks, w)
+        params, _, grad_norm = _newton(problem, newton_steps, 0.0, 0.0, params, params, tasks, w)[:3]
         return params, grad_norm
 
     count, batch = seeds.shape[0], weights.tasks.shape[0]

@@ -1,0 +1,120 @@
+"""Pairwise benchmark: scores of every training task and example on T targets at once, against T
+separate single-target calls, as a ratio measured in one run.
+
+Problem: 5-way 1-shot few-shot tasks from scikit-learn's bundled digits (no download), a tanh MLP
+64-16-5 (d = 1,125 meta-parameters), MAML (`Unrolled`, 1 step), n training tasks; the T targets are
+the query losses of T held-out test tasks. λ is meta-trained with Adam (timing does not need an
+exact optimum; fidelity is tested in tests/test_explain.py).
+
+For each solver (Dense: one factorisation reused by every target; CG: one batched solve per target)
+and T in 1, 10, 100, 1000 it records:
+* `pairwise_s`: `metaif.pairwise_influence(problem, λ, tasks, targets)` warm ([T, n], [T, n, m],
+  [T, n, q] scores), and `compile_s` (first call − warm call);
+* `single_s`: the warm cost of one single-target call (`metaif.influence` core with that target's
+  gradient precomputed, averaged over 5 targets); `singles_s` = T × single_s (extrapolated for
+  large T);
+* `speedup` = singles_s / pairwise_s. Sub-linear cost in T shows as a speedup growing with T.
+
+Usage (from the repository root):
+    .venv/bin/python benchmarks/pairwise.py            # writes benchmarks/results/pairwise.json
+    .venv/bin/python benchmarks/pairwise.py --quick    # T up to 100, n = 50, prints only
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import metaif  # noqa: E402
+from metaif import problems  # noqa: E402
+from metaif._influence import _check_inputs, _target_core  # noqa: E402  (private: the single-call core)
+
+WAYS, SHOTS, QUERIES, HIDDEN = 5, 1, 5, 16
+
+
+def flat_mlp_loss(params, meta_params, example):
+    return problems.mlp_cross_entropy(params, meta_params, {"x": example["x"].reshape(-1), "y": example["y"]})
+
+
+def setup(n_tasks: int, n_test: int):
+    digits = metaif.data.load_digits()
+    images = digits.images.astype(np.float64)
+    train_classes, test_classes = np.arange(0, 10), np.arange(0, 10)
+    tasks = metaif.data.few_shot_tasks(images, digits.labels, n_tasks, WAYS, SHOTS, QUERIES, seed=0, classes=train_classes)
+    test = metaif.data.few_shot_tasks(images, digits.labels, n_test, WAYS, SHOTS, QUERIES, seed=1, classes=test_classes)
+    cast = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64) if x.dtype.kind == "f" else jnp.asarray(x), t)
+    tasks, test = cast(tasks), cast(test)
+    problem = metaif.BilevelProblem(flat_mlp_loss, flat_mlp_loss, metaif.Unrolled(steps=1, lr=0.5), meta_reg=1e-3)
+    init = problems.mlp_init(jax.random.key(0), (64, HIDDEN, WAYS))
+    lam = metaif.meta_train(problem, init, tasks, optax.adam(3e-3), steps=300).meta_params
+    return problem, lam, tasks, test
+
+
+def timed(fn, repeats=1):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        runs.append(time.perf_counter() - start)
+    return out, first, min(runs)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="n = 50, T up to 100; prints only unless --out")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    n_tasks, counts = (50, (1, 10, 100)) if args.quick else (200, (1, 10, 100, 1000))
+    out = args.out or (None if args.quick else Path(__file__).parent / "results" / "pairwise.json")
+    problem, lam, tasks, test = setup(n_tasks, max(counts))
+    d = sum(x.size for x in jax.tree.leaves(lam))
+    print(f"backend={jax.default_backend()} devices={jax.device_count()} d={d} n={n_tasks} m={SHOTS * WAYS} q={QUERIES * WAYS}")
+    rows = []
+    for solver_name, solver in (("dense", metaif.solvers.Dense(damping=1e-3)), ("cg", metaif.solvers.CG(damping=1e-3, maxiter=200, tol=1e-8))):
+        options = _check_inputs(problem, lam, tasks, solver, None, None)
+        for count in counts:
+            subset = test[:count]
+            targets = lambda l, subset=subset: metaif.task_losses(problem, l, subset)
+            result, first, warm = timed(lambda: metaif.pairwise_influence(problem, lam, tasks, targets, solver))
+            jacobian = jax.jacrev(targets)(lam)
+            singles = []
+            for t in range(min(count, 5)):
+                row = jax.tree.map(lambda x: x[t], jacobian)
+                _, _, single = timed(lambda: _target_core(problem, *options, lam, tasks, row))
+                singles.append(single)
+            single = float(np.mean(singles))
+            rows.append(dict(solver=solver_name, targets=count, pairwise_s=warm, compile_s=first - warm, single_s=single,
+                             singles_s=single * count, speedup=single * count / warm,
+                             converged=bool(result.solve.converged), max_iterations=int(result.solve.iterations)))
+            r = rows[-1]
+            print(f"{solver_name:>5} T={count:>5}  pairwise {warm:8.3f}s (compile {first - warm:6.2f}s)  "
+                  f"T singles {r['singles_s']:9.3f}s  speedup {r['speedup']:8.1f}x  converged={r['converged']}")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = dict(backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
+                      dtype="float64", machine=platform.machine(), d=d, n_tasks=n_tasks, rows=rows,
+                      command="python benchmarks/pairwise.py")
+        out.write_text(json.dumps(record, indent=2))
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
