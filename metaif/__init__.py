@@ -13,6 +13,7 @@ from ._adapt import Adaptation as Adaptation
 from ._adapt import FirstOrder as FirstOrder
 from ._adapt import Proximal as Proximal
 from ._adapt import Unrolled as Unrolled
+from ._hessian import hessian_operator as hessian_operator
 from ._influence import AdaptedInfluence as AdaptedInfluence
 from ._influence import Influence as Influence
 from ._influence import adapted_influence as adapted_influence
@@ -39,6 +40,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adaptation", "AdaptedInfluence", "BilevelProblem", "FirstOrder", "Influence", "NewTaskInfluence", "Proximal", "TaskSet", "TrainResult",
-    "Unrolled", "Weights", "adapt", "adapt_tasks", "adaptation_residual", "adapted_influence", "curvature", "data", "explain", "influence", "instance_influence",
+    "Unrolled", "Weights", "adapt", "adapt_tasks", "adaptation_residual", "adapted_influence", "curvature", "data", "explain", "hessian_operator", "influence", "instance_influence",
     "meta_objective", "meta_train", "new_task_influence", "newton_refine", "pairwise_influence", "self_influence", "solvers", "task_influence", "task_losses",
 ]

@@ -8,11 +8,13 @@ by chunk, so memory grows with the chunk, not with n.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 
-from . import _batching, _tree
+from . import _batching, _tree, _validate, curvature as _curvature
+from ._objective import check_arguments, unit_weights
 from .curvature import Curvature, Exact, _task_sum
 from .solvers import Operator
 
@@ -67,3 +69,37 @@ def operator(problem, meta_params, tasks, weights, curvature: Curvature, batch_s
         return _scaled(batch, chunk_hvp(chunk, v), reg, v, shift)
 
     return value, grad, Operator(hvp, meta_params, sample_hvp, n)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "curvature", "batch_size"))
+def _hvp(problem, curvature, batch_size, meta_params, tasks, v):
+    weights = unit_weights(meta_params, tasks)
+    return operator(problem, meta_params, tasks, weights, curvature, batch_size)[2].hvp(v)
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "curvature", "batch_size", "batch"))
+def _sample_hvp(problem, curvature, batch_size, meta_params, tasks, key, v, batch):
+    weights = unit_weights(meta_params, tasks)
+    return operator(problem, meta_params, tasks, weights, curvature, batch_size)[2].sample_hvp(key, v, batch)
+
+
+def hessian_operator(problem, meta_params: PyTree, tasks, *, curvature: Curvature | None = None,
+                     batch_size: int | None = None) -> Operator:
+    """The curvature of F at λ = meta_params as a `metaif.solvers.Operator` (jitted products).
+
+    For example the smallest eigenvalues of the total Hessian, to check that λ is a minimum:
+    `metaif.solvers.lanczos_eigenvalues(metaif.hessian_operator(problem, lam, tasks), k=5)`.
+    `curvature` and `batch_size` as in `metaif.influence`.
+    """
+    check_arguments(problem, meta_params, tasks)
+    _validate.finite_tree("meta_params", meta_params)
+    curvature = _curvature.check(curvature)
+    curvature.check(problem, meta_params, tasks)
+    if batch_size is not None:
+        batch_size = _validate.positive_int("batch_size", batch_size)
+    hvp = functools.partial(_hvp, problem, curvature, batch_size, meta_params, tasks)
+    sample = lambda key, v, batch: _sample_hvp(problem, curvature, batch_size, meta_params, tasks, key, v, batch)
+    return Operator(hvp, meta_params, sample, tasks.n_tasks)

@@ -87,6 +87,11 @@ def test_curvature_equals_its_dense_twin(curvature, matrix):
 def test_truncated_differs_from_exact_here_and_gauss_newton_is_psd():
     exact = jax.hessian(lambda x: metaif.meta_objective(PROBLEM, UNRAVEL(x), TASKS))(FLAT)
     assert float(jnp.max(jnp.abs(exact - H_BAR))) > 1e-3  # the third-order part matters in this MLP
+    op = metaif.hessian_operator(PROBLEM, LAM, TASKS)
+    v = jax.random.normal(jax.random.key(3), (D,))
+    np.testing.assert_allclose(ravel(op.hvp(UNRAVEL(v)))[0], exact @ v, rtol=1e-9, atol=1e-12)
+    smallest = metaif.solvers.lanczos_eigenvalues(op, k=2, iterations=D).values
+    np.testing.assert_allclose(smallest, np.linalg.eigvalsh(np.asarray(exact))[:2], rtol=1e-7, atol=1e-10)
     assert float(jnp.min(jnp.linalg.eigvalsh(GAUSS_NEWTON - PROBLEM.meta_reg * jnp.eye(D)))) > -1e-12
     assert GAMMA > 0
 
