@@ -1,8 +1,9 @@
 """Influence over tasks spread across several processes (machines), with jax.distributed.
 
 Each process loads only its own block of training tasks, all processes form one global 'tasks'
-mesh, and `metaif.influence` runs unchanged: every device scores its own tasks, sums over tasks
-are reduced across processes. The scores come back as global task-sharded arrays;
+mesh, and `metaif.meta_train` then `metaif.influence` run unchanged: every device adapts and scores
+its own tasks, sums over tasks (F, its gradient, Hessian-vector products) are reduced across
+processes. The scores come back as global task-sharded arrays;
 `multihost_utils.process_allgather` collects them on every process.
 
 On a real cluster run one copy per host, all with the same coordinator (host 0's address):
@@ -16,8 +17,9 @@ script starts --num-processes local copies of itself and waits for them:
     .venv/bin/python benchmarks/distributed_example.py                 # 2 processes x 2 CPU devices
     .venv/bin/python benchmarks/distributed_example.py --check         # also compare with one device
 
-With --check every process also computes the single-device answer on the whole task set and
-process 0 prints a JSON line {"max_diff": ..., ...} (tests/test_sharding.py runs this).
+With --check process 0 also trains and computes influence on one of its devices with the whole
+task set, and process 0 prints a JSON line {"max_diff": ..., ...}: the largest difference
+in trained meta-parameters and scores (tests/test_sharding.py runs this).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--coordinator", default=None, help="host:port of process 0 (default: a free local port)")
     parser.add_argument("--local-devices", type=int, default=2, help="CPU devices per process (CPU only)")
     parser.add_argument("--tasks", type=int, default=16, help="training tasks (divisible by the total device count)")
+    parser.add_argument("--train-steps", type=int, default=300, help="Adam steps of meta-training before influence")
     parser.add_argument("--check", action="store_true", help="compare with the single-device answer")
     parser.add_argument("--platform", default="cpu", help="'cpu' (fake devices, gloo collectives) or 'gpu'/'tpu'")
     return parser.parse_args(argv)
@@ -51,7 +54,8 @@ def launch(args) -> int:
             sock.bind(("127.0.0.1", 0))
             coordinator = f"127.0.0.1:{sock.getsockname()[1]}"
     base = [sys.executable, os.path.abspath(__file__), "--coordinator", coordinator, "--num-processes", str(args.num_processes),
-            "--local-devices", str(args.local_devices), "--tasks", str(args.tasks), "--platform", args.platform]
+            "--local-devices", str(args.local_devices), "--tasks", str(args.tasks), "--platform", args.platform,
+            "--train-steps", str(args.train_steps)]
     base += ["--check"] if args.check else []
     procs = [subprocess.Popen(base + ["--process-id", str(i)]) for i in range(args.num_processes)]
     try:
@@ -97,7 +101,8 @@ def run(args) -> None:
     tic = time.perf_counter()
     with jax.set_mesh(mesh):
         tasks = parallel.shard_tasks(own, mesh, process_local=True)
-        result = metaif.influence(problem, parallel.replicate(meta, mesh), tasks, target)
+        trained = metaif.meta_train(problem, parallel.replicate(meta, mesh), tasks, steps=args.train_steps)
+        result = metaif.influence(problem, trained.meta_params, tasks, target)
         task_scores = multihost_utils.process_allgather(result.tasks, tiled=True)
         support_scores = multihost_utils.process_allgather(result.support, tiled=True)
         query_scores = multihost_utils.process_allgather(result.query, tiled=True)
@@ -107,17 +112,20 @@ def run(args) -> None:
         order = np.argsort(-task_scores)
         print(f"{count} processes, {jax.device_count()} devices ({jax.local_device_count()} per process), "
               f"{args.tasks} tasks, {seconds:.2f} s including compilation")
+        print(f"meta-training: {trained.summary()}")
         print("most harmful tasks for the meta-test loss (removal lowers it by about the score):")
         for k in order[:3]:
             print(f"  task {k}: {task_scores[k]:+.3e}")
-    if args.check:
-        reference = metaif.influence(problem, meta, all_tasks, target)  # one device of this process
-        diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
-                   zip((task_scores, support_scores, query_scores), (reference.tasks, reference.support, reference.query)))
-        if rank == 0:
-            print(json.dumps({"max_diff": diff, "processes": count, "devices": jax.device_count(),
-                              "local_devices": jax.local_device_count(), "spec": str(result.tasks.sharding.spec),
-                              "shape": list(task_scores.shape), "seconds": seconds}), flush=True)
+    if args.check and rank == 0:
+        # The same on one device of process 0: training, then influence.
+        reference_meta = metaif.meta_train(problem, meta, all_tasks, steps=args.train_steps).meta_params
+        reference = metaif.influence(problem, reference_meta, all_tasks, target)
+        pairs = [*zip(jax.tree.leaves(trained.meta_params), jax.tree.leaves(reference_meta)),
+                 *zip((task_scores, support_scores, query_scores), (reference.tasks, reference.support, reference.query))]
+        diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs)
+        print(json.dumps({"max_diff": diff, "processes": count, "devices": jax.device_count(),
+                          "local_devices": jax.local_device_count(), "spec": str(result.tasks.sharding.spec),
+                          "shape": list(task_scores.shape), "seconds": seconds}), flush=True)
     jax.distributed.shutdown()
 
 

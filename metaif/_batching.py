@@ -138,3 +138,24 @@ def sum_chunks(fn: Callable, data: PyTree, batch_size: int | None) -> PyTree:
     if remainder:
         total = jax.tree.map(jnp.add, total, call(jax.tree.map(lambda x: x[count * size:], rows)))
     return total
+
+
+def take_tasks(data: PyTree, index) -> PyTree:
+    """`leaf[index]` along the task axis for every leaf (index: an int or an int array). Leaves
+    sharded over Explicit mesh axes are gathered replicated: an arbitrary selection of tasks has
+    no task sharding, and JAX asks for the output sharding of such a gather."""
+    def take(leaf):
+        layout = task_layout(leaf)
+        if layout is not None and layout.explicit:
+            return leaf.at[index].get(out_sharding=NamedSharding(layout.mesh, PartitionSpec()))
+        return leaf[index]
+
+    return jax.tree.map(take, data)
+
+
+def add_at_task(array: jax.Array, index, value) -> jax.Array:
+    """`array.at[index].add(value)` along the task axis, keeping a task sharding (Explicit axes)."""
+    layout = task_layout(array)
+    if layout is not None and layout.explicit:
+        return array.at[index].add(value, out_sharding=jax.typeof(array).sharding)
+    return array.at[index].add(value)

@@ -128,11 +128,21 @@ def _full_weights(meta_params, tasks, task_weights=None, support_weights=None, q
     return shard_like_tasks(Weights(*(o if w is None else jnp.asarray(w, o.dtype) for o, w in zip(ones, given))), tasks, meta_params)
 
 
+def _to_host(array: jax.Array) -> np.ndarray:
+    """A numpy copy of a global array, gathered from every process when it spans several (all
+    processes run this together, as they run the same program)."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def check_finite_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights, context: str) -> None:
     """Raise a ValueError naming the tasks whose losses are not finite (skipped under tracing)."""
     if not _validate.is_concrete((meta_params, tasks)):
         return
-    losses = np.asarray(_losses_jit(problem, meta_params, tasks, weights.support, weights.query))
+    losses = _to_host(_losses_jit(problem, meta_params, tasks, weights.support, weights.query))
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
         raise ValueError(

@@ -7,8 +7,9 @@
   outputs are sharded over 'tasks'; clear errors for an indivisible task count and for
   meta-parameters left on one device under an Explicit axis.
 * 2 processes x 2 CPU devices joined by `jax.distributed` (gloo collectives over loopback), running
-  `benchmarks/distributed_example.py --check`: each process loads only its own tasks, and the
-  gathered scores equal one process's single-device answer.
+  `benchmarks/distributed_example.py --check`: each process loads only its own tasks; the
+  meta-parameters trained across processes (`meta_train`) and the gathered influence scores
+  equal those of a single-device run.
 * In this process (one device): argument checks of `metaif.parallel`, and a one-device mesh
   giving the unsharded numbers.
 
@@ -91,7 +92,7 @@ def _free_port() -> int:
 def test_two_processes_equal_one_process():
     script = ROOT / "benchmarks" / "distributed_example.py"
     base = [sys.executable, str(script), "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
-            "--local-devices", "2", "--tasks", "8", "--check"]
+            "--local-devices", "2", "--tasks", "8", "--train-steps", "20", "--check"]
     procs = [subprocess.Popen(base + ["--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_environment(), cwd=ROOT) for i in range(2)]
     try:
