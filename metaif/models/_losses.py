@@ -39,6 +39,7 @@ def field(example: Any, key: str, loss: str) -> Any:
 def softmax_cross_entropy(outputs: jax.Array, example: PyTree) -> jax.Array:
     """−log softmax(outputs)[y]: logits [classes] and an integer label example["y"] of shape []."""
     y = field(example, "y", "softmax_cross_entropy")
+    y = y if hasattr(y, "dtype") else np.asarray(y)
     if jnp.ndim(outputs) != 1:
         raise ValueError(
             f"softmax_cross_entropy: outputs must be one example's logits [classes]; received {_validate.describe(outputs)}. "

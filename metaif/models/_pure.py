@@ -80,8 +80,8 @@ class PureModel:
 
     def __repr__(self) -> str:
         size = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(self.params))
-        kind = self.graphdef.nodes[0].type
-        kind = getattr(kind, "__name__", kind)
+        nodes = getattr(self.graphdef, "nodes", None) or [None]
+        kind = getattr(getattr(nodes[0], "type", None), "__name__", "module")
         return f"PureModel({kind}, {size} parameters, add_batch_axis={self.add_batch_axis})"
 
 
@@ -98,7 +98,9 @@ def from_nnx(module: nnx.Module, *, add_batch_axis: bool = False) -> PureModel:
     Args:
       module: any `flax.nnx.Module` whose forward pass reads its `nnx.Param`s and changes no
         variable (no `nnx.BatchNorm`: its statistics are state; use `Conv4(norm="group")`-style
-        stateless normalisation). Other variables are kept as constants.
+        stateless normalisation). Other variables (RNG streams, constant buffers) are held
+        constant and changes a call makes to them are discarded: put dropout in evaluation
+        mode first (`nnx.view(module, deterministic=True)`).
       add_batch_axis: True when the module only accepts batches [B, ...]: the per-example
         `predict` and losses then call it on [1, ...] and drop the batch axis.
 
