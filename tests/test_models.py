@@ -138,6 +138,7 @@ def test_losses_match_hand_written_and_compose_for_gauss_newton():
         np.testing.assert_allclose(PURE_MLP.squared_error(p, p, target), 0.5 * np.sum((np.asarray(logits[i]) - np.arange(WAYS)) ** 2), rtol=1e-13)
     gn = loss.gauss_newton()
     assert isinstance(gn, metaif.curvature.GaussNewton) and gn.predict == PURE_MLP.predict and gn.output_loss is models.softmax_cross_entropy
+    gn.check(metaif.BilevelProblem(loss, loss, metaif.Unrolled(steps=1, lr=LR)), p, TASKS)  # metaif's own split check passes
     # Static-friendly: fresh accesses are equal and hash equally, so problems rebuilt from them hit the jit cache.
     assert PURE_MLP.cross_entropy == loss and hash(PURE_MLP.cross_entropy) == hash(loss)
     assert PURE_MLP.cross_entropy != PURE_CONV.cross_entropy and PURE_MLP.cross_entropy != PURE_MLP.squared_error
