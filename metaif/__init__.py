@@ -8,6 +8,8 @@ quantity by about −influence; a positive influence on a loss target is harmful
 from . import curvature as curvature
 from . import data as data
 from . import explain as explain
+from . import models as models
+from . import parallel as parallel
 from . import solvers as solvers
 from ._adapt import Adaptation as Adaptation
 from ._adapt import FirstOrder as FirstOrder
@@ -41,5 +43,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Adaptation", "AdaptedInfluence", "BilevelProblem", "FirstOrder", "Influence", "NewTaskInfluence", "Proximal", "TaskSet", "TrainResult",
     "Unrolled", "Weights", "adapt", "adapt_tasks", "adaptation_residual", "adapted_influence", "curvature", "data", "explain", "hessian_operator", "influence", "instance_influence",
-    "meta_objective", "meta_train", "new_task_influence", "newton_refine", "pairwise_influence", "self_influence", "solvers", "task_influence", "task_losses",
+    "meta_objective", "meta_train", "models", "new_task_influence", "newton_refine", "pairwise_influence", "parallel", "self_influence", "solvers", "task_influence", "task_losses",
 ]

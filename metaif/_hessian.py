@@ -65,7 +65,7 @@ def operator(problem, meta_params, tasks, weights, curvature: Curvature, batch_s
 
     def sample_hvp(key, v, batch: int):
         index = jax.random.randint(key, (batch,), 0, n)
-        chunk = jax.tree.map(lambda x: x[index], data)
+        chunk = _batching.take_tasks(data, index)
         return _scaled(batch, chunk_hvp(chunk, v), reg, v, shift)
 
     return value, grad, Operator(hvp, meta_params, sample_hvp, n)

@@ -348,7 +348,7 @@ def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskS
         if not -n <= int(task) < n:
             raise ValueError(f"task must be a training-task index in [0, {n}) or a support pytree; received {task}.")
         index = int(task) % n
-        support = jax.tree.map(lambda leaf: leaf[index], tasks.support)
+        support = _batching.take_tasks(tasks.support, index)
     else:
         index = None
         support = task
@@ -375,5 +375,5 @@ def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskS
         scores = [result.tasks, result.support, result.query]
         direct = None if index is None else _direct_target(problem, target, meta_params, support)
     if direct is not None:
-        scores[1] = jax.tree.map(lambda s, d: s.at[index].add(d), scores[1], direct)
+        scores[1] = jax.tree.map(lambda s, d: _batching.add_at_task(s, index, d), scores[1], direct)
     return AdaptedInfluence(*scores, direct, *result[3:])

@@ -120,7 +120,7 @@ def preconditioned_conjugate_gradient(
 
     rs0 = _tree.sq_norm(b)
     z0, rz0 = precondition(b, rs0)
-    init = (jnp.zeros((), jnp.int32), _tree.zeros_like(b), b, z0, rz0, rs0, jnp.zeros((), bool))
+    init = (jnp.zeros_like(b_norm, dtype=jnp.int32), _tree.zeros_like(b), b, z0, rz0, rs0, jnp.zeros_like(b_norm, dtype=bool))
     k, x, _, _, _, rs, bad = jax.lax.while_loop(cond, body, init)
     residual = _tree.norm(_tree.sub(matvec(x), b))
     info = SolveInfo(

@@ -124,11 +124,32 @@ def _jacobian(targets, meta_params):
     return jax.jacrev(targets)(meta_params)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _mapped_jacobian(target, meta_params, target_data):
+    return jax.vmap(jax.grad(target), in_axes=(None, 0))(meta_params, target_data)
+
+
 # ----------------------------------------------------------------------------- public API
 
 
-def _target_jacobian(targets, meta_params):
-    """Jacobian rows [T, ...] of a vector target, validated."""
+def _target_jacobian(targets, meta_params, target_data=None):
+    """Jacobian rows [T, ...] of a vector target (or of a scalar target mapped over
+    `target_data`), validated."""
+    if target_data is not None:
+        _validate.callable_("targets", targets, "(meta_params, one item of target_data) -> scalar")
+        (count,) = _problem.leading_axes("target_data", target_data, ("T",))
+        if count == 0:
+            raise ValueError("target_data must hold at least one target (leading axis T > 0); received T = 0.")
+        try:
+            out = jax.eval_shape(targets, meta_params, jax.tree.map(lambda x: x[0], target_data))
+        except Exception as error:
+            raise ValueError(f"targets failed when called on (meta_params, target_data[0]): {error}") from error
+        leaves = jax.tree.leaves(out)
+        if len(leaves) != 1 or leaves[0].shape != ():
+            raise ValueError(f"targets must return a scalar for one item of target_data; it returned {jax.tree.map(lambda s: s.shape, out)}.")
+        jacobian = _mapped_jacobian(targets, meta_params, target_data)
+        _validate.finite_tree("the gradients of targets at meta_params", jacobian)
+        return jacobian
     _validate.callable_("targets", targets, "meta_params -> array [T]")
     try:
         out = jax.eval_shape(targets, meta_params)
@@ -146,14 +167,19 @@ def _target_jacobian(targets, meta_params):
 
 
 def pairwise_influence(problem, meta_params: PyTree, tasks: TaskSet, targets: Callable, solver: Solver | None = None, *,
-                       curvature: Curvature | None = None, batch_size: int | None = None,
-                       target_batch_size: int | None = None, method: Method = "auto") -> Influence:
+                       target_data: PyTree | None = None, curvature: Curvature | None = None,
+                       batch_size: int | None = None, target_batch_size: int | None = None,
+                       method: Method = "auto") -> Influence:
     """Influence of every task and example on each of T targets at once.
 
     Args:
       targets: `meta_params -> [T]`, for example the query loss of each test task,
         `lambda lam: metaif.task_losses(problem, lam, test_tasks)`, or the loss or margin of
-        individual test predictions.
+        individual test predictions. With `target_data`, a scalar function
+        `(meta_params, item) -> scalar` mapped over the leading axis T of `target_data` (a
+        TaskSet of test tasks, a batch of test examples...): its gradients cost T single-item
+        passes instead of T passes over every item (use it when each target depends on one item).
+      target_data: optional pytree with leading axis T, see `targets`.
       target_batch_size: solve and score this many targets at a time (memory bound on T).
       method: "per_target" (cost ∝ T), "mixed" (cost ∝ 1 + m + q, then a matrix product) or
         "auto" (the cheaper). Same answers.
@@ -168,7 +194,7 @@ def pairwise_influence(problem, meta_params: PyTree, tasks: TaskSet, targets: Ca
     options = _check_inputs(problem, meta_params, tasks, solver, curvature, batch_size)
     if target_batch_size is not None:
         target_batch_size = _validate.positive_int("target_batch_size", target_batch_size)
-    jacobian = _target_jacobian(targets, meta_params)
+    jacobian = _target_jacobian(targets, meta_params, target_data)
     count = jax.tree.leaves(jacobian)[0].shape[0]
     if method == "auto":
         method = "mixed" if count > 1 + tasks.n_support + tasks.n_query else "per_target"

@@ -18,13 +18,14 @@ terms, so a dense solve with it is the option's "dense twin" for tests.
 from __future__ import annotations
 
 import abc
+import functools
 import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from . import _tree, _validate
+from . import _batching, _tree, _validate
 from ._adapt import weighted_mean_loss
 from ._objective import adapt_one, losses_per_task
 
@@ -38,14 +39,14 @@ def _task_sum(problem, meta_params, tasks, weights) -> jax.Array:
 
 def _adapted_linearization(problem, meta_params, tasks, weights):
     """θ_lin(λ) = θ(λ*) + (dθ/dλ)(λ − λ*) for every task of the chunk."""
-    adapt_all = lambda lam: jax.vmap(adapt_one, in_axes=(None, None, 0, 0))(problem, lam, tasks.support, weights.support)
+    adapt_all = lambda lam: jax.vmap(functools.partial(adapt_one, problem), in_axes=(None, 0, 0))(lam, tasks.support, weights.support)
     theta, jac = jax.linearize(adapt_all, meta_params)
     return lambda lam: jax.tree.map(jnp.add, theta, jac(_tree.sub(lam, meta_params)))
 
 
 def _query_sum(problem, theta, lam, tasks, weights) -> jax.Array:
     """Σ_i t_i (1/q) Σ_j b_ij ℓ_out(θ_i, λ; z_ij) with θ given per task."""
-    per_task = jax.vmap(weighted_mean_loss, in_axes=(None, 0, None, 0, 0))(problem.outer_loss, theta, lam, tasks.query, weights.query)
+    per_task = jax.vmap(functools.partial(weighted_mean_loss, problem.outer_loss), in_axes=(0, None, 0, 0))(theta, lam, tasks.query, weights.query)
     return jnp.sum(weights.tasks * per_task)
 
 
@@ -87,8 +88,8 @@ class Gamma(Curvature):
     def surrogate(self, problem, meta_params, tasks, weights):
         theta_lin = _adapted_linearization(problem, meta_params, tasks, weights)
         theta = theta_lin(meta_params)
-        grad_theta = jax.vmap(jax.grad(weighted_mean_loss, argnums=1), in_axes=(None, 0, None, 0, 0))(
-            problem.outer_loss, theta, meta_params, tasks.query, weights.query)
+        grad_theta = jax.vmap(jax.grad(functools.partial(weighted_mean_loss, problem.outer_loss)), in_axes=(0, None, 0, 0))(
+            theta, meta_params, tasks.query, weights.query)
         l1 = sum(jnp.sum(jnp.abs(leaf).reshape(leaf.shape[0], -1), axis=1) for leaf in jax.tree.leaves(grad_theta))
         shift = jnp.sum(weights.tasks * l1)
         return (lambda lam: _query_sum(problem, theta_lin(lam), lam, tasks, weights)), shift
@@ -130,8 +131,8 @@ class GaussNewton(Curvature):
         return surrogate_sum, jnp.zeros((), _tree.float_dtype(meta_params))
 
     def check(self, problem, meta_params, tasks) -> None:
-        first = jax.tree.map(lambda x: x[0, 0], tasks.query)
-        params = adapt_one(problem, meta_params, jax.tree.map(lambda x: x[0], tasks.support),
+        first = jax.tree.map(lambda x: x[0], _batching.take_tasks(tasks.query, 0))
+        params = adapt_one(problem, meta_params, _batching.take_tasks(tasks.support, 0),
                            jnp.ones((tasks.n_support,), _tree.float_dtype(meta_params)))
         try:
             split = self.output_loss(self.predict(params, meta_params, first), first)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import _linalg, _tree, _validate
+from . import _batching, _linalg, _tree, _validate
 from ._objective import Weights, _full_weights, check_arguments, check_finite_losses, objective
 from ._problem import BilevelProblem, TaskSet
 
@@ -64,7 +64,7 @@ def _train_chunk(problem, optimizer, length, batch_size, meta_params, opt_state,
             batch, w = tasks, weights
         else:
             index = jax.random.choice(step_key, n, (batch_size,), replace=False)
-            batch, w = tasks[index], jax.tree.map(lambda x: x[index], weights)
+            batch, w = _batching.take_tasks((tasks, weights), index)
         value, grad = _value_and_grad(problem, params, batch, w)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int counters
             updates, state = optimizer.update(grad, state, params)

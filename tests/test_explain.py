@@ -46,6 +46,21 @@ def test_pairwise_equals_separate_single_target_calls(method, solver, batch_size
     assert bool(result.solve.converged)
 
 
+def one_test_loss(lam, task):
+    """The query loss of one test task after adaptation (a scalar target mapped over test tasks)."""
+    theta = metaif.adapt(PROBLEM, lam, task.support)
+    return jnp.mean(jax.vmap(LOSS, in_axes=(None, None, 0))(theta, lam, task.query))
+
+
+def test_pairwise_over_target_data_equals_vector_targets():
+    mapped = metaif.pairwise_influence(PROBLEM, LAM, TASKS, one_test_loss, target_data=TEST)
+    vector = metaif.pairwise_influence(PROBLEM, LAM, TASKS, lambda lam: metaif.task_losses(PROBLEM, lam, TEST))
+    for a, b in zip(mapped[:3], vector[:3]):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-14)
+    with pytest.raises(ValueError, match="must return a scalar for one item"):
+        metaif.pairwise_influence(PROBLEM, LAM, TASKS, lambda lam, task: task.query["x"], target_data=TEST)
+
+
 def test_self_influence_equals_finite_differences():
     result = metaif.self_influence(PROBLEM, LAM, TASKS)
     h = 1e-4
