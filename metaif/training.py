@@ -54,8 +54,9 @@ def _full_value_and_grad(problem, meta_params, tasks, weights):
     return value, _tree.norm(grad)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "optimizer", "length", "batch_size"))
-def _train_chunk(problem, optimizer, length, batch_size, meta_params, opt_state, key, tasks, weights):
+def optimizer_steps(problem, optimizer, length, batch_size, meta_params, opt_state, key, tasks, weights):
+    """`length` optax steps on F(λ; w), on all tasks or on minibatches of `batch_size` tasks drawn
+    with `key`. Pure (scan); returns (λ, optimiser state, F history, ‖∇F‖ history)."""
     n = tasks.n_tasks
 
     def step(carry, step_key):
@@ -72,6 +73,9 @@ def _train_chunk(problem, optimizer, length, batch_size, meta_params, opt_state,
 
     (meta_params, opt_state), (values, norms) = jax.lax.scan(step, (meta_params, opt_state), jax.random.split(key, length))
     return meta_params, opt_state, values, norms
+
+
+_train_chunk = jax.jit(optimizer_steps, static_argnames=("problem", "optimizer", "length", "batch_size"))
 
 
 def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, optimizer: optax.GradientTransformation | None = None,

@@ -24,9 +24,10 @@ import numpy as np
 import optax
 
 from .. import _tree, _validate
-from .._objective import Weights, check_arguments, objective
+from .._objective import Weights, check_arguments
 from .._problem import BilevelProblem, TaskSet
 from ..training import newton_steps as _newton
+from ..training import optimizer_steps
 
 PyTree = Any
 Level = Literal["tasks", "support", "query"]
@@ -144,24 +145,9 @@ def retrain(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weight
 
 def _adam(problem, optimizer, steps, task_batch, params, key, tasks, weights):
     """`steps` optimiser steps on F(λ; w) (task minibatches drawn with `key` when task_batch)."""
-    grad = jax.grad(objective, argnums=1)
-    n = tasks.n_tasks
     with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int counters
         state = optimizer.init(params)
-
-    def step(carry, step_key):
-        params, state = carry
-        if task_batch is None:
-            batch, w = tasks, weights
-        else:
-            index = jax.random.choice(step_key, n, (task_batch,), replace=False)
-            batch, w = tasks[index], jax.tree.map(lambda x: x[index], weights)
-        with jax.numpy_dtype_promotion("standard"):
-            updates, state = optimizer.update(grad(problem, params, batch, w), state, params)
-        return (optax.apply_updates(params, updates), state), None
-
-    (params, _), _ = jax.lax.scan(step, (params, state), jax.random.split(key, steps))
-    return params
+    return optimizer_steps(problem, optimizer, steps, task_batch, params, state, key, tasks, weights)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "init", "optimizer", "steps", "newton_steps", "task_batch",
