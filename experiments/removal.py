@@ -1,0 +1,169 @@
+"""Experiment 2 (the paper's table): remove the 40% most harmful training data, by each method's
+ranking, then compare test accuracy after retraining with test accuracy after an edit without
+retraining (λ* − Σ I_λ of the removed data, optionally + 2 Newton steps) and after the
+gradient-ascent unlearning baseline. Runtimes in the same run.
+
+Harm is judged on the meta-validation loss (held-out val tasks); accuracy and loss are measured
+on separate held-out test tasks. "LOO oracle" ranks tasks by their actual leave-one-out change of
+the validation loss (exact Newton retraining of every task), the paper's "retrain" row.
+
+    .venv/bin/python experiments/removal.py                       # omniglot, mnist, digits (CPU)
+    .venv/bin/python experiments/removal.py --datasets digits --config smoke
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import common
+from common import fmt
+
+import jax
+import numpy as np
+
+import metaif
+from metaif import evaluation
+
+import methods
+
+RANKERS = ("IF Dense (exact)", "IF CG", "Direct-IF", "single-level IF", "TracIn (grad dot)", "TRAK (k=32)", "raw loss", "random")
+
+
+def extra(parser):
+    parser.add_argument("--datasets", default="omniglot,mnist,digits")
+    parser.add_argument("--fraction", type=float, default=0.4)
+    parser.add_argument("--retrain-steps", type=int, default=15)
+    parser.add_argument("--loo-steps", type=int, default=10)
+
+
+def top_mask(scores: np.ndarray, fraction: float) -> np.ndarray:
+    flat = np.asarray(scores).ravel()
+    k = int(round(fraction * flat.size))
+    mask = np.zeros(flat.size, bool)
+    mask[np.argsort(-flat, kind="stable")[:k]] = True
+    return mask.reshape(np.shape(scores))
+
+
+def evaluate(setup, lam, test_loss) -> dict:
+    return {"test_accuracy": common.accuracy(setup, lam), "test_loss": float(test_loss(lam))}
+
+
+def run_dataset(config, args, log) -> dict:
+    log(f"== {config.dataset}: {config}")
+    setup = common.build(config)
+    trained = common.meta_train(setup, log)
+    lam = trained.meta_params
+    problem, tasks = setup.problem, setup.train
+    n, m, q = tasks.n_tasks, tasks.n_support, tasks.n_query
+    val_loss, test_loss = common.mean_loss(setup, setup.val), common.mean_loss(setup, setup.test)
+    base = evaluate(setup, lam, test_loss)
+    out = {"setup": common.describe_setup(setup, trained), "base": base, "rows": []}
+    log(f"  base: {base}")
+
+    # I_λ of every datum (for edits), timed
+    params_if, first, steady = methods.run_timed(lambda s, l, f: metaif.influence(s.problem, l, s.train), setup, lam, None)
+    out["influence_params_seconds"] = steady
+
+    # LOO oracle and the cost of retraining every task (steady state of the second pass)
+    start = time.perf_counter()
+    changes, norms = evaluation.leave_one_out(problem, lam, tasks, "tasks", None, val_loss, steps=args.loo_steps)
+    loo_first = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(evaluation.leave_one_out(problem, lam, tasks, "tasks", np.arange(8), val_loss, steps=args.loo_steps))
+    loo_all = (time.perf_counter() - start) * n / 8
+    out["loo"] = {"changes": changes, "grad_norms": norms, "seconds_all": loo_all, "seconds_first": loo_first}
+    log(f"  LOO oracle: {loo_first:.0f}s, max grad norm {float(np.max(norms)):.2e}, all-task LOO steady ≈ {loo_all:.1f}s")
+
+    rankings = {"LOO oracle": (methods.Scores(-np.asarray(changes), None, None, {}), loo_all)}
+    all_methods = {**methods.influence_methods(), **methods.baseline_methods()}
+    for label in RANKERS:
+        scores, _, seconds = methods.run_timed(all_methods[label], setup, lam, val_loss)
+        rankings[label] = (scores, seconds)
+
+    for level in ("tasks", "support", "query"):
+        for label, (scores, seconds) in rankings.items():
+            level_scores = getattr(scores, level)
+            if level_scores is None:
+                continue
+            removed = {level: top_mask(level_scores, args.fraction)}
+            weights = evaluation.remaining_weights(tasks, removed)
+            start = time.perf_counter()
+            retrained = evaluation.retrain(problem, lam, tasks, metaif.Weights(*(w[None] for w in weights)),
+                                           steps=args.retrain_steps, batch_size=None)
+            retrain_seconds = time.perf_counter() - start
+            lam_r = jax.tree.map(lambda x: x[0], retrained.meta_params)
+            edited = evaluation.edit(lam, params_if, removed, problem=problem, tasks=tasks)
+            polished = evaluation.edit(lam, params_if, removed, problem=problem, tasks=tasks, steps=2)
+            unlearned = evaluation.unlearn(problem, lam, tasks, removed, steps=5, lr=0.5)
+            row = {"level": level, "method": label, "score_seconds": seconds, "retrain_seconds": retrain_seconds,
+                   "retrain_grad_norm": float(retrained.grad_norm[0]), "edit_grad_norm": float(edited.grad_norm),
+                   "retrained": evaluate(setup, lam_r, test_loss), "edited": evaluate(setup, edited.meta_params, test_loss),
+                   "edited+2 Newton": evaluate(setup, polished.meta_params, test_loss),
+                   "unlearned": evaluate(setup, unlearned.meta_params, test_loss)}
+            d_retrain = row["retrained"]["test_loss"] - base["test_loss"]
+            d_edit = row["edited"]["test_loss"] - base["test_loss"]
+            row["edit_recovery"] = d_edit / d_retrain if d_retrain != 0 else float("nan")
+            row["edit_gap_points"] = 100 * (row["edited"]["test_accuracy"] - row["retrained"]["test_accuracy"])
+            row["speedup_vs_loo_all"] = loo_all / seconds if label != "LOO oracle" else 1.0
+            out["rows"].append(row)
+            log(f"  {level:7s} {label:20s} retrain acc {row['retrained']['test_accuracy']:.4f} (grad {row['retrain_grad_norm']:.1e}) | "
+                f"edit {row['edited']['test_accuracy']:.4f} | edit+2 {row['edited+2 Newton']['test_accuracy']:.4f} | "
+                f"unlearn {row['unlearned']['test_accuracy']:.4f} | recovery {row['edit_recovery']:.2f} | {seconds:.3f}s")
+    return out
+
+
+def table(results: dict) -> str:
+    text = ""
+    for name, res in results.items():
+        s, b = res["setup"], res["base"]
+        text += (f"\n### {name}: {s['config']['ways']}-way {s['config']['shots']}-shot {s['config']['adapt']}, "
+                 f"n = {s['config']['n_train']}, d = {s['d']}, ‖∇F‖ = {fmt(s['grad_norm'])}\n\n"
+                 f"Before removal: test accuracy {fmt(b['test_accuracy'], 4)}, test loss {fmt(b['test_loss'], 4)}. "
+                 f"All-task LOO retraining ≈ {fmt(res['loo']['seconds_all'], 1)} s; I_λ of every datum "
+                 f"{fmt(res['influence_params_seconds'])} s.\n\n")
+        header = ["level", "ranking", "acc retrained", "acc edited", "acc edited+2 Newton", "acc unlearned",
+                  "edit − retrain (points)", "edit recovery of Δ test loss", "score s", "× faster than all-task LOO"]
+        rows = [[r["level"], r["method"], r["retrained"]["test_accuracy"], r["edited"]["test_accuracy"],
+                 r["edited+2 Newton"]["test_accuracy"], r["unlearned"]["test_accuracy"], r["edit_gap_points"],
+                 r["edit_recovery"], r["score_seconds"], r["speedup_vs_loo_all"]] for r in res["rows"]]
+        text += common.markdown_table(header, rows)
+    return text
+
+
+def figure(results: dict, folder) -> None:
+    plt = common.figure()
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, (name, res) in zip(axes[0], results.items()):
+        rows = [r for r in res["rows"] if r["level"] == "tasks"]
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, [r["retrained"]["test_accuracy"] for r in rows], 0.4, label="retrained")
+        ax.bar(x + 0.2, [r["edited"]["test_accuracy"] for r in rows], 0.4, label="edited (no retraining)")
+        ax.axhline(res["base"]["test_accuracy"], color="k", ls="--", lw=0.8, label="all tasks")
+        ax.set_xticks(x, [r["method"] for r in rows], rotation=60, ha="right", fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{name}: remove 40% most harmful tasks", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Test accuracy after removal — {common.device_caption()}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(folder / "removal.png", dpi=80)
+    plt.close(fig)
+
+
+def main():
+    args, base = common.parse("Removal and editing: the paper's table.", extra)
+    folder = common.out_dir(args, "removal")
+    log = lambda *a: print(*a, flush=True)
+    results = {}
+    for dataset in args.datasets.split(","):
+        config = dataclasses.replace(base, dataset=dataset)
+        results[dataset] = run_dataset(config, args, log)
+        common.save_json(folder / "removal.json", results)
+    (folder / "removal.md").write_text(f"# Removal and editing (command: `{' '.join(['.venv/bin/python'] + sys.argv)}`)\n" + table(results))
+    figure(results, folder)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
