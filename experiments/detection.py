@@ -174,9 +174,14 @@ def main():
         log(f"== {dataset}: {config}")
         results[dataset] = run(config, args, log)
         common.save_json(folder / "detection.json", results)
+        write(results, folder)
+    print(table(results))
+
+
+def write(results: dict, folder) -> None:
+    """The markdown table and the figure of the datasets done so far."""
     (folder / "detection.md").write_text(f"# Detection (command: `{' '.join(['.venv/bin/python'] + sys.argv)}`)\n" + table(results))
     figure(results, folder)
-    print(table(results))
 
 
 if __name__ == "__main__":
