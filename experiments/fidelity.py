@@ -61,7 +61,7 @@ def retrain_twice(setup, lam, weights, target, steps, relative, proximal=0.0):
     passes start at λ* (the proximal centre) and the second takes 4 more Newton steps."""
     problem, tasks = setup.problem, setup.train
     base = float(target(lam))
-    first = evaluation.retrain(problem, lam, tasks, weights, steps=steps, batch_size=8, proximal=proximal)
+    first = jax.block_until_ready(evaluation.retrain(problem, lam, tasks, weights, steps=steps, batch_size=8, proximal=proximal))
     start = time.perf_counter()
     if proximal > 0:
         second = evaluation.retrain(problem, lam, tasks, weights, steps=steps + 4, batch_size=8, proximal=proximal)
