@@ -41,6 +41,7 @@ _SCRIPT_START = time.perf_counter()
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 import jax  # noqa: E402
+import jax.flatten_util  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -231,7 +232,9 @@ def nominal_products(family, x, solver, d, n, iterations):
 # ----------------------------------------------------------------------------- one problem
 
 
-def run_problem(name, spec, quick, log):
+def trained_problem(name, spec, log):
+    """The problem of `spec` and its λ* (Adam with a cosine schedule, then `newton_refine`; the
+    more stationary of the two is kept), with a record of both."""
     record = dict(name=name, spec={k: v for k, v in spec.items()})
     problem, pure, loss, train, test = make_problem(spec)
     d, n, m, q = size(pure.params), train.n_tasks, train.n_support, train.n_query
@@ -247,10 +250,32 @@ def run_problem(name, spec, quick, log):
     log(f"  newton_refine: {refined.summary()} ({now() - start:.1f}s)")
     # The safeguarded Newton only guarantees F does not rise; keep whichever point is more stationary.
     best = refined if float(refined.grad_norm) <= float(trained.grad_norm) else trained
-    lam = best.meta_params
     record.update(adam_grad_norm=float(trained.grad_norm), newton_grad_norm=float(refined.grad_norm),
                   grad_norm=float(best.grad_norm), kept="newton" if best is refined else "adam",
                   objective=float(best.objective), adam_s=adam_s, newton_s=now() - start)
+    return record, problem, pure, loss, train, test, best.meta_params
+
+
+def spectrum(name, spec, log):
+    """The whole eigenvalue spectrum of the total Hessian H at λ* (dense, d×d), with the
+    condition number of H + DELTA·I and the Neumann depth it implies."""
+    record, problem, pure, loss, train, test, lam = trained_problem(name, spec, log)
+    flat, unravel = jax.flatten_util.ravel_pytree(lam)
+    grad = jax.grad(lambda x: metaif.meta_objective(problem, unravel(x), train))
+    values = np.linalg.eigvalsh(np.asarray(jax.jit(jax.jacfwd(grad))(flat)))
+    kappa = (values[-1] + DELTA) / (values[0] + DELTA)
+    record.update(eigenvalues=values.tolist(), max_eigenvalue=float(values[-1]), min_eigenvalue=float(values[0]),
+                  damping=DELTA, condition_number=float(kappa),
+                  neumann_terms_for_percent=float(1.1 * kappa * np.log(100.0)) if kappa > 0 else float("nan"),
+                  eigenvalues_below={str(t): int(np.sum(values < t)) for t in (1e-3, 1e-2, 1e-1, 1.0)})
+    log(f"  eigenvalues of H: min {values[0]:.3e}, max {values[-1]:.4g}; κ(H + {DELTA:g} I) = {kappa:.3g}; "
+        f"below 1e-2: {record['eigenvalues_below']['0.01']}, below 1: {record['eigenvalues_below']['1.0']} of {len(values)}")
+    return record
+
+
+def run_problem(name, spec, quick, log):
+    record, problem, pure, loss, train, test, lam = trained_problem(name, spec, log)
+    d, n, m, q = record["d"], record["n_tasks"], record["n_support"], record["n_query"]
 
     target = lambda lam: metaif.task_losses(problem, lam, test).mean()
     grad_fn = jax.jit(jax.grad(lambda lam: metaif.meta_objective(problem, lam, train)))
@@ -429,7 +454,17 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, help="JSON path (default results/solvers.json or solvers_quick.json)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--replot", type=Path, help="redraw the PNGs of a saved JSON and exit")
+    parser.add_argument("--spectrum", action="store_true",
+                        help="only train and save the dense eigenvalue spectrum of H (results/solvers_spectrum.json)")
     args = parser.parse_args(argv)
+    if args.spectrum:
+        names = args.problems or QUICK_PROBLEMS
+        out = args.out or RESULTS / "solvers_spectrum.json"
+        log = lambda s: print(s, flush=True)
+        saved = dict(environment=environment(), problems={name: spectrum(name, PROBLEMS[name], log) for name in names})
+        out.write_text(json.dumps(saved, indent=1, default=float))
+        log(f"wrote {out}")
+        return
     if args.replot:
         saved = json.loads(args.replot.read_text())
         for name, record in saved["problems"].items():
