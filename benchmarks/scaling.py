@@ -20,7 +20,10 @@ before the call: data and compiled code are excluded, what the computation itsel
 Workers run with MALLOC_MMAP_THRESHOLD_=131072 so that large buffers are mapped and unmapped
 per call rather than recycled inside glibc's heap (which would hide them from the mark).
 GPU/TPU: `device.memory_stats()['peak_bytes_in_use']` minus `bytes_in_use` before the call (the
-peak is since process start, so it covers the first call too).
+peak is since process start, so it covers the first call too). CPU also records
+`first_calls_peak_bytes`: the high-water mark over compilation, the first call and the warm calls
+minus the resident set before them; the first call allocates fresh memory, which no allocator
+reuse can hide, and compilation adds a part that does not depend on n.
 
 Tasks: Omniglot 5-way 1-shot tasks with 3 queries per class (../shared/data), images pooled to
 7×7 (MLP 49 → hidden → 5, tanh, MAML with one inner step) for the n_tasks and device sweeps, full
@@ -145,7 +148,10 @@ def worker(config: dict) -> dict:
         """(compile s, warm s, result, memory record) with the peak memory of one warm call."""
         stats = getattr(devices[0], "memory_stats", lambda: None)()
         gpu = bool(stats) and "peak_bytes_in_use" in stats
+        reset = not gpu and _reset_peak()
+        start_rss = _read_status("VmRSS")
         first, warm, result = timed(fn)
+        first_high = _read_status("VmHWM") if reset else None
         memory = {}
         if gpu:
             before = devices[0].memory_stats()["bytes_in_use"]
@@ -165,6 +171,9 @@ def worker(config: dict) -> dict:
                 memory = dict(method="ru_maxrss of the whole process",
                               peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         memory["process_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if first_high is not None and start_rss is not None:
+            # compile + first (fresh-allocating) call + warm calls: the allocator cannot hide these.
+            memory["first_calls_peak_bytes"] = first_high - start_rss
         return first - warm, warm, result, memory
 
     grad = jax.jit(jax.grad(lambda lam, tasks: metaif.meta_objective(problem, lam, tasks)))
@@ -214,13 +223,14 @@ def run_point(config: dict, log, timeout: float = 600.0) -> dict:
     out = json.loads(lines[-1])
     out["subprocess_wall_s"] = wall
     mem = out["memory"]["peak_bytes"] / 2**20
+    first_mem = out["memory"].get("first_calls_peak_bytes", 0) / 2**20
     extra = ""
     if "sharded_vs_single" in out:
         extra = f"  sharded vs single: max |diff| {out['sharded_vs_single']['max_abs_diff']:.1e} " \
                 f"(rel {out['sharded_vs_single']['relative']:.1e})"
     log(f"  n={config['n']:6d} hidden={config['hidden']:4d} d={out['d']:7d} batch={str(config.get('batch_size')):>5s} "
         f"devices={out.get('mesh_devices', 1)}: {out['time_s']:.3f}s warm ({out['x_grad']:.1f} grads), "
-        f"compile {out['compile_s']:.1f}s, peak {mem:.1f} MiB{extra}")
+        f"compile {out['compile_s']:.1f}s, peak {mem:.1f} MiB (first calls {first_mem:.0f} MiB){extra}")
     return out
 
 
@@ -291,6 +301,8 @@ def main(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--sweeps", nargs="+", choices=("n_tasks", "params", "devices"),
+                        default=("n_tasks", "params", "devices"), help="which sweeps to run (default all)")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker)), default=float), flush=True)
@@ -307,13 +319,16 @@ def main(argv=None):
         out.write_text(json.dumps(result, indent=1, default=float))
 
     log("== n_tasks (7×7 MLP, hidden 8)")
-    for key, batch in (("unchunked", None), ("chunked", settings["chunk"])):
+    for key, batch in (("unchunked", None), ("chunked", settings["chunk"])) if "n_tasks" in args.sweeps else ():
         result["n_tasks"][key] = [run_point(dict(n=n, hidden=8, pool=4, batch_size=batch), log) for n in settings["n_tasks"]]
         rows = [r for r in result["n_tasks"][key] if "error" not in r]
         if len(rows) >= 2:
             ns = [r["config"]["n"] for r in rows]
             result["n_tasks"][f"{key}_time_exponent"] = loglog_slope(ns, [r["time_s"] for r in rows])
             result["n_tasks"][f"{key}_memory_exponent"] = loglog_slope(ns, [max(r["memory"]["peak_bytes"], 1) for r in rows])
+            if all("first_calls_peak_bytes" in r["memory"] for r in rows):
+                result["n_tasks"][f"{key}_first_calls_memory_exponent"] = loglog_slope(
+                    ns, [max(r["memory"]["first_calls_peak_bytes"], 1) for r in rows])
             log(f"  {key}: time ∝ n^{result['n_tasks'][f'{key}_time_exponent']:.2f}, peak memory ∝ "
                 f"n^{result['n_tasks'][f'{key}_memory_exponent']:.2f}")
         if not result["environment"] and rows:
@@ -327,14 +342,14 @@ def main(argv=None):
         save()
     log(f"== parameter count (28×28 MLP / pooled, n = {settings['width_n']})")
     result["params"] = [run_point(dict(n=settings["width_n"], hidden=h, pool=settings["width_pool"]), log)
-                        for h in settings["widths"]]
+                        for h in settings["widths"] if "params" in args.sweeps]
     save()
     log(f"== device count (n = {settings['device_n']})")
     result["devices"]["fake_cpu"] = [
         run_point(dict(n=settings["device_n"], hidden=8, pool=4, fake_devices=max(settings["devices"]), shard=k, check=True), log)
-        for k in settings["devices"]]
+        for k in settings["devices"] if "devices" in args.sweeps]
     env = result["environment"]
-    if env.get("backend") not in (None, "cpu") and env.get("device_count", 1) > 1:
+    if "devices" in args.sweeps and env.get("backend") not in (None, "cpu") and env.get("device_count", 1) > 1:
         counts = [k for k in (1, 2, 4, 8, 16) if k <= env["device_count"]]
         result["devices"]["real"] = [
             run_point(dict(n=settings["device_n"] * 2, hidden=8, pool=4, shard=k, check=True), log) for k in counts]
