@@ -55,6 +55,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import metaif  # noqa: E402
+import _timing  # noqa: E402  (benchmarks/_timing.py)
 from metaif import problems  # noqa: E402
 from metaif._objective import Weights, objective  # noqa: E402  (private helpers: fine in a benchmark)
 from metaif.evaluation import removal_weights, retrain  # noqa: E402
@@ -100,20 +101,10 @@ def now() -> float:
 
 
 def timed(fn, min_repeats: int = 3, max_repeats: int = 10, min_total_s: float = 1.0):
-    """(first-call seconds, median warm seconds, output). The first call includes compilation;
-    warm calls repeat until min_repeats and min_total_s are reached (at most max_repeats), except
-    that a single warm call over 5 s is taken as is (the slow dense paths)."""
-    start = now()
-    out = jax.block_until_ready(fn())
-    first = now() - start
-    warm: list[float] = []
-    while len(warm) < max_repeats:
-        start = now()
-        out = jax.block_until_ready(fn())
-        warm.append(now() - start)
-        if warm[0] > 5.0 or (len(warm) >= min_repeats and sum(warm) >= min_total_s):
-            break
-    return first, statistics.median(warm), out
+    """(first-call seconds, median warm seconds, output); a single warm call over 5 s is taken as
+    is (the slow dense paths)."""
+    return _timing.timed(fn, max_repeats=max_repeats, min_total_s=min_total_s, min_repeats=min_repeats,
+                         single_over_s=5.0, statistic=statistics.median)
 
 
 # One jitted meta-gradient for every problem (problem is static, so one compile per problem/shape).

@@ -31,7 +31,6 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -43,6 +42,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import metaif  # noqa: E402
+from _timing import timed as _timed  # noqa: E402  (benchmarks/_timing.py)
 from metaif import problems  # noqa: E402
 from metaif._influence import _check_inputs, _target_core  # noqa: E402  (private: the single-call core)
 
@@ -74,16 +74,9 @@ def setup(n_tasks: int, n_test: int):
     return problem, lam, tasks, test
 
 
-def timed(fn, repeats=1):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        runs.append(time.perf_counter() - start)
-    return out, first, min(runs)
+def timed(fn):
+    """(first-call s, one warm call s, output)."""
+    return _timed(fn, max_repeats=1, min_total_s=0.0)
 
 
 def main():
@@ -105,12 +98,12 @@ def main():
         options = _check_inputs(problem, lam, tasks, solver, None, None)
         for count in counts:
             subset = test[:count]
-            result, first, warm = timed(lambda: metaif.pairwise_influence(problem, lam, tasks, target, solver, target_data=subset))
+            first, warm, result = timed(lambda: metaif.pairwise_influence(problem, lam, tasks, target, solver, target_data=subset))
             jacobian = jax.vmap(jax.grad(target), in_axes=(None, 0))(lam, subset)
             singles = []
             for t in range(min(count, 5)):
                 row = jax.tree.map(lambda x: x[t], jacobian)
-                _, _, single = timed(lambda: _target_core(problem, *options, lam, tasks, row))
+                _, single, _ = timed(lambda: _target_core(problem, *options, lam, tasks, row))
                 singles.append(single)
             single = float(np.mean(singles))
             rows.append(dict(solver=solver_name, targets=count, pairwise_s=warm, compile_s=first - warm, single_s=single,

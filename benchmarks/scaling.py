@@ -98,6 +98,7 @@ def worker(config: dict) -> dict:
     import numpy as np
     from flax import nnx
 
+    import _timing  # benchmarks/_timing.py
     import metaif
     from metaif import data, models, parallel, solvers
 
@@ -130,19 +131,9 @@ def worker(config: dict) -> dict:
     def call(tasks, params):
         return metaif.influence(problem, params, tasks, target=target, solver=solver, batch_size=batch_size)
 
-    def timed(fn, max_repeats=10, min_total_s=0.5):
+    def timed(fn, max_repeats=10):
         """(first s, warm s = minimum over repeats, result); first includes compilation."""
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        first = time.perf_counter() - start
-        warm = []
-        while len(warm) < max_repeats:
-            start = time.perf_counter()
-            result = jax.block_until_ready(fn())
-            warm.append(time.perf_counter() - start)
-            if warm[0] > 2.0 or sum(warm) >= min_total_s:
-                break
-        return first, float(min(warm)), result
+        return _timing.timed(fn, max_repeats=max_repeats, min_total_s=0.5)
 
     def measured(fn):
         """(compile s, warm s, result, memory record) with the peak memory of one warm call."""

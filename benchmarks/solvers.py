@@ -57,6 +57,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import metaif  # noqa: E402
+import _timing  # noqa: E402  (benchmarks/_timing.py)
 from metaif import curvature as C  # noqa: E402
 from metaif import data, models  # noqa: E402
 from metaif import solvers as S  # noqa: E402
@@ -112,20 +113,8 @@ def now() -> float:
 
 
 def timed(fn, max_repeats: int = 20, min_total_s: float = 0.3):
-    """(first-call s, warm s, output). The first call includes compilation. Warm calls repeat until
-    min_total_s or max_repeats (one call when it takes over 2 s); the warm time is their minimum,
-    the least disturbed by other processes on a shared machine."""
-    start = now()
-    out = jax.block_until_ready(fn())
-    first = now() - start
-    warm: list[float] = []
-    while len(warm) < max_repeats:
-        start = now()
-        out = jax.block_until_ready(fn())
-        warm.append(now() - start)
-        if warm[0] > 2.0 or sum(warm) >= min_total_s:
-            break
-    return first, min(warm), out
+    """(first-call s, warm s = minimum of the warm calls, the least disturbed by other processes)."""
+    return _timing.timed(fn, max_repeats=max_repeats, min_total_s=min_total_s)
 
 
 def environment() -> dict:
