@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m metaif.demo
+	$(VENV)/bin/metaif demo --out demo-out
 
 # Each test file runs in its own process, two at a time (the suite's budget is 15 minutes on 2 cores;
 # a fresh process per file also keeps XLA's compiled-code caches from growing across files).

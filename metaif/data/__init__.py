@@ -9,6 +9,8 @@ from ._corrupt import corrupt as corrupt
 from ._digits import Digits as Digits
 from ._digits import load_digits as load_digits
 from ._fc100 import FC100 as FC100
+from ._features import PCA as PCA
+from ._features import fit_pca as fit_pca
 from ._fc100 import load_fc100 as load_fc100
 from ._few_shot import FewShotIndices as FewShotIndices
 from ._few_shot import few_shot_indices as few_shot_indices
@@ -26,7 +28,7 @@ from ._sinusoid import sinusoid_parameters as sinusoid_parameters
 from ._sinusoid import sinusoid_tasks as sinusoid_tasks
 
 __all__ = [
-    "ClassSplit", "Digits", "FC100", "FewShotIndices", "MNIST", "MiniImageNet", "Omniglot", "SinusoidParameters",
-    "corrupt", "few_shot_indices", "few_shot_tasks", "load_digits", "load_fc100", "load_mini_imagenet", "load_mnist",
+    "ClassSplit", "Digits", "FC100", "FewShotIndices", "MNIST", "MiniImageNet", "Omniglot", "PCA", "SinusoidParameters",
+    "corrupt", "few_shot_indices", "fit_pca", "few_shot_tasks", "load_digits", "load_fc100", "load_mini_imagenet", "load_mnist",
     "load_omniglot", "omniglot_split", "sinusoid_parameters", "sinusoid_tasks",
 ]

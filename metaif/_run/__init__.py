@@ -1,0 +1,1 @@
+"""Machinery of the `metaif` command (private): config, checkpoints, pipeline, report."""

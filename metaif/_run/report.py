@@ -1,0 +1,390 @@
+"""What a run leaves in its folder: scores (CSV, JSON), summary (JSON), PNG figures, a markdown
+report and a self-contained HTML report (figures embedded as base64), and the terminal table.
+
+Every figure carries the backend, device kind, device count and dtype it was computed with."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import platform
+import resource
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import metaif
+from metaif.evaluation import metrics
+
+from .config import to_toml
+from .store import atomic_write, write_json
+from .ui import UI
+
+LEVELS = ("tasks", "support", "query")
+
+
+def device_caption() -> str:
+    devices = jax.devices()
+    return f"backend {jax.default_backend()}, device {devices[0].device_kind} ×{len(devices)}, float64"
+
+
+def _safe(fn, *args) -> float:
+    try:
+        return float(fn(*args))
+    except ValueError:
+        return float("nan")
+
+
+def summarize(r: dict) -> dict:
+    """The numbers that matter, as a flat JSON-able dict."""
+    config, data = r["config"], r["data"]
+    task_mask, flip_mask = data["task_mask"].astype(bool), data["flip_mask"].astype(bool)
+    clean = ~task_mask
+    scores, base = r["scores"], r["baseline"]
+    fidelity = {}
+    for level in LEVELS:
+        p, a = r["predicted"][level], r["actual"][level]
+        fidelity[level] = {"n": int(p.size), "pearson": _safe(metrics.pearson, p, a) if p.size > 1 else float("nan"),
+                           "spearman": _safe(metrics.spearman, p, a) if p.size > 1 else float("nan"),
+                           "max_retrain_grad_norm": float(np.max(r["loo_norms"][level])) if p.size else float("nan")}
+    detection = {
+        "tasks_if": _safe(metrics.roc_auc, scores["tasks"], task_mask),
+        "tasks_raw_loss": _safe(metrics.roc_auc, base["tasks"], task_mask),
+        "support_if": _safe(metrics.roc_auc, scores["support"][clean], flip_mask[clean]),
+        "support_raw_loss": _safe(metrics.roc_auc, base["support"][clean], flip_mask[clean]),
+        "n_corrupted_tasks": int(task_mask.sum()), "n_flipped_support_clean_tasks": int(flip_mask[clean].sum()),
+    }
+    e = r["edited"] or {k: np.nan for k in ("target_before", "target_edit", "target_retrain", "target_retrain_base",
+                                              "test_accuracy_before", "test_accuracy_edit", "test_accuracy_retrain",
+                                              "test_accuracy_retrain_base", "edit_grad_norm", "retrain_grad_norm")}
+    removed_t, removed_s = r["remove_tasks"], r["remove_support"]
+    edit = {
+        "removed_tasks": int(removed_t.sum()), "removed_tasks_corrupted": int((removed_t & task_mask).sum()),
+        "removed_support": int(removed_s.sum()), "removed_support_flipped": int((removed_s & flip_mask).sum()),
+        "baseline_removed_tasks_corrupted": int((r["base_tasks"] & task_mask).sum()),
+        "baseline_removed_support_flipped": int((r["base_support"] & flip_mask).sum()),
+        "target_before": float(e["target_before"]),
+        "target_predicted": float(e["target_before"] - scores["tasks"][removed_t].sum() - scores["support"][removed_s].sum()),
+        "target_edit": float(e["target_edit"]), "target_retrain": float(e["target_retrain"]),
+        "target_retrain_baseline": float(e["target_retrain_base"]),
+        "test_accuracy_before": float(e["test_accuracy_before"]), "test_accuracy_edit": float(e["test_accuracy_edit"]),
+        "test_accuracy_retrain": float(e["test_accuracy_retrain"]),
+        "test_accuracy_retrain_baseline": float(e["test_accuracy_retrain_base"]),
+        "edit_grad_norm": float(e["edit_grad_norm"]), "retrain_grad_norm": np.asarray(e["retrain_grad_norm"]).tolist(),
+    }
+    spectrum, refined, adam = r["spectrum"], r["refined"], r["adam"]
+    return {
+        "command": r.get("command", ""), "dataset": str(data["source"]), "n_tasks": r["n"], "n_support": r["m"], "n_query": r["q"],
+        "ways": config.tasks.ways, "d": r["d"], "device": device_caption(),
+        "stationarity": {"adam_grad_norm": float(adam["grad_norms"][-1]), "grad_norm": float(refined["grad_norm"]),
+                         "objective": float(refined["objective"]),
+                         "hessian_smallest": np.asarray(spectrum["smallest"]).tolist(),
+                         "hessian_smallest_residuals": np.asarray(spectrum["smallest_residuals"]).tolist(),
+                         "hessian_largest": float(np.asarray(spectrum["largest"])[0]),
+                         "spectrum_method": str(spectrum["spectrum_method"]),
+                         "solve_min_eigenvalue": float(r["solved"]["info_min_eigenvalue"]),
+                         "solve_relative_residual": float(r["solved"]["info_relative_residual"])},
+        "accuracy": {"train": float(spectrum["train_accuracy"]), "test": float(spectrum["test_accuracy"]),
+                     "test_adam_only": float(spectrum["adam_test_accuracy"]), "target_loss": float(spectrum["target_loss"])},
+        "fidelity": fidelity, "detection": detection, "edit": edit,
+        "timings_s": {k: round(float(v), 3) for k, v in r["timings"].items()}, "reused_stages": sorted(set(r["reused"])),
+        "wall_s": round(float(r["wall"]), 2),
+        "memory": {"estimated_peak_gib": r["estimate"]["peak"] / 1024 ** 3,
+                   "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1024 ** 3},
+        "versions": {"metaif": metaif.__version__, "code": r["code"], "jax": jax.__version__, "python": platform.python_version()},
+    }
+
+
+def _f(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "n/a"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    x = float(x)
+    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+        return f"{x:.2e}"
+    return f"{x:.{digits}f}"
+
+
+def rows(s: dict) -> list:
+    """(quantity, value, note) rows of the summary table; None separates sections."""
+    st, fi, de, ed, ti = s["stationarity"], s["fidelity"], s["detection"], s["edit"], s["timings_s"]
+    out = [
+        ("data", f"{s['n_tasks']} tasks", f"{s['dataset']}; {s['ways']}-way, m = {s['n_support']}, q = {s['n_query']}; d = {s['d']}"),
+        None,
+        ("‖∇F‖ after Adam → Newton", f"{_f(st['adam_grad_norm'])} → {_f(st['grad_norm'])}", "stationarity influence assumes"),
+        ("smallest Hessian eigenvalues", ", ".join(_f(x) for x in st["hessian_smallest"]),
+         f"largest {_f(st['hessian_largest'])} ({st['spectrum_method']})"),
+        ("test accuracy at λ*", _f(s["accuracy"]["test"]), f"train {_f(s['accuracy']['train'])}; held-out loss {_f(s['accuracy']['target_loss'])}"),
+        None,
+    ]
+    for level in LEVELS:
+        f = fi[level]
+        out.append((f"predicted vs actual, {level}", f"r = {_f(f['pearson'])}, ρ = {_f(f['spearman'])}",
+                    f"{f['n']} leave-one-out retrainings (max ‖∇F‖ {_f(f['max_retrain_grad_norm'])})"))
+    out += [
+        None,
+        ("AUC corrupted tasks: IF / loss", f"{_f(de['tasks_if'])} / {_f(de['tasks_raw_loss'])}", f"{de['n_corrupted_tasks']} corrupted of {s['n_tasks']}"),
+        ("AUC flipped labels: IF / loss", f"{_f(de['support_if'])} / {_f(de['support_raw_loss'])}",
+         f"{de['n_flipped_support_clean_tasks']} flipped, in clean tasks"),
+        None,
+        ("removed by IF", f"{ed['removed_tasks']} tasks, {ed['removed_support']} ex.",
+         f"{ed['removed_tasks_corrupted']} corrupted, {ed['removed_support_flipped']} flipped (loss baseline: "
+         f"{ed['baseline_removed_tasks_corrupted']}, {ed['baseline_removed_support_flipped']})"),
+        ("held-out loss: before / predicted", f"{_f(ed['target_before'], 4)} / {_f(ed['target_predicted'], 4)}", ""),
+        ("held-out loss: edit / retrain", f"{_f(ed['target_edit'], 4)} / {_f(ed['target_retrain'], 4)}",
+         f"retraining on the loss baseline's removals: {_f(ed['target_retrain_baseline'], 4)}"),
+        ("test accuracy: before / edit / retrain", f"{_f(ed['test_accuracy_before'])} / {_f(ed['test_accuracy_edit'])} / "
+         f"{_f(ed['test_accuracy_retrain'])}", f"loss baseline retrained: {_f(ed['test_accuracy_retrain_baseline'])}"),
+        None,
+    ]
+    names = [("data", "data"), ("train_adam", "Adam"), ("train_newton", "Newton"), ("evaluate", "evaluate"),
+             ("solve", "Hessian + solve"), ("scores", "all scores"), ("loo", "leave-one-out"), ("edit", "edit + retrain")]
+    reused = set(s["reused_stages"])
+    out.append(("time (s)", _f(s["wall_s"], 1), "; ".join(f"{label} {_f(ti[k], 1)}{'*' if k in reused else ''}"
+                                                           for k, label in names if k in ti)
+                + ("  (* saved earlier, reused)" if reused else "")))
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_csvs(out: Path, r: dict) -> None:
+    data, scores, base = r["data"], r["scores"], r["baseline"]
+    n, m, q = r["n"], r["m"], r["q"]
+    loo_task = dict(zip(r["samples"]["tasks"].tolist(), r["actual"]["tasks"].tolist()))
+
+    def write(name, header, rows_):
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(header)
+        writer.writerows(rows_)
+        atomic_write(out / name, buffer.getvalue().encode())
+
+    write("scores_tasks.csv", ["task", "influence", "predicted_change_if_removed", "raw_loss", "corrupted",
+                               "removed_by_edit", "actual_change_if_removed"],
+          [[i, repr(float(scores["tasks"][i])), repr(float(-scores["tasks"][i])), repr(float(base["tasks"][i])),
+            int(data["task_mask"][i]), int(r["remove_tasks"][i]), repr(loo_task[i]) if i in loo_task else ""] for i in range(n)])
+    write("scores_support.csv", ["task", "example", "influence", "raw_loss", "label", "true_label", "flipped", "task_corrupted",
+                                 "removed_by_edit"],
+          [[i, j, repr(float(scores["support"][i, j])), repr(float(base["support"][i, j])), int(data["train_sy"][i, j]),
+            int(data["clean_support_y"][i, j]), int(data["flip_mask"][i, j]), int(data["task_mask"][i]),
+            int(r["remove_support"][i, j])] for i in range(n) for j in range(m)])
+    write("scores_query.csv", ["task", "example", "influence", "raw_loss"],
+          [[i, j, repr(float(scores["query"][i, j])), repr(float(base["query"][i, j]))] for i in range(n) for j in range(q)])
+
+
+def write_json_scores(out: Path, r: dict, summary: dict) -> None:
+    write_json(out / "scores.json", {
+        "convention": metaif.explain.SIGN_CONVENTION,
+        "target": "mean query loss over the held-out target tasks after adaptation",
+        "tasks": r["scores"]["tasks"], "support": r["scores"]["support"], "query": r["scores"]["query"],
+        "raw_loss": {level: r["baseline"][level] for level in LEVELS},
+        "task_corrupted": r["data"]["task_mask"], "support_flipped": r["data"]["flip_mask"],
+        "leave_one_out": {level: {"index": r["samples"][level], "predicted_change": r["predicted"][level],
+                                  "actual_change": r["actual"][level], "retrain_grad_norm": r["loo_norms"][level]}
+                          for level in LEVELS},
+    })
+    write_json(out / "summary.json", summary)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig, path: Path) -> None:
+    fig.text(0.995, 0.005, f"{device_caption()} · metaif {metaif.__version__}", ha="right", va="bottom", fontsize=6, color="0.4")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _plt().close(fig)
+    atomic_write(path, buffer.getvalue())
+
+
+def figures(out: Path, r: dict, summary: dict, top_k: int) -> list[tuple[str, str]]:
+    """Write the PNGs; returns (file name, caption) pairs."""
+    plt = _plt()
+    data, scores, base = r["data"], r["scores"], r["baseline"]
+    task_mask, flip_mask = data["task_mask"].astype(bool), data["flip_mask"].astype(bool)
+    made = []
+
+    # training
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].plot(r["adam"]["losses"], lw=1)
+    axes[0].set(xlabel="Adam step", ylabel="meta-objective F", title="meta-training")
+    gn = np.concatenate([r["adam"]["grad_norms"], r["refined"]["grad_norms"], [float(r["refined"]["grad_norm"])]])
+    axes[1].semilogy(gn, lw=1)
+    axes[1].axvline(len(r["adam"]["grad_norms"]) - 0.5, color="0.6", ls="--", lw=0.8)
+    axes[1].set(xlabel="step (Adam, then Newton after the dashed line)", ylabel="‖∇F‖", title="stationarity")
+    fig.tight_layout()
+    _finish(fig, out / "training.png")
+    made.append(("training.png", "Meta-training: the objective under Adam, and ‖∇F‖ through Adam and the exact Newton polish."))
+
+    # score distributions
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    clean = ~task_mask
+    for ax, values, mask, names, title in (
+            (axes[0], scores["tasks"], task_mask, ("clean", "corrupted"), "task influence"),
+            (axes[1], scores["support"][clean], flip_mask[clean], ("clean", "flipped label"), "support-example influence (clean tasks)")):
+        bins = np.linspace(values.min(), values.max(), 30) if values.max() > values.min() else 10
+        ax.hist(values[~mask], bins=bins, alpha=0.6, label=names[0])
+        if mask.any():
+            ax.hist(values[mask], bins=bins, alpha=0.6, label=names[1], color="C3")
+        ax.set(xlabel="influence on the held-out loss (> 0: harmful)", ylabel="count", title=title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _finish(fig, out / "scores.png")
+    made.append(("scores.png", "Score distributions: positive influence raises the held-out loss (harmful); corrupted data in red."))
+
+    # predicted vs actual
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    for ax, level in zip(axes, LEVELS):
+        p, a = r["predicted"][level], r["actual"][level]
+        f = summary["fidelity"][level]
+        if p.size:
+            ax.scatter(p, a, s=12)
+            lim = [min(p.min(), a.min()), max(p.max(), a.max())]
+            ax.plot(lim, lim, color="0.5", lw=0.8, ls="--")
+        ax.set(xlabel="predicted change (−influence)", ylabel="actual change (retrained)",
+               title=f"{level}: r = {_f(f['pearson'])}, ρ = {_f(f['spearman'])} (n = {f['n']})")
+        ax.title.set_fontsize(9)
+    fig.tight_layout()
+    _finish(fig, out / "predicted_vs_actual.png")
+    made.append(("predicted_vs_actual.png", "Held-out loss change when one datum is removed: influence's prediction against "
+                                            "leave-one-out retraining (exact Newton, warm-started), random sample."))
+
+    # detection curves
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, (title, s_if, s_loss, mask) in zip(axes, (
+            ("corrupted tasks", scores["tasks"], base["tasks"], task_mask),
+            ("flipped support labels (clean tasks)", scores["support"][clean], base["support"][clean], flip_mask[clean]))):
+        if mask.any() and not mask.all():
+            for values, label in ((s_if, "influence"), (s_loss, "raw loss")):
+                x, y = metrics.detection_curve(values, mask)
+                ax.plot(x, y, label=f"{label} (AUC {metrics.roc_auc(values, mask):.3f})")
+        ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=0.8, label="random")
+        ax.set(xlabel="fraction inspected (highest score first)", ylabel="fraction of corrupted found", title=title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _finish(fig, out / "detection.png")
+    made.append(("detection.png", "Detection: inspecting data in order of decreasing score; ROC-AUC in the legend."))
+
+    # examples
+    images = data["support_images"].astype(np.float32) / 255.0
+    explanation = metaif.explain.top_k(scores["support"], top_k, level="support")
+    fig = metaif.explain.plot_examples(explanation, images, title="support examples: most helpful (top) and most harmful "
+                                                                  "(bottom) for the held-out loss")
+    for row, ranked in enumerate((explanation.proponents, explanation.opponents)):
+        for col, ((i, j), value) in enumerate(zip(ranked.index, ranked.score)):
+            ax = fig.axes[row * len(ranked.score) + col]
+            given, true = int(data["train_sy"][i, j]), int(data["clean_support_y"][i, j])
+            mark = " corrupt task" if task_mask[i] else (f" flipped {true}→{given}" if given != true else "")
+            ax.set_title(f"{'helpful' if row == 0 else 'harmful'} {value:+.1e}\ntask {i} ex {j} label {given}{mark}", fontsize=6,
+                         color="C3" if mark else "black")
+    fig.set_size_inches(max(8, 1.5 * top_k), 4)
+    fig.tight_layout()
+    _finish(fig, out / "examples.png")
+    made.append(("examples.png", "The most helpful and most harmful support examples (red: a flipped label or a corrupted task)."))
+
+    # editing
+    e = summary["edit"]
+    if not np.isfinite(e["target_edit"]):
+        return made
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    labels = ["before", "edit\n(no retraining)", "retrained", "retrained,\nloss baseline"]
+    axes[0].bar(labels, [e["target_before"], e["target_edit"], e["target_retrain"], e["target_retrain_baseline"]],
+                color=["0.6", "C0", "C2", "C1"])
+    axes[0].axhline(e["target_predicted"], color="C0", ls="--", lw=0.8, label="predicted by influence")
+    axes[0].set(ylabel="held-out loss", title="removing the most harmful data")
+    axes[0].legend(fontsize=8)
+    lo = min(e["target_before"], e["target_edit"], e["target_retrain"], e["target_retrain_baseline"], e["target_predicted"])
+    hi = max(e["target_before"], e["target_edit"], e["target_retrain"], e["target_retrain_baseline"], e["target_predicted"])
+    axes[0].set_ylim(lo - 0.2 * (hi - lo + 1e-9), hi + 0.2 * (hi - lo + 1e-9))
+    accs = [e["test_accuracy_before"], e["test_accuracy_edit"], e["test_accuracy_retrain"], e["test_accuracy_retrain_baseline"]]
+    axes[1].bar(labels, accs, color=["0.6", "C0", "C2", "C1"])
+    axes[1].set(ylabel="test accuracy", title="separate test tasks")
+    lo, hi = min(accs), max(accs)
+    axes[1].set_ylim(max(0, lo - 0.1), min(1, hi + 0.05))
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    _finish(fig, out / "editing.png")
+    made.append(("editing.png", "Editing without retraining (λ* − Σ I_λ over the removed data) against retraining, and "
+                                "retraining after removing the loss baseline's picks instead."))
+    return made
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def _markdown_table(table_rows) -> str:
+    lines = ["| quantity | value | note |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in (r for r in table_rows if r is not None)]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(out: Path, summary: dict, made: list[tuple[str, str]], config) -> None:
+    table = rows(summary)
+    intro = (f"Command: `{summary['command']}`  \nmetaif {summary['versions']['metaif']} (code {summary['versions']['code']}), "
+             f"jax {summary['versions']['jax']}, Python {summary['versions']['python']}; {summary['device']}.\n\n"
+             "Influence is the derivative of the held-out loss (mean query loss of held-out tasks after adaptation) with "
+             "respect to a datum's weight at 1: removing the datum changes the loss by about −influence, so a positive "
+             "influence is harmful. Accuracy is measured on a separate set of held-out test tasks.\n")
+    md = [f"# metaif report: {config.run.name}\n", intro, "## Summary\n", _markdown_table(table)]
+    md += ["## Figures\n"] + [f"![{name}]({name})\n\n{caption}\n" for name, caption in made]
+    md += ["## Files\n", "`scores_tasks.csv`, `scores_support.csv`, `scores_query.csv`, `scores.json` (all scores, the "
+           "leave-one-out sample), `summary.json` (every number above), `config.toml` (the full config), `checkpoints/` "
+           "(resumable state), `log.jsonl` (stage log).\n"]
+    atomic_write(out / "report.md", "\n".join(md).encode())
+
+    def img(name):
+        path = out / name
+        return base64.b64encode(path.read_bytes()).decode() if path.is_file() else ""
+
+    cells = "".join(
+        "<tr><td colspan=3 class=sep></td></tr>" if r is None else
+        f"<tr><td>{html.escape(r[0])}</td><td class=v>{html.escape(r[1])}</td><td>{html.escape(r[2])}</td></tr>" for r in table)
+    figs = "".join(f"<figure><img src='data:image/png;base64,{img(name)}' alt='{name}'><figcaption>{html.escape(caption)}"
+                   "</figcaption></figure>" for name, caption in made)
+    intro_html = html.escape(intro).replace("`", "").replace("  \n", "<br>")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>metaif report: {html.escape(config.run.name)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
+td{{padding:3px 10px;border-bottom:1px solid #eee;font-size:14px}}td.v{{text-align:right;font-family:monospace}}
+td.sep{{border-bottom:2px solid #ccc;padding:0}}img{{max-width:100%}}figcaption{{font-size:13px;color:#555}}</style></head>
+<body><h1>metaif report: {html.escape(config.run.name)}</h1><p>{intro_html}</p><h2>Summary</h2><table>{cells}</table>
+<h2>Figures</h2>{figs}<h2>Config</h2><pre>{html.escape(to_toml(config))}</pre></body></html>"""
+    atomic_write(out / "report.html", page.encode())
+
+
+def write_all(out: Path, r: dict, ui: UI) -> dict:
+    config = r["config"]
+    summary = summarize(r)
+    atomic_write(out / "config.toml", to_toml(config).encode())
+    write_csvs(out, r)
+    write_json_scores(out, r, summary)
+    made = []
+    if config.report.plots:
+        with ui.progress("Report: figures, CSV, JSON, markdown and HTML"):
+            made = figures(out, r, summary, config.report.top_k)
+    write_reports(out, summary, made, config)
+    return summary
+
+
+def print_summary(ui: UI, summary: dict, out: Path) -> None:
+    ui.table(f"metaif summary ({summary['device']})", rows(summary))
+    ui.print(f"Report: {out / 'report.html'} (and report.md); scores: {out / 'scores_tasks.csv'}, scores_support.csv, "
+             "scores_query.csv, scores.json")
+
+
+__all__ = ["print_summary", "summarize", "write_all"]

@@ -1,0 +1,289 @@
+"""The `metaif` command: the main job (meta-train, influence, checks, detection, editing, report)
+on the built-in demo or a TOML config, and the benchmarks.
+
+Exit codes: 0 success; 1 the run failed (data, model, numerics); 2 a usage or config error
+(including a run that would not fit in memory); 130 interrupted (rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Before the first JAX computation: XLA's multi-threaded Eigen pool can deadlock on vmapped LAPACK
+# calls on CPU (jaxlib 0.10.2, 2 cores); single-threaded Eigen avoids it.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+BENCHMARKS = ("core", "solvers", "scaling", "pairwise")
+
+_FORMAT = argparse.RawDescriptionHelpFormatter
+
+MAIN_HELP = """\
+Influence of every meta-training task and example on a held-out loss, checked against retraining.
+
+commands:
+  demo    the whole job on a built-in default (scikit-learn digits, 2-3 minutes on a 2-core CPU)
+  run     the same job on a dataset and model described by a TOML config
+  bench   run the benchmarks in benchmarks/ and print their tables
+
+examples:
+  metaif demo --out demo-out                 # writes demo-out/report.html, scores CSV/JSON, PNG plots
+  metaif run configs/omniglot.toml --out runs/omniglot
+  metaif run configs/digits.toml --check     # validate the config and estimate memory, run nothing
+  metaif bench --quick
+
+Runs are resumable: rerunning the same command continues from the checkpoints in --out and gives
+the same scores. Exit codes: 0 ok, 1 the run failed, 2 usage/config error (or would not fit in
+memory), 130 interrupted. Errors are one paragraph; --debug shows the traceback.
+"""
+
+PIPELINE_HELP = """\
+What it does (each step is saved in OUT/checkpoints as it finishes; an interrupted run - Ctrl-C,
+kill, crash - resumes where it stopped when the same command is run again, with the same scores):
+  1. data      few-shot tasks; a fraction of training tasks get random labels and a fraction of
+               support labels are flipped (the corruption masks are kept to score detection)
+  2. train     full-batch Adam (checkpointed every [train] checkpoint_every steps), then exact
+               Newton steps to a stationary point; reports ||grad F|| and the smallest Hessian
+               eigenvalues (Lanczos)
+  3. influence one solve v = H^-1 grad f for the held-out loss f, then task and instance
+               influence of every training task, support and query example, in chunks of tasks
+  4. check     leave-one-out retraining of a random sample at each level: predicted (-influence)
+               vs actual change of f, Pearson and Spearman
+  5. detect    ROC-AUC of influence and of the raw-loss baseline against the corruption masks
+  6. edit      remove the highest-influence tasks and support examples by lambda* - sum I_lambda
+               (no retraining) and compare with retraining (held-out loss, test accuracy)
+  7. report    OUT/report.html (self-contained), report.md, scores_*.csv, scores.json,
+               summary.json, PNG figures (each labelled with backend, device and dtype)
+
+Sign convention: removing a datum changes f by about -influence; positive influence on a loss is
+harmful.
+"""
+
+RUN_HELP = PIPELINE_HELP + """
+CONFIG is a TOML file with any of these sections (missing keys take the demo's defaults;
+unknown keys are an error that lists the valid ones):
+  [data]      dataset = "digits" | "mnist" | "omniglot" | "mini-imagenet" | "fc100" | "npz",
+              root = "/data" (default $METAIF_DATA), path = "my.npz" (npz: images [N,H,W(,C)], labels [N]),
+              sha256 = "..." (npz, checked), image_size, held_out = "auto" | "classes" | "images", held_fraction
+  [tasks]     ways, shots, queries, train, target, test, corrupt_tasks, flip_support, seed
+  [model]     kind = "mlp" | "python", features (PCA, 0 = raw pixels), hidden = [8], module = "model.py",
+              adapt = "maml" | "imaml", inner_steps, inner_lr, prox_reg, meta_reg
+  [train]     adam_steps, adam_lr, newton_steps, checkpoint_every, seed
+  [influence] solver = "dense" | "cg", damping, batch_size (tasks at once; bounds memory), chunk, cg_maxiter
+  [check]     tasks, support, query (leave-one-out sample sizes), retrain_steps, chunk, batch_size
+  [edit]      tasks, support (fractions removed, highest influence first), damping (of the edit's solves)
+  [report]    top_k, plots
+  [run]       memory_limit_gb (0 = available memory), name
+
+examples:
+  metaif run configs/digits.toml --out runs/digits
+  METAIF_DATA=~/data metaif run configs/omniglot.toml --out runs/omniglot
+  metaif run configs/omniglot.toml --out runs/omniglot     # after Ctrl-C or a crash: resumes
+  metaif run my.toml --check                               # validate + memory estimate only
+  metaif run my.toml --out runs/x --fresh                  # discard checkpoints, start over
+"""
+
+DEMO_HELP = PIPELINE_HELP + """
+The demo is `metaif run` with the built-in default config (configs/digits.toml holds the same
+values): scikit-learn's 1,797 bundled 8x8 digits (no download), 5-way 2-shot tasks, 50 training
+tasks of which 20% get random labels and 10% of support labels flipped, a tanh MLP on 12 PCA
+features (6 hidden units, d = 113) with one MAML step. About 2-3 minutes on a 2-core CPU.
+
+examples:
+  metaif demo                       # writes demo-out/
+  metaif demo --out /tmp/demo       # elsewhere
+  metaif demo --fresh               # recompute everything
+"""
+
+BENCH_HELP = f"""\
+Runs the benchmark scripts of a source checkout (benchmarks/{{{','.join(BENCHMARKS)}}}.py), each in its
+own process, streaming their tables. Without --quick the full runs take tens of minutes each
+on a CPU and write benchmarks/results/*.json; with --quick each takes 1-3 minutes and only prints.
+
+examples:
+  metaif bench --quick                  # all four, small
+  metaif bench --quick --only core      # one
+  metaif bench --list
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metaif", description=MAIN_HELP, formatter_class=_FORMAT)
+    parser.add_argument("--debug", action="store_true", default=False, help="show the traceback of an error")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,run,bench}")
+
+    demo = sub.add_parser("demo", help="the whole job on the built-in digits default", description=DEMO_HELP, formatter_class=_FORMAT)
+    demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    demo.add_argument("--fresh", action="store_true", help="delete the folder's checkpoints and start over")
+    demo.add_argument("--quiet", action="store_true", help="no progress or summary on the terminal")
+    _common(demo)
+    demo.set_defaults(func=_cmd_demo)
+
+    run = sub.add_parser("run", help="the whole job on a TOML config", description=RUN_HELP, formatter_class=_FORMAT)
+    run.add_argument("config", help="TOML config file (see configs/)")
+    run.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
+    run.add_argument("--fresh", action="store_true", help="delete the folder's checkpoints and start over")
+    run.add_argument("--check", action="store_true", help="validate the config and estimate peak memory, then stop")
+    run.add_argument("--quiet", action="store_true", help="no progress or summary on the terminal")
+    _common(run)
+    run.set_defaults(func=_cmd_run)
+
+    bench = sub.add_parser("bench", help="run the benchmarks and print their tables", description=BENCH_HELP, formatter_class=_FORMAT)
+    bench.add_argument("--quick", action="store_true", help="the small versions (1-3 minutes each), print only")
+    bench.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME", help=f"some of {', '.join(BENCHMARKS)}")
+    bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    _common(bench)
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _setup_jax():
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+
+
+def _execute(config, out: Path, fresh: bool, quiet: bool, command: str) -> int:
+    _setup_jax()
+    from ._run import pipeline, report
+    from ._run.ui import UI
+
+    if fresh and (out / "checkpoints").is_dir():
+        shutil.rmtree(out / "checkpoints")
+    out.mkdir(parents=True, exist_ok=True)
+    ui = UI(quiet=quiet)
+    ui.print(f"metaif: {config.run.name} → {out}/  (rerun the same command to resume after an interruption)")
+    start = time.perf_counter()
+    results = pipeline.run(config, out, ui)
+    results["command"] = command
+    summary = report.write_all(out, results, ui)
+    summary["wall_s"] = round(time.perf_counter() - start, 2)
+    from ._run.store import write_json
+
+    write_json(out / "summary.json", summary)
+    report.print_summary(ui, summary, out)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from ._run.config import DEMO
+
+    return _execute(DEMO, Path(args.out), args.fresh, args.quiet, f"metaif demo --out {args.out}")
+
+
+def _cmd_run(args) -> int:
+    from ._run import config as config_module
+
+    config = config_module.load(args.config)
+    out = Path(args.out) if args.out else Path("runs") / config.run.name
+    if args.check:
+        return _check_only(config, args.config)
+    return _execute(config, out, args.fresh, args.quiet, f"metaif run {args.config} --out {out}")
+
+
+def _check_only(config, path) -> int:
+    """Validate and estimate memory from the config alone (input size from the data)."""
+    _setup_jax()
+    from ._run import memory, pipeline
+
+    pools = pipeline.load_pools(config)
+    pixels = int(pools.train_images[0].size)
+    n_inputs = config.model.features or pixels
+    t = config.tasks
+    model = pipeline.build_model(config.model, n_inputs, t.ways)
+    m, q = t.ways * t.shots, t.ways * t.queries
+    stages = memory.check(config, n_inputs, model.n_params, t.train, m, q)
+    gib = 1024 ** 3
+    print(f"{path}: valid. {pools.source}: {pools.train_labels.size} meta-training and {pools.held_labels.size} held-out images; "
+          f"d = {model.n_params} meta-parameters; n = {t.train}, m = {m}, q = {q}.")
+    print("estimated peak memory: " + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in stages.items() if k != "peak")
+          + f"; peak {stages['peak'] / gib:.2f} GiB of {memory.available_bytes() / gib:.1f} GiB available.")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import metaif
+
+    folder = Path(metaif.__file__).resolve().parents[1] / "benchmarks"
+    names = args.only or list(BENCHMARKS)
+    if args.list:
+        for name in BENCHMARKS:
+            print(f"{name:<10} benchmarks/{name}.py")
+        return 0
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the benchmarks folder {str(folder)!r} does not exist: `metaif bench` runs the scripts of a "
+                                "source checkout. Clone the repository and install it with `pip install -e .`.")
+    failed = []
+    for name in names:
+        command = [sys.executable, str(folder / f"{name}.py")] + (["--quick"] if args.quick else [])
+        print(f"\n=== {name}: {' '.join(command[1:])}", flush=True)
+        start = time.perf_counter()
+        code = subprocess.call(command, cwd=folder.parent)
+        print(f"=== {name}: exit {code} after {time.perf_counter() - start:.0f} s", flush=True)
+        if code:
+            failed.append(name)
+    if failed:
+        raise RuntimeError(f"benchmark(s) {', '.join(failed)} failed (their output is above). Rerun one alone with "
+                           f"`metaif bench --only {failed[0]}{' --quick' if args.quick else ''}` to see its error.")
+    return 0
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _paragraph(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if "must return a scalar" in text:
+        text = ("the model's loss is not a scalar: " + text + " With [model] kind = \"python\", loss(params, meta_params, example) "
+                "gets ONE example and must return a single number.")
+    elif isinstance(error, MemoryError):
+        text = ("the run ran out of memory: " + text + " Set [influence] batch_size and [check] batch_size smaller, or "
+                "reduce [tasks] train or the model size.")
+    elif isinstance(error, ImportError):
+        text = text + " (install the missing package into this environment)"
+    return text
+
+
+def main(argv=None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        import metaif
+
+        print(f"metaif {metaif.__version__}")
+        return 0
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    from ._run.config import ConfigError
+    from ._run.ui import error
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        error("interrupted. Finished stages and chunks are saved; rerun the same command to continue where it stopped.")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # one paragraph for people; the traceback with --debug
+        if args.debug:
+            raise
+        error(_paragraph(exc) + " (Run with --debug for the traceback.)")
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
