@@ -31,6 +31,7 @@ from ._objective import adapt_one, adaptation_gradient, check_arguments, check_f
 from .curvature import Curvature
 from ._problem import BilevelProblem, TaskSet
 from .solvers import CG, Dense, Solver
+from .solvers._damping import warn_if_indefinite
 
 PyTree = Any
 LEVELS = ("tasks", "support", "query")
@@ -251,7 +252,9 @@ def _target_gradient(target, meta_params):
 
 
 def _check_result(result, problem, meta_params, tasks) -> None:
-    """Turn a silent NaN into an error naming its source (skipped under tracing)."""
+    """Turn a silent NaN into an error naming its source, and warn when H + δI is not positive
+    definite (both skipped under tracing)."""
+    warn_if_indefinite(result.solve)
     if not _validate.is_concrete(result.objective) or bool(jnp.isfinite(result.objective)):
         return
     weights = unit_weights(meta_params, tasks)
@@ -284,8 +287,10 @@ def influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, targ
       tasks: the training `TaskSet` (n tasks, m support, q query examples).
       target: optional `meta_params -> scalar` (for example a meta-test loss, see
         `metaif.task_losses`). Pass the same function object across calls to reuse compiled code.
-      solver: a `metaif.solvers` solver; default Dense up to 256 meta-parameters (it costs d
-        Hessian-vector products), CG beyond.
+      solver: a `metaif.solvers` solver; default `Dense()` (exact, undamped) up to 256
+        meta-parameters (it costs d Hessian-vector products), `CG()` beyond (δ = 1e-4·λ_max(H),
+        at most 21 products: docs/solvers.md). Warns (`metaif.solvers.IndefiniteCurvatureWarning`)
+        when H + δI is not positive definite.
       curvature: a `metaif.curvature` option for the solves (default `Exact()`, the total
         Hessian with its third-order terms); the mixed derivatives stay exact.
       batch_size: process tasks this many at a time (`lax.map`/`scan`): same answers, peak

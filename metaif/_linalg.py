@@ -37,6 +37,7 @@ class SolveInfo(NamedTuple):
       min_eigenvalue: smallest eigenvalue of H (without damping) for dense solves; for LowRank the
         smallest Ritz value of its Lanczos run (an upper bound, exact when the run spans the whole
         space); NaN otherwise.
+      damping: the δ the solve used (the default relative one resolved to a number).
 
     Batched solves (one per right-hand side) carry a leading batch axis on every field.
     """
@@ -47,6 +48,7 @@ class SolveInfo(NamedTuple):
     converged: jax.Array
     indefinite: jax.Array
     min_eigenvalue: jax.Array
+    damping: jax.Array
 
 
 def _relative(residual: jax.Array, b_norm: jax.Array) -> jax.Array:
@@ -54,7 +56,7 @@ def _relative(residual: jax.Array, b_norm: jax.Array) -> jax.Array:
 
 
 def solve_info(matvec: Callable[[PyTree], PyTree], x: PyTree, b: PyTree, *, iterations: Any, tol: float,
-               indefinite: Any = False, min_eigenvalue: Any = None) -> SolveInfo:
+               damping: Any, indefinite: Any = False, min_eigenvalue: Any = None) -> SolveInfo:
     """Diagnostics of an approximate solve A x ≈ b, with the residual recomputed by one product.
 
     `converged` is relative_residual <= tol (False for a non-finite x).
@@ -70,6 +72,7 @@ def solve_info(matvec: Callable[[PyTree], PyTree], x: PyTree, b: PyTree, *, iter
         converged=jnp.isfinite(residual) & (relative <= tol),
         indefinite=jnp.asarray(indefinite, bool),
         min_eigenvalue=nan if min_eigenvalue is None else jnp.asarray(min_eigenvalue, dtype),
+        damping=jnp.asarray(damping, dtype),
     )
 
 
@@ -78,7 +81,7 @@ def solve_info(matvec: Callable[[PyTree], PyTree], x: PyTree, b: PyTree, *, iter
 
 def preconditioned_conjugate_gradient(
     matvec: Callable[[PyTree], PyTree], b: PyTree, *, tol: float, maxiter: int,
-    preconditioner: Callable[[PyTree], PyTree] | None = None,
+    preconditioner: Callable[[PyTree], PyTree] | None = None, damping: Any = 0.0,
 ) -> tuple[PyTree, SolveInfo]:
     """Solve A x = b for symmetric positive-definite A given only x ↦ A x.
 
@@ -86,7 +89,7 @@ def preconditioned_conjugate_gradient(
     plain CG). Stops when the recursive residual ‖r‖ is at most tol·‖b‖, after `maxiter`
     products, or at the first direction of non-positive curvature pᵀAp <= 0 (then `indefinite`
     is True and `converged` False). `iterations` counts products with A; the final residual is
-    recomputed with one more.
+    recomputed with one more. `damping` is only recorded in the SolveInfo (A already includes it).
     """
     identity = preconditioner is None
     b_norm = _tree.norm(b)
@@ -130,6 +133,7 @@ def preconditioned_conjugate_gradient(
         converged=(jnp.sqrt(rs) <= threshold) & ~bad,
         indefinite=bad,
         min_eigenvalue=jnp.full((), jnp.nan, dtype),
+        damping=jnp.asarray(damping, dtype),
     )
     return x, info
 
@@ -313,6 +317,7 @@ def eigh_solve(factor: Eigh, b: jax.Array, damping: float) -> tuple[jax.Array, S
         converged=jnp.all(jnp.isfinite(x)) & jnp.all(shifted != 0),
         indefinite=indefinite,
         min_eigenvalue=factor.values[0],
+        damping=jnp.asarray(damping, x.dtype),
     )
     return x, info
 
@@ -327,7 +332,7 @@ def dense_matrix(matvec: Callable[[PyTree], PyTree], like: PyTree) -> jax.Array:
 
 def summarize(info: SolveInfo) -> SolveInfo:
     """The worst case over a batch of solves, as scalars: max iterations and residuals, all
-    converged, any indefinite, smallest eigenvalue."""
+    converged, any indefinite, smallest eigenvalue, largest damping."""
     return SolveInfo(
         iterations=jnp.max(info.iterations),
         residual_norm=jnp.max(info.residual_norm),
@@ -335,4 +340,5 @@ def summarize(info: SolveInfo) -> SolveInfo:
         converged=jnp.all(info.converged),
         indefinite=jnp.any(info.indefinite),
         min_eigenvalue=jnp.min(info.min_eigenvalue),
+        damping=jnp.max(info.damping),
     )

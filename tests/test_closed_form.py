@@ -117,7 +117,8 @@ def test_influence_on_meta_params(setup):
     _close(instance.query["w"], expected[2])
 
 
-@pytest.mark.parametrize("solver", [metaif.solvers.Dense(), metaif.solvers.CG(tol=1e-12)], ids=["dense", "cg"])
+@pytest.mark.parametrize("solver", [metaif.solvers.Dense(), metaif.solvers.CG(damping=0.0, tol=1e-12, maxiter=100)],
+                         ids=["dense", "cg"])
 def test_influence_on_target(setup, solver):
     kind, problem, lam = setup
     target = lambda l: _test_loss(kind, l["w"])

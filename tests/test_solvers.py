@@ -1,8 +1,12 @@
 """Rung 3: solvers against the dense matrix. Dense and CG agree; both report honest diagnostics."""
 
+import re
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import metaif
 from metaif import _linalg, problems
@@ -34,12 +38,21 @@ def test_dense_matches_explicit_inverse_with_damping():
 
 
 def test_cg_agrees_with_dense():
-    dense = metaif.influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.Dense())
+    # the default damping of the matrix-free solvers, δ = 1e-4·λ_max(H) (5 Lanczos products):
+    # Dense with the δ that CG reports solves the same system; Dense(damping=None) uses the exact λ_max
     cg = metaif.influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(tol=1e-12, maxiter=200))
-    for a, b in zip((dense.tasks, dense.support, dense.query), (cg.tasks, cg.support, cg.query)):
+    dense = metaif.influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.Dense(float(cg.solve.damping)))
+    twin = metaif.influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.Dense(damping=None))
+    for a, b, c in zip((dense.tasks, dense.support, dense.query), (cg.tasks, cg.support, cg.query),
+                       (twin.tasks, twin.support, twin.query)):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12 * np.max(np.abs(a)))
+        np.testing.assert_allclose(c, b, rtol=1e-6)  # measured 1.6e-8: δ differs by 4.5e-5 relative
     assert bool(cg.solve.converged) and 0 < int(cg.solve.iterations) <= FLAT.size + 2
     assert np.isnan(float(cg.solve.min_eigenvalue))
+    largest = np.linalg.eigvalsh(np.asarray(HESSIAN))[-1]
+    np.testing.assert_allclose(twin.solve.damping, 1e-4 * largest, rtol=1e-12)
+    # a Ritz value: never above λ_max, within 4.5e-5 of it (measured) after 5 products
+    assert 0.999 * 1e-4 * largest < float(cg.solve.damping) <= 1e-4 * largest * (1 + 1e-12)
     params_dense = metaif.task_influence(PROBLEM, LAM, TASKS, solver=metaif.solvers.Dense(0.1))
     params_cg = metaif.task_influence(PROBLEM, LAM, TASKS, solver=metaif.solvers.CG(damping=0.1, tol=1e-12))
     for a, b in zip(jax.tree.leaves(params_dense), jax.tree.leaves(params_cg)):
@@ -70,3 +83,36 @@ def test_cg_stops_on_negative_curvature():
 def test_cg_on_zero_right_hand_side():
     x, info = _linalg.conjugate_gradient(lambda v: 2.0 * v, jnp.zeros(3), tol=1e-10, maxiter=5)
     assert bool(info.converged) and int(info.iterations) == 0 and np.all(x == 0)
+
+
+def test_default_damping_is_scale_aware():
+    # F scaled by c (loss, meta_reg; inner lr by 1/c so that θ(λ) is unchanged): δ scales with
+    # λ_max(H), so the scores of an unscaled target do not change
+    c = 10.0
+    scaled_loss = lambda params, meta, z: c * LOSS(params, meta, z)
+    scaled = metaif.BilevelProblem(scaled_loss, scaled_loss, metaif.Unrolled(steps=2, lr=0.5 / c), meta_reg=0.05 * c)
+    for solver in (metaif.solvers.Dense(damping=None), metaif.solvers.CG(tol=1e-12, maxiter=200)):
+        base = metaif.influence(PROBLEM, LAM, TASKS, target=TARGET, solver=solver)
+        other = metaif.influence(scaled, LAM, TASKS, target=TARGET, solver=solver)
+        np.testing.assert_allclose(other.solve.damping, c * base.solve.damping, rtol=1e-9)
+        for a, b in zip((base.tasks, base.support, base.query), (other.tasks, other.support, other.query)):
+            np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-12 * np.max(np.abs(a)))
+
+
+def test_indefinite_curvature_warns():
+    # a concave outer loss: H = −(positive semi-definite) + meta_reg·I is indefinite everywhere
+    concave = lambda params, meta, z: -LOSS(params, meta, z)
+    problem = metaif.BilevelProblem(LOSS, concave, metaif.Unrolled(steps=2, lr=0.5), meta_reg=0.05)
+    hessian = jax.hessian(lambda x: metaif.meta_objective(problem, UNRAVEL(x), TASKS))(FLAT)
+    smallest = float(np.linalg.eigvalsh(np.asarray(hessian))[0])
+    assert smallest < 0
+    for solver, shown in ((metaif.solvers.CG(), "δ = "), (metaif.solvers.Dense(), f"smallest eigenvalue of H is {smallest:.3g}")):
+        with pytest.warns(metaif.solvers.IndefiniteCurvatureWarning, match=re.escape(shown)) as record:
+            result = metaif.influence(problem, LAM, TASKS, target=TARGET, solver=solver)
+        assert bool(result.solve.indefinite)
+        assert record[0].filename == __file__  # points at the user's call
+        assert "damping" in str(record[0].message) and "lanczos_eigenvalues" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ok = metaif.influence(problem, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(damping=2 * abs(smallest) + 0.1))
+    assert not bool(ok.solve.indefinite)

@@ -149,7 +149,7 @@ def test_neumann_is_the_truncated_series():
 
 def test_neumann_with_many_terms_equals_dense():
     solver = Neumann(damping=0.1, iterations=400)  # scale=None: η from Lanczos in prepare
-    eta, _ = jax.jit(lambda: solver.prepare(OP)[1:])()
+    eta = jax.jit(lambda: solver.prepare(OP)[1])()
     np.testing.assert_allclose(eta, 1.0 / (1.1 * (SPECTRUM[-1] + 0.1)), rtol=1e-8)
     x, info = run(solver, OP)  # rate 1 − η(λ_min + δ) ≈ 0.87: 400 terms reach rounding level
     np.testing.assert_allclose(x, dense_solve(H, 0.1), rtol=1e-10)
@@ -160,7 +160,7 @@ def test_neumann_flags_negative_curvature():
     indefinite = spd(np.r_[-0.5, np.linspace(0.5, 4.0, D - 1)])
     x, info = run(Neumann(iterations=50), operator(indefinite))
     assert bool(info.indefinite) and not bool(info.converged)
-    x, info = run(Neumann(iterations=200, scale=0.2), operator(indefinite))  # no Lanczos: the series sees it
+    x, info = run(Neumann(0.0, iterations=200, scale=0.2), operator(indefinite))  # no Lanczos: the series sees it
     assert bool(info.indefinite) and not bool(info.converged)
 
 
@@ -198,8 +198,8 @@ def test_preconditioners_cut_cg_iterations_on_ill_conditioned_problems():
     badly_scaled = scaling @ (np.eye(D) + 0.01 * (noise + noise.T)) @ scaling
     op = operator(badly_scaled)
     exact = dense_solve(badly_scaled)
-    plain, plain_info = run(CG(tol=1e-10, maxiter=500), op)
-    jacobi, jacobi_info = run(CG(tol=1e-10, maxiter=500, preconditioner="diagonal", probes=64), op)
+    plain, plain_info = run(CG(0.0, tol=1e-10, maxiter=500), op)
+    jacobi, jacobi_info = run(CG(0.0, tol=1e-10, maxiter=500, preconditioner="diagonal", probes=64), op)
     assert bool(plain_info.converged) and bool(jacobi_info.converged)
     assert int(jacobi_info.iterations) < int(plain_info.iterations), (jacobi_info.iterations, plain_info.iterations)
     np.testing.assert_allclose(jacobi, exact, rtol=1e-8)
@@ -278,11 +278,12 @@ def test_float32_stays_float32():
     hvp = lambda v: jax.tree.map(lambda a, b: a.astype(b.dtype), UNRAVEL(matrix @ ravel_pytree(v)[0]), like)
     op = Operator(hvp, like, lambda key, v, batch: hvp(v), 1)
     b = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), B)
-    solvers = (Neumann(0.1, iterations=300), CG(0.1, tol=1e-6, preconditioner="diagonal"))
+    solvers = (Neumann(0.1, iterations=300), CG(0.1, maxiter=100, tol=1e-6, preconditioner="diagonal"), CG(tol=1e-6, maxiter=100))
     results = jax.jit(lambda rhs: [s.solve(s.prepare(op), rhs) for s in solvers])(b)
     for x, info in results:
-        assert {leaf.dtype for leaf in jax.tree.leaves((x, info.residual_norm))} == {jnp.dtype(jnp.float32)}
-        assert rel(np.asarray(ravel_pytree(x)[0], np.float64), dense_solve(H, 0.1)) < 1e-5  # measured 2e-7 / 3e-7
+        assert {leaf.dtype for leaf in jax.tree.leaves((x, info.residual_norm, info.damping))} == {jnp.dtype(jnp.float32)}
+        expected = dense_solve(H, float(info.damping))  # 0.1, or the default 1e-4·λ_max
+        assert rel(np.asarray(ravel_pytree(x)[0], np.float64), expected) < 1e-5  # measured 2e-7 / 3e-7
 
 
 # ----------------------------------------------------------------------------- the meta-learning problem
@@ -327,17 +328,34 @@ def test_influence_with_approximate_solvers():
 
 
 def test_defaults():
-    assert Neumann() == Neumann(0.0, 100, None, 1e-6, 20, 0)
-    assert LiSSA() == LiSSA(0.0, 100, None, 8, 1, 0, 1e-2, 20)
-    assert LowRank() == LowRank(None, 0.01, None, 1e-6, 0)  # rank None: min(20, d)
+    # damping None: δ = RELATIVE_DAMPING · λ_max(H) (benchmarks/solvers.py, docs/solvers.md)
+    assert Neumann() == Neumann(None, 100, None, 1e-6, 20, 0)
+    assert LiSSA() == LiSSA(None, 100, None, 8, 1, 0, 1e-2, 20)
+    assert LowRank() == LowRank(None, None, None, 1e-6, 0)  # rank None: min(20, d)
     assert Identity() == Identity(1.0, 1e-6)
-    assert CG() == CG(0.0, 100, 1e-8, None, 32, None, 0)  # rank None: min(16, d)
+    assert CG() == CG(None, 16, 1e-8, None, 32, None, 0)  # rank None: min(16, d)
+    assert Dense() == Dense(0.0)  # the exact oracle; Dense(None) is the matrix-free defaults' twin
+    assert metaif.solvers.RELATIVE_DAMPING == 1e-4
     assert hash(LowRank(rank=3)) == hash(LowRank(rank=3))  # static under jit
+
+
+def test_default_damping_is_relative_to_the_largest_eigenvalue():
+    # d = 16 >= the 5 Lanczos steps of CG's estimate; Neumann, LiSSA and LowRank run 20 (= d: exact)
+    delta = 1e-4 * SPECTRUM[-1]
+    for solver in (CG(tol=1e-13, maxiter=100), Neumann(iterations=2000), LiSSA(iterations=2000, batch=1),
+                   LowRank(rank=D), Dense(damping=None)):
+        x, info = run(solver, OP)
+        rtol = 1e-2 if isinstance(solver, CG) else 1e-12  # CG: 5 Lanczos products (measured 4.7e-3); others: d
+        np.testing.assert_allclose(info.damping, delta, rtol=rtol)
+        np.testing.assert_allclose(x, dense_solve(H, float(info.damping)), rtol=1e-8)
 
 @pytest.mark.parametrize("make, message", [
     (lambda: Neumann(iterations=0), "Neumann.iterations must be an int >= 1; received int 0"),
     (lambda: Neumann(scale=-1.0), "Neumann.scale must be None (choose automatically) or a finite number > 0; received float -1.0"),
-    (lambda: Neumann(damping=float("nan")), "Neumann.damping must be a finite number >= 0; received float nan"),
+    (lambda: Neumann(damping=float("nan")),
+     "Neumann.damping must be None (default: 0.0001 × the largest eigenvalue of H) or a finite number >= 0; received float nan"),
+    (lambda: CG(damping=-1.0), "CG.damping must be None (default: 0.0001 × the largest eigenvalue of H) or a finite number >= 0"),
+    (lambda: Dense(damping="auto"), "Dense.damping must be None (default: 0.0001 × the largest eigenvalue of H)"),
     (lambda: LiSSA(batch=0), "LiSSA.batch must be an int >= 1; received int 0"),
     (lambda: LiSSA(repeats=2.5), "LiSSA.repeats must be an int >= 1; received float 2.5"),
     (lambda: LiSSA(seed=-1), "LiSSA.seed must be an int >= 0; received int -1"),

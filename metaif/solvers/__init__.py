@@ -3,12 +3,19 @@
 Exact: `Dense` (the oracle). Iterative on exact products: `CG` (optionally preconditioned),
 `Neumann`. Stochastic: `LiSSA`. Spectral: `LowRank`. Baseline: `Identity`. Every solve returns a
 `SolveInfo`; `lanczos_eigenvalues` reports extreme eigenvalues of the curvature.
+
+Damping: every matrix-free solver defaults to δ = 1e-4 × λ_max(H) (`damping=None`), `Dense` to
+the exact undamped solve (`Dense(damping=None)` is the damped twin). `metaif.influence` and the
+other influence functions warn with `IndefiniteCurvatureWarning` when H + δI is not positive
+definite.
 """
 
 from .._linalg import SolveInfo as SolveInfo
 from ._base import Operator as Operator
 from ._base import Solver as Solver
 from ._cg import CG as CG
+from ._damping import RELATIVE_DAMPING as RELATIVE_DAMPING
+from ._damping import IndefiniteCurvatureWarning as IndefiniteCurvatureWarning
 from ._dense import Dense as Dense
 from ._identity import Identity as Identity
 from ._lissa import LiSSA as LiSSA
@@ -18,6 +25,6 @@ from ._spectrum import Eigenpairs as Eigenpairs
 from ._spectrum import lanczos_eigenvalues as lanczos_eigenvalues
 
 __all__ = [
-    "CG", "Dense", "Eigenpairs", "Identity", "LiSSA", "LowRank", "Neumann", "Operator", "SolveInfo", "Solver",
-    "lanczos_eigenvalues",
+    "CG", "Dense", "Eigenpairs", "Identity", "IndefiniteCurvatureWarning", "LiSSA", "LowRank", "Neumann", "Operator",
+    "RELATIVE_DAMPING", "SolveInfo", "Solver", "lanczos_eigenvalues",
 ]

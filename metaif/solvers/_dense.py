@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from .. import _linalg, _tree, _validate
+from . import _damping
 from ._base import Solver
 
 
@@ -14,19 +15,28 @@ class Dense(Solver):
     eigen-decomposition shared by every right-hand side), plus damping·I.
 
     Reports the smallest eigenvalue of H: a negative one means λ is not a local minimum of F, and
-    influence there is unreliable (train longer, or add damping above |min eigenvalue|).
+    influence there is unreliable (train longer, or add damping above |min eigenvalue|;
+    `metaif.influence` warns).
     Memory O(d²), time O(d³): for models up to a few thousand meta-parameters.
+
+    Attributes (defaults in parentheses):
+      damping: δ >= 0 (0.0: the exact, undamped oracle), or None for the matrix-free solvers'
+        default δ = 1e-4 × λ_max(H), with the exact λ_max: the dense twin of `CG()`, `Neumann()`,
+        `LiSSA()` and `LowRank()` (which estimate λ_max by Lanczos).
     """
 
-    damping: float = 0.0
+    damping: float | None = 0.0
 
     def __post_init__(self):
-        _validate.set_fields(self, damping=_validate.non_negative("Dense.damping", self.damping))
+        _validate.set_fields(self, damping=_damping.optional_non_negative("Dense.damping", self.damping))
 
     def prepare(self, operator):
-        return _linalg.eigh(_linalg.dense_matrix(operator.hvp, operator.like))
+        factor = _linalg.eigh(_linalg.dense_matrix(operator.hvp, operator.like))
+        delta = _damping.relative(factor.values[-1]) if self.damping is None else self.damping
+        return factor, delta
 
     def solve(self, state, b):
+        factor, delta = state
         flat, unravel = _tree.ravel(b)
-        x, info = _linalg.eigh_solve(state, flat, self.damping)
+        x, info = _linalg.eigh_solve(factor, flat, delta)
         return unravel(x), info

@@ -6,7 +6,7 @@ import dataclasses
 
 from .. import _linalg, _tree, _validate
 from ._base import Solver
-from ._neumann import damped
+from ._damping import damped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,4 +36,4 @@ class Identity(Solver):
 
     def solve(self, state, b):
         x = _tree.scale(1.0 / self.damping, b)
-        return x, _linalg.solve_info(state, x, b, iterations=0, tol=self.tol)
+        return x, _linalg.solve_info(state, x, b, iterations=0, tol=self.tol, damping=self.damping)

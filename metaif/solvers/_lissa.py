@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from .. import _linalg, _tree, _validate
-from . import _checks, _spectrum
+from . import _checks, _damping
 from ._base import Solver
-from ._neumann import damped
+from ._neumann import series_setup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,11 +24,11 @@ class LiSSA(Solver):
     `fold_in(fold_in(fold_in(key(seed), 1), repeat), step)`: every right-hand side sees the same
     draws, so the solve is one fixed (random) linear map. Each step costs about batch/n of an exact product.
     `scale=None` chooses η = 1/(1.1·θ) from `estimate_steps` Lanczos products on the exact
-    H + δI (as `Neumann`); minibatch Hessians can have larger eigenvalues than H, so lower
+    H, plus δ (as `Neumann`, which also has its truncation error); minibatch Hessians can have larger eigenvalues than H, so lower
     `scale` if small batches diverge (huge residual, converged=False).
 
     Attributes (defaults in parentheses):
-      damping: δ >= 0 (0.0).
+      damping: δ >= 0, or None for 1e-4 × λ_max(H) from the same Lanczos run (None).
       iterations: J, steps per run (100).
       scale: η > 0, or None to estimate it (None).
       batch: tasks per minibatch product (8; any value, draws are with replacement).
@@ -42,7 +42,7 @@ class LiSSA(Solver):
     checked with one exact product. `indefinite` comes only from the Lanczos estimate.
     """
 
-    damping: float = 0.0
+    damping: float | None = None
     iterations: int = 100
     scale: float | None = None
     batch: int = 8
@@ -54,7 +54,7 @@ class LiSSA(Solver):
     def __post_init__(self):
         _validate.set_fields(
             self,
-            damping=_validate.non_negative("LiSSA.damping", self.damping),
+            damping=_damping.optional_non_negative("LiSSA.damping", self.damping),
             iterations=_validate.positive_int("LiSSA.iterations", self.iterations),
             scale=_checks.optional_positive("LiSSA.scale", self.scale),
             batch=_validate.positive_int("LiSSA.batch", self.batch),
@@ -65,27 +65,21 @@ class LiSSA(Solver):
         )
 
     def prepare(self, operator):
-        matvec = damped(operator.hvp, self.damping)
-        if self.scale is not None:
-            eta, flagged = self.scale, jnp.zeros((), bool)
-        else:
-            eta, smallest = _spectrum.neumann_scale(matvec, operator.like, self.estimate_steps, self.seed)
-            flagged = ~(smallest > 0)
-        return operator, matvec, eta, flagged
+        return operator, *series_setup(self, operator)
 
     def solve(self, state, b):
-        operator, matvec, eta, flagged = state
+        operator, matvec, eta, delta, flagged = state
         key = jax.random.fold_in(jax.random.key(self.seed), 1)  # the Lanczos estimate uses key(seed)
 
         def run(repeat):
             run_key = jax.random.fold_in(key, repeat)
 
             def sampled(j, v):
-                return _tree.axpy(self.damping, v, operator.sample_hvp(jax.random.fold_in(run_key, j), v, self.batch))
+                return _tree.axpy(delta, v, operator.sample_hvp(jax.random.fold_in(run_key, j), v, self.batch))
 
             return _linalg.neumann_series(sampled, b, eta, self.iterations)[0]
 
         runs = jax.vmap(run)(jnp.arange(self.repeats))
         x = jax.tree.map(lambda leaf: jnp.mean(leaf, axis=0), runs)
         return x, _linalg.solve_info(matvec, x, b, iterations=self.iterations * self.repeats, tol=self.tol,
-                                     indefinite=flagged)
+                                     damping=delta, indefinite=flagged)

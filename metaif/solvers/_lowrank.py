@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from .. import _linalg, _tree, _validate
-from . import _checks, _spectrum
+from . import _checks, _damping, _spectrum
 from ._base import Solver
-from ._neumann import damped
 
 DEFAULT_RANK = 20
 
@@ -21,20 +20,24 @@ class LowRank(Solver):
     Hessian-vector product (one more checks the residual). The discarded
     subspace is treated as if H were 0 there: δ acts as its eigenvalue, so `damping` must be > 0
     and sets how much weight those directions get. Exact when rank = d (given enough iterations).
+    Accurate only when the rank covers every eigenvalue well above δ: on mlp-maml (d = 225, 220
+    eigenvalues below 1) rank 30 ranked task scores at Spearman 0.88 and rank 100 at 0.98. Its
+    place is many targets sharing one factorisation (`pairwise_influence`); for one target
+    `CG(preconditioner="lowrank")` uses the same eigenpairs better.
 
     `SolveInfo.min_eigenvalue` is the smallest Ritz value of the Lanczos run (an upper bound of
     λ_min(H); exact when iterations = d) and `indefinite` is whether it is <= −δ.
 
     Attributes (defaults in parentheses):
       rank: eigenpairs kept, 1 <= rank <= d, or None for min(20, d, iterations) (None).
-      damping: δ > 0 (0.01).
+      damping: δ > 0, or None for 1e-4 × the top Ritz value (λ_max(H), free here) (None).
       iterations: Lanczos products, rank <= iterations <= d, or None for min(d, 2·rank + 20) (None).
       tol: `converged` means relative residual <= tol (1e-6); a truncated spectrum rarely meets it.
       seed: seed of the Lanczos start vector (0).
     """
 
     rank: int | None = None
-    damping: float = 0.01
+    damping: float | None = None
     iterations: int | None = None
     tol: float = 1e-6
     seed: int = 0
@@ -43,7 +46,7 @@ class LowRank(Solver):
         _validate.set_fields(
             self,
             rank=_checks.optional_positive_int("LowRank.rank", self.rank),
-            damping=_validate.positive("LowRank.damping", self.damping),
+            damping=None if self.damping is None else _validate.positive("LowRank.damping", self.damping),
             iterations=_checks.optional_positive_int("LowRank.iterations", self.iterations),
             tol=_validate.positive("LowRank.tol", self.tol),
             seed=_checks.non_negative_int("LowRank.seed", self.seed),
@@ -65,13 +68,14 @@ class LowRank(Solver):
             _checks.at_most_dimension("LowRank.iterations", self.iterations, dimension)
             steps = self.iterations
         pairs, smallest = _spectrum.extreme_pairs(operator.hvp, operator.like, rank, "largest", steps, self.seed)
-        return damped(operator.hvp, self.damping), pairs, smallest
+        delta = _damping.relative(pairs.values[0]) if self.damping is None else self.damping
+        return _damping.damped(operator.hvp, delta), pairs, smallest, delta
 
     def solve(self, state, b):
-        matvec, pairs, smallest = state
-        x = low_rank_inverse(pairs, self.damping, self.damping, b)
-        return x, _linalg.solve_info(matvec, x, b, iterations=0, tol=self.tol,
-                                     indefinite=~(smallest + self.damping > 0), min_eigenvalue=smallest)
+        matvec, pairs, smallest, delta = state
+        x = low_rank_inverse(pairs, delta, delta, b)
+        return x, _linalg.solve_info(matvec, x, b, iterations=0, tol=self.tol, damping=delta,
+                                     indefinite=~(smallest + delta > 0), min_eigenvalue=smallest)
 
 
 def low_rank_inverse(pairs: _spectrum.Eigenpairs, damping, rest, b):

@@ -49,19 +49,11 @@ def extreme_pairs(hvp: Callable[[PyTree], PyTree], like: PyTree, k: int, which: 
     return Eigenpairs(pick(run.values), jax.tree.map(pick, run.vectors), pick(run.residuals)), run.values[0]
 
 
-def neumann_scale(matvec: Callable[[PyTree], PyTree], like: PyTree, steps: int, seed: int
-                  ) -> tuple[jax.Array, jax.Array]:
-    """(η, smallest Ritz value) for the Neumann series of A = H + δI given by `matvec`.
-
-    η = 1 / (1.1 θ_max), with θ_max the largest Ritz value of min(steps, d) Lanczos steps (at
-    least as close to λ_max(A) as as many power iterations, and never above it). The smallest Ritz
-    value bounds λ_min(A) from above: <= 0 proves A indefinite.
-    """
-    steps = min(steps, _tree.size(like))
-    values = _linalg.lanczos(matvec, like, steps, jax.random.key(seed)).values
-    top = jnp.abs(values[-1])
-    tiny = jnp.finfo(values.dtype).tiny
-    return 1.0 / (SCALE_MARGIN * jnp.maximum(top, tiny)), values[0]
+def neumann_scale(largest: jax.Array, damping: jax.Array) -> jax.Array:
+    """η = 1 / (SCALE_MARGIN · θ) for the Neumann series of H + δI, with θ = largest + δ the
+    estimate of λ_max(H + δI) from the largest Ritz value of H (never above λ_max(H))."""
+    top = jnp.abs(largest + damping)
+    return 1.0 / (SCALE_MARGIN * jnp.maximum(top, jnp.finfo(top.dtype).tiny))
 
 
 def lanczos_eigenvalues(operator: Operator | Callable[[PyTree], PyTree], like: PyTree | None = None, k: int = 1,
