@@ -22,10 +22,11 @@ from typing import Any, Callable, Literal
 import jax
 import jax.numpy as jnp
 
-from . import _linalg, _tree, _validate
+from . import _ekfac, _linalg, _tree, _validate
 
 PyTree = Any
 Loss = Callable[[PyTree, PyTree, PyTree], jax.Array]
+INNER_SOLVES = ("cg", "dense", "ekfac")
 
 
 def weighted_mean_loss(loss: Loss, params: PyTree, meta_params: PyTree, examples: PyTree, weights: jax.Array) -> jax.Array:
@@ -79,23 +80,32 @@ class Proximal(Adaptation):
     """iMAML: θ = argmin_θ (1/m) Σ_j a_j ℓ_in(θ, λ; s_j) + (reg/2)‖θ − λ‖².
 
     The minimiser is found by `steps` gradient steps of size `lr` from λ; its derivatives use the
-    implicit function theorem (valid to any order), with inner linear solves
-    (∇²_θθ L_I)⁻¹ u by conjugate gradients (`inner_solve="cg"`, matrix-free, needs the inner
-    objective strongly convex: `reg` above the loss's negative curvature) or by a dense solve
-    (`inner_solve="dense"`, small models). Derivatives are exact when the steps converge: check
+    implicit function theorem (valid to any order), with inner linear solves (∇²_θθ L_I)⁻¹ u by
+    * `inner_solve="cg"`: conjugate gradients, matrix-free (needs the inner objective strongly
+      convex: `reg` above the loss's negative curvature);
+    * `inner_solve="dense"`: a dense solve (small models);
+    * `inner_solve="ekfac"`: an approximation, (G_EKFAC + reg·I)⁻¹ u with G_EKFAC the
+      eigenvalue-corrected Kronecker factorisation of the inner loss's Gauss–Newton matrix, one
+      block per parameter leaf (`metaif._ekfac`): no Hessian-vector products, positive definite
+      by construction. Needs the inner loss split as `predict` and `output_loss` (a
+      `metaif.models` loss such as `PureModel.cross_entropy`). Exact for a linear model without
+      bias under squared error; otherwise it drops the network's second derivatives and the
+      couplings between leaves and outside the Kronecker eigenbasis (docs/solvers.md measures it).
+    Derivatives are exact (up to the inner solve) when the steps converge: check
     `metaif.adaptation_residual`.
     """
 
     reg: float
     steps: int
     lr: float
-    inner_solve: Literal["cg", "dense"] = "cg"
+    inner_solve: Literal["cg", "dense", "ekfac"] = "cg"
     inner_tol: float = 1e-10
     inner_maxiter: int = 200
 
     def __post_init__(self):
-        if self.inner_solve not in ("cg", "dense"):
-            raise ValueError(f"Proximal.inner_solve must be 'cg' or 'dense'; received {self.inner_solve!r}.")
+        if self.inner_solve not in INNER_SOLVES:
+            raise ValueError(f"Proximal.inner_solve must be one of {', '.join(map(repr, INNER_SOLVES))}; "
+                             f"received {self.inner_solve!r}.")
         _validate.set_fields(
             self,
             reg=_validate.positive("Proximal.reg", self.reg),
@@ -109,11 +119,19 @@ class Proximal(Adaptation):
         distance = _tree.sq_norm(_tree.sub(params, meta_params))
         return weighted_mean_loss(inner_loss, params, meta_params, support, weights) + 0.5 * self.reg * distance
 
-    def _linear_solve(self, matvec, b):
+    def _linear_solve(self, inner_loss, theta, meta_params, support, weights):
+        """`solve(matvec, b)` ≈ (∇²_θθ L_I)⁻¹ b at θ for `lax.custom_linear_solve`."""
         if self.inner_solve == "dense":
-            flat_b, unravel = _tree.ravel(b)
-            return unravel(jnp.linalg.solve(_linalg.dense_matrix(matvec, b), flat_b))
-        return _linalg.conjugate_gradient(matvec, b, tol=self.inner_tol, maxiter=self.inner_maxiter)[0]
+            def dense(matvec, b):
+                flat_b, unravel = _tree.ravel(b)
+                return unravel(jnp.linalg.solve(_linalg.dense_matrix(matvec, b), flat_b))
+            return dense
+        if self.inner_solve == "cg":
+            return lambda matvec, b: _linalg.conjugate_gradient(matvec, b, tol=self.inner_tol, maxiter=self.inner_maxiter)[0]
+        predict, output_loss = _split_loss(inner_loss)
+        m = jax.tree.leaves(support)[0].shape[0]
+        factors = _ekfac.factor(predict, output_loss, theta, meta_params, support, weights / m)
+        return lambda matvec, b: _ekfac.inverse(factors, self.reg, b)
 
     def solve(self, inner_loss, meta_params, support, weights):
         grad_theta = jax.grad(self.objective, argnums=1)
@@ -127,10 +145,23 @@ class Proximal(Adaptation):
             theta = argmin(*primals)
             _, rhs = jax.jvp(lambda *args: grad_theta(inner_loss, theta, *args), primals, tangents)
             matvec = lambda u: jax.jvp(lambda th: grad_theta(inner_loss, th, *primals), (theta,), (u,))[1]
-            theta_dot = jax.lax.custom_linear_solve(matvec, _tree.scale(-1.0, rhs), self._linear_solve, symmetric=True)
+            solve = self._linear_solve(inner_loss, theta, *primals)
+            theta_dot = jax.lax.custom_linear_solve(matvec, _tree.scale(-1.0, rhs), solve, symmetric=True)
             return theta, theta_dot
 
         return argmin(meta_params, support, weights)
+
+
+def _split_loss(inner_loss):
+    """(predict, output_loss) of a loss built as output_loss(predict(θ, λ, z), z)."""
+    predict, output_loss = getattr(inner_loss, "predict", None), getattr(inner_loss, "output_loss", None)
+    if not (callable(predict) and callable(output_loss)):
+        raise ValueError(
+            "Proximal(inner_solve='ekfac') needs the inner loss split into predict and output_loss: an object with "
+            "attributes predict(params, meta_params, example) -> outputs and output_loss(outputs, example) -> scalar, "
+            "such as metaif.models.ExampleLoss or PureModel.cross_entropy; received "
+            f"{_validate.describe(inner_loss)}. Use inner_solve='cg' for any other loss.")
+    return predict, output_loss
 
 
 @dataclasses.dataclass(frozen=True)
