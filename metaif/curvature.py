@@ -155,3 +155,6 @@ def check(curvature) -> Curvature:
             f"GaussNewton(predict, output_loss); received {_validate.describe(curvature)}."
         )
     return curvature
+
+
+__all__ = ["Curvature", "Exact", "GaussNewton", "Gamma", "Truncated"]

@@ -94,6 +94,7 @@ def squared_loss(params: PyTree, meta_params: PyTree, example: PyTree) -> jax.Ar
 
 
 def linear_init(key: jax.Array, dim: int, ways: int, dtype=jnp.float64) -> PyTree:
+    """Multinomial logistic regression params {"w": [dim, ways] ~ N(0, 0.01²), "b": [ways] zeros}."""
     return {"w": 0.01 * jax.random.normal(key, (dim, ways), dtype), "b": jnp.zeros((ways,), dtype)}
 
 
@@ -118,13 +119,15 @@ def mlp_init(key: jax.Array, sizes: tuple[int, ...], dtype=jnp.float64) -> PyTre
 
 
 def mlp_logits(params: PyTree, x: jax.Array) -> jax.Array:
-    """tanh MLP (smooth, so third derivatives exist)."""
+    """Logits [..., out] of a tanh MLP (params from `mlp_init`) for inputs [..., in]; tanh is
+    smooth, so third derivatives (the total Hessian's third-order terms) exist."""
     for layer in params[:-1]:
         x = jnp.tanh(_affine(x, layer["w"], layer["b"]))
     return _affine(x, params[-1]["w"], params[-1]["b"])
 
 
 def cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
+    """−log softmax(logits)[label] for one example: logits [ways], integer label [] -> scalar."""
     return -jax.nn.log_softmax(logits)[label]
 
 
@@ -134,7 +137,7 @@ def linear_cross_entropy(params: PyTree, meta_params: PyTree, example: PyTree) -
 
 
 def mlp_cross_entropy(params: PyTree, meta_params: PyTree, example: PyTree) -> jax.Array:
-    """Cross-entropy of a tanh MLP (params from `mlp_init`) on one example."""
+    """Cross-entropy of a tanh MLP (params from `mlp_init`) on one example {"x": [in], "y": int []}."""
     return cross_entropy(mlp_logits(params, example["x"]), example["y"])
 
 
@@ -142,3 +145,9 @@ def accuracy(logits_fn, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array
     """Fraction of inputs x [k, dim] whose argmax logit equals the label y [k]."""
     predicted = jnp.argmax(logits_fn(params, x), axis=-1)
     return jnp.mean((predicted == y.astype(predicted.dtype)).astype(x.dtype))
+
+
+__all__ = [
+    "accuracy", "classification_tasks", "corrupt_labels", "cross_entropy", "linear_cross_entropy", "linear_init", "linear_logits",
+    "mlp_cross_entropy", "mlp_init", "mlp_logits", "regression_tasks", "squared_loss",
+]
