@@ -170,11 +170,12 @@ def _execute(config, out: Path, fresh: bool, quiet: bool, command: str) -> int:
     start = time.perf_counter()
     results = pipeline.run(config, out, ui)
     results["command"] = command
-    summary = report.write_all(out, results, ui)
-    summary["wall_s"] = round(time.perf_counter() - start, 2)
+    summary, made = report.write_all(out, results, ui)
+    summary["wall_s"] = round(time.perf_counter() - start, 2)  # the whole command, report included
     from ._run.store import write_json
 
     write_json(out / "summary.json", summary)
+    report.write_reports(out, summary, made, config)
     report.print_summary(ui, summary, out)
     return 0
 

@@ -199,6 +199,19 @@ def test_memory_estimate_and_batch_size_suggestion():
     assert memory.check(chunked_config, 64, 5000, 400, 10, 15, limit=limit) == chunked
 
 
+def test_fit_pca_whitens_and_maps_any_leading_axes():
+    images = metaif.data.load_digits().images[:500]
+    pca = metaif.data.fit_pca(images, 6)
+    features = pca(images)
+    assert features.shape == (500, 6)
+    np.testing.assert_allclose(features.mean(0), 0.0, atol=1e-10)
+    np.testing.assert_allclose(features.std(0), 1.0, rtol=1e-10)
+    np.testing.assert_allclose(np.cov(features.T, bias=True), np.eye(6), atol=1e-10)   # decorrelated
+    np.testing.assert_allclose(pca(images.reshape(50, 10, 8, 8)), features.reshape(50, 10, 6))
+    with pytest.raises(ValueError, match="fit_pca\\(k\\) = 100 exceeds"):
+        metaif.data.fit_pca(images, 100)
+
+
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(run_config.ConfigError):
         cli.main(["--debug", "run", str(write(tmp_path / "bad.toml", "[model]\nhiden = 1\n"))])

@@ -73,7 +73,7 @@ def summarize(r: dict) -> dict:
         "test_accuracy_before": float(e["test_accuracy_before"]), "test_accuracy_edit": float(e["test_accuracy_edit"]),
         "test_accuracy_retrain": float(e["test_accuracy_retrain"]),
         "test_accuracy_retrain_baseline": float(e["test_accuracy_retrain_base"]),
-        "edit_grad_norm": float(e["edit_grad_norm"]), "retrain_grad_norm": np.asarray(e["retrain_grad_norm"]).tolist(),
+        "damping": float(config.edit.damping), "edit_grad_norm": float(e["edit_grad_norm"]), "retrain_grad_norm": np.asarray(e["retrain_grad_norm"]).tolist(),
     }
     spectrum, refined, adam = r["spectrum"], r["refined"], r["adam"]
     return {
@@ -136,11 +136,14 @@ def rows(s: dict) -> list:
          f"{ed['baseline_removed_tasks_corrupted']}, {ed['baseline_removed_support_flipped']})"),
         ("held-out loss: before / predicted", f"{_f(ed['target_before'], 4)} / {_f(ed['target_predicted'], 4)}", ""),
         ("held-out loss: edit / retrain", f"{_f(ed['target_edit'], 4)} / {_f(ed['target_retrain'], 4)}",
-         f"retraining on the loss baseline's removals: {_f(ed['target_retrain_baseline'], 4)}"),
+         f"edit = λ* − Σ I_λ (damping {_f(ed['damping'])}), no retraining; retraining on the loss baseline's removals: "
+         f"{_f(ed['target_retrain_baseline'], 4)}"),
         ("test accuracy: before / edit / retrain", f"{_f(ed['test_accuracy_before'])} / {_f(ed['test_accuracy_edit'])} / "
          f"{_f(ed['test_accuracy_retrain'])}", f"loss baseline retrained: {_f(ed['test_accuracy_retrain_baseline'])}"),
         None,
     ]
+    out.append(("peak memory: estimated / measured", f"{s['memory']['estimated_peak_gib']:.2f} / {s['memory']['max_rss_gib']:.2f} GiB",
+                "estimate made before the run (metaif._run.memory); measured = this process's max RSS"))
     names = [("data", "data"), ("train_adam", "Adam"), ("train_newton", "Newton"), ("evaluate", "evaluate"),
              ("solve", "Hessian + solve"), ("scores", "all scores"), ("loo", "leave-one-out"), ("edit", "edit + retrain")]
     reused = set(s["reused_stages"])
@@ -340,7 +343,10 @@ def write_reports(out: Path, summary: dict, made: list[tuple[str, str]], config)
              f"jax {summary['versions']['jax']}, Python {summary['versions']['python']}; {summary['device']}.\n\n"
              "Influence is the derivative of the held-out loss (mean query loss of held-out tasks after adaptation) with "
              "respect to a datum's weight at 1: removing the datum changes the loss by about −influence, so a positive "
-             "influence is harmful. Accuracy is measured on a separate set of held-out test tasks.\n")
+             "influence is harmful. Accuracy is measured on a separate set of held-out test tasks. Detection AUC measures "
+             "how well a ranking finds the corrupted data; influence ranks data by their effect on the held-out loss, which "
+             "leave-one-out retraining checks (predicted vs actual), and a corrupted datum need not hurt that loss, while "
+             "random labels always raise a datum's own loss (the raw-loss baseline).\n")
     md = [f"# metaif report: {config.run.name}\n", intro, "## Summary\n", _markdown_table(table)]
     md += ["## Figures\n"] + [f"![{name}]({name})\n\n{caption}\n" for name, caption in made]
     md += ["## Files\n", "`scores_tasks.csv`, `scores_support.csv`, `scores_query.csv`, `scores.json` (all scores, the "
@@ -378,7 +384,7 @@ def write_all(out: Path, r: dict, ui: UI) -> dict:
         with ui.progress("Report: figures, CSV, JSON, markdown and HTML"):
             made = figures(out, r, summary, config.report.top_k)
     write_reports(out, summary, made, config)
-    return summary
+    return summary, made
 
 
 def print_summary(ui: UI, summary: dict, out: Path) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 _PACKAGE = Path(__file__).resolve().parents[1]
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def code_version() -> str:
@@ -46,6 +48,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are ordinary files
         with os.fdopen(handle, "wb") as out:
             out.write(data)
             out.flush()
