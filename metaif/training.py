@@ -130,21 +130,93 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
     return TrainResult(meta_params, jnp.concatenate(values), jnp.concatenate(norms), value, grad_norm)
 
 
-def newton_steps(problem: BilevelProblem, steps: int, shift, proximal, center: PyTree, start: PyTree, tasks: TaskSet,
-                 weights: Weights):
-    """`steps` safeguarded Newton steps from `start` on F(λ; w) + (proximal/2)‖λ − center‖².
+class NewtonResult(NamedTuple):
+    """Outcome of `newton_steps` (leading batch axes when vmapped).
 
-    Each step solves (|H| + (shift + μ)·I) Δ = −∇, where |H| takes the dense total Hessian's
-    absolute eigenvalues (so Δ descends even near saddles), and is accepted only if the objective
-    does not rise; a rejected step raises μ tenfold, an accepted one lowers it. Near a minimum
-    μ → 0 and this is plain Newton, converging quadratically. `proximal` = ρ > 0 gives the
-    proximal retraining that damped influence (damping δ = ρ) estimates. Pure and vmappable over
-    `weights` (many retrainings in one call); materialises the d×d Hessian (small models).
-    Returns (λ, objective, ‖gradient‖, objective history [steps], ‖gradient‖ history [steps]).
+    Attributes:
+      params: the final λ (pytree).
+      objective: the minimised objective at λ.
+      grad_norm: its gradient norm at λ.
+      objectives: [steps] objective before each step (after the last step taken: the final value).
+      grad_norms: [steps] gradient norm before each step (padded likewise).
+      iterations: Newton steps taken (each computes one Hessian).
+      converged: grad_norm <= tol.
+    """
+
+    params: PyTree
+    objective: jax.Array
+    grad_norm: jax.Array
+    objectives: jax.Array
+    grad_norms: jax.Array
+    iterations: jax.Array
+    converged: jax.Array
+
+
+def trust_region_step(values: jax.Array, vectors: jax.Array, gradient: jax.Array, radius: jax.Array,
+                      bisections: int = 100) -> tuple[jax.Array, jax.Array]:
+    """The exact minimiser p of the model g·p + ½pᵀHp over ‖p‖ <= radius, H = V diag(values) Vᵀ
+    (eigenvalues ascending, [d] and [d, d]; g [d]), and the model's decrease −(g·p + ½pᵀHp).
+
+    p = −(H + σI)⁻¹g with σ >= max(0, −λ_min): σ = 0 (the Newton step) when H is positive definite
+    and that step fits, else the σ with ‖p‖ = radius (found by bisection; ‖p(σ)‖ decreases in σ);
+    in the "hard case" (g orthogonal to the lowest eigenvectors) a multiple of the lowest
+    eigenvector fills up the radius. Negative curvature is followed, never reflected.
+    """
+    coef = vectors.T @ gradient
+    lowest = values[0]
+
+    def step(sigma):
+        shifted = values + sigma
+        ok = shifted > 0
+        return jnp.where(ok, -coef / jnp.where(ok, shifted, 1.0), 0.0)
+
+    newton = step(0.0)
+    fits = (lowest > 0) & (jnp.linalg.norm(newton) <= radius)
+    low = jnp.maximum(0.0, -lowest)
+    high = low + jnp.linalg.norm(gradient) / radius + jnp.finfo(values.dtype).tiny
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        inside = jnp.linalg.norm(step(mid)) <= radius
+        return jnp.where(inside, lo, mid), jnp.where(inside, mid, hi)
+
+    _, sigma = jax.lax.fori_loop(0, bisections, bisect, (low, high))  # ‖step(sigma)‖ <= radius
+    sigma = jnp.where(fits, 0.0, sigma)
+    p = step(sigma)
+    gap = radius**2 - jnp.sum(p**2)
+    hard = ~fits & (lowest + sigma <= 1e-12 * jnp.max(jnp.abs(values))) & (gap > 1e-8 * radius**2)
+    sign = jnp.where(coef[0] > 0, -1.0, 1.0)
+    p = p.at[0].add(jnp.where(hard, sign * jnp.sqrt(jnp.maximum(gap, 0.0)), 0.0))
+    decrease = -(coef @ p + 0.5 * jnp.sum(values * p**2))
+    return vectors @ p, decrease
+
+
+def newton_steps(problem: BilevelProblem, steps: int, shift, proximal, center: PyTree, start: PyTree, tasks: TaskSet,
+                 weights: Weights, tol=1e-10, radius=None) -> NewtonResult:
+    """Trust-region Newton on F(λ; w) + (proximal/2)‖λ − center‖² from `start`, until the gradient
+    norm is <= `tol` or `steps` Newton steps (Hessians) are spent.
+
+    Each step factorises the dense total Hessian H (+ `shift`·I) once and solves the trust-region
+    subproblem exactly in its eigenbasis (`trust_region_step`), so negative curvature is followed
+    rather than damped away. A step is accepted when the actual decrease is at least 1e-4 of the
+    model's (ratio test, guarded against rounding near the optimum); a rejected step shrinks the
+    radius to a quarter of the step and re-solves with the same factorisation (function values
+    only, up to 30 times), so every Hessian buys an accepted step. Good steps on the boundary
+    double the radius. Near a minimum the Newton step fits and convergence is quadratic.
+
+    `proximal` = ρ > 0 gives the proximal retraining that damped influence (damping δ = ρ)
+    estimates. `radius`: the initial trust radius (default: the length of the first step with
+    |H|, i.e. the Newton step when H is positive definite). Pure, jittable and
+    vmappable over `weights` (a `lax.while_loop`; under vmap it runs until every member has
+    converged or spent `steps`, finished members stay frozen). Materialises the d×d Hessian
+    (small models).
     """
     grad = jax.grad(objective, argnums=1)
     flat_center, unravel = _tree.ravel(center)
     flat_start = _tree.ravel(start)[0]
+    dtype = flat_start.dtype
+    eps = jnp.finfo(dtype).eps
 
     def value_of(x):
         return objective(problem, unravel(x), tasks, weights) + 0.5 * proximal * jnp.sum((x - flat_center) ** 2)
@@ -152,48 +224,82 @@ def newton_steps(problem: BilevelProblem, steps: int, shift, proximal, center: P
     def gradient_of(x):
         return _tree.ravel(grad(problem, unravel(x), tasks, weights))[0] + proximal * (x - flat_center)
 
-    def step(carry, _):
-        x, value, mu = carry
-        gradient = gradient_of(x)
+    def step(state):
+        k, x, value, gradient, radius, values_hist, norms_hist = state
+        norm = jnp.linalg.norm(gradient)
+        values_hist, norms_hist = values_hist.at[k].set(value), norms_hist.at[k].set(norm)
         factor = _linalg.eigh(jax.jacfwd(gradient_of)(x))
-        scale = jnp.abs(factor.values) + shift + mu
-        candidate = x - factor.vectors @ ((factor.vectors.T @ gradient) / scale)
-        new_value = value_of(candidate)
-        accept = jnp.isfinite(new_value) & (new_value <= value + 1e-12 * jnp.abs(value))
-        floor = 1e-3 * jnp.max(jnp.abs(factor.values))
-        mu = jnp.where(accept, mu / 10, jnp.maximum(10 * mu, floor))
-        x, value_next = jnp.where(accept, candidate, x), jnp.where(accept, new_value, value)
-        return (x, value_next, mu), (value, jnp.linalg.norm(gradient))
+        eig = factor.values + shift
+        guard = 10 * eps * jnp.maximum(1.0, jnp.abs(value))
+        # first step: the radius is the length of the |H|-Newton step (the Newton step if H > 0)
+        absolute = jnp.abs(eig)
+        first = jnp.linalg.norm((factor.vectors.T @ gradient) / jnp.where(absolute > 0, absolute, 1.0))
+        radius = jnp.where(jnp.isfinite(radius), radius, first)
 
-    init = (flat_start, value_of(flat_start), jnp.zeros((), flat_start.dtype))
-    (flat, value, _), (values, norms) = jax.lax.scan(step, init, None, length=steps)
-    return unravel(flat), value, jnp.linalg.norm(gradient_of(flat)), values, norms
+        def attempt(inner):
+            tries, r, _, _, _, _ = inner
+            p, predicted = trust_region_step(eig, factor.vectors, gradient, r)
+            new_value = value_of(x + p)
+            ratio = (value - new_value + guard) / (predicted + guard)
+            ok = jnp.isfinite(new_value) & (ratio > 1e-4)
+            length = jnp.linalg.norm(p)
+            return tries + 1, jnp.where(ok, r, 0.25 * length), ok, p, new_value, ratio
+
+        def retry(inner):
+            tries, _, ok, *_ = inner
+            return (~ok) & (tries < 30)
+
+        init = (jnp.zeros((), jnp.int32), radius, jnp.zeros((), bool), jnp.zeros_like(x), value, jnp.zeros((), dtype))
+        _, r, ok, p, new_value, ratio = jax.lax.while_loop(retry, attempt, attempt(init))
+        length = jnp.linalg.norm(p)
+        r = jnp.where(ratio < 0.25, 0.25 * length, jnp.where((ratio > 0.75) & (length >= 0.99 * r), 2 * r, r))
+        x = jnp.where(ok, x + p, x)
+        value = jnp.where(ok, new_value, value)
+        return k + 1, x, value, jnp.where(ok, gradient_of(x), gradient), r, values_hist, norms_hist
+
+    def going(state):
+        k, _, value, gradient, radius, *_ = state
+        return (k < steps) & (jnp.linalg.norm(gradient) > tol) & jnp.isfinite(value) & (radius > 0)
+
+    value0, gradient0 = value_of(flat_start), gradient_of(flat_start)
+    radius0 = jnp.asarray(jnp.inf if radius is None else radius, dtype)
+    hist = jnp.full((steps,), jnp.nan, dtype)
+    init = (jnp.zeros((), jnp.int32), flat_start, value0, gradient0, radius0, hist, hist)
+    k, flat, value, gradient, _, values, norms = jax.lax.while_loop(going, step, init)
+    norm = jnp.linalg.norm(gradient)
+    taken = jnp.arange(steps, dtype=k.dtype) < k
+    values, norms = jnp.where(taken, values, value), jnp.where(taken, norms, norm)
+    return NewtonResult(unravel(flat), value, norm, values, norms, k, norm <= tol)
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "steps"))
-def newton_core(problem: BilevelProblem, steps: int, damping: float, meta_params: PyTree, tasks: TaskSet, weights: Weights):
+def newton_core(problem: BilevelProblem, steps: int, damping: float, tol: float, meta_params: PyTree, tasks: TaskSet,
+                weights: Weights) -> NewtonResult:
     """Jitted `newton_steps` on F(λ; w) alone (no proximal term), from meta_params."""
-    return newton_steps(problem, steps, damping, 0.0, meta_params, meta_params, tasks, weights)
+    return newton_steps(problem, steps, damping, 0.0, meta_params, meta_params, tasks, weights, tol)
 
 
-def newton_refine(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, steps: int = 10, damping: float = 0.0,
-                  task_weights=None, support_weights=None, query_weights=None) -> TrainResult:
-    """Polish λ to a stationary point with safeguarded Newton steps on the exact total Hessian.
+def newton_refine(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, steps: int = 50, damping: float = 0.0,
+                  task_weights=None, support_weights=None, query_weights=None, *, tol: float = 1e-10) -> TrainResult:
+    """Polish λ to a stationary point with trust-region Newton steps on the exact total Hessian
+    (`newton_steps`), stopping once ‖∇F‖ <= tol or after `steps` steps.
 
     For small models (d up to a few thousand): each step materialises the d×d Hessian. Converges
     quadratically near a local minimum, reaching gradient norms near machine precision, which
-    influence and leave-one-out ground truth need; F never rises (steps that would raise it are
-    rejected and damped). Check `grad_norm` of the result: far from a minimum more steps are
-    needed. `damping` > 0 adds a fixed shift. Weights as in `meta_train`.
+    influence and leave-one-out ground truth need; F never rises. Check `grad_norm` of the
+    result: if it is above tol, the budget ran out. `damping` > 0 adds a fixed shift to the
+    model Hessian. Weights as in `meta_train`. The histories cover the steps taken.
     """
     check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
     steps = _validate.positive_int("steps", steps)
     damping = _validate.non_negative("damping", damping)
+    tol = _validate.non_negative("tol", tol)
     weights = _full_weights(meta_params, tasks, task_weights, support_weights, query_weights)
     check_finite_losses(problem, meta_params, tasks, weights, "newton_refine at the initial meta_params")
-    params, value, grad_norm, values, norms = newton_core(problem, steps, damping, meta_params, tasks, weights)
-    if not bool(jnp.isfinite(value)):
-        check_finite_losses(problem, params, tasks, weights, "newton_refine diverged")
-        raise ValueError(f"newton_refine diverged (F = {float(value)}): start closer to a minimum or pass damping > 0.")
-    return TrainResult(params, values, norms, value, grad_norm)
+    result = newton_core(problem, steps, damping, tol, meta_params, tasks, weights)
+    if not bool(jnp.isfinite(result.objective)):
+        check_finite_losses(problem, result.params, tasks, weights, "newton_refine diverged")
+        raise ValueError(f"newton_refine diverged (F = {float(result.objective)}): start closer to a minimum or pass damping > 0.")
+    taken = int(result.iterations)
+    return TrainResult(result.params, result.objectives[:taken], result.grad_norms[:taken], result.objective, result.grad_norm)

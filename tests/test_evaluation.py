@@ -164,7 +164,7 @@ def test_proximal_retraining_converges_moves_less_and_matches_damped_influence()
     rho = 0.3
     weights = evaluation.removal_weights(N, M, Q, "tasks", np.arange(N))
     plain = evaluation.retrain(PROBLEM, lam, TASKS, weights, steps=6, batch_size=None)
-    prox = evaluation.retrain(PROBLEM, lam, TASKS, weights, steps=6, batch_size=None, proximal=rho)
+    prox = evaluation.retrain(PROBLEM, lam, TASKS, weights, steps=6, batch_size=None, proximal=rho, tol=1e-14)
     assert float(jnp.max(prox.grad_norm)) < 1e-12
     moved = lambda r: np.linalg.norm(np.stack([_flat(jax.tree.map(lambda x: x[k], r.meta_params)) for k in range(N)]) - _flat(lam), axis=1)
     assert np.all(moved(prox) < moved(plain))
@@ -172,6 +172,13 @@ def test_proximal_retraining_converges_moves_less_and_matches_damped_influence()
     first = jax.tree.map(lambda x: x[0], prox.meta_params)
     grad = jax.grad(lambda l: metaif.meta_objective(PROBLEM, l, TASKS, task_weights=weights.tasks[0]))(first)
     np.testing.assert_allclose(_flat(grad) + rho * (_flat(first) - _flat(lam)), 0.0, atol=1e-12)
+
+    # center= keeps the proximal centre at λ* while the start moves: the same optimum (a noise ceiling)
+    start = jax.tree.map(lambda x: x + 0.05, lam)
+    moved_start = evaluation.retrain(PROBLEM, start, TASKS, weights, steps=20, batch_size=None, proximal=rho, center=lam, tol=1e-14)
+    np.testing.assert_allclose(_flat(moved_start.meta_params), _flat(prox.meta_params), atol=1e-10)
+    with pytest.raises(ValueError, match="center must be a pytree like meta_params"):
+        evaluation.retrain(PROBLEM, lam, TASKS, weights, proximal=rho, center={"w": jnp.zeros(3)})
 
     damped = metaif.influence(PROBLEM, lam, TASKS, solver=metaif.solvers.Dense(damping=rho))
     changes = np.stack([_flat(jax.tree.map(lambda x: x[k], prox.meta_params)) for k in range(N)]) - _flat(lam)

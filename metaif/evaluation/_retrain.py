@@ -1,9 +1,10 @@
 """Ground truth by retraining: many re-solves of the weighted meta-objective in one jitted call.
 
-* `retrain`: warm-started at λ*, exact (safeguarded) Newton steps on F(λ; w) for a batch of
-  weight settings, `lax.map(..., batch_size=...)` over the batch. With `proximal=ρ` it minimises
-  F(λ; w) + (ρ/2)‖λ − λ*‖² instead: the retraining that damped influence (solver damping δ = ρ)
-  estimates, and the meaningful ground truth in non-convex networks.
+* `retrain`: warm-started at λ*, trust-region Newton on F(λ; w) (`metaif.training.newton_steps`)
+  until ‖∇‖ <= tol, for a batch of weight settings, `lax.map(..., batch_size=...)` over the batch.
+  With `proximal=ρ` it minimises F(λ; w) + (ρ/2)‖λ − center‖² (center λ* by default) instead:
+  the retraining that damped influence (solver damping δ = ρ) estimates, and the meaningful
+  ground truth in non-convex networks, where plain retraining can leave λ*'s basin.
 * `retrain_cold`: from fresh initialisations over several seeds (optax Adam, then Newton polish),
   the retraining a user would run from scratch; seeds also set the minibatch order.
 * `leave_one_out`: the actual change of a target when each datum of one level is removed.
@@ -35,11 +36,12 @@ LEVELS = ("tasks", "support", "query")
 
 
 class Retrained(NamedTuple):
-    """Retrained meta-parameters (leading batch axes, e.g. [B] or [S, B]) and the final gradient
-    norm of the objective each retraining minimised (same leading axes)."""
+    """Retrained meta-parameters (leading batch axes, e.g. [B] or [S, B]), the final gradient
+    norm of the objective each retraining minimised and the Newton steps it took (same axes)."""
 
     meta_params: PyTree
     grad_norm: jax.Array
+    iterations: jax.Array | None = None
 
 
 def check_level(level: Any) -> str:
@@ -101,10 +103,12 @@ def _map(fn: Callable, data: PyTree, batch_size: int | None) -> PyTree:
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "steps", "batch_size"))
-def _retrain(problem, steps, damping, proximal, batch_size, meta_params, tasks, weights):
-    solve = lambda w: _newton(problem, steps, damping, proximal, meta_params, meta_params, tasks, w)[:3]
-    params, _, grad_norm = _map(solve, weights, batch_size)
-    return Retrained(params, grad_norm)
+def _retrain(problem, steps, damping, proximal, tol, batch_size, meta_params, center, tasks, weights):
+    def solve(w):
+        result = _newton(problem, steps, damping, proximal, center, meta_params, tasks, w, tol)
+        return result.params, result.grad_norm, result.iterations
+
+    return Retrained(*_map(solve, weights, batch_size))
 
 
 def _batch_size(value, weights: Weights, repeats: int = 1):
@@ -115,20 +119,29 @@ def _batch_size(value, weights: Weights, repeats: int = 1):
     return None if value >= repeats * weights.tasks.shape[0] else value
 
 
-def retrain(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights, steps: int = 6,
-            damping: float = 0.0, batch_size: int | None = 8, *, proximal: float = 0.0) -> Retrained:
+def retrain(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights, steps: int = 50,
+            damping: float = 0.0, batch_size: int | None = 8, *, proximal: float = 0.0, center: PyTree | None = None,
+            tol: float = 1e-10) -> Retrained:
     """Re-solve the objective for each weight setting in `weights` (leaves [B, n], [B, n, m],
-    [B, n, q]), warm-started at meta_params, by `steps` safeguarded Newton steps.
+    [B, n, q]), warm-started at meta_params, by trust-region Newton steps until the gradient
+    norm is <= tol or `steps` steps are spent.
 
     Args:
-      damping: a fixed shift added to every Newton step's Hessian (slows steps; does not change
-        the solution).
-      batch_size: weight settings solved at a time (`lax.map`); None: all at once (vmap).
-      proximal: ρ >= 0; minimise F(λ; w) + (ρ/2)‖λ − meta_params‖² (the retraining that
-        influence with solver damping δ = ρ estimates). 0: plain retraining.
+      steps: the most Newton steps (dense Hessians) per retraining.
+      damping: a fixed shift added to the model Hessian of every step (does not change the
+        solution).
+      batch_size: weight settings solved at a time (`lax.map`); None: all at once (vmap; a batch
+        runs until its slowest member finishes).
+      proximal: ρ >= 0; minimise F(λ; w) + (ρ/2)‖λ − center‖² (the retraining that influence
+        with solver damping δ = ρ estimates). 0: plain retraining.
+      center: the proximal centre (default meta_params, the start); a pytree like meta_params.
+        Pass λ* here and a perturbed start as meta_params for a noise ceiling of proximal
+        retraining.
+      tol: stop once ‖∇‖ <= tol.
 
     Returns:
-      `Retrained` with leading axis B; `grad_norm` is that of the minimised objective.
+      `Retrained` with leading axis B; `grad_norm` (of the minimised objective) above tol means
+      the budget ran out; `iterations` the Newton steps taken.
     """
     check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
@@ -136,8 +149,23 @@ def retrain(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weight
     steps = _validate.positive_int("steps", steps)
     damping = _validate.non_negative("damping", damping)
     proximal = _validate.non_negative("proximal", proximal)
+    tol = _validate.non_negative("tol", tol)
+    if center is None:
+        center = meta_params
+    else:
+        _validate.finite_tree("center", center)
+        _check_like("center", center, meta_params)
     weights = Weights(*(jnp.asarray(w, _tree.float_dtype(meta_params)) for w in weights))
-    return _retrain(problem, steps, damping, proximal, _batch_size(batch_size, weights), meta_params, tasks, weights)
+    return _retrain(problem, steps, damping, proximal, tol, _batch_size(batch_size, weights), meta_params, center, tasks,
+                    weights)
+
+
+def _check_like(name: str, value: PyTree, like: PyTree) -> None:
+    """A ValueError unless `value` has the structure and leaf shapes of `like` (meta_params)."""
+    shapes = lambda t: jax.tree.map(np.shape, t)
+    if jax.tree.structure(value) != jax.tree.structure(like) or shapes(value) != shapes(like):
+        raise ValueError(f"{name} must be a pytree like meta_params (structure and shapes {shapes(like)}); "
+                         f"received {_validate.describe(value)} with shapes {shapes(value)}.")
 
 
 # ----------------------------------------------------------------------------- cold start
@@ -152,27 +180,29 @@ def _adam(problem, optimizer, steps, task_batch, params, key, tasks, weights):
 
 @functools.partial(jax.jit, static_argnames=("problem", "init", "optimizer", "steps", "newton_steps", "task_batch",
                                              "batch_size"))
-def _retrain_cold(problem, init, optimizer, steps, newton_steps, task_batch, batch_size, start, seeds, tasks, weights):
+def _retrain_cold(problem, init, optimizer, steps, newton_steps, tol, task_batch, batch_size, start, seeds, tasks, weights):
     def one(pair):
         seed, w = pair
         init_key, order_key = jax.random.split(jax.random.key(seed))
         params = start if init is None else init(init_key)
         params = _adam(problem, optimizer, steps, task_batch, params, order_key, tasks, w)
-        params, _, grad_norm = _newton(problem, newton_steps, 0.0, 0.0, params, params, tasks, w)[:3]
-        return params, grad_norm
+        result = _newton(problem, newton_steps, 0.0, 0.0, params, params, tasks, w, tol)
+        return result.params, result.grad_norm, result.iterations
 
     count, batch = seeds.shape[0], weights.tasks.shape[0]
     pairs = (jnp.repeat(seeds, batch), jax.tree.map(lambda x: jnp.tile(x, (count,) + (1,) * (x.ndim - 1)), weights))
-    params, grad_norm = _map(one, pairs, batch_size)
+    params, grad_norm, iterations = _map(one, pairs, batch_size)
     unflatten = lambda x: x.reshape((count, batch) + x.shape[1:])
-    return Retrained(jax.tree.map(unflatten, params), unflatten(grad_norm))
+    return Retrained(jax.tree.map(unflatten, params), unflatten(grad_norm), unflatten(iterations))
 
 
 def retrain_cold(problem: BilevelProblem, init: Callable[[jax.Array], PyTree] | PyTree, tasks: TaskSet, weights: Weights,
                  seeds=(0, 1), optimizer: optax.GradientTransformation | None = None, steps: int = 500,
-                 newton_steps: int = 8, task_batch: int | None = None, batch_size: int | None = 8) -> Retrained:
+                 newton_steps: int = 30, task_batch: int | None = None, batch_size: int | None = 8, *,
+                 tol: float = 1e-10) -> Retrained:
     """Retrain from scratch for every weight setting and seed: `steps` optimiser steps from a fresh
-    initialisation, then `newton_steps` Newton steps, all in one jitted call.
+    initialisation, then up to `newton_steps` trust-region Newton steps (until ‖∇F‖ <= tol), all
+    in one jitted call.
 
     Args:
       init: `key -> meta_params` (a fresh initialisation per seed; pass the same function object
@@ -189,6 +219,7 @@ def retrain_cold(problem: BilevelProblem, init: Callable[[jax.Array], PyTree] | 
     """
     steps = _validate.positive_int("steps", steps)
     newton_steps = _validate.positive_int("newton_steps", newton_steps)
+    tol = _validate.non_negative("tol", tol)
     seeds = np.asarray(seeds)
     if seeds.ndim != 1 or seeds.size < 1 or not np.issubdtype(seeds.dtype, np.integer):
         raise ValueError(f"seeds must be a non-empty sequence of ints; received {_validate.describe(seeds)}.")
@@ -204,7 +235,7 @@ def retrain_cold(problem: BilevelProblem, init: Callable[[jax.Array], PyTree] | 
         raise ValueError(f"task_batch must be None or an int in [1, n_tasks={n}]; received {_validate.describe(task_batch)}.")
     weights = Weights(*(jnp.asarray(w, _tree.float_dtype(start)) for w in weights))
     fn = init if callable(init) else None
-    return _retrain_cold(problem, fn, optimizer, steps, newton_steps, task_batch, _batch_size(batch_size, weights, seeds.size),
+    return _retrain_cold(problem, fn, optimizer, steps, newton_steps, tol, task_batch, _batch_size(batch_size, weights, seeds.size),
                          None if callable(init) else start, jnp.asarray(seeds), tasks, weights)
 
 
@@ -234,14 +265,14 @@ def all_indices(level: str, n: int, m: int, q: int) -> np.ndarray:
 
 
 def leave_one_out(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, level: Level, indices,
-                  target: Callable[[PyTree], jax.Array], steps: int = 6, batch_size: int | None = 8, *,
-                  proximal: float = 0.0):
+                  target: Callable[[PyTree], jax.Array], steps: int = 50, batch_size: int | None = 8, *,
+                  proximal: float = 0.0, tol: float = 1e-10):
     """Actual change of `target` when each datum in `indices` is removed and F is re-solved.
 
     Args:
       level: "tasks", "support" or "query".
       indices: task indices [B] or (task, example) pairs [B, 2]; None for every datum of the level.
-      proximal: ρ as in `retrain` (0: plain retraining).
+      steps, proximal, tol: as in `retrain` (proximal 0: plain retraining).
 
     Returns (changes = target(λ_without) − target(λ*), final gradient norms): arrays [B], or the
     level's shape ([n], [n, m] or [n, q]) when indices is None. Compare with −influence.
@@ -251,7 +282,7 @@ def leave_one_out(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
     full = indices is None
     indices = all_indices(level, n, m, q) if full else indices
     weights = removal_weights(n, m, q, level, indices, _tree.float_dtype(meta_params))
-    result = retrain(problem, meta_params, tasks, weights, steps=steps, batch_size=batch_size, proximal=proximal)
+    result = retrain(problem, meta_params, tasks, weights, steps=steps, batch_size=batch_size, proximal=proximal, tol=tol)
     changes = target_values(target, result) - target(meta_params)
     if full:
         shape = level_shape(level, n, m, q)
