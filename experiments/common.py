@@ -37,7 +37,6 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import metaif  # noqa: E402
-from metaif._objective import objective as _objective  # jit-traceable F(λ; w) (the public one validates)  # noqa: E402
 from metaif import problems  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,8 +246,7 @@ class Trained(NamedTuple):
 def total_hessian(problem, meta_params, tasks):
     """The dense d×d total Hessian of F at meta_params (third-order terms included)."""
     flat, unravel = jax.flatten_util.ravel_pytree(meta_params)
-    ones = metaif.Weights.ones(tasks.n_tasks, tasks.n_support, tasks.n_query, flat.dtype)
-    grad = lambda x: jax.flatten_util.ravel_pytree(jax.grad(_objective, argnums=1)(problem, unravel(x), tasks, ones))[0]
+    grad = lambda x: jax.flatten_util.ravel_pytree(jax.grad(metaif.meta_objective, argnums=1)(problem, unravel(x), tasks))[0]
     return jax.jacfwd(grad)(flat)
 
 
@@ -263,7 +261,7 @@ def meta_train(setup: Setup, log=print) -> Trained:
     start = time.perf_counter()
     adam = metaif.meta_train(problem, init_params(config), setup.train, optax.adam(config.adam_lr), steps=config.adam_steps)
     log(f"  adam: {adam.summary()}")
-    newton = metaif.newton_refine(problem, adam.meta_params, setup.train, steps=config.newton_steps)
+    newton = metaif.newton_refine(problem, adam.meta_params, setup.train, steps=config.newton_steps, tol=1e-13)
     seconds = time.perf_counter() - start
     log(f"  newton: {newton.summary()}")
     eig = np.linalg.eigvalsh(np.asarray(total_hessian(problem, newton.meta_params, setup.train)))

@@ -3,11 +3,13 @@
 For MAML (Unrolled) and iMAML (Proximal):
 1. meta-train to a stationary point (Adam, then exact Newton) and report ‖∇F‖ and the smallest
    eigenvalues of the total Hessian;
-2. ground truth by exact (safeguarded) Newton retraining warm-started at λ*
-   (`metaif.evaluation.retrain`): leave-one-task-out on every training task, leave-one-example-out
-   on a random sample of support and query examples, and retraining on random 50% task subsets
-   (LDS). Every retraining is repeated from a perturbed start (a different seed), the noise
-   ceiling; every retraining's final ‖∇F(λ; w)‖ is saved;
+2. ground truth by exact trust-region Newton retraining warm-started at λ*, run to ‖∇F(λ; w)‖ <=
+   --tol (`metaif.evaluation.retrain`; plain, or proximal with --proximal ρ): leave-one-task-out
+   on every training task, leave-one-example-out on a random sample of support and query
+   examples, and retraining on random 50% task subsets (LDS). Every retraining is repeated from a
+   start perturbed in a random direction (the noise ceiling); every retraining's final gradient
+   norm, Newton steps and distance from λ* are saved, and each task is also down-weighted by ε
+   (the derivative check);
 3. every solver / curvature option and every baseline scores the data for the target (meta-
    validation loss on held-out tasks); Pearson/Spearman of −score against the actual change, and
    the LDS, each next to the noise ceiling; runtimes side by side.
@@ -27,6 +29,8 @@ import common
 from common import CONFIGS, fmt
 
 import jax
+import jax.flatten_util
+import jax.numpy as jnp
 import numpy as np
 
 import metaif
@@ -38,14 +42,16 @@ import methods
 
 def extra(parser):
     parser.add_argument("--variants", default="cpu,cpu-imaml", help="comma-separated CONFIGS names to run")
-    parser.add_argument("--gt-steps", type=int, default=14, help="Newton steps per retraining")
+    parser.add_argument("--gt-steps", type=int, default=60, help="most trust-region Newton steps per retraining (each stops at --tol)")
     parser.add_argument("--task-sample", type=int, default=0, help="leave-one-task-out on this many random tasks (0: all)")
     parser.add_argument("--instance-sample", type=int, default=20, help="support and query examples removed one at a time")
     parser.add_argument("--lds-subsets", type=int, default=20)
     parser.add_argument("--proximal", type=float, default=0.0,
-                        help="ρ > 0: proximal ground truth (F + ρ/2‖λ − λ*‖²) and solver damping δ = ρ; the noise-ceiling pass then "
-                             "varies the stopping point (steps + 4) instead of the start, which would move the proximal centre")
-    parser.add_argument("--tol", type=float, default=1e-8, help="a retraining counts as converged below this ‖∇F(λ; w)‖")
+                        help="ρ > 0: proximal ground truth (F + ρ/2‖λ − λ*‖², centre λ* in both passes) and solver damping δ = ρ")
+    parser.add_argument("--tol", type=float, default=1e-10, help="retraining stops at, and counts as converged below, this ‖∇F(λ; w)‖")
+    parser.add_argument("--epsilon", type=float, default=0.1,
+                        help="also retrain with each task's weight lowered by ε (not removed): −ε·IF against that change separates "
+                             "the derivative's accuracy from the nonlinearity of removing a whole task (0: skip)")
     parser.add_argument("--perturb", type=float, default=1e-3, help="relative size of the noise-ceiling start perturbation")
 
 
@@ -55,23 +61,29 @@ def perturbed(meta_params, relative: float, seed: int):
     return unravel(flat + relative * np.linalg.norm(flat) * direction / np.linalg.norm(direction))
 
 
-def retrain_twice(setup, lam, weights, target, steps, relative, proximal=0.0):
-    """Target changes of retrainings from λ* and from a perturbed start (same weights), their
-    final gradient norms and the steady-state seconds of the second pass. With `proximal` > 0 both
-    passes start at λ* (the proximal centre) and the second takes 4 more Newton steps."""
+def distances(retrained, lam) -> np.ndarray:
+    """‖λ_retrained − λ*‖ of every retraining [B]."""
+    flat = jax.flatten_util.ravel_pytree(lam)[0]
+    return np.asarray(jax.vmap(lambda p: jnp.linalg.norm(jax.flatten_util.ravel_pytree(p)[0] - flat))(retrained.meta_params))
+
+
+def retrain_twice(setup, lam, weights, target, steps, relative, proximal=0.0, tol=1e-10, passes=2):
+    """Target changes of retrainings from λ* and from a start perturbed by `relative`·‖λ*‖ in a
+    random direction (same weights; with `proximal` > 0 the proximal centre stays λ*), their final
+    gradient norms, Newton steps, distances from λ*, and the seconds of the second pass."""
     problem, tasks = setup.problem, setup.train
     base = float(target(lam))
-    first = jax.block_until_ready(evaluation.retrain(problem, lam, tasks, weights, steps=steps, batch_size=8, proximal=proximal))
-    start = time.perf_counter()
-    if proximal > 0:
-        second = evaluation.retrain(problem, lam, tasks, weights, steps=steps + 4, batch_size=8, proximal=proximal)
-    else:
-        second = evaluation.retrain(problem, perturbed(lam, relative, 1), tasks, weights, steps=steps, batch_size=8)
-    jax.block_until_ready(second)
-    seconds = time.perf_counter() - start
-    changes = np.stack([np.asarray(evaluation.target_values(target, r)) - base for r in (first, second)])
-    norms = np.stack([np.asarray(r.grad_norm) for r in (first, second)])
-    return changes, norms, seconds
+    runs, seconds = [], 0.0
+    for k in range(passes):
+        start = time.perf_counter()
+        begin = lam if k == 0 else perturbed(lam, relative, k)
+        runs.append(jax.block_until_ready(evaluation.retrain(problem, begin, tasks, weights, steps=steps, batch_size=8,
+                                                             proximal=proximal, center=lam, tol=tol)))
+        seconds = time.perf_counter() - start
+    changes = np.stack([np.asarray(evaluation.target_values(target, r)) - base for r in runs])
+    norms = np.stack([np.asarray(r.grad_norm) for r in runs])
+    return {"changes": changes, "grad_norms": norms, "iterations": np.stack([np.asarray(r.iterations) for r in runs]),
+            "moved": np.stack([distances(r, lam) for r in runs])}, seconds
 
 
 def agreement(predicted, actual, ok) -> dict:
@@ -98,13 +110,22 @@ def run_variant(name: str, config, args, log) -> dict:
 
     # ---- ground truth
     truth = {}
+    kw = dict(steps=args.gt_steps, relative=args.perturb, proximal=args.proximal, tol=args.tol)
     t0 = time.perf_counter()
     task_index = np.arange(n) if not args.task_sample else np.sort(rng.choice(n, min(args.task_sample, n), replace=False))
     w = evaluation.removal_weights(n, m, q, "tasks", task_index)
-    changes, norms, seconds = retrain_twice(setup, lam, w, target, args.gt_steps, args.perturb, args.proximal)
-    truth["tasks"] = {"index": task_index, "changes": changes, "grad_norms": norms,
-                      "seconds_all": seconds * n / task_index.size}
-    log(f"  task LOO: {time.perf_counter() - t0:.0f}s, max grad norm {norms.max():.2e}, |change| median {np.median(np.abs(changes[0])):.2e}")
+    res, seconds = retrain_twice(setup, lam, w, target, **kw)
+    truth["tasks"] = {"index": task_index, **res, "seconds_all": seconds * n / task_index.size}
+    log(f"  task LOO: {time.perf_counter() - t0:.0f}s, max grad norm {res['grad_norms'].max():.2e}, Newton steps "
+        f"{np.median(res['iterations']):.0f} median / {res['iterations'].max()} max, |change| median {np.median(np.abs(res['changes'][0])):.2e}, "
+        f"moved median {np.median(res['moved'][0]):.3f} (‖λ*‖ = {float(np.linalg.norm(jax.flatten_util.ravel_pytree(lam)[0])):.2f})")
+    if args.epsilon > 0:  # lower each task's weight by ε instead of removing it
+        t0 = time.perf_counter()
+        w_eps = w._replace(tasks=1.0 - args.epsilon * (1.0 - w.tasks))
+        res, _ = retrain_twice(setup, lam, w_eps, target, passes=1, **kw)
+        truth["tasks_epsilon"] = {"index": task_index, "epsilon": args.epsilon, **res}
+        log(f"  task ε = {args.epsilon} down-weighting: {time.perf_counter() - t0:.0f}s, max grad norm {res['grad_norms'].max():.2e}, "
+            f"moved median {np.median(res['moved'][0]):.3f}")
     sample = {}
     for level, k in (("support", m), ("query", q)):
         flat = rng.choice(n * k, size=min(args.instance_sample, n * k), replace=False)
@@ -112,15 +133,20 @@ def run_variant(name: str, config, args, log) -> dict:
         sample[level] = pairs
         t0 = time.perf_counter()
         w = evaluation.removal_weights(n, m, q, level, pairs)
-        changes, norms, seconds = retrain_twice(setup, lam, w, target, args.gt_steps, args.perturb, args.proximal)
-        truth[level] = {"pairs": pairs, "changes": changes, "grad_norms": norms, "seconds_sample": seconds}
-        log(f"  {level} LOO ({len(pairs)}): {time.perf_counter() - t0:.0f}s, max grad norm {norms.max():.2e}, "
-            f"|change| median {np.median(np.abs(changes[0])):.2e}")
+        res, seconds = retrain_twice(setup, lam, w, target, **kw)
+        truth[level] = {"pairs": pairs, **res, "seconds_sample": seconds}
+        log(f"  {level} LOO ({len(pairs)}): {time.perf_counter() - t0:.0f}s, max grad norm {res['grad_norms'].max():.2e}, "
+            f"|change| median {np.median(np.abs(res['changes'][0])):.2e}")
     t0 = time.perf_counter()
     w, masks = evaluation.subset_weights(n, m, q, "tasks", 0.5, count=args.lds_subsets, seed=config.seed)
-    changes, norms, seconds = retrain_twice(setup, lam, w, target, args.gt_steps + 6, args.perturb, args.proximal)
-    truth["lds"] = {"masks": masks, "changes": changes, "grad_norms": norms}
-    log(f"  LDS subsets: {time.perf_counter() - t0:.0f}s, max grad norm {norms.max():.2e}")
+    res, seconds = retrain_twice(setup, lam, w, target, **kw)
+    truth["lds"] = {"masks": masks, **res}
+    log(f"  LDS subsets: {time.perf_counter() - t0:.0f}s, max grad norm {res['grad_norms'].max():.2e}, moved median {np.median(res['moved'][0]):.3f}")
+    # predicted displacement ‖I_λ(task)‖ (exact, damping δ = ρ) against the actual ‖λ_retrained − λ*‖
+    params_if = metaif.influence(setup.problem, lam, setup.train, solver=metaif.solvers.Dense(damping=args.proximal)).tasks
+    predicted = np.asarray(jax.vmap(lambda p: jnp.linalg.norm(jax.flatten_util.ravel_pytree(p)[0]))(params_if))
+    truth["tasks"]["predicted_moved"] = predicted[task_index]
+    log(f"  predicted ‖I_λ‖ median {np.median(predicted):.3f}; actual ‖Δλ‖ median {np.median(truth['tasks']['moved'][0]):.3f}")
     ceilings = {}
     for key in ("tasks", "support", "query", "lds"):
         ok = np.all(truth[key]["grad_norms"] < args.tol, axis=0)
@@ -145,6 +171,12 @@ def run_variant(name: str, config, args, log) -> dict:
         row = {"seconds_first": first, "seconds": steady, "info": scores.info}
         actual = truth["tasks"]["changes"][0]
         row["tasks"] = agreement(-scores.tasks[task_index], actual, truth["tasks"]["converged"])
+        if "tasks_epsilon" in truth:
+            eps_truth = truth["tasks_epsilon"]
+            ok = eps_truth["grad_norms"][0] < args.tol
+            row["tasks_epsilon"] = agreement(-eps_truth["epsilon"] * scores.tasks[task_index], eps_truth["changes"][0], ok)
+            row["tasks_epsilon"]["relative_error"] = float(np.linalg.norm(eps_truth["changes"][0] + eps_truth["epsilon"] * scores.tasks[task_index])
+                                                           / np.linalg.norm(eps_truth["changes"][0]))
         row["scores"] = {"tasks": scores.tasks}
         for level in ("support", "query"):
             pairs = truth[level]["pairs"]
@@ -187,16 +219,26 @@ def table(results: dict) -> str:
                  + ", ".join(f"{k} {ceil[k]['n_converged']}/{ceil[k]['n']}" for k in ("tasks", "support", "query", "lds"))
                  + ". Correlations below use the converged retrainings only (all retrainings: see the JSON).\n\n")
         c = lambda d, key: d.get(key + "_converged")
+        gt = res["ground_truth"]
+        tasks_gt = gt["tasks"]
+        text += (f"Retraining: Newton steps per task removal median {fmt(np.median(tasks_gt['iterations']))}, max "
+                 f"{fmt(np.max(tasks_gt['iterations']))}; distance moved ‖λ − λ*‖ median {fmt(np.median(tasks_gt['moved'][0]))} "
+                 f"(max {fmt(np.max(tasks_gt['moved'][0]))}) against the first-order prediction ‖I_λ‖ median "
+                 f"{fmt(np.median(tasks_gt['predicted_moved']))} (max {fmt(np.max(tasks_gt['predicted_moved']))}); "
+                 f"50%-subset retrainings moved {fmt(np.median(gt['lds']['moved'][0]))} (median).\n\n")
+        eps = gt.get("tasks_epsilon")
         header = ["method", "task LOO Pearson", "task LOO Spearman", "task LDS", "support LOO Spearman",
-                  "query LOO Spearman", "seconds", "× faster than task LOO", "× faster than example LOO"]
+                  "query LOO Spearman", f"task ε={eps['epsilon'] if eps else '–'} Spearman", "seconds",
+                  "× faster than task LOO", "× faster than example LOO"]
         rows = [["noise ceiling", c(ceil["tasks"], "pearson"), c(ceil["tasks"], "spearman"), c(ceil["lds"], "spearman"),
-                 c(ceil["support"], "spearman"), c(ceil["query"], "spearman"), "–", "–", "–"]]
+                 c(ceil["support"], "spearman"), c(ceil["query"], "spearman"), "–", "–", "–", "–"]]
         for label, row in res["methods"].items():
             if "error" in row:
-                rows.append([label, "failed", "", "", "", "", "", "", ""])
+                rows.append([label, "failed", "", "", "", "", "", "", "", ""])
                 continue
             rows.append([label, c(row["tasks"], "pearson"), c(row["tasks"], "spearman"), row["lds_converged"],
-                         c(row["support"], "spearman"), c(row["query"], "spearman"), row["seconds"], row["speedup_tasks"],
+                         c(row["support"], "spearman"), c(row["query"], "spearman"),
+                         c(row["tasks_epsilon"], "spearman") if "tasks_epsilon" in row else None, row["seconds"], row["speedup_tasks"],
                          row["speedup_examples"]])
         text += common.markdown_table(header, rows)
     return text

@@ -51,8 +51,9 @@ def test_retraining_ground_truth_matches_influence_derivative(trained):
     eps = 1e-4
     ones = metaif.Weights.ones(n, m, q, jnp.float64)
     weights = metaif.Weights(1.0 - eps * jnp.eye(n), *(jnp.broadcast_to(w, (n, *w.shape)) for w in ones[1:]))
-    changes, norms, _ = fidelity.retrain_twice(setup, lam, weights, target, steps=8, relative=1e-6)
-    assert changes.shape == norms.shape == (2, n)
+    res, _ = fidelity.retrain_twice(setup, lam, weights, target, steps=8, relative=1e-6)
+    changes, norms = res["changes"], res["grad_norms"]
+    assert changes.shape == norms.shape == res["moved"].shape == res["iterations"].shape == (2, n)
     assert np.all(norms < 1e-9)
     scores = methods.influence_methods()["IF Dense (exact)"](setup, lam, target)
     row = fidelity.agreement(-eps * scores.tasks, changes[0], np.ones(n, bool))
