@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench notebooks docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/core.py
+
+# Re-execute every notebook in place at full size (refreshes the committed outputs; ~15 min on 2 cores).
+notebooks: $(VENV)/.installed
+	$(PY) notebooks/run_all.py --size full
+
+# Regenerate docs/api.md from the docstrings (tests/test_docs.py fails when it is stale).
+docs: $(VENV)/.installed
+	$(PY) docs/build_api.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
