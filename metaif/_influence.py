@@ -254,8 +254,8 @@ def _target_gradient(target, meta_params):
 def _check_result(result, problem, meta_params, tasks) -> None:
     """Turn a silent NaN into an error naming its source, and warn when H + δI is not positive
     definite (both skipped under tracing)."""
-    warn_if_indefinite(result.solve)
     if not _validate.is_concrete(result.objective) or bool(jnp.isfinite(result.objective)):
+        warn_if_indefinite(result.solve)
         return
     weights = unit_weights(meta_params, tasks)
     check_finite_losses(problem, meta_params, tasks, weights, f"The meta-objective at meta_params is {float(result.objective)}")

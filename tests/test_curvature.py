@@ -136,7 +136,10 @@ def test_first_order_adaptation_is_identity_in_lambda():
     np.testing.assert_allclose(jac, jnp.eye(D), atol=0)
     along_a = lambda p: jax.jacfwd(lambda a: ravel(_objective.adapt_one(p, LAM, support, a))[0])(jnp.ones(M))
     np.testing.assert_allclose(along_a(problem_fo), along_a(PROBLEM), rtol=1e-12, atol=1e-14)
-    direct = metaif.influence(problem_fo, LAM, TASKS, target=lambda lam: jnp.sum(lam[0]["w"] ** 2))
+    # the first-order surrogate's Hessian is indefinite at this λ (the undamped default Dense says so)
+    with pytest.warns(metaif.solvers.IndefiniteCurvatureWarning, match="not positive definite"):
+        direct = metaif.influence(problem_fo, LAM, TASKS, target=lambda lam: jnp.sum(lam[0]["w"] ** 2))
+    assert bool(direct.solve.indefinite)
     assert np.all(np.isfinite(direct.tasks)) and np.all(np.isfinite(direct.support))
     with pytest.raises(TypeError, match="FirstOrder.base"):
         metaif.FirstOrder(first)
