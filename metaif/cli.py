@@ -70,7 +70,8 @@ CONFIG is a TOML file with any of these sections (missing keys take the demo's d
 unknown keys are an error that lists the valid ones):
   [data]      dataset = "digits" | "mnist" | "omniglot" | "mini-imagenet" | "fc100" | "npz",
               root = "/data" (default $METAIF_DATA), path = "my.npz" (npz: images [N,H,W(,C)], labels [N]),
-              sha256 = "..." (npz, checked), image_size, held_out = "auto" | "classes" | "images", held_fraction
+              sha256 = "..." (npz, checked), verify = true (checksums of the standard datasets),
+              image_size, held_out = "auto" | "classes" | "images", held_fraction
   [tasks]     ways, shots, queries, train, target, test, corrupt_tasks, flip_support, seed
   [model]     kind = "mlp" | "python", features (PCA, 0 = raw pixels), hidden = [8], module = "model.py",
               adapt = "maml" | "imaml", inner_steps, inner_lr, prox_reg, meta_reg
@@ -103,8 +104,9 @@ examples:
 
 BENCH_HELP = f"""\
 Runs the benchmark scripts of a source checkout (benchmarks/{{{','.join(BENCHMARKS)}}}.py), each in its
-own process, streaming their tables. Without --quick the full runs take tens of minutes each
-on a CPU and write benchmarks/results/*.json; with --quick each takes 1-3 minutes and only prints.
+own process, streaming their tables. Without --quick the full runs take tens of minutes each on a
+CPU and write benchmarks/results/*.json; with --quick each takes a few minutes (core and pairwise
+only print; solvers and scaling write their *_quick results). See benchmarks/README.md.
 
 examples:
   metaif bench --quick                  # all four, small
@@ -140,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     bench = sub.add_parser("bench", help="run the benchmarks and print their tables", description=BENCH_HELP, formatter_class=_FORMAT)
-    bench.add_argument("--quick", action="store_true", help="the small versions (1-3 minutes each), print only")
+    bench.add_argument("--quick", action="store_true", help="the small versions (a few minutes each)")
     bench.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME", help=f"some of {', '.join(BENCHMARKS)}")
     bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     _common(bench)
@@ -233,7 +235,7 @@ def _cmd_bench(args) -> int:
         command = [sys.executable, str(folder / f"{name}.py")] + (["--quick"] if args.quick else [])
         print(f"\n=== {name}: {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
-        code = subprocess.call(command, cwd=folder.parent)
+        code = subprocess.call(command, cwd=folder.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # stream tables
         print(f"=== {name}: exit {code} after {time.perf_counter() - start:.0f} s", flush=True)
         if code:
             failed.append(name)
@@ -251,6 +253,8 @@ def _paragraph(error: BaseException) -> str:
     if "must return a scalar" in text:
         text = ("the model's loss is not a scalar: " + text + " With [model] kind = \"python\", loss(params, meta_params, example) "
                 "gets ONE example and must return a single number.")
+    elif "verify=False" in text:  # a loader's checksum error: the config's spelling of the escape hatch
+        text = text.replace("Pass verify=False", "Set [data] verify = false in the config")
     elif isinstance(error, MemoryError):
         text = ("the run ran out of memory: " + text + " Set [influence] batch_size and [check] batch_size smaller, or "
                 "reduce [tasks] train or the model size.")

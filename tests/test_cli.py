@@ -163,6 +163,15 @@ def test_checksum_failure(capsys, tmp_path):
     assert code == cli.EXIT_FAILED and "checksum mismatch" in err and "download it again" in err
 
 
+def test_dataset_file_that_fails_its_checksum(capsys, tmp_path):
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + bytes(64))
+    config = write(tmp_path / "c.toml", f'[data]\ndataset = "mnist"\nroot = "{tmp_path}"\n')
+    code, _, err = run_main(capsys, "run", str(config), "--out", str(tmp_path / "out"))
+    assert code == cli.EXIT_FAILED and "checksum mismatch" in err and "train-images-idx3-ubyte" in err
+    assert "[data] verify = false" in err and "Traceback" not in err and err.count("\n") == 1
+
+
 def test_loss_that_is_not_scalar(capsys, tmp_path):
     module = write(tmp_path / "model.py", """\
         import jax, jax.numpy as jnp

@@ -24,6 +24,7 @@ class Data:
     path: str = ""                   # npz: file with images [N, H, W(, C)] and labels [N]
     sha256: str = ""                 # npz: expected sha256 of the file (checked when given)
     image_size: int = 0              # omniglot / mini-imagenet resize (0: the loader's default)
+    verify: bool = True              # check the dataset files' checksums
     held_out: str = "auto"           # auto | classes | images: how held-out tasks are kept apart
     held_fraction: float = 0.4       # fraction of classes or images held out (when not official)
 

@@ -110,12 +110,12 @@ def load_pools(config: Config) -> Pools:
         d = metaif.data.load_digits()
         return _split(d.images, d.labels, "images" if mode == "auto" else mode, data.held_fraction, seed, "scikit-learn digits (8×8)")
     if data.dataset == "mnist":
-        d = metaif.data.load_mnist(root)
+        d = metaif.data.load_mnist(root, verify=data.verify)
         if mode in ("auto", "images"):
             return Pools(d.images[d.train], d.labels[d.train], d.images[~d.train], d.labels[~d.train], "MNIST (official train / test images)")
         return _split(d.images, d.labels, mode, data.held_fraction, seed, "MNIST")
     if data.dataset == "omniglot":
-        d = metaif.data.load_omniglot(root, **({"size": data.image_size} if data.image_size else {}))
+        d = metaif.data.load_omniglot(root, verify=data.verify, **({"size": data.image_size} if data.image_size else {}))
         if mode == "auto":
             split = metaif.data.omniglot_split()
             train = np.isin(d.labels, split.train)
@@ -123,11 +123,12 @@ def load_pools(config: Config) -> Pools:
                          "Omniglot (1,200 meta-train / 423 meta-test classes)")
         return _split(d.images, d.labels, mode, data.held_fraction, seed, "Omniglot")
     if data.dataset == "mini-imagenet":
-        d = metaif.data.load_mini_imagenet(root, splits=("train", "test"), **({"size": data.image_size} if data.image_size else {}))
+        d = metaif.data.load_mini_imagenet(root, splits=("train", "test"), verify=data.verify,
+                                           **({"size": data.image_size} if data.image_size else {}))
         train = d.split == "train"
         return Pools(d.images[train], d.labels[train], d.images[~train], d.labels[~train], "Mini-ImageNet (train / test classes)")
     if data.dataset == "fc100":
-        d = metaif.data.load_fc100(root, splits=("train", "test"))
+        d = metaif.data.load_fc100(root, splits=("train", "test"), verify=data.verify)
         train = d.split == "train"
         return Pools(d.images[train], d.labels[train], d.images[~train], d.labels[~train], "FC100 (train / test superclasses)")
     images, labels = _npz(data)
