@@ -282,7 +282,11 @@ def main(argv=None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         error("interrupted. Finished stages and chunks are saved; rerun the same command to continue where it stopped.")
-        return EXIT_INTERRUPTED
+        # Leave at once: every checkpoint is already on disk (fsynced), and tearing the interpreter
+        # down under an interrupted XLA compilation can crash (seen as SIGSEGV with jaxlib 0.10.2).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     except Exception as exc:  # one paragraph for people; the traceback with --debug
         if args.debug:
             raise
