@@ -35,7 +35,10 @@ def extra(parser):
     parser.add_argument("--datasets", default="mnist,omniglot")
     parser.add_argument("--task-fraction", type=float, default=0.2)
     parser.add_argument("--support-fraction", type=float, default=0.2)
-    parser.add_argument("--loo-steps", type=int, default=10)
+    parser.add_argument("--loo-steps", type=int, default=60, help="most trust-region Newton steps per leave-one-out retraining")
+    parser.add_argument("--tol", type=float, default=1e-10, help="retraining stops at this ‖∇F(λ; w)‖")
+    parser.add_argument("--proximal", type=float, default=0.0,
+                        help="ρ > 0: harm judged by proximal retraining (F + ρ/2‖λ − λ*‖²) and influence with damping δ = ρ")
     parser.add_argument("--example-sample", type=int, default=16, help="flipped and clean support examples retrained each")
 
 
@@ -47,8 +50,8 @@ def corrupted_setup(config, level, fraction):
     return setup._replace(train=tasks), mask
 
 
-def all_scores(setup, lam, val_loss, level):
-    table = {**methods.influence_methods(), **methods.baseline_methods()}
+def all_scores(setup, lam, val_loss, level, damping=0.0):
+    table = {**methods.influence_methods(damping), **methods.baseline_methods(damping)}
     out = {}
     for label in SCORERS:
         scores, _, seconds = methods.run_timed(table[label], setup, lam, val_loss)
@@ -79,8 +82,9 @@ def run(config, args, log) -> dict:
     trained = common.meta_train(setup, log)
     lam = trained.meta_params
     val_loss = common.mean_loss(setup, setup.val)
-    scores = all_scores(setup, lam, val_loss, "tasks")
-    changes, norms = evaluation.leave_one_out(setup.problem, lam, setup.train, "tasks", None, val_loss, steps=args.loo_steps)
+    scores = all_scores(setup, lam, val_loss, "tasks", args.proximal)
+    changes, norms = evaluation.leave_one_out(setup.problem, lam, setup.train, "tasks", None, val_loss, steps=args.loo_steps, tol=args.tol,
+                                              proximal=args.proximal)
     changes = np.asarray(changes)
     harmful = changes < 0  # removing the task lowers the validation loss
     res = detect(scores, mask, harmful)
@@ -101,13 +105,14 @@ def run(config, args, log) -> dict:
     trained = common.meta_train(setup, log)
     lam = trained.meta_params
     val_loss = common.mean_loss(setup, setup.val)
-    scores = all_scores(setup, lam, val_loss, "support")
+    scores = all_scores(setup, lam, val_loss, "support", args.proximal)
     rng = np.random.default_rng(config.seed)
     flipped, clean = np.argwhere(mask), np.argwhere(~mask)
     k = args.example_sample
     sample = np.concatenate([flipped[rng.choice(len(flipped), min(k, len(flipped)), replace=False)],
                              clean[rng.choice(len(clean), min(k, len(clean)), replace=False)]])
-    changes, norms = evaluation.leave_one_out(setup.problem, lam, setup.train, "support", sample, val_loss, steps=args.loo_steps)
+    changes, norms = evaluation.leave_one_out(setup.problem, lam, setup.train, "support", sample, val_loss, steps=args.loo_steps, tol=args.tol,
+                                              proximal=args.proximal)
     changes = np.asarray(changes)
     harmful = changes < 0
     sample_flipped = mask[sample[:, 0], sample[:, 1]]

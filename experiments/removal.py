@@ -27,6 +27,7 @@ import metaif
 from metaif import evaluation
 
 import methods
+from fidelity import distances as fidelity_distance
 
 RANKERS = ("IF Dense (exact)", "IF CG", "Direct-IF", "single-level IF", "TracIn (grad dot)", "TRAK (k=32)", "raw loss", "random")
 
@@ -34,8 +35,11 @@ RANKERS = ("IF Dense (exact)", "IF CG", "Direct-IF", "single-level IF", "TracIn 
 def extra(parser):
     parser.add_argument("--datasets", default="omniglot,mnist,digits")
     parser.add_argument("--fraction", type=float, default=0.4)
-    parser.add_argument("--retrain-steps", type=int, default=15)
-    parser.add_argument("--loo-steps", type=int, default=10)
+    parser.add_argument("--retrain-steps", type=int, default=80, help="most trust-region Newton steps per retraining")
+    parser.add_argument("--loo-steps", type=int, default=60, help="most Newton steps per leave-one-out retraining")
+    parser.add_argument("--tol", type=float, default=1e-10, help="retraining stops at this ‖∇F(λ; w)‖")
+    parser.add_argument("--proximal", type=float, default=0.0,
+                        help="ρ > 0: proximal retraining (F + ρ/2‖λ − λ*‖²) and influence with damping δ = ρ for rankings and edits")
     parser.add_argument("--no-oracle", action="store_true", help="skip the leave-one-out oracle ranking (large n)")
 
 
@@ -60,11 +64,12 @@ def run_dataset(config, args, log) -> dict:
     n, m, q = tasks.n_tasks, tasks.n_support, tasks.n_query
     val_loss, test_loss = common.mean_loss(setup, setup.val), common.mean_loss(setup, setup.test)
     base = evaluate(setup, lam, test_loss)
-    out = {"setup": common.describe_setup(setup, trained), "base": base, "rows": []}
+    out = {"setup": common.describe_setup(setup, trained), "base": base, "rows": [], "proximal": args.proximal}
     log(f"  base: {base}")
 
     # I_λ of every datum (for edits), timed
-    params_if, first, steady = methods.run_timed(lambda s, l, f: metaif.influence(s.problem, l, s.train), setup, lam, None)
+    solver = metaif.solvers.Dense(damping=args.proximal)
+    params_if, first, steady = methods.run_timed(lambda s, l, f: metaif.influence(s.problem, l, s.train, solver=solver), setup, lam, None)
     out["influence_params_seconds"] = steady
 
     # LOO oracle and the cost of retraining every task (steady state of the second pass)
@@ -73,16 +78,18 @@ def run_dataset(config, args, log) -> dict:
         changes, norms = np.full(n, np.nan), np.full(n, np.nan)
     else:
         changes, norms = jax.block_until_ready(
-            evaluation.leave_one_out(problem, lam, tasks, "tasks", None, val_loss, steps=args.loo_steps))
+            evaluation.leave_one_out(problem, lam, tasks, "tasks", None, val_loss, steps=args.loo_steps, tol=args.tol,
+                                     proximal=args.proximal))
     loo_first = time.perf_counter() - start
     start = time.perf_counter()
-    jax.block_until_ready(evaluation.leave_one_out(problem, lam, tasks, "tasks", np.arange(8), val_loss, steps=args.loo_steps))
+    jax.block_until_ready(evaluation.leave_one_out(problem, lam, tasks, "tasks", np.arange(8), val_loss, steps=args.loo_steps,
+                                                   tol=args.tol, proximal=args.proximal))
     loo_all = (time.perf_counter() - start) * n / 8
     out["loo"] = {"changes": changes, "grad_norms": norms, "seconds_all": loo_all, "seconds_first": loo_first}
     log(f"  LOO oracle: {loo_first:.0f}s, max grad norm {float(np.max(norms)):.2e}, all-task LOO steady ≈ {loo_all:.1f}s")
 
     rankings = {} if args.no_oracle else {"LOO oracle": (methods.Scores(-np.asarray(changes), None, None, {}), loo_all)}
-    all_methods = {**methods.influence_methods(), **methods.baseline_methods()}
+    all_methods = {**methods.influence_methods(args.proximal), **methods.baseline_methods(args.proximal)}
     for label in RANKERS:
         scores, _, seconds = methods.run_timed(all_methods[label], setup, lam, val_loss)
         rankings[label] = (scores, seconds)
@@ -96,14 +103,16 @@ def run_dataset(config, args, log) -> dict:
             weights = evaluation.remaining_weights(tasks, removed)
             start = time.perf_counter()
             retrained = jax.block_until_ready(evaluation.retrain(problem, lam, tasks, metaif.Weights(*(w[None] for w in weights)),
-                                                                 steps=args.retrain_steps, batch_size=None))
+                                                                 steps=args.retrain_steps, batch_size=None, tol=args.tol,
+                                                                 proximal=args.proximal))
             retrain_seconds = time.perf_counter() - start
             lam_r = jax.tree.map(lambda x: x[0], retrained.meta_params)
             edited = evaluation.edit(lam, params_if, removed, problem=problem, tasks=tasks)
-            polished = evaluation.edit(lam, params_if, removed, problem=problem, tasks=tasks, steps=2)
+            polished = evaluation.edit(lam, params_if, removed, problem=problem, tasks=tasks, steps=2)  # plain Newton steps
             unlearned = evaluation.unlearn(problem, lam, tasks, removed, steps=5, lr=0.5)
             row = {"level": level, "method": label, "score_seconds": seconds, "retrain_seconds": retrain_seconds,
-                   "retrain_grad_norm": float(retrained.grad_norm[0]), "edit_grad_norm": float(edited.grad_norm),
+                   "retrain_grad_norm": float(retrained.grad_norm[0]), "retrain_iterations": int(retrained.iterations[0]),
+                   "retrain_moved": float(fidelity_distance(retrained, lam)[0]), "edit_grad_norm": float(edited.grad_norm),
                    "retrained": evaluate(setup, lam_r, test_loss), "edited": evaluate(setup, edited.meta_params, test_loss),
                    "edited+2 Newton": evaluate(setup, polished.meta_params, test_loss),
                    "unlearned": evaluate(setup, unlearned.meta_params, test_loss)}
@@ -127,14 +136,17 @@ def table(results: dict) -> str:
                  f"n = {s['config']['n_train']}, d = {s['d']}, ‖∇F‖ = {fmt(s['grad_norm'])}\n\n"
                  f"Before removal: test accuracy {fmt(b['test_accuracy'], 4)}, test loss {fmt(b['test_loss'], 4)}. "
                  f"All-task LOO retraining ≈ {fmt(res['loo'].get('seconds_all_corrected', res['loo']['seconds_all']), 1)} s "
-                 f"(exact Newton, {int(np.sum(np.asarray(res['loo']['grad_norms']) < 1e-8))} of {len(res['loo']['grad_norms'])} "
+                 f"(exact trust-region Newton{', proximal ρ = ' + str(res['proximal']) if res.get('proximal') else ''}, "
+                 f"{int(np.sum(np.asarray(res['loo']['grad_norms']) < 1e-8))} of {len(res['loo']['grad_norms'])} "
                  f"converged to ‖∇F‖ < 1e-8); I_λ of every datum "
                  f"{fmt(res['influence_params_seconds'])} s.\n\n")
-        header = ["level", "ranking", "acc retrained", "retrained ‖∇F‖", "acc edited", "acc edited+2 Newton", "acc unlearned",
-                  "edit − retrain (points)", "edit recovery of Δ test loss", "score s", "× faster than all-task LOO"]
+        header = ["level", "ranking", "acc retrained", "retrained ‖∇F‖", "retrained ‖λ − λ*‖", "acc edited", "acc edited+2 Newton",
+                  "acc unlearned", "edit − retrain (points)", "Δ test loss retrained", "Δ test loss edited",
+                  "edit recovery of Δ test loss", "score s", "× faster than all-task LOO"]
         loo_all = res["loo"].get("seconds_all_corrected", res["loo"]["seconds_all"])
-        rows = [[r["level"], r["method"], r["retrained"]["test_accuracy"], r["retrain_grad_norm"], r["edited"]["test_accuracy"],
-                 r["edited+2 Newton"]["test_accuracy"], r["unlearned"]["test_accuracy"], r["edit_gap_points"],
+        rows = [[r["level"], r["method"], r["retrained"]["test_accuracy"], r["retrain_grad_norm"], r.get("retrain_moved"),
+                 r["edited"]["test_accuracy"], r["edited+2 Newton"]["test_accuracy"], r["unlearned"]["test_accuracy"],
+                 r["edit_gap_points"], r["retrained"]["test_loss"] - b["test_loss"], r["edited"]["test_loss"] - b["test_loss"],
                  r["edit_recovery"], r["score_seconds"] if r["method"] != "LOO oracle" else loo_all,
                  loo_all / r["score_seconds"] if r["method"] != "LOO oracle" else 1.0] for r in res["rows"]]
         text += common.markdown_table(header, rows)
