@@ -76,6 +76,11 @@ def summarize(r: dict) -> dict:
         "damping": float(config.edit.damping), "edit_grad_norm": float(e["edit_grad_norm"]), "retrain_grad_norm": np.asarray(e["retrain_grad_norm"]).tolist(),
     }
     spectrum, refined, adam = r["spectrum"], r["refined"], r["adam"]
+    explanation = metaif.explain.top_k(scores["tasks"], min(config.report.top_k, r["n"]), level="tasks")
+    loo_task = dict(zip(r["samples"]["tasks"].tolist(), r["actual"]["tasks"].tolist()))
+    ranked = lambda side: [{"task": int(i), "influence": float(v), "raw_loss": float(base["tasks"][i]),
+                            "corrupted": bool(task_mask[i]), "actual_change_if_removed": loo_task.get(int(i))}
+                           for (i,), v in zip(side.index, side.score)]
     return {
         "command": r.get("command", ""), "dataset": str(data["source"]), "n_tasks": r["n"], "n_support": r["m"], "n_query": r["q"],
         "ways": config.tasks.ways, "d": r["d"], "device": device_caption(),
@@ -90,6 +95,7 @@ def summarize(r: dict) -> dict:
         "accuracy": {"train": float(spectrum["train_accuracy"]), "test": float(spectrum["test_accuracy"]),
                      "test_adam_only": float(spectrum["adam_test_accuracy"]), "target_loss": float(spectrum["target_loss"])},
         "fidelity": fidelity, "detection": detection, "edit": edit,
+        "most_harmful_tasks": ranked(explanation.opponents), "most_helpful_tasks": ranked(explanation.proponents),
         "timings_s": {k: round(float(v), 3) for k, v in r["timings"].items()}, "reused_stages": sorted(set(r["reused"])),
         "wall_s": round(float(r["wall"]), 2),
         "memory": {"estimated_peak_gib": r["estimate"]["peak"] / 1024 ** 3,
@@ -348,6 +354,16 @@ def write_reports(out: Path, summary: dict, made: list[tuple[str, str]], config)
              "leave-one-out retraining checks (predicted vs actual), and a corrupted datum need not hurt that loss, while "
              "random labels always raise a datum's own loss (the raw-loss baseline).\n")
     md = [f"# metaif report: {config.run.name}\n", intro, "## Summary\n", _markdown_table(table)]
+    task_rows = []
+    for title, key in (("Most harmful tasks (removal lowers the held-out loss)", "most_harmful_tasks"),
+                       ("Most helpful tasks (removal raises the held-out loss)", "most_helpful_tasks")):
+        lines = [f"### {title}\n", "| task | influence | predicted change if removed | actual change (retrained) | raw loss | corrupted |",
+                 "|---|---|---|---|---|---|"]
+        lines += [f"| {t['task']} | {t['influence']:+.3e} | {-t['influence']:+.3e} | "
+                  f"{'' if t['actual_change_if_removed'] is None else format(t['actual_change_if_removed'], '+.3e')} | "
+                  f"{t['raw_loss']:.3f} | {'yes' if t['corrupted'] else 'no'} |" for t in summary[key]]
+        task_rows.append("\n".join(lines) + "\n")
+    md += task_rows
     md += ["## Figures\n"] + [f"![{name}]({name})\n\n{caption}\n" for name, caption in made]
     md += ["## Files\n", "`scores_tasks.csv`, `scores_support.csv`, `scores_query.csv`, `scores.json` (all scores, the "
            "leave-one-out sample), `summary.json` (every number above), `config.toml` (the full config), `checkpoints/` "
@@ -363,13 +379,20 @@ def write_reports(out: Path, summary: dict, made: list[tuple[str, str]], config)
         f"<tr><td>{html.escape(r[0])}</td><td class=v>{html.escape(r[1])}</td><td>{html.escape(r[2])}</td></tr>" for r in table)
     figs = "".join(f"<figure><img src='data:image/png;base64,{img(name)}' alt='{name}'><figcaption>{html.escape(caption)}"
                    "</figcaption></figure>" for name, caption in made)
+    tasks_html = "".join(
+        f"<h3>{html.escape(title)}</h3><table><tr><td>task</td><td>influence</td><td>actual change if removed</td><td>raw loss</td>"
+        "<td>corrupted</td></tr>" + "".join(
+            f"<tr><td>{t['task']}</td><td class=v>{t['influence']:+.3e}</td><td class=v>"
+            f"{'' if t['actual_change_if_removed'] is None else format(t['actual_change_if_removed'], '+.3e')}</td>"
+            f"<td class=v>{t['raw_loss']:.3f}</td><td>{'yes' if t['corrupted'] else 'no'}</td></tr>" for t in summary[key])
+        + "</table>" for title, key in (("Most harmful tasks", "most_harmful_tasks"), ("Most helpful tasks", "most_helpful_tasks")))
     intro_html = html.escape(intro).replace("`", "").replace("  \n", "<br>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>metaif report: {html.escape(config.run.name)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
 td{{padding:3px 10px;border-bottom:1px solid #eee;font-size:14px}}td.v{{text-align:right;font-family:monospace}}
 td.sep{{border-bottom:2px solid #ccc;padding:0}}img{{max-width:100%}}figcaption{{font-size:13px;color:#555}}</style></head>
 <body><h1>metaif report: {html.escape(config.run.name)}</h1><p>{intro_html}</p><h2>Summary</h2><table>{cells}</table>
-<h2>Figures</h2>{figs}<h2>Config</h2><pre>{html.escape(to_toml(config))}</pre></body></html>"""
+<h2>Tasks</h2>{tasks_html}<h2>Figures</h2>{figs}<h2>Config</h2><pre>{html.escape(to_toml(config))}</pre></body></html>"""
     atomic_write(out / "report.html", page.encode())
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 _PACKAGE = Path(__file__).resolve().parents[1]
+# Files that only present results (terminal, report, command line): changing them recomputes nothing.
+_PRESENTATION = {"cli.py", "demo.py", "__main__.py", "_run/report.py", "_run/ui.py"}
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -33,6 +35,8 @@ def code_version() -> str:
         return f"{__version__}+{os.environ['METAIF_CODE_VERSION']}"
     digest = hashlib.sha256(__version__.encode())
     for path in sorted(_PACKAGE.rglob("*.py")):
+        if path.relative_to(_PACKAGE).as_posix() in _PRESENTATION:
+            continue
         digest.update(path.relative_to(_PACKAGE).as_posix().encode())
         digest.update(path.read_bytes())
     return f"{__version__}+{digest.hexdigest()[:16]}"
