@@ -27,6 +27,8 @@ Usage (from the repository root):
     .venv/bin/python benchmarks/solvers.py            # full run (≲ 20 min on a loaded 2-core CPU)
     .venv/bin/python benchmarks/solvers.py --quick    # one problem, short grids (< 3 min)
     .venv/bin/python benchmarks/solvers.py --problems mlp-maml --out /tmp/x.json
+    .venv/bin/python benchmarks/solvers.py --defaults   # the solvers' no-argument defaults (mlp-maml)
+    .venv/bin/python benchmarks/solvers.py --ekfac      # Proximal's inner solves: CG, EK-FAC (mlp-imaml)
 
 Runs unchanged on GPU/TPU (float64 everywhere).
 """
@@ -46,6 +48,7 @@ import jax.flatten_util  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
@@ -170,8 +173,8 @@ def configurations(problem, loss, grid: str):
     gn = loss.gauss_newton()
     out = []
     add = lambda *row: out.append(row)
-    add("CG() default (undamped)", "default", None, S.CG(), None, problem)
-    add(f"CG(damping={DELTA:g})", "default", None, S.CG(damping=DELTA), None, problem)
+    add("CG(damping=0) (the default until 2026-11; undamped)", "default", None, S.CG(damping=0.0, maxiter=100), None, problem)
+    add(f"CG(damping={DELTA:g})", "default", None, S.CG(damping=DELTA, maxiter=100), None, problem)
     for it in CG_MAXITER[grid]:
         add(f"CG maxiter={it}", "CG", it, S.CG(maxiter=it, tol=1e-12, damping=DELTA), None, problem)
     for it in PCG_MAXITER[grid]:
@@ -188,15 +191,15 @@ def configurations(problem, loss, grid: str):
         add(f"LowRank rank={r}", "LowRank", r, S.LowRank(rank=r, damping=DELTA), None, problem)
     add("Identity", "Identity", None, S.Identity(damping=DELTA), None, problem)
     for delta in DAMPINGS[grid]:
-        add(f"CG(damping={delta:g})", "damping", delta, S.CG(damping=delta), None, problem)
+        add(f"CG(damping={delta:g})", "damping", delta, S.CG(damping=delta, maxiter=100), None, problem)
     # Curvature options: dense twin (the option's own error) and with CG (errors added).
     for name, curv in (("Truncated", C.Truncated()), ("Gamma", C.Gamma()), ("GaussNewton", gn)):
         add(f"{name} + Dense", "curvature-dense", name, S.Dense(damping=DELTA), curv, problem)
         if CURVATURE_CG[grid] or name == "GaussNewton":
-            add(f"{name} + CG", "curvature-cg", name, S.CG(damping=DELTA), curv, problem)
+            add(f"{name} + CG", "curvature-cg", name, S.CG(damping=DELTA, maxiter=100), curv, problem)
     add("Direct-IF (FirstOrder) + Dense", "curvature-dense", "Direct-IF", S.Dense(damping=DELTA), None, fo)
     if CURVATURE_CG[grid]:
-        add("Direct-IF (FirstOrder) + CG", "curvature-cg", "Direct-IF", S.CG(damping=DELTA), None, fo)
+        add("Direct-IF (FirstOrder) + CG", "curvature-cg", "Direct-IF", S.CG(damping=DELTA, maxiter=100), None, fo)
     return out
 
 
@@ -262,11 +265,9 @@ def spectrum(name, spec, log):
     return record
 
 
-def run_problem(name, spec, quick, log):
-    record, problem, pure, loss, train, test, lam = trained_problem(name, spec, log)
-    d, n, m, q = record["d"], record["n_tasks"], record["n_support"], record["n_query"]
-
-    target = lambda lam: metaif.task_losses(problem, lam, test).mean()
+def cost_units(record, problem, lam, train, log):
+    """Records the warm time of one jitted ∇F (`gradient_s`), one Hessian-vector product in
+    gradients (`hvp_over_gradient`) and λ_max(H) (`max_eigenvalue`); returns gradient_s."""
     grad_fn = jax.jit(jax.grad(lambda lam: metaif.meta_objective(problem, lam, train)))
     _, grad_s, _ = timed(lambda: grad_fn(lam), max_repeats=200, min_total_s=0.3)
     record["gradient_s"] = grad_s
@@ -284,9 +285,18 @@ def run_problem(name, spec, quick, log):
         pairs.append((t1 - t0, now() - t1))
     record["hvp_over_gradient"] = min(h for _, h in pairs) / min(g for g, _ in pairs)
     log(f"  one Hessian-vector product = {record['hvp_over_gradient']:.2f} gradients (interleaved minimum of 30)")
-    top = S.lanczos_eigenvalues(hvp_fn, lam, k=1, which="largest", iterations=min(d, 40)).values
+    top = S.lanczos_eigenvalues(hvp_fn, lam, k=1, which="largest", iterations=min(record["d"], 40)).values
     record["max_eigenvalue"] = float(top[0])
     log(f"  largest eigenvalue of H: {record['max_eigenvalue']:.4g}")
+    return grad_s
+
+
+def run_problem(name, spec, quick, log):
+    record, problem, pure, loss, train, test, lam = trained_problem(name, spec, log)
+    d, n, m, q = record["d"], record["n_tasks"], record["n_support"], record["n_query"]
+
+    target = lambda lam: metaif.task_losses(problem, lam, test).mean()
+    grad_s = cost_units(record, problem, lam, train, log)
 
     first, warm, ref = timed(lambda: metaif.influence(problem, lam, train, target=target, solver=S.Dense(damping=DELTA)))
     min_eig = float(ref.solve.min_eigenvalue)
@@ -381,6 +391,150 @@ def run_problem(name, spec, quick, log):
     return record
 
 
+# ----------------------------------------------------------------------------- library defaults
+
+
+def default_rows(problem):
+    """(name, solver, products): the solvers as constructed with no arguments (δ = 1e-4·λ_max),
+    variants around them, and the former undamped default. `products`: Hessian-vector products per
+    target given the iterations it reports (prepare + solve; the residual check not counted)."""
+    lanczos = S._damping.ESTIMATE_STEPS
+    return [
+        ("CG()", S.CG(), lambda d, it: lanczos + it),
+        ("CG(maxiter=24)", S.CG(maxiter=24), lambda d, it: lanczos + it),
+        ("CG(maxiter=32)", S.CG(maxiter=32), lambda d, it: lanczos + it),
+        ("CG(preconditioner='lowrank', maxiter=4)", S.CG(preconditioner="lowrank", maxiter=4),
+         lambda d, it: lanczos + min(d, 2 * min(16, d) + 20) + it),
+        ("Neumann()", S.Neumann(), lambda d, it: min(20, d) + it),
+        ("LiSSA()", S.LiSSA(), lambda d, it: min(20, d) + it * 8 / problem["n"]),
+        ("LowRank()", S.LowRank(), lambda d, it: min(d, 2 * 20 + 20)),
+        ("LowRank(rank=100)", S.LowRank(rank=100), lambda d, it: min(d, 2 * 100 + 20)),
+        ("Identity()", S.Identity(), lambda d, it: 0),
+        ("CG(damping=0, maxiter=100) (former default)", S.CG(damping=0.0, maxiter=100), lambda d, it: it),
+        ("Dense() (exact, undamped)", S.Dense(), lambda d, it: d),
+    ]
+
+
+def run_defaults(name, spec, log):
+    """Every solver constructed with no arguments against its exact dense twin
+    `Dense(damping=None)` (the same δ = 1e-4·λ_max(H)) and against the study's reference
+    `Dense(damping=DELTA)`: Spearman and relative error of task, support and query scores, the
+    damping used, Hessian-vector products, and meta-gradient evaluations per target."""
+    record, problem, pure, loss, train, test, lam = trained_problem(name, spec, log)
+    d = record["d"]
+    target = lambda lam: metaif.task_losses(problem, lam, test).mean()
+    grad_s = cost_units(record, problem, lam, train, log)
+    ratio = record["hvp_over_gradient"]
+    refs = {}
+    for key, solver in (("twin", S.Dense(damping=None)), ("study", S.Dense(damping=DELTA))):
+        out = metaif.influence(problem, lam, train, target=target, solver=solver)
+        refs[key] = {level: np.asarray(getattr(out, level)) for level in LEVELS}
+        record[f"reference_{key}"] = dict(solver=repr(solver), damping=float(out.solve.damping),
+                                          min_eigenvalue=float(out.solve.min_eigenvalue))
+    twin_delta = record["reference_twin"]["damping"]
+    record["twin_vs_study"] = {level: metrics.spearman(refs["twin"][level], refs["study"][level]) for level in LEVELS}
+    log(f"  Dense(damping=None): δ = {twin_delta:.3g} (1e-4·λ_max); its scores vs Dense(damping={DELTA:g}): task "
+        f"Spearman {record['twin_vs_study']['tasks']:.3f}; λ_min(H) = {record['reference_twin']['min_eigenvalue']:.3g}")
+    # the evidence for RELATIVE_DAMPING: the exact solve at δ = ρ·λ_max against the study's δ, and
+    # 16 and 24 CG products against that exact solve
+    largest = record["max_eigenvalue"]
+    record["relative_damping_sweep"] = []
+    for rho in (1e-5, 1e-4, 1e-3):
+        exact = metaif.influence(problem, lam, train, target=target, solver=S.Dense(damping=rho * largest))
+        entry = dict(rho=rho, damping=rho * largest, exact_vs_study={
+            level: metrics.spearman(np.asarray(getattr(exact, level)), refs["study"][level]) for level in LEVELS})
+        for it in (16, 24):
+            cg = metaif.influence(problem, lam, train, target=target, solver=S.CG(damping=rho * largest, maxiter=it))
+            entry[f"cg{it}_vs_exact"] = {level: metrics.spearman(np.asarray(getattr(cg, level)),
+                                                                 np.asarray(getattr(exact, level))) for level in LEVELS}
+        record["relative_damping_sweep"].append(entry)
+        log(f"  ρ = {rho:g} (δ = {rho * largest:.3g}): exact vs δ = {DELTA:g}: task Spearman "
+            f"{entry['exact_vs_study']['tasks']:.3f}; CG 16 / 24 products vs exact: {entry['cg16_vs_exact']['tasks']:.3f} / "
+            f"{entry['cg24_vs_exact']['tasks']:.3f}")
+    log(f"  {'configuration':44s} {'δ':>9s} {'twin t/s/q':>20s} {'δ=1e-2 t/s/q':>20s} {'re_task':>8s} {'hvps':>6s} "
+        f"{'grads':>6s} {'x_grad':>7s} {'time_s':>7s} conv")
+    rows = []
+    for cname, solver, products in default_rows(dict(n=record["n_tasks"])):
+        first, warm, out = timed(lambda: metaif.influence(problem, lam, train, target=target, solver=solver))
+        scores = {level: np.asarray(getattr(out, level)) for level in LEVELS}
+        hvps = float(products(d, int(out.solve.iterations)))
+        row = dict(name=cname, solver=repr(solver), damping=float(out.solve.damping),
+                   spearman_vs_twin={level: metrics.spearman(scores[level], refs["twin"][level]) for level in LEVELS},
+                   spearman_vs_study={level: metrics.spearman(scores[level], refs["study"][level]) for level in LEVELS},
+                   rel_error_vs_twin={level: relative_error(scores[level], refs["twin"][level]) for level in LEVELS},
+                   iterations=int(out.solve.iterations), hvps=hvps,
+                   # products + the residual check + the score pass (about one product), plus ∇f
+                   gradient_evaluations=(hvps + 2) * ratio + 1,
+                   time_s=warm, compile_s=first - warm, x_grad=warm / grad_s,
+                   relative_residual=float(out.solve.relative_residual), converged=bool(out.solve.converged),
+                   indefinite=bool(out.solve.indefinite))
+        rows.append(row)
+        tw, st = row["spearman_vs_twin"], row["spearman_vs_study"]
+        log(f"  {cname:44s} {row['damping']:9.2e} {tw['tasks']:6.3f}/{tw['support']:.3f}/{tw['query']:.3f} "
+            f"{st['tasks']:6.3f}/{st['support']:.3f}/{st['query']:.3f} {row['rel_error_vs_twin']['tasks']:8.1e} "
+            f"{hvps:6.0f} {row['gradient_evaluations']:6.1f} {row['x_grad']:7.1f} {warm:7.3f} "
+            f"{'y' if row['converged'] else 'n'}{'!' if row['indefinite'] else ''}")
+    record["configurations"] = rows
+    return record
+
+
+# ----------------------------------------------------------------------------- EK-FAC inner solves
+
+
+def run_ekfac(name, spec, log):
+    """Implicit adaptation (`Proximal`) with its inner solves by "cg" (the default, tolerance
+    1e-10: exact to that level, the reference; "dense" costs d inner products per solve, too slow
+    inside d outer products) and by "ekfac", at the same λ and with the same outer solve
+    `Dense(damping=δ)`, δ = max(DELTA, 2|λ_min(H)|) so that H + δI is positive definite; plus the
+    error of the EK-FAC inner solve itself against the exact inner Hessian on random vectors."""
+    record, problem, pure, loss, train, test, lam = trained_problem(name, spec, log)
+    target = lambda lam: metaif.task_losses(problem, lam, test).mean()
+    adapt = problem.adapt
+    variants = {inner: metaif.BilevelProblem(problem.inner_loss, problem.outer_loss,
+                                             dataclasses.replace(adapt, inner_solve=inner), problem.meta_reg)
+                for inner in ("cg", "ekfac")}
+    probe = metaif.influence(variants["cg"], lam, train, target=target, solver=S.Dense(damping=10.0))
+    smallest = float(probe.solve.min_eigenvalue)
+    delta = max(DELTA, 2 * abs(min(smallest, 0.0)))
+    record.update(min_eigenvalue=smallest, damping=delta)
+    log(f"  λ_min(H) = {smallest:.3g}: outer damping δ = {delta:.3g}")
+    results, rows = {}, []
+    for inner, prob in variants.items():
+        first, warm, out = timed(lambda: metaif.influence(prob, lam, train, target=target, solver=S.Dense(damping=delta)))
+        results[inner] = {level: np.asarray(getattr(out, level)) for level in LEVELS}
+        rows.append(dict(inner_solve=inner, time_s=warm, compile_s=first - warm, converged=bool(out.solve.converged)))
+    for row in rows:
+        scores = results[row["inner_solve"]]
+        row["spearman"] = {level: metrics.spearman(scores[level], results["cg"][level]) for level in LEVELS}
+        row["rel_error"] = {level: relative_error(scores[level], results["cg"][level]) for level in LEVELS}
+        sp, re = row["spearman"], row["rel_error"]
+        log(f"  inner_solve={row['inner_solve']!r:8s} Spearman t/s/q {sp['tasks']:.3f} / {sp['support']:.3f} / "
+            f"{sp['query']:.3f}, rel. error {re['tasks']:.2e} / {re['support']:.2e} / {re['query']:.2e}; "
+            f"warm {row['time_s']:.2f} s, compile {row['compile_s']:.1f} s")
+    record["configurations"] = rows
+    # the inner solve alone: (G_EKFAC + reg·I)⁻¹u against (∇²_θθ L_I)⁻¹u on 8 tasks × 4 random u
+    from metaif import _ekfac
+    flat, unravel = jax.flatten_util.ravel_pytree(lam)
+    errors = []
+    for k in range(8):
+        support = jax.tree.map(lambda x: x[k], train.support)
+        weights = jnp.ones(train.n_support, flat.dtype)
+        theta = metaif.adapt(problem, lam, support)
+        objective = lambda x: adapt.objective(problem.inner_loss, unravel(x), lam, support, weights)
+        hessian = np.asarray(jax.hessian(objective)(jax.flatten_util.ravel_pytree(theta)[0]))
+        factors = _ekfac.factor(problem.inner_loss.predict, problem.inner_loss.output_loss, theta, lam, support,
+                                weights / train.n_support)
+        for seed in range(4):
+            u = np.random.default_rng(seed).normal(size=flat.size)
+            approx = np.asarray(jax.flatten_util.ravel_pytree(_ekfac.inverse(factors, adapt.reg, unravel(jnp.asarray(u))))[0])
+            exact = np.linalg.solve(hessian, u)
+            errors.append(float(np.linalg.norm(approx - exact) / np.linalg.norm(exact)))
+    record["inner_solve_rel_error"] = dict(median=float(np.median(errors)), max=float(np.max(errors)), n=len(errors))
+    log(f"  EK-FAC inner solve vs exact inner Hessian: relative error median {np.median(errors):.3f}, "
+        f"max {np.max(errors):.3f} ({len(errors)} vectors)")
+    return record
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -445,7 +599,24 @@ def main(argv=None):
     parser.add_argument("--replot", type=Path, help="redraw the PNGs of a saved JSON and exit")
     parser.add_argument("--spectrum", action="store_true",
                         help="only train and save the dense eigenvalue spectrum of H (results/solvers_spectrum.json)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="only the solvers' no-argument defaults on mlp-maml (results/solvers_defaults.json)")
+    parser.add_argument("--ekfac", action="store_true",
+                        help="only the inner solves of mlp-imaml: CG and EK-FAC (results/solvers_ekfac.json)")
     args = parser.parse_args(argv)
+    for flag, problem_name, default_out, run in (("defaults", "mlp-maml", "solvers_defaults.json", run_defaults),
+                                                 ("ekfac", "mlp-imaml", "solvers_ekfac.json", run_ekfac)):
+        if getattr(args, flag):
+            names = args.problems or (problem_name,)
+            out = args.out or RESULTS / default_out
+            log = lambda s: print(s, flush=True)
+            saved = dict(environment=environment(), problems={})
+            for name in names:
+                saved["problems"][name] = run(name, dict(PROBLEMS[name], newton_steps=1), log)
+                saved["wall_s"] = now() - _SCRIPT_START
+                out.write_text(json.dumps(saved, indent=1, default=float))
+            log(f"wrote {out} ({now() - _SCRIPT_START:.0f}s)")
+            return
     if args.spectrum:
         names = args.problems or QUICK_PROBLEMS
         out = args.out or RESULTS / "solvers_spectrum.json"
