@@ -81,15 +81,17 @@ DELTA = 1e-2
 # Problems. Sizes keep d (meta-parameters) small enough for the Dense reference and for exact
 # Newton retraining (both materialise the d×d total Hessian) on a loaded 2-core CPU: the MLP sees
 # 28×28 images average-pooled to 7×7 (hidden 4, d = 225; with 8 hidden units training ends at
-# saddle points, min eigenvalue of H < 0); the Conv4 sees the 28×28 images themselves, with 4 filters
-# (d = 509). `grid` selects the configurations (see `configurations`); `loo` the levels retrained.
+# saddle points, min eigenvalue of H < 0); the Conv4 sees 14×14 images (average-pooled by 2), 3 blocks
+# of 4 filters (d = 361): at 28×28 with 4 blocks (d = 509) its MAML training did not finish within
+# 25 minutes on the loaded CPU. `grid` selects the configurations (see `configurations`); `loo` the
+# levels retrained.
 PROBLEMS = {
     "mlp-maml": dict(model="mlp", pool=4, hidden=4, adapt=("unrolled", 1, 0.5), n=40, queries=3, n_test=20,
                      meta_reg=MLP_REG, train_steps=5000, train_lr=2e-2, newton_steps=6, grid="full",
                      loo=("tasks", "support", "query")),
     "mlp-imaml": dict(model="mlp", pool=4, hidden=4, adapt=("proximal", 2.0, 25, 0.3), n=30, queries=3, n_test=20,
                       meta_reg=MLP_REG, train_steps=2000, train_lr=2e-2, newton_steps=4, grid="small", loo=("tasks",)),
-    "conv-maml": dict(model="conv", pool=1, filters=4, adapt=("unrolled", 1, 0.5), n=20, queries=1, n_test=10,
+    "conv-maml": dict(model="conv", pool=2, filters=4, blocks=3, adapt=("unrolled", 1, 0.5), n=20, queries=1, n_test=10,
                       meta_reg=MLP_REG, train_steps=1500, train_lr=2e-2, newton_steps=4, grid="small", loo=("tasks",)),
 }
 QUICK_PROBLEMS = ("mlp-maml",)
@@ -157,7 +159,7 @@ def make_problem(spec):
     if spec["model"] == "mlp":
         module = models.MLP(images.shape[1:], [spec["hidden"]], WAYS, activation=jnp.tanh, param_dtype=jnp.float64, rngs=rngs)
     else:
-        module = models.Conv4(images.shape[1:], WAYS, filters=spec["filters"], activation=jnp.tanh,
+        module = models.Conv4(images.shape[1:], WAYS, filters=spec["filters"], blocks=spec["blocks"], activation=jnp.tanh,
                               param_dtype=jnp.float64, rngs=rngs)
     pure = models.from_nnx(module)
     loss = pure.cross_entropy
