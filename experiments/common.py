@@ -296,6 +296,20 @@ def timed(fn: Callable, *args, repeats: int = 1, **kwargs):
 # ----------------------------------------------------------------------------- output
 
 
+def run_datasets(args, base: Config, run: Callable, save: Callable, folder: Path, experiment: str, log=print) -> dict:
+    """Run `run(config, args, log)` for every dataset in `args.datasets`, saving
+    `folder/<experiment>.json` and calling `save(results, folder)` after each one (finished datasets
+    survive an interruption)."""
+    results = {}
+    for dataset in args.datasets.split(","):
+        config = dataclasses.replace(base, dataset=dataset)
+        log(f"== {dataset}: {config}")
+        results[dataset] = run(config, args, log)
+        save_json(folder / f"{experiment}.json", results)
+        save(results, folder)
+    return results
+
+
 def device_caption(dtype: str = "float64") -> str:
     devices = jax.devices()
     return f"backend {jax.default_backend()}, device {devices[0].device_kind} ×{len(devices)}, {dtype}"

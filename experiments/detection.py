@@ -13,7 +13,6 @@ ROC-AUC for the data whose removal actually lowers the validation loss.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import common
@@ -173,13 +172,7 @@ def main():
     args, base = common.parse("Detection of corrupted tasks and flipped labels.", extra)
     folder = common.out_dir(args, "detection")
     log = lambda *a: print(*a, flush=True)
-    results = {}
-    for dataset in args.datasets.split(","):
-        config = dataclasses.replace(base, dataset=dataset)
-        log(f"== {dataset}: {config}")
-        results[dataset] = run(config, args, log)
-        common.save_json(folder / "detection.json", results)
-        write(results, folder)
+    results = common.run_datasets(args, base, run, write, folder, "detection", log)
     print(table(results))
 
 

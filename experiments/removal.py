@@ -13,7 +13,6 @@ the validation loss (exact Newton retraining of every task), the paper's "retrai
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 
@@ -61,7 +60,7 @@ def run_dataset(config, args, log) -> dict:
     trained = common.meta_train(setup, log)
     lam = trained.meta_params
     problem, tasks = setup.problem, setup.train
-    n, m, q = tasks.n_tasks, tasks.n_support, tasks.n_query
+    n = tasks.n_tasks
     val_loss, test_loss = common.mean_loss(setup, setup.val), common.mean_loss(setup, setup.test)
     base = evaluate(setup, lam, test_loss)
     out = {"setup": common.describe_setup(setup, trained), "base": base, "rows": [], "proximal": args.proximal}
@@ -176,12 +175,7 @@ def main():
     args, base = common.parse("Removal and editing: the paper's table.", extra)
     folder = common.out_dir(args, "removal")
     log = lambda *a: print(*a, flush=True)
-    results = {}
-    for dataset in args.datasets.split(","):
-        config = dataclasses.replace(base, dataset=dataset)
-        results[dataset] = run_dataset(config, args, log)
-        common.save_json(folder / "removal.json", results)
-        write(results, folder)
+    results = common.run_datasets(args, base, run_dataset, write, folder, "removal", log)
     print(table(results))
 
 

@@ -119,6 +119,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
 
 
+def _job_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that run the whole job (demo, run)."""
+    parser.add_argument("--fresh", action="store_true", help="delete the folder's checkpoints and start over")
+    parser.add_argument("--quiet", action="store_true", help="no progress or summary on the terminal")
+    _common(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metaif", description=MAIN_HELP, formatter_class=_FORMAT)
     parser.add_argument("--debug", action="store_true", default=False, help="show the traceback of an error")
@@ -127,18 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole job on the built-in digits default", description=DEMO_HELP, formatter_class=_FORMAT)
     demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
-    demo.add_argument("--fresh", action="store_true", help="delete the folder's checkpoints and start over")
-    demo.add_argument("--quiet", action="store_true", help="no progress or summary on the terminal")
-    _common(demo)
+    _job_options(demo)
     demo.set_defaults(func=_cmd_demo)
 
     run = sub.add_parser("run", help="the whole job on a TOML config", description=RUN_HELP, formatter_class=_FORMAT)
     run.add_argument("config", help="TOML config file (see configs/)")
     run.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
-    run.add_argument("--fresh", action="store_true", help="delete the folder's checkpoints and start over")
     run.add_argument("--check", action="store_true", help="validate the config and estimate peak memory, then stop")
-    run.add_argument("--quiet", action="store_true", help="no progress or summary on the terminal")
-    _common(run)
+    _job_options(run)
     run.set_defaults(func=_cmd_run)
 
     bench = sub.add_parser("bench", help="run the benchmarks and print their tables", description=BENCH_HELP, formatter_class=_FORMAT)
