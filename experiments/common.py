@@ -56,7 +56,7 @@ class Config:
     ways: int = 5
     shots: int = 1
     queries: int = 3                   # query examples per class
-    n_train: int = 32
+    n_train: int = 256
     n_val: int = 100
     n_test: int = 200
     features: int = 16                 # whitened PCA components
@@ -85,9 +85,12 @@ class Config:
 
 
 # CPU-sized defaults (each experiment finishes within ~30 minutes on an idle 2-core CPU) and the
-# paper-scale GPU configs; experiments override fields with command-line flags.
+# paper-scale GPU configs; experiments override fields with command-line flags. "cpu" meta-trains on
+# n = 256 tasks; "cpu-n32" is the former n = 32 setting, kept for comparison: with 32 tasks the
+# meta-learner overfits (Omniglot test loss 2.94 > ln 5, train accuracy 0.74 against test 0.33).
 CONFIGS: dict[str, Config] = {
-    "cpu": Config(),
+    "cpu": Config(n_train=256),
+    "cpu-n32": Config(n_train=32),
     "cpu-imaml": Config(adapt="imaml", inner_steps=25, inner_lr=0.4, prox_reg=2.0),
     "gpu": Config(n_train=1000, n_val=500, n_test=1000, features=64, hidden=32, queries=15, adam_steps=20000,
                   newton_steps=40),
