@@ -34,6 +34,8 @@ from ._objective import meta_objective as meta_objective
 from ._objective import task_losses as task_losses
 from ._problem import BilevelProblem as BilevelProblem
 from ._problem import TaskSet as TaskSet
+from ._removal import TaskRemoval as TaskRemoval
+from ._removal import task_removal as task_removal
 from .training import TrainResult as TrainResult
 from .training import newton_refine as newton_refine
 from .training import meta_train as meta_train
@@ -41,7 +43,7 @@ from .training import meta_train as meta_train
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adaptation", "AdaptedInfluence", "BilevelProblem", "FirstOrder", "Influence", "NewTaskInfluence", "Proximal", "TaskSet", "TrainResult",
+    "Adaptation", "AdaptedInfluence", "BilevelProblem", "FirstOrder", "Influence", "NewTaskInfluence", "Proximal", "TaskRemoval", "TaskSet", "TrainResult",
     "Unrolled", "Weights", "adapt", "adapt_tasks", "adaptation_residual", "adapted_influence", "curvature", "data", "explain", "hessian_operator", "influence", "instance_influence",
-    "meta_objective", "meta_train", "models", "new_task_influence", "newton_refine", "pairwise_influence", "parallel", "self_influence", "solvers", "task_influence", "task_losses",
+    "meta_objective", "meta_train", "models", "new_task_influence", "newton_refine", "pairwise_influence", "parallel", "self_influence", "solvers", "task_influence", "task_losses", "task_removal",
 ]
