@@ -171,7 +171,7 @@ def run_variant(name: str, config, args, log) -> dict:
         row = {"seconds_first": first, "seconds": steady, "info": scores.info}
         actual = truth["tasks"]["changes"][0]
         row["tasks"] = agreement(-scores.tasks[task_index], actual, truth["tasks"]["converged"])
-        if "tasks_epsilon" in truth:
+        if "tasks_epsilon" in truth and not scores.info.get("second_order"):  # its ε prediction is not −ε·score
             eps_truth = truth["tasks_epsilon"]
             ok = eps_truth["grad_norms"][0] < args.tol
             row["tasks_epsilon"] = agreement(-eps_truth["epsilon"] * scores.tasks[task_index], eps_truth["changes"][0], ok)
@@ -179,6 +179,9 @@ def run_variant(name: str, config, args, log) -> dict:
                                                            / np.linalg.norm(eps_truth["changes"][0]))
         row["scores"] = {"tasks": scores.tasks}
         for level in ("support", "query"):
+            if getattr(scores, level) is None:  # a method that scores tasks only
+                row[level] = {}
+                continue
             pairs = truth[level]["pairs"]
             level_scores = getattr(scores, level)[pairs[:, 0], pairs[:, 1]]
             row[level] = agreement(-level_scores, truth[level]["changes"][0], truth[level]["converged"])
@@ -188,13 +191,14 @@ def run_variant(name: str, config, args, log) -> dict:
         row["lds_converged"] = evaluation.lds(scores.tasks, truth["lds"]["masks"][ok], truth["lds"]["changes"][0][ok]) if ok.sum() > 2 else None
         row["speedup_tasks"] = truth["tasks"]["seconds_all"] / steady
         per_example = np.mean([truth[lv]["seconds_sample"] / len(truth[lv]["pairs"]) for lv in ("support", "query")])
-        row["speedup_examples"] = per_example * n * (m + q) / steady
+        row["speedup_examples"] = per_example * n * (m + q) / steady if scores.support is not None else None
         rows[label] = row
         if label == "IF Dense (exact)":
             out["_scores"] = {"tasks": scores.tasks, **{lv: getattr(scores, lv)[truth[lv]["pairs"][:, 0], truth[lv]["pairs"][:, 1]]
                                                        for lv in ("support", "query")}}
+        level_sp = lambda level: f"{row[level]['spearman']:.3f}" if row[level] else "–"
         log(f"  {label:28s} task sp {row['tasks']['spearman']:.3f} pe {row['tasks']['pearson']:.3f} | "
-            f"sup sp {row['support']['spearman']:.3f} | qry sp {row['query']['spearman']:.3f} | LDS {row['lds']:.3f} | "
+            f"sup sp {level_sp('support')} | qry sp {level_sp('query')} | LDS {row['lds']:.3f} | "
             f"{steady:.3f}s ({first:.1f}s first)")
     out["ground_truth"] = truth
     out["noise_ceiling"] = ceilings

@@ -23,8 +23,8 @@ from common import Setup
 
 class Scores(NamedTuple):
     tasks: np.ndarray
-    support: np.ndarray
-    query: np.ndarray
+    support: np.ndarray | None     # None: the method scores tasks only
+    query: np.ndarray | None
     info: dict
 
 
@@ -67,6 +67,17 @@ def _influence(solver=None, curvature=None) -> Callable:
     return run
 
 
+def _task_removal(damping: float) -> Callable:
+    """Second order in the removal (`metaif.task_removal`): score = −(predicted change of the
+    target when the task is removed), tasks only."""
+    def run(setup: Setup, lam, target):
+        result = metaif.task_removal(setup.problem, lam, setup.train, target, damping=damping)
+        return Scores(-np.asarray(result.change), None, None,
+                      {"iterations": np.asarray(result.solve.iterations).tolist(), "converged": bool(np.all(result.solve.converged)),
+                       "indefinite": bool(np.any(result.solve.indefinite)), "second_order": True})
+    return run
+
+
 def _has(name: str) -> bool:
     return hasattr(metaif.solvers, name)
 
@@ -76,6 +87,7 @@ def influence_methods(damping: float = 0.0) -> dict[str, Callable]:
     only the inverse-Hessian solve changes)."""
     S = metaif.solvers
     out = {"IF Dense (exact)": _influence(S.Dense(damping=damping))}
+    out["task removal (2nd order)"] = _task_removal(damping)
     out["IF CG"] = _influence(S.CG(damping=damping, maxiter=300, tol=1e-10))
     if "preconditioner" in getattr(S.CG, "__dataclass_fields__", {}):
         out["IF CG+lowrank precond."] = _influence(S.CG(damping=damping, maxiter=300, tol=1e-10, preconditioner="lowrank"))
