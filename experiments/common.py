@@ -99,8 +99,9 @@ CONFIGS: dict[str, Config] = {
 }
 
 
-def parse(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[argparse.Namespace, Config]:
-    """Common flags: --config NAME plus any Config field as --field VALUE."""
+def parse(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None,
+          argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+    """Common flags: --config NAME plus any Config field as --field VALUE (from `argv`, default sys.argv)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="cpu", choices=sorted(CONFIGS))
     parser.add_argument("--out", default=None, help="results folder (default results/<experiment>)")
@@ -108,7 +109,7 @@ def parse(description: str, extra: Callable[[argparse.ArgumentParser], None] | N
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=type(field.default), default=None)
     if extra is not None:
         extra(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     return args, dataclasses.replace(CONFIGS[args.config], **overrides)
 

@@ -19,6 +19,7 @@ of removing the data (the Hessian changes when 1/n of the data goes), not the so
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -35,10 +36,9 @@ from metaif import evaluation
 from metaif.evaluation import metrics
 
 
-def newton_changes(setup, lam, weights, rho, target):
-    """target(λ* + Δ) − target(λ*) with Δ = −(H_w + ρI)⁻¹∇F(λ*; w) for each weight setting [B]."""
+@functools.partial(jax.jit, static_argnames=("problem", "target"))
+def _newton_changes(problem, target, lam, tasks, weights, rho):
     flat, unravel = jax.flatten_util.ravel_pytree(lam)
-    problem, tasks = setup.problem, setup.train
 
     def one(w):
         grad = lambda x: jax.flatten_util.ravel_pytree(jax.grad(metaif.meta_objective, argnums=1)(
@@ -48,8 +48,15 @@ def newton_changes(setup, lam, weights, rho, target):
         delta = -jnp.linalg.solve(h, g)
         return target(unravel(flat + delta)), jnp.linalg.norm(delta), jnp.linalg.eigvalsh(h)[0]
 
-    values, norms, lowest = jax.lax.map(jax.jit(one), weights, batch_size=8)
-    return np.asarray(values) - float(target(lam)), np.asarray(norms), np.asarray(lowest)
+    values, norms, lowest = jax.lax.map(one, weights, batch_size=8)
+    return values - target(lam), norms, lowest
+
+
+def newton_changes(setup, lam, weights, rho, target):
+    """target(λ* + Δ) − target(λ*) with Δ = −(H_w + ρI)⁻¹∇F(λ*; w) for each weight setting [B], ‖Δ‖ [B]
+    and the smallest eigenvalue of H_w + ρI [B] (one compiled function per problem and target)."""
+    rho = jnp.asarray(rho, jax.flatten_util.ravel_pytree(lam)[0].dtype)
+    return tuple(np.asarray(x) for x in _newton_changes(setup.problem, target, lam, setup.train, weights, rho))
 
 
 def main():

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import common  # noqa: E402
 import detection  # noqa: E402
 import fidelity  # noqa: E402
+import fidelity_vs_n  # noqa: E402
 import methods  # noqa: E402
 import removal  # noqa: E402
 
@@ -69,3 +70,28 @@ def test_ranking_and_detection_helpers():
     out = detection.detect(scores, np.array([True, True, False, False]))
     assert out["perfect"]["roc_auc"] == 1.0 and out["reversed"]["roc_auc"] == 0.0
     assert out["perfect"]["found_at_40%"] == pytest.approx(0.8)
+
+
+def test_fidelity_vs_n_sweep_saves_and_resumes(tmp_path):
+    """The n-sweep on the tiny config: plain and proximal leave-one-task-out with both passes
+    converged, the ε-check (ε = 1e-4, nearly linear) matching −ε·IF, the table and figure written;
+    a rerun skips the saved n, and other settings are refused without --fresh."""
+    flags = ["--config", "smoke", "--n-val", "4", "--n-test", "6", "--features", "4", "--hidden", "2", "--queries", "1",
+             "--adam-steps", "300", "--adam-lr", "3e-2", "--ns", "6", "--task-sample", "3", "--gt-steps", "30",
+             "--epsilon", "1e-4", "--out", str(tmp_path)]
+    results = fidelity_vs_n.main(flags)
+    row = results["6"]
+    assert row["setup"]["grad_norm"] < 1e-8
+    for kind in ("plain", "proximal"):
+        assert row[kind]["n_converged"] == row[kind]["n_sampled"] == 3
+        assert np.asarray(row[kind]["changes"]).shape == (2, 3)
+        assert row[kind]["ceiling"]["spearman"] == pytest.approx(1.0)
+    assert row["proximal"]["rho"] == 1e-2
+    assert row["plain"]["epsilon"]["pearson_converged"] > 0.999
+    assert row["plain"]["epsilon"]["relative_error"] < 0.05
+    for name in ("fidelity_vs_n.json", "fidelity_vs_n.md", "fidelity_vs_n.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| 6 | proximal (ρ = 0.01) | 3/3 |" in (tmp_path / "fidelity_vs_n.md").read_text()
+    assert fidelity_vs_n.main(flags)["6"] == results["6"]                   # resumed: nothing recomputed
+    with pytest.raises(SystemExit, match="--fresh"):
+        fidelity_vs_n.main([*flags[:-2], "--task-sample", "2", "--out", str(tmp_path)])
