@@ -39,6 +39,8 @@ def extra(parser):
     parser.add_argument("--proximal", type=float, default=0.0,
                         help="ρ > 0: harm judged by proximal retraining (F + ρ/2‖λ − λ*‖²) and influence with damping δ = ρ")
     parser.add_argument("--example-sample", type=int, default=16, help="flipped and clean support examples retrained each")
+    parser.add_argument("--task-sample", type=int, default=0,
+                        help="corrupted and clean tasks retrained each (0: leave-one-out of every task)")
 
 
 def corrupted_setup(config, level, fraction):
@@ -60,6 +62,19 @@ def all_scores(setup, lam, val_loss, level, damping=0.0):
     return out
 
 
+def stratified_sample(mask: np.ndarray, k: int, rng) -> np.ndarray:
+    """Indices (np.argwhere rows) of up to k corrupted and k clean data of `mask`, corrupted first."""
+    corrupted, clean = np.argwhere(mask), np.argwhere(~mask)
+    return np.concatenate([corrupted[rng.choice(len(corrupted), min(k, len(corrupted)), replace=False)],
+                           clean[rng.choice(len(clean), min(k, len(clean)), replace=False)]])
+
+
+def converged(norms, tol: float) -> str:
+    """"k of K" retrainings whose final ‖∇F(λ; w)‖ <= tol."""
+    norms = np.asarray(norms, float)
+    return f"{int(np.sum(norms <= tol))} of {norms.size}"
+
+
 def detect(scores, mask, harmful=None, subset=None) -> dict:
     row = {}
     for label, (s, seconds) in scores.items():
@@ -67,7 +82,7 @@ def detect(scores, mask, harmful=None, subset=None) -> dict:
         inspected, found = metrics.detection_curve(s, mask)
         r["found_at_40%"] = float(np.interp(0.4, inspected, found))
         if harmful is not None:
-            flat = s.ravel() if subset is None else s[subset[:, 0], subset[:, 1]]
+            flat = s.ravel() if subset is None else s[tuple(subset.T)]
             if 0 < harmful.sum() < harmful.size:
                 r["harm_auc"] = metrics.roc_auc(flat, harmful)
         row[label] = r
@@ -82,20 +97,24 @@ def run(config, args, log) -> dict:
     lam = trained.meta_params
     val_loss = common.mean_loss(setup, setup.val)
     scores = all_scores(setup, lam, val_loss, "tasks", args.proximal)
-    changes, norms = evaluation.leave_one_out(setup.problem, lam, setup.train, "tasks", None, val_loss, steps=args.loo_steps, tol=args.tol,
+    sample = (stratified_sample(np.asarray(mask), args.task_sample, np.random.default_rng(config.seed + 1))[:, 0]
+              if args.task_sample > 0 else np.arange(setup.train.n_tasks))
+    changes, norms = evaluation.leave_one_out(setup.problem, lam, setup.train, "tasks", sample, val_loss, steps=args.loo_steps, tol=args.tol,
                                               proximal=args.proximal)
     changes = np.asarray(changes)
     harmful = changes < 0  # removing the task lowers the validation loss
-    res = detect(scores, mask, harmful)
-    influence = scores["IF Dense (exact)"][0]
+    sample_mask = np.asarray(mask)[sample]
+    res = detect(scores, mask, harmful, sample[:, None])
+    influence = scores["IF Dense (exact)"][0][sample]
     out["tasks"] = {
-        "setup": common.describe_setup(setup, trained), "mask": mask, "loo_changes": changes, "loo_grad_norms": np.asarray(norms),
-        "corrupted_harmful_fraction": float(harmful[mask].mean()), "clean_harmful_fraction": float(harmful[~mask].mean()),
-        "if_vs_loo_spearman_corrupted": metrics.spearman(-influence[mask], changes[mask]) if mask.sum() > 2 else None,
+        "setup": common.describe_setup(setup, trained), "mask": mask, "sample": sample, "sampled": args.task_sample > 0,
+        "tol": args.tol, "loo_changes": changes, "loo_grad_norms": np.asarray(norms),
+        "corrupted_harmful_fraction": float(harmful[sample_mask].mean()), "clean_harmful_fraction": float(harmful[~sample_mask].mean()),
+        "if_vs_loo_spearman_corrupted": metrics.spearman(-influence[sample_mask], changes[sample_mask]) if sample_mask.sum() > 2 else None,
         "if_vs_loo_spearman_all": metrics.spearman(-influence, changes), "scores": res,
         "curves": {k: [x.tolist() for x in metrics.detection_curve(v[0], mask)] for k, v in scores.items()}}
-    log(f"  tasks: corrupted harmful {harmful[mask].mean():.2f}, clean harmful {harmful[~mask].mean():.2f}, "
-        f"max LOO grad {float(np.max(norms)):.1e}")
+    log(f"  tasks: corrupted harmful {harmful[sample_mask].mean():.2f}, clean harmful {harmful[~sample_mask].mean():.2f}, "
+        f"LOO converged {converged(norms, args.tol)}, max LOO grad {float(np.max(norms)):.1e}")
     for k, v in res.items():
         log(f"    {k:22s} AUC {v['roc_auc']:.3f} found@40% {v['found_at_40%']:.2f} harm-AUC {v.get('harm_auc', float('nan')):.3f}")
 
@@ -105,11 +124,7 @@ def run(config, args, log) -> dict:
     lam = trained.meta_params
     val_loss = common.mean_loss(setup, setup.val)
     scores = all_scores(setup, lam, val_loss, "support", args.proximal)
-    rng = np.random.default_rng(config.seed)
-    flipped, clean = np.argwhere(mask), np.argwhere(~mask)
-    k = args.example_sample
-    sample = np.concatenate([flipped[rng.choice(len(flipped), min(k, len(flipped)), replace=False)],
-                             clean[rng.choice(len(clean), min(k, len(clean)), replace=False)]])
+    sample = stratified_sample(np.asarray(mask), args.example_sample, np.random.default_rng(config.seed))
     changes, norms = evaluation.leave_one_out(setup.problem, lam, setup.train, "support", sample, val_loss, steps=args.loo_steps, tol=args.tol,
                                               proximal=args.proximal)
     changes = np.asarray(changes)
@@ -118,12 +133,14 @@ def run(config, args, log) -> dict:
     res = detect(scores, mask, harmful, sample)
     influence = scores["IF Dense (exact)"][0][sample[:, 0], sample[:, 1]]
     out["support"] = {
-        "setup": common.describe_setup(setup, trained), "mask": mask, "sample": sample, "loo_changes": changes,
+        "setup": common.describe_setup(setup, trained), "mask": mask, "sample": sample, "sampled": True, "tol": args.tol,
+        "loo_changes": changes,
         "loo_grad_norms": np.asarray(norms), "flipped_harmful_fraction": float(harmful[sample_flipped].mean()),
         "clean_harmful_fraction": float(harmful[~sample_flipped].mean()),
         "if_vs_loo_spearman_sample": metrics.spearman(-influence, changes), "scores": res,
         "curves": {k: [x.tolist() for x in metrics.detection_curve(v[0], mask)] for k, v in scores.items()}}
-    log(f"  support: flipped harmful {harmful[sample_flipped].mean():.2f}, clean harmful {harmful[~sample_flipped].mean():.2f}")
+    log(f"  support: flipped harmful {harmful[sample_flipped].mean():.2f}, clean harmful {harmful[~sample_flipped].mean():.2f}, "
+        f"LOO converged {converged(norms, args.tol)}, max LOO grad {float(np.max(norms)):.1e}")
     for k, v in res.items():
         log(f"    {k:22s} AUC {v['roc_auc']:.3f} found@40% {v['found_at_40%']:.2f} harm-AUC {v.get('harm_auc', float('nan')):.3f}")
     return out
@@ -136,10 +153,16 @@ def table(results: dict) -> str:
             r = res[level]
             s = r["setup"]
             frac = r.get("corrupted_harmful_fraction", r.get("flipped_harmful_fraction"))
+            sampled = r.get("sampled", level == "support")
+            norms = np.asarray(r["loo_grad_norms"], float)
             text += (f"\n### {name}: {title}, {int(np.sum(r['mask']))} of {np.size(r['mask'])} corrupted\n\n"
-                     f"‖∇F‖ = {fmt(s['grad_norm'])}, test accuracy {fmt(s['test_accuracy'])}. Retraining (exact Newton, "
-                     f"max ‖∇F(λ; w)‖ {fmt(float(np.max(r['loo_grad_norms'])))}): removing it lowers the validation loss for "
-                     f"{fmt(frac)} of the corrupted{' (sampled)' if level == 'support' else ''} and {fmt(r['clean_harmful_fraction'])} "
+                     f"‖∇F‖ = {fmt(s['grad_norm'])}, test accuracy {fmt(s['test_accuracy'])}. Leave-one-out retraining "
+                     f"(exact trust-region Newton) of {'a sample of ' if sampled else 'every '}{norms.size} "
+                     f"{'tasks' if level == 'tasks' else 'support examples'}"
+                     f"{' (half corrupted, half clean)' if sampled else ''}: "
+                     f"{converged(norms, r.get('tol', 1e-10))} converged to ‖∇F(λ; w)‖ ≤ {fmt(r.get('tol', 1e-10))}, "
+                     f"max {fmt(float(np.max(norms)))}. Removing it lowers the validation loss for "
+                     f"{fmt(frac)} of the corrupted{' (sampled)' if sampled else ''} and {fmt(r['clean_harmful_fraction'])} "
                      f"of the clean ones. Spearman(−IF, LOO change) = "
                      f"{fmt(r.get('if_vs_loo_spearman_all', r.get('if_vs_loo_spearman_sample')))}.\n\n")
             header = ["score", "ROC-AUC (corrupted)", "found after inspecting 40%", "detection area",

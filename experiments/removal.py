@@ -55,7 +55,6 @@ def evaluate(setup, lam, test_loss) -> dict:
 
 
 def run_dataset(config, args, log) -> dict:
-    log(f"== {config.dataset}: {config}")
     setup = common.build(config)
     trained = common.meta_train(setup, log)
     lam = trained.meta_params
@@ -63,7 +62,7 @@ def run_dataset(config, args, log) -> dict:
     n = tasks.n_tasks
     val_loss, test_loss = common.mean_loss(setup, setup.val), common.mean_loss(setup, setup.test)
     base = evaluate(setup, lam, test_loss)
-    out = {"setup": common.describe_setup(setup, trained), "base": base, "rows": [], "proximal": args.proximal}
+    out = {"setup": common.describe_setup(setup, trained), "base": base, "rows": [], "proximal": args.proximal, "tol": args.tol}
     log(f"  base: {base}")
 
     # I_λ of every datum (for edits), timed
@@ -81,11 +80,13 @@ def run_dataset(config, args, log) -> dict:
                                      proximal=args.proximal))
     loo_first = time.perf_counter() - start
     start = time.perf_counter()
-    jax.block_until_ready(evaluation.leave_one_out(problem, lam, tasks, "tasks", np.arange(8), val_loss, steps=args.loo_steps,
-                                                   tol=args.tol, proximal=args.proximal))
+    _, timing_norms = jax.block_until_ready(evaluation.leave_one_out(problem, lam, tasks, "tasks", np.arange(8), val_loss,
+                                                                     steps=args.loo_steps, tol=args.tol, proximal=args.proximal))
     loo_all = (time.perf_counter() - start) * n / 8
-    out["loo"] = {"changes": changes, "grad_norms": norms, "seconds_all": loo_all, "seconds_first": loo_first}
-    log(f"  LOO oracle: {loo_first:.0f}s, max grad norm {float(np.max(norms)):.2e}, all-task LOO steady ≈ {loo_all:.1f}s")
+    out["loo"] = {"changes": changes, "grad_norms": norms, "seconds_all": loo_all, "seconds_first": loo_first,
+                  "oracle": not args.no_oracle, "timing_grad_norms": np.asarray(timing_norms)}
+    log(f"  LOO oracle: {'not run' if args.no_oracle else f'{loo_first:.0f}s, max grad norm {float(np.max(norms)):.2e}'}, "
+        f"all-task LOO steady ≈ {loo_all:.1f}s (from 8 retrainings, max grad norm {float(np.max(timing_norms)):.2e})")
 
     rankings = {} if args.no_oracle else {"LOO oracle": (methods.Scores(-np.asarray(changes), None, None, {}), loo_all)}
     all_methods = {**methods.influence_methods(args.proximal), **methods.baseline_methods(args.proximal)}
@@ -116,38 +117,60 @@ def run_dataset(config, args, log) -> dict:
                    "edited+2 Newton": evaluate(setup, polished.meta_params, test_loss),
                    "unlearned": evaluate(setup, unlearned.meta_params, test_loss)}
             d_retrain = row["retrained"]["test_loss"] - base["test_loss"]
-            d_edit = row["edited"]["test_loss"] - base["test_loss"]
-            row["edit_recovery"] = d_edit / d_retrain if d_retrain != 0 else float("nan")
-            row["edit_gap_points"] = 100 * (row["edited"]["test_accuracy"] - row["retrained"]["test_accuracy"])
+            for key, name in (("edit", "edited"), ("edit2", "edited+2 Newton")):
+                d_edit = row[name]["test_loss"] - base["test_loss"]
+                row[f"{key}_recovery"] = d_edit / d_retrain if d_retrain != 0 else float("nan")
+                row[f"{key}_gap_points"] = 100 * (row[name]["test_accuracy"] - row["retrained"]["test_accuracy"])
             row["speedup_vs_loo_all"] = loo_all / seconds if label != "LOO oracle" else 1.0
             out["rows"].append(row)
             log(f"  {level:7s} {label:20s} retrain acc {row['retrained']['test_accuracy']:.4f} (grad {row['retrain_grad_norm']:.1e}) | "
                 f"edit {row['edited']['test_accuracy']:.4f} | edit+2 {row['edited+2 Newton']['test_accuracy']:.4f} | "
-                f"unlearn {row['unlearned']['test_accuracy']:.4f} | recovery {row['edit_recovery']:.2f} | {seconds:.3f}s")
+                f"unlearn {row['unlearned']['test_accuracy']:.4f} | recovery {row['edit_recovery']:.2f} (+2 Newton "
+                f"{row['edit2_recovery']:.2f}) | {seconds:.3f}s")
     return out
+
+
+def _converged(norms, tol: float) -> str:
+    """"k of K" retrainings with final ‖∇F(λ; w)‖ <= tol (JSON turns NaN into None)."""
+    norms = np.asarray([np.nan if x is None else x for x in np.ravel(np.asarray(norms, dtype=object))], float)
+    return f"{int(np.sum(norms <= tol))} of {norms.size}"
 
 
 def table(results: dict) -> str:
     text = ""
     for name, res in results.items():
-        s, b = res["setup"], res["base"]
+        s, b, loo = res["setup"], res["base"], res["loo"]
+        tol = res.get("tol", 1e-10)
+        loo_all = loo.get("seconds_all_corrected", loo["seconds_all"])
+        kind = f"exact trust-region Newton{', proximal ρ = ' + str(res['proximal']) if res.get('proximal') else ''}"
+        if loo.get("oracle", True):
+            oracle = f"LOO oracle: {_converged(loo['grad_norms'], tol)} task retrainings converged to ‖∇F‖ ≤ {fmt(tol)}"
+        else:
+            oracle = "LOO oracle not run (--no-oracle)"
+        timing = (f", timed on 8 task retrainings, {_converged(loo['timing_grad_norms'], tol)} converged"
+                  if "timing_grad_norms" in loo else "")
+        removal_norms = [r["retrain_grad_norm"] for r in res["rows"] if r["method"] != "LOO oracle" or loo.get("oracle", True)]
         text += (f"\n### {name}: {s['config']['ways']}-way {s['config']['shots']}-shot {s['config']['adapt']}, "
                  f"n = {s['config']['n_train']}, d = {s['d']}, ‖∇F‖ = {fmt(s['grad_norm'])}\n\n"
                  f"Before removal: test accuracy {fmt(b['test_accuracy'], 4)}, test loss {fmt(b['test_loss'], 4)}. "
-                 f"All-task LOO retraining ≈ {fmt(res['loo'].get('seconds_all_corrected', res['loo']['seconds_all']), 1)} s "
-                 f"(exact trust-region Newton{', proximal ρ = ' + str(res['proximal']) if res.get('proximal') else ''}, "
-                 f"{int(np.sum(np.asarray(res['loo']['grad_norms']) < 1e-8))} of {len(res['loo']['grad_norms'])} "
-                 f"converged to ‖∇F‖ < 1e-8); I_λ of every datum "
-                 f"{fmt(res['influence_params_seconds'])} s.\n\n")
+                 f"All-task LOO retraining ≈ {fmt(loo_all, 1)} s ({kind}{timing}); {oracle}. "
+                 f"Removal retrainings converged to ‖∇F‖ ≤ {fmt(tol)}: {_converged(removal_norms, tol)}. "
+                 f"I_λ of every datum {fmt(res['influence_params_seconds'])} s.\n\n")
         header = ["level", "ranking", "acc retrained", "retrained ‖∇F‖", "retrained ‖λ − λ*‖", "acc edited", "acc edited+2 Newton",
-                  "acc unlearned", "edit − retrain (points)", "Δ test loss retrained", "Δ test loss edited",
-                  "edit recovery of Δ test loss", "score s", "× faster than all-task LOO"]
-        loo_all = res["loo"].get("seconds_all_corrected", res["loo"]["seconds_all"])
-        rows = [[r["level"], r["method"], r["retrained"]["test_accuracy"], r["retrain_grad_norm"], r.get("retrain_moved"),
-                 r["edited"]["test_accuracy"], r["edited+2 Newton"]["test_accuracy"], r["unlearned"]["test_accuracy"],
-                 r["edit_gap_points"], r["retrained"]["test_loss"] - b["test_loss"], r["edited"]["test_loss"] - b["test_loss"],
-                 r["edit_recovery"], r["score_seconds"] if r["method"] != "LOO oracle" else loo_all,
-                 loo_all / r["score_seconds"] if r["method"] != "LOO oracle" else 1.0] for r in res["rows"]]
+                  "acc unlearned", "edit − retrain (points)", "edit+2 Newton − retrain (points)", "Δ test loss retrained",
+                  "Δ test loss edited", "Δ test loss edited+2 Newton", "edit recovery of Δ test loss",
+                  "edit+2 Newton recovery of Δ test loss", "score s", "× faster than all-task LOO"]
+        rows = []
+        for r in res["rows"]:
+            d_retrain = r["retrained"]["test_loss"] - b["test_loss"]
+            d_edit2 = r["edited+2 Newton"]["test_loss"] - b["test_loss"]
+            rows.append([r["level"], r["method"], r["retrained"]["test_accuracy"], r["retrain_grad_norm"], r.get("retrain_moved"),
+                         r["edited"]["test_accuracy"], r["edited+2 Newton"]["test_accuracy"], r["unlearned"]["test_accuracy"],
+                         r["edit_gap_points"], 100 * (r["edited+2 Newton"]["test_accuracy"] - r["retrained"]["test_accuracy"]),
+                         d_retrain, r["edited"]["test_loss"] - b["test_loss"], d_edit2, r["edit_recovery"],
+                         d_edit2 / d_retrain if d_retrain != 0 else float("nan"),
+                         r["score_seconds"] if r["method"] != "LOO oracle" else loo_all,
+                         loo_all / r["score_seconds"] if r["method"] != "LOO oracle" else 1.0])
         text += common.markdown_table(header, rows)
     return text
 
