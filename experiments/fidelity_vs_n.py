@@ -175,7 +175,8 @@ def _rows(results: dict) -> tuple[list, list]:
             eps = g.get("epsilon", {})
             rows.append([int(key), f"{kind} (ρ = {g['rho']})", f"{g['n_converged']}/{g['n_sampled']}",
                          g.get("ceiling", {}).get("spearman"), g["influence"].get("pearson_converged"),
-                         g["influence"].get("spearman_converged"), eps.get("spearman_converged"),
+                         g["influence"].get("spearman_converged"), eps.get("spearman_converged"), eps.get("relative_error"),
+                         float(np.max(eps["moved"])) if eps else None,
                          g["newton"].get("spearman_converged"), g["moved_median"], g["predicted_moved_median"],
                          g["newton_moved_median"], g["influence_relative_error"], g["newton_relative_error"],
                          float(np.min(g["reduced_hessian_min_eigenvalue"])), g["seconds_retrain"]])
@@ -195,7 +196,8 @@ def table(results: dict, command: str) -> str:
                                    "‖λ*‖", "seconds (all of n)"], setup_rows)
     text += "\n"
     text += common.markdown_table(["n", "retraining", "converged", "noise ceiling Spearman", "task-IF Pearson",
-                                   "task-IF Spearman", "ε-check Spearman", "Newton-step Spearman", "actual ‖Δλ‖ (median)",
+                                   "task-IF Spearman", "ε-check Spearman", "ε-check relative error", "ε-retraining ‖Δλ‖ (max)",
+                                   "Newton-step Spearman", "actual ‖Δλ‖ (median)",
                                    "‖I_λ‖ (median)", "Newton ‖Δλ‖ (median)", "IF relative error", "Newton relative error",
                                    "min λ(H_w + ρI)", "LOO seconds (2 passes)"], rows)
     return text

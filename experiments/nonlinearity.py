@@ -45,8 +45,9 @@ def _newton_changes(problem, target, lam, tasks, weights, rho):
             problem, unravel(x), tasks, w.tasks, w.support, w.query))[0]
         g = grad(flat)
         h = jax.jacfwd(grad)(flat) + rho * jnp.eye(flat.size, dtype=flat.dtype)
-        delta = -jnp.linalg.solve(h, g)
-        return target(unravel(flat + delta)), jnp.linalg.norm(delta), jnp.linalg.eigvalsh(h)[0]
+        values, vectors = jnp.linalg.eigh(h)   # one decomposition for the solve and the lowest eigenvalue (no batched LU:
+        delta = -vectors @ ((vectors.T @ g) / values)   # vmapped LU hung the XLA CPU runtime here at n = 256)
+        return target(unravel(flat + delta)), jnp.linalg.norm(delta), values[0]
 
     values, norms, lowest = jax.lax.map(one, weights, batch_size=8)
     return values - target(lam), norms, lowest
@@ -105,7 +106,16 @@ def main():
         entry = {"actual": actual, "converged": ok, "first_order": first, "first_order_exact_target": exact_target,
                  "newton_step": newton, "moved": moved, "first_order_moved": np.linalg.norm(steps, axis=1),
                  "newton_moved": newton_norm, "reduced_hessian_min_eigenvalue": lowest}
-        for name in ("first_order", "first_order_exact_target", "newton_step"):
+        names = ["first_order", "first_order_exact_target", "newton_step"]
+        if key == "tasks":  # the library's second-order removal (preconditioned CG) must equal the dense Newton step
+            removal_result = metaif.task_removal(setup.problem, lam, setup.train, target, damping=rho)
+            entry["task_removal"] = np.asarray(removal_result.change)[index]
+            entry["task_removal_max_difference"] = float(np.max(np.abs(entry["task_removal"] - newton)))
+            entry["task_removal_cg_iterations"] = np.asarray(removal_result.solve.iterations)
+            names.append("task_removal")
+            print(f"metaif.task_removal against the dense Newton step: max |difference| {entry['task_removal_max_difference']:.2e}, "
+                  f"CG iterations median {np.median(entry['task_removal_cg_iterations']):.0f}", flush=True)
+        for name in names:
             entry[name + "_spearman"] = metrics.spearman(entry[name][ok], actual[ok])
             entry[name + "_pearson"] = metrics.pearson(entry[name][ok], actual[ok])
             entry[name + "_relative_error"] = float(np.linalg.norm(entry[name][ok] - actual[ok]) / np.linalg.norm(actual[ok]))
@@ -113,10 +123,12 @@ def main():
         label = "leave-one-task-out" if key == "tasks" else "50% task subsets"
         if key in out.get("unconverged_used", []):
             label += " (not converged)"
-        for name, title in (("first_order", "influence (first order)"), ("first_order_exact_target", "f(λ* − Σ I_λ) (first order in λ)"),
-                            ("newton_step", "one Newton step on the reduced objective")):
+        titles = {"first_order": "influence (first order)", "first_order_exact_target": "f(λ* − Σ I_λ) (first order in λ)",
+                  "newton_step": "one Newton step on the reduced objective (dense)", "task_removal": "metaif.task_removal (CG)"}
+        for name in names:
+            title = titles[name]
             moved_pred = {"first_order": entry["first_order_moved"], "first_order_exact_target": entry["first_order_moved"],
-                          "newton_step": newton_norm}[name]
+                          "newton_step": newton_norm, "task_removal": newton_norm}[name]
             rows.append([label, title, entry[name + "_pearson"], entry[name + "_spearman"], entry[name + "_relative_error"],
                          np.median(moved_pred), np.median(moved[ok])])
         print(f"{label}: min eigenvalue of H_w + ρI: median {np.median(lowest):.2e}, min {lowest.min():.2e}", flush=True)
