@@ -50,8 +50,9 @@ def top_mask(scores: np.ndarray, fraction: float) -> np.ndarray:
     return mask.reshape(np.shape(scores))
 
 
-def evaluate(setup, lam, test_loss) -> dict:
-    return {"test_accuracy": common.accuracy(setup, lam), "test_loss": float(test_loss(lam))}
+def evaluate(setup, lam, test_loss, val_loss) -> dict:
+    """Test accuracy and loss, and the validation loss that the rankings target."""
+    return {"test_accuracy": common.accuracy(setup, lam), "test_loss": float(test_loss(lam)), "val_loss": float(val_loss(lam))}
 
 
 def run_dataset(config, args, log) -> dict:
@@ -61,7 +62,7 @@ def run_dataset(config, args, log) -> dict:
     problem, tasks = setup.problem, setup.train
     n = tasks.n_tasks
     val_loss, test_loss = common.mean_loss(setup, setup.val), common.mean_loss(setup, setup.test)
-    base = evaluate(setup, lam, test_loss)
+    base = evaluate(setup, lam, test_loss, val_loss)
     out = {"setup": common.describe_setup(setup, trained), "base": base, "rows": [], "proximal": args.proximal, "tol": args.tol}
     log(f"  base: {base}")
 
@@ -113,9 +114,10 @@ def run_dataset(config, args, log) -> dict:
             row = {"level": level, "method": label, "score_seconds": seconds, "retrain_seconds": retrain_seconds,
                    "retrain_grad_norm": float(retrained.grad_norm[0]), "retrain_iterations": int(retrained.iterations[0]),
                    "retrain_moved": float(fidelity_distance(retrained, lam)[0]), "edit_grad_norm": float(edited.grad_norm),
-                   "retrained": evaluate(setup, lam_r, test_loss), "edited": evaluate(setup, edited.meta_params, test_loss),
-                   "edited+2 Newton": evaluate(setup, polished.meta_params, test_loss),
-                   "unlearned": evaluate(setup, unlearned.meta_params, test_loss)}
+                   "retrained": evaluate(setup, lam_r, test_loss, val_loss),
+                   "edited": evaluate(setup, edited.meta_params, test_loss, val_loss),
+                   "edited+2 Newton": evaluate(setup, polished.meta_params, test_loss, val_loss),
+                   "unlearned": evaluate(setup, unlearned.meta_params, test_loss, val_loss)}
             d_retrain = row["retrained"]["test_loss"] - base["test_loss"]
             for key, name in (("edit", "edited"), ("edit2", "edited+2 Newton")):
                 d_edit = row[name]["test_loss"] - base["test_loss"]
@@ -152,14 +154,16 @@ def table(results: dict) -> str:
         removal_norms = [r["retrain_grad_norm"] for r in res["rows"] if r["method"] != "LOO oracle" or loo.get("oracle", True)]
         text += (f"\n### {name}: {s['config']['ways']}-way {s['config']['shots']}-shot {s['config']['adapt']}, "
                  f"n = {s['config']['n_train']}, d = {s['d']}, ‖∇F‖ = {fmt(s['grad_norm'])}\n\n"
-                 f"Before removal: test accuracy {fmt(b['test_accuracy'], 4)}, test loss {fmt(b['test_loss'], 4)}. "
+                 f"Before removal: test accuracy {fmt(b['test_accuracy'], 4)}, test loss {fmt(b['test_loss'], 4)}"
+                 f"{', validation loss ' + fmt(b['val_loss'], 4) if 'val_loss' in b else ''}. "
                  f"All-task LOO retraining ≈ {fmt(loo_all, 1)} s ({kind}{timing}); {oracle}. "
                  f"Removal retrainings converged to ‖∇F‖ ≤ {fmt(tol)}: {_converged(removal_norms, tol)}. "
                  f"I_λ of every datum {fmt(res['influence_params_seconds'])} s.\n\n")
         header = ["level", "ranking", "acc retrained", "retrained ‖∇F‖", "retrained ‖λ − λ*‖", "acc edited", "acc edited+2 Newton",
                   "acc unlearned", "edit − retrain (points)", "edit+2 Newton − retrain (points)", "Δ test loss retrained",
                   "Δ test loss edited", "Δ test loss edited+2 Newton", "edit recovery of Δ test loss",
-                  "edit+2 Newton recovery of Δ test loss", "score s", "× faster than all-task LOO"]
+                  "edit+2 Newton recovery of Δ test loss", "Δ val loss retrained", "Δ val loss edited",
+                  "Δ val loss edited+2 Newton", "score s", "× faster than all-task LOO"]
         rows = []
         for r in res["rows"]:
             d_retrain = r["retrained"]["test_loss"] - b["test_loss"]
@@ -169,6 +173,7 @@ def table(results: dict) -> str:
                          r["edit_gap_points"], 100 * (r["edited+2 Newton"]["test_accuracy"] - r["retrained"]["test_accuracy"]),
                          d_retrain, r["edited"]["test_loss"] - b["test_loss"], d_edit2, r["edit_recovery"],
                          d_edit2 / d_retrain if d_retrain != 0 else float("nan"),
+                         *(r[k]["val_loss"] - b["val_loss"] if "val_loss" in b else None for k in ("retrained", "edited", "edited+2 Newton")),
                          r["score_seconds"] if r["method"] != "LOO oracle" else loo_all,
                          loo_all / r["score_seconds"] if r["method"] != "LOO oracle" else 1.0])
         text += common.markdown_table(header, rows)
