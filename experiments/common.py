@@ -318,6 +318,18 @@ def run_datasets(args, base: Config, run: Callable, save: Callable, folder: Path
     return results
 
 
+def converged_count(norms, tol: float) -> str:
+    """"k of K" retrainings whose final ‖∇F(λ; w)‖ <= tol (None, as JSON writes NaN, counts as not converged)."""
+    norms = np.asarray([np.nan if x is None else x for x in np.ravel(np.asarray(norms, dtype=object))], float)
+    return f"{int(np.sum(norms <= tol))} of {norms.size}"
+
+
+def relative_error(predicted, actual) -> float | None:
+    """‖predicted − actual‖ / ‖actual‖ (None for no data)."""
+    predicted, actual = np.asarray(predicted), np.asarray(actual)
+    return float(np.linalg.norm(predicted - actual) / np.linalg.norm(actual)) if actual.size else None
+
+
 def device_caption(dtype: str = "float64") -> str:
     devices = jax.devices()
     return f"backend {jax.default_backend()}, device {devices[0].device_kind} ×{len(devices)}, {dtype}"

@@ -69,12 +69,6 @@ def stratified_sample(mask: np.ndarray, k: int, rng) -> np.ndarray:
                            clean[rng.choice(len(clean), min(k, len(clean)), replace=False)]])
 
 
-def converged(norms, tol: float) -> str:
-    """"k of K" retrainings whose final ‖∇F(λ; w)‖ <= tol."""
-    norms = np.asarray(norms, float)
-    return f"{int(np.sum(norms <= tol))} of {norms.size}"
-
-
 def detect(scores, mask, harmful=None, subset=None) -> dict:
     row = {}
     for label, (s, seconds) in scores.items():
@@ -114,7 +108,7 @@ def run(config, args, log) -> dict:
         "if_vs_loo_spearman_all": metrics.spearman(-influence, changes), "scores": res,
         "curves": {k: [x.tolist() for x in metrics.detection_curve(v[0], mask)] for k, v in scores.items()}}
     log(f"  tasks: corrupted harmful {harmful[sample_mask].mean():.2f}, clean harmful {harmful[~sample_mask].mean():.2f}, "
-        f"LOO converged {converged(norms, args.tol)}, max LOO grad {float(np.max(norms)):.1e}")
+        f"LOO converged {common.converged_count(norms, args.tol)}, max LOO grad {float(np.max(norms)):.1e}")
     for k, v in res.items():
         log(f"    {k:22s} AUC {v['roc_auc']:.3f} found@40% {v['found_at_40%']:.2f} harm-AUC {v.get('harm_auc', float('nan')):.3f}")
 
@@ -140,7 +134,7 @@ def run(config, args, log) -> dict:
         "if_vs_loo_spearman_sample": metrics.spearman(-influence, changes), "scores": res,
         "curves": {k: [x.tolist() for x in metrics.detection_curve(v[0], mask)] for k, v in scores.items()}}
     log(f"  support: flipped harmful {harmful[sample_flipped].mean():.2f}, clean harmful {harmful[~sample_flipped].mean():.2f}, "
-        f"LOO converged {converged(norms, args.tol)}, max LOO grad {float(np.max(norms)):.1e}")
+        f"LOO converged {common.converged_count(norms, args.tol)}, max LOO grad {float(np.max(norms)):.1e}")
     for k, v in res.items():
         log(f"    {k:22s} AUC {v['roc_auc']:.3f} found@40% {v['found_at_40%']:.2f} harm-AUC {v.get('harm_auc', float('nan')):.3f}")
     return out
@@ -160,7 +154,7 @@ def table(results: dict) -> str:
                      f"(exact trust-region Newton) of {'a sample of ' if sampled else 'every '}{norms.size} "
                      f"{'tasks' if level == 'tasks' else 'support examples'}"
                      f"{' (half corrupted, half clean)' if sampled else ''}: "
-                     f"{converged(norms, r.get('tol', 1e-10))} converged to ‖∇F(λ; w)‖ ≤ {fmt(r.get('tol', 1e-10))}, "
+                     f"{common.converged_count(norms, r.get('tol', 1e-10))} converged to ‖∇F(λ; w)‖ ≤ {fmt(r.get('tol', 1e-10))}, "
                      f"max {fmt(float(np.max(norms)))}. Removing it lowers the validation loss for "
                      f"{fmt(frac)} of the corrupted{' (sampled)' if sampled else ''} and {fmt(r['clean_harmful_fraction'])} "
                      f"of the clean ones. Spearman(−IF, LOO change) = "

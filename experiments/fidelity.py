@@ -175,8 +175,8 @@ def run_variant(name: str, config, args, log) -> dict:
             eps_truth = truth["tasks_epsilon"]
             ok = eps_truth["grad_norms"][0] < args.tol
             row["tasks_epsilon"] = agreement(-eps_truth["epsilon"] * scores.tasks[task_index], eps_truth["changes"][0], ok)
-            row["tasks_epsilon"]["relative_error"] = float(np.linalg.norm(eps_truth["changes"][0] + eps_truth["epsilon"] * scores.tasks[task_index])
-                                                           / np.linalg.norm(eps_truth["changes"][0]))
+            row["tasks_epsilon"]["relative_error"] = common.relative_error(-eps_truth["epsilon"] * scores.tasks[task_index],
+                                                                           eps_truth["changes"][0])
         row["scores"] = {"tasks": scores.tasks}
         for level in ("support", "query"):
             if getattr(scores, level) is None:  # a method that scores tasks only

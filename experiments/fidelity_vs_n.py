@@ -75,10 +75,6 @@ def _median(x, ok=None) -> float | None:
     return float(np.median(x)) if x.size else None
 
 
-def _relative_error(predicted, actual) -> float | None:
-    return float(np.linalg.norm(predicted - actual) / np.linalg.norm(actual)) if actual.size else None
-
-
 def ground_truth(setup, lam, target, task_index, rho, args, log) -> dict:
     """Leave-one-task-out of `task_index` (retrained twice, ρ-proximal), scored against exact
     task-IF (damping δ = ρ) and one Newton step on each reduced objective."""
@@ -103,7 +99,7 @@ def ground_truth(setup, lam, target, task_index, rho, args, log) -> dict:
            "n_converged": int(ok.sum()), "n_sampled": int(ok.size), "seconds_influence": seconds_if,
            "seconds_retrain": seconds_retrain}
     out["influence"] = agreement(-scores, actual, ok)
-    out["influence_relative_error"] = _relative_error(-scores[ok], actual[ok])
+    out["influence_relative_error"] = common.relative_error(-scores[ok], actual[ok])
     if ok.sum() > 2:
         ceiling = metrics.noise_ceiling(res["changes"][:, ok])
         out["ceiling"] = {"pearson": ceiling.pearson, "spearman": ceiling.spearman}
@@ -117,7 +113,7 @@ def ground_truth(setup, lam, target, task_index, rho, args, log) -> dict:
     start = time.perf_counter()
     newton, newton_moved, lowest = newton_changes(setup, lam, weights, rho, target)
     out.update(newton_step=newton, newton_moved=newton_moved, reduced_hessian_min_eigenvalue=lowest,
-               newton=agreement(newton, actual, ok), newton_relative_error=_relative_error(newton[ok], actual[ok]),
+               newton=agreement(newton, actual, ok), newton_relative_error=common.relative_error(newton[ok], actual[ok]),
                newton_moved_median=_median(newton_moved, ok), seconds_newton=time.perf_counter() - start)
     log(f"    ρ = {rho}: one Newton step Spearman {fmt(out['newton'].get('spearman_converged'))}, min eigenvalue of "
         f"H_w + ρI {fmt(float(lowest.min()))} ({out['seconds_newton']:.0f}s)")
@@ -130,7 +126,7 @@ def ground_truth(setup, lam, target, task_index, rho, args, log) -> dict:
         out["epsilon"] = {"epsilon": args.epsilon, "changes": eps["changes"][0], "grad_norms": eps["grad_norms"][0],
                           "moved": eps["moved"][0], "n_converged": int(eps_ok.sum()),
                           **agreement(-args.epsilon * scores, eps["changes"][0], eps_ok),
-                          "relative_error": _relative_error(-args.epsilon * scores[eps_ok], eps["changes"][0][eps_ok]),
+                          "relative_error": common.relative_error(-args.epsilon * scores[eps_ok], eps["changes"][0][eps_ok]),
                           "seconds": time.perf_counter() - start}
         log(f"    ε = {args.epsilon}: Spearman {fmt(out['epsilon'].get('spearman_converged'))}, converged "
             f"{eps_ok.sum()}/{eps_ok.size} ({out['epsilon']['seconds']:.0f}s)")

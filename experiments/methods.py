@@ -72,9 +72,7 @@ def _task_removal(damping: float) -> Callable:
     target when the task is removed), tasks only."""
     def run(setup: Setup, lam, target):
         result = metaif.task_removal(setup.problem, lam, setup.train, target, damping=damping)
-        return Scores(-np.asarray(result.change), None, None,
-                      {"iterations": np.asarray(result.solve.iterations).tolist(), "converged": bool(np.all(result.solve.converged)),
-                       "indefinite": bool(np.any(result.solve.indefinite)), "second_order": True})
+        return Scores(-np.asarray(result.change), None, None, {**_solve_info(result.solve), "second_order": True})
     return run
 
 

@@ -118,7 +118,7 @@ def main():
         for name in names:
             entry[name + "_spearman"] = metrics.spearman(entry[name][ok], actual[ok])
             entry[name + "_pearson"] = metrics.pearson(entry[name][ok], actual[ok])
-            entry[name + "_relative_error"] = float(np.linalg.norm(entry[name][ok] - actual[ok]) / np.linalg.norm(actual[ok]))
+            entry[name + "_relative_error"] = common.relative_error(entry[name][ok], actual[ok])
         out[key] = entry
         label = "leave-one-task-out" if key == "tasks" else "50% task subsets"
         if key in out.get("unconverged_used", []):

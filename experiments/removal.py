@@ -132,12 +132,6 @@ def run_dataset(config, args, log) -> dict:
     return out
 
 
-def _converged(norms, tol: float) -> str:
-    """"k of K" retrainings with final ‖∇F(λ; w)‖ <= tol (JSON turns NaN into None)."""
-    norms = np.asarray([np.nan if x is None else x for x in np.ravel(np.asarray(norms, dtype=object))], float)
-    return f"{int(np.sum(norms <= tol))} of {norms.size}"
-
-
 def table(results: dict) -> str:
     text = ""
     for name, res in results.items():
@@ -146,10 +140,10 @@ def table(results: dict) -> str:
         loo_all = loo.get("seconds_all_corrected", loo["seconds_all"])
         kind = f"exact trust-region Newton{', proximal ρ = ' + str(res['proximal']) if res.get('proximal') else ''}"
         if loo.get("oracle", True):
-            oracle = f"LOO oracle: {_converged(loo['grad_norms'], tol)} task retrainings converged to ‖∇F‖ ≤ {fmt(tol)}"
+            oracle = f"LOO oracle: {common.converged_count(loo['grad_norms'], tol)} task retrainings converged to ‖∇F‖ ≤ {fmt(tol)}"
         else:
             oracle = "LOO oracle not run (--no-oracle)"
-        timing = (f", timed on 8 task retrainings, {_converged(loo['timing_grad_norms'], tol)} converged"
+        timing = (f", timed on 8 task retrainings, {common.converged_count(loo['timing_grad_norms'], tol)} converged"
                   if "timing_grad_norms" in loo else "")
         removal_norms = [r["retrain_grad_norm"] for r in res["rows"] if r["method"] != "LOO oracle" or loo.get("oracle", True)]
         text += (f"\n### {name}: {s['config']['ways']}-way {s['config']['shots']}-shot {s['config']['adapt']}, "
@@ -157,7 +151,7 @@ def table(results: dict) -> str:
                  f"Before removal: test accuracy {fmt(b['test_accuracy'], 4)}, test loss {fmt(b['test_loss'], 4)}"
                  f"{', validation loss ' + fmt(b['val_loss'], 4) if 'val_loss' in b else ''}. "
                  f"All-task LOO retraining ≈ {fmt(loo_all, 1)} s ({kind}{timing}); {oracle}. "
-                 f"Removal retrainings converged to ‖∇F‖ ≤ {fmt(tol)}: {_converged(removal_norms, tol)}. "
+                 f"Removal retrainings converged to ‖∇F‖ ≤ {fmt(tol)}: {common.converged_count(removal_norms, tol)}. "
                  f"I_λ of every datum {fmt(res['influence_params_seconds'])} s.\n\n")
         header = ["level", "ranking", "acc retrained", "retrained ‖∇F‖", "retrained ‖λ − λ*‖", "acc edited", "acc edited+2 Newton",
                   "acc unlearned", "edit − retrain (points)", "edit+2 Newton − retrain (points)", "Δ test loss retrained",
@@ -166,13 +160,11 @@ def table(results: dict) -> str:
                   "Δ val loss edited+2 Newton", "score s", "× faster than all-task LOO"]
         rows = []
         for r in res["rows"]:
-            d_retrain = r["retrained"]["test_loss"] - b["test_loss"]
-            d_edit2 = r["edited+2 Newton"]["test_loss"] - b["test_loss"]
             rows.append([r["level"], r["method"], r["retrained"]["test_accuracy"], r["retrain_grad_norm"], r.get("retrain_moved"),
                          r["edited"]["test_accuracy"], r["edited+2 Newton"]["test_accuracy"], r["unlearned"]["test_accuracy"],
-                         r["edit_gap_points"], 100 * (r["edited+2 Newton"]["test_accuracy"] - r["retrained"]["test_accuracy"]),
-                         d_retrain, r["edited"]["test_loss"] - b["test_loss"], d_edit2, r["edit_recovery"],
-                         d_edit2 / d_retrain if d_retrain != 0 else float("nan"),
+                         r["edit_gap_points"], r["edit2_gap_points"],
+                         *(r[k]["test_loss"] - b["test_loss"] for k in ("retrained", "edited", "edited+2 Newton")),
+                         r["edit_recovery"], r["edit2_recovery"],
                          *(r[k]["val_loss"] - b["val_loss"] if "val_loss" in b else None for k in ("retrained", "edited", "edited+2 Newton")),
                          r["score_seconds"] if r["method"] != "LOO oracle" else loo_all,
                          loo_all / r["score_seconds"] if r["method"] != "LOO oracle" else 1.0])
