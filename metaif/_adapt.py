@@ -124,7 +124,7 @@ class Proximal(Adaptation):
         if self.inner_solve == "dense":
             def dense(matvec, b):
                 flat_b, unravel = _tree.ravel(b)
-                return unravel(jnp.linalg.solve(_linalg.dense_matrix(matvec, b), flat_b))
+                return unravel(_linalg.dense_solve(_linalg.dense_matrix(matvec, b), flat_b))
             return dense
         if self.inner_solve == "cg":
             return lambda matvec, b: _linalg.conjugate_gradient(matvec, b, tol=self.inner_tol, maxiter=self.inner_maxiter)[0]

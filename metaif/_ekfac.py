@@ -28,6 +28,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from . import _linalg
+
 PyTree = Any
 
 
@@ -57,7 +59,7 @@ def pseudo_gradients(predict: Callable, output_loss: Callable, params: PyTree, m
     outputs, pullback = jax.vjp(lambda p: predict(p, meta_params, example), params)
     flat = outputs.reshape(-1)
     hessian = jax.hessian(lambda z: output_loss(z.reshape(outputs.shape), example))(flat)
-    values, vectors = jnp.linalg.eigh(0.5 * (hessian + hessian.T))
+    values, vectors = _linalg.eigh(hessian)
     roots = vectors * jnp.sqrt(jnp.maximum(values, 0.0))[None, :]  # columns c_k
     return jax.vmap(lambda c: pullback(c.reshape(outputs.shape))[0])(roots.T)
 
@@ -74,8 +76,8 @@ def factor(predict: Callable, output_loss: Callable, params: PyTree, meta_params
         p = leaf.reshape(leaf.shape[:2] + _matrix_shape(shape))  # [m, K, r, c]
         a = jnp.einsum("j,jkrc,jksc->rs", weights, p, p)
         b = jnp.einsum("j,jkrc,jkrd->cd", weights, p, p)
-        qa = jnp.linalg.eigh(0.5 * (a + a.T))[1]
-        qb = jnp.linalg.eigh(0.5 * (b + b.T))[1]
+        qa = _linalg.eigh(a).vectors
+        qb = _linalg.eigh(b).vectors
         rotated = jnp.einsum("rs,jkrc,cd->jksd", qa, p, qb)
         left.append(qa)
         right.append(qb)

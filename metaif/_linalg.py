@@ -282,7 +282,7 @@ def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, steps: int, key: j
     init = (basis, vector, vector, start, _tree.zeros_like(like), jnp.zeros((), dtype))
     basis, alphas, betas, _, _, _ = jax.lax.fori_loop(0, steps, body, init)
     tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
-    values, s = jnp.linalg.eigh(tridiagonal)
+    values, s = eigh(tridiagonal)
     vectors = jax.tree.map(lambda B: jnp.tensordot(s.T, B, axes=1), basis)
     return Lanczos(values, vectors, jnp.abs(betas[-1] * s[-1, :]))
 
@@ -297,9 +297,52 @@ class Eigh(NamedTuple):
     vectors: jax.Array
 
 
+def _symmetric_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.linalg.eigh(matrix)
+
+
+# On CPU, vmap of LAPACK kernels becomes a loop of single-matrix calls. jaxlib 0.10's batched CPU
+# LAPACK kernels split a batch over XLA's intra-op thread pool and block a pool thread until the
+# pieces finish; when as many batched calls run concurrently as the pool has threads (2 on a
+# 2-core machine: e.g. the per-task solves of iMAML's dense implicit derivative inside a Newton
+# step), every thread waits and the process hangs with no CPU use. Single-matrix calls never
+# wait on the pool. Other platforms keep their batched kernels. The loop has no reverse-mode rule
+# of its own, so the eigenpairs get theirs from the explicit JVP below (linear in the tangent).
+_cpu_sequential_eigh = jax.custom_batching.sequential_vmap(_symmetric_eigh)
+
+
+def _eigh_any_platform(symmetric: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jax.lax.platform_dependent(symmetric, cpu=_cpu_sequential_eigh, default=_symmetric_eigh)
+
+
+@jax.custom_jvp
+def _differentiable_eigh(symmetric: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _eigh_any_platform(symmetric)
+
+
+@_differentiable_eigh.defjvp
+def _eigh_jvp(primals, tangents):
+    """dw = diag(Vᵀ dA V), dV = V (F ∘ Vᵀ dA V) with F_ij = 1/(w_j − w_i) off the diagonal."""
+    (symmetric,), (direction,) = primals, tangents
+    values, vectors = _differentiable_eigh(symmetric)
+    rotated = vectors.T @ direction @ vectors
+    eye = jnp.eye(values.shape[-1], dtype=values.dtype)
+    gaps = 1.0 / (eye + values[None, :] - values[:, None]) - eye
+    return (values, vectors), (jnp.diagonal(rotated), vectors @ (gaps * rotated))
+
+
 def eigh(matrix: jax.Array) -> Eigh:
-    values, vectors = jnp.linalg.eigh(0.5 * (matrix + matrix.T))
+    """Eigen-decomposition of the symmetric part of `matrix` ([d, d]; vmappable and differentiable,
+    see above)."""
+    values, vectors = _differentiable_eigh(0.5 * (matrix + matrix.T))
     return Eigh(values, vectors)
+
+
+def dense_solve(matrix: jax.Array, b: jax.Array) -> jax.Array:
+    """x = matrix⁻¹ b for a symmetric invertible [p, p] matrix and b [p] (via `eigh`: no batched
+    LAPACK LU, which can deadlock under vmap on CPU; see above)."""
+    factor = eigh(matrix)
+    return factor.vectors @ ((factor.vectors.T @ b) / factor.values)
 
 
 def eigh_solve(factor: Eigh, b: jax.Array, damping: float) -> tuple[jax.Array, SolveInfo]:
