@@ -114,3 +114,42 @@ def test_bad_input_is_named():
         metaif.task_removal(REG_PROBLEM, lam, REG_TASKS, lambda l: l["w"])
     with pytest.raises(ValueError, match="maxiter"):
         metaif.task_removal(REG_PROBLEM, lam, REG_TASKS, maxiter=0)
+
+
+def _dense_reduced_hessian(lam, weights):
+    flat, unravel = ravel(lam)
+    objective = lambda x: metaif.meta_objective(PROBLEM, unravel(x), TASKS, *weights)
+    return np.asarray(jax.hessian(objective)(flat))
+
+
+@pytest.mark.parametrize("level", ["tasks", "query"])
+def test_removal_reach_is_where_the_reduced_hessian_turns_singular(level):
+    """removal_reach's t* against jax.hessian of F(λ*; 1 − t·removed): singular at t*, positive
+    definite just below it; the reported eigenvalues match the dense ones; no removal: t* = inf."""
+    lam = _logistic()
+    shape = (N,) if level == "tasks" else (N, Q)
+    mask = np.random.default_rng(3).random(shape) < 0.5
+    reach = evaluation.removal_reach(PROBLEM, lam, TASKS, {level: mask})
+    t_star = float(reach.reach)
+    assert np.isfinite(t_star) and t_star > 0
+    remaining = lambda t: evaluation.remaining_weights(TASKS, {level: t * mask.astype(float)})
+    min_eig = lambda t: np.linalg.eigvalsh(_dense_reduced_hessian(lam, remaining(t)))[0]
+    scale = np.linalg.eigvalsh(_dense_reduced_hessian(lam, remaining(0.0)))[-1]
+    assert abs(min_eig(t_star)) < 1e-9 * scale
+    assert min_eig(0.99 * t_star) > 0 and min_eig(1.01 * t_star) < 0
+    np.testing.assert_allclose(float(reach.min_eigenvalue), min_eig(0.0), rtol=1e-9)
+    np.testing.assert_allclose(float(reach.reduced_min_eigenvalue), min_eig(1.0), rtol=1e-9, atol=1e-12)
+    damped = evaluation.removal_reach(PROBLEM, lam, TASKS, {level: mask}, damping=0.1)
+    assert float(damped.reach) > t_star  # damping keeps the reduced Hessian definite for longer
+    nothing = evaluation.removal_reach(PROBLEM, lam, TASKS, {level: np.zeros(shape, bool)})
+    assert float(nothing.reach) == np.inf
+
+
+def test_removal_reach_rejects_bad_input():
+    lam = _logistic()
+    with pytest.raises(ValueError, match=r"removed\['support'\].*nonlinearly"):
+        evaluation.removal_reach(PROBLEM, lam, TASKS, {"support": np.ones((N, M), bool)})
+    with pytest.raises(ValueError, match=r"removed\['tasks'\] must be a bool or float array of shape \(8,\)"):
+        evaluation.removal_reach(PROBLEM, lam, TASKS, {"tasks": np.ones(N + 1, bool)})
+    with pytest.raises(ValueError, match="damping"):
+        evaluation.removal_reach(PROBLEM, lam, TASKS, {"tasks": np.ones(N, bool)}, damping=-1.0)

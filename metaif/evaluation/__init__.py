@@ -7,8 +7,9 @@
 * `metrics`: pearson, spearman, roc_auc, detection curve and area, top-k overlap.
 * `baselines`: grad_dot (TracIn-style), trak, single_level, direct_if, raw_loss, random_scores,
   all with influence's sign (higher = more harmful) and shapes ([n], [n, m], [n, q]).
-* Editing (`_editing`): `edit` (λ* − Σ removed I_λ, optionally refined) and `unlearn`
-  (gradient-ascent baseline).
+* Editing (`_editing`): `edit` (λ* − Σ removed I_λ, optionally refined), `removal_reach` (how
+  much of a removal stays on λ*'s branch of minimisers, where edits can follow retraining) and
+  `unlearn` (gradient-ascent baseline).
 
 Sign convention (binding): removing a datum changes a quantity by about −influence.
 """
@@ -16,8 +17,10 @@ Sign convention (binding): removing a datum changes a quantity by about −influ
 from . import baselines as baselines
 from . import metrics as metrics
 from ._editing import Edited as Edited
+from ._editing import Reach as Reach
 from ._editing import edit as edit
 from ._editing import remaining_weights as remaining_weights
+from ._editing import removal_reach as removal_reach
 from ._editing import unlearn as unlearn
 from ._lds import lds as lds
 from ._lds import subset_masks as subset_masks
@@ -34,7 +37,7 @@ from .metrics import Agreement as Agreement
 from .metrics import noise_ceiling as noise_ceiling
 
 __all__ = [
-    "Agreement", "Edited", "Retrained", "Scores", "baselines", "edit", "lds", "leave_one_out", "metrics", "noise_ceiling",
-    "remaining_weights", "removal_weights", "retrain", "retrain_cold", "subset_masks", "subset_predictions",
+    "Agreement", "Edited", "Reach", "Retrained", "Scores", "baselines", "edit", "lds", "leave_one_out", "metrics", "noise_ceiling",
+    "remaining_weights", "removal_reach", "removal_weights", "retrain", "retrain_cold", "subset_masks", "subset_predictions",
     "subset_weights", "target_values", "unlearn",
 ]

@@ -1,5 +1,5 @@
-"""Editing the meta-parameters without retraining: first-order removal by influence, and the
-gradient-ascent unlearning baseline.
+"""Editing the meta-parameters without retraining: first-order removal by influence, how far such
+a removal can be trusted (`removal_reach`), and the gradient-ascent unlearning baseline.
 
 `removed` is a mapping from level ("tasks", "support", "query") to an array of the level's shape
 ([n], [n, m], [n, q]): boolean (True = removed) or the amount ε by which each weight drops
@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _tree, _validate
-from .._objective import Weights, check_arguments, objective
+from .. import _hessian, _linalg, _tree, _validate
+from .._objective import Weights, check_arguments, objective, unit_weights
+from ..curvature import Exact
 from .._problem import BilevelProblem, TaskSet
+from .._removal import DENSE_LIMIT
 from ._retrain import LEVELS, level_shape, retrain
 
 PyTree = Any
@@ -134,6 +136,78 @@ def edit(meta_params: PyTree, influence_params: Any, removed: Mapping[str, Any],
         result = retrain(problem, edited, tasks, Weights(*(w[None] for w in weights)), steps=int(steps), batch_size=None)
         return Edited(jax.tree.map(lambda x: x[0], result.meta_params), result.grad_norm[0])
     return Edited(edited, _reduced_grad_norm(problem, edited, tasks, weights))
+
+
+class Reach(NamedTuple):
+    """How far a removal can go before λ* stops being a minimum of the reduced objective.
+
+    Attributes:
+      reach: t* in [0, inf]: the smallest scale t > 0 at which H(λ*; 1 − t·removed) + δI turns
+        singular (inf: never; 0: H + δI is already not positive definite). t* < 1 means the full
+        removal lies beyond a fold of the minimiser path as seen from λ*: retraining can jump to
+        another basin there, and no local prediction (influence, edits, Newton steps from λ*)
+        follows it.
+      min_eigenvalue: smallest eigenvalue of H(λ*) + δI (all data).
+      reduced_min_eigenvalue: smallest eigenvalue of H(λ*; 1 − removed) + δI (the full removal).
+    """
+
+    reach: jax.Array
+    min_eigenvalue: jax.Array
+    reduced_min_eigenvalue: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "batch_size"))
+def _reach(problem, batch_size, meta_params, tasks, weights, damping):
+    dense = lambda w: _linalg.dense_matrix(_hessian.operator(problem, meta_params, tasks, w, Exact(), batch_size)[2].hvp,
+                                           meta_params)
+    full, reduced = dense(unit_weights(meta_params, tasks)), dense(weights)
+    eye = jnp.eye(full.shape[0], dtype=full.dtype)
+    factor = _linalg.eigh(full + damping * eye)
+    positive = factor.values[0] > 0
+    root = factor.vectors / jnp.sqrt(jnp.where(positive, factor.values, 1.0))[None, :]  # V Λ^(-1/2): rootᵀ A root = I
+    removed_share = full - reduced  # Hessian of the removed data's share (F is linear in task and query weights)
+    largest = jnp.linalg.eigvalsh(root.T @ removed_share @ root)[-1]  # max eigenvalue of (H + δI)⁻¹ H_removed
+    reach = jnp.where(largest > 0, 1.0 / largest, jnp.inf)
+    reduced_min = jnp.linalg.eigvalsh(reduced + damping * eye)[0]
+    return Reach(jnp.where(positive, reach, 0.0), factor.values[0], reduced_min)
+
+
+def removal_reach(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, removed: Mapping[str, Any], *,
+                  damping: float = 0.0, batch_size: int | None = None) -> Reach:
+    """How much of a removal local predictions can follow: t* = 1 / λ_max((H + δI)⁻¹ H_removed).
+
+    Removing an amount t of the data in `removed` leaves the Hessian H(λ*; 1 − t·removed) =
+    H − t·H_removed (task and query weights enter F linearly). It stays positive definite exactly
+    for t < t*. Past t*, λ* is a saddle of the reduced objective: the minimiser path λ(t) that
+    influence linearises has folded (near t*, typically a little before, since H also changes
+    along the path), and retraining lands in a different basin. An edit with t* < 1 is an
+    extrapolation across that fold; `experiments/edit_reach.py` measures the consequences.
+
+    Args:
+      problem, meta_params, tasks: as in `metaif.influence` (λ* a stationary point).
+      removed: {"tasks": [n], "query": [n, q]}: booleans or amounts, as in `edit`. Support weights
+        enter adaptation nonlinearly, so support removals are not covered.
+      damping: δ >= 0 added to H (proximal retraining toward λ* with ρ = δ).
+      batch_size: tasks per chunk in the Hessian products.
+
+    Returns:
+      `Reach(reach, min_eigenvalue, reduced_min_eigenvalue)`. Forms two dense d×d Hessians
+      (d <= 8192, `metaif.task_removal`'s limit).
+    """
+    check_arguments(problem, meta_params, tasks)
+    _validate.finite_tree("meta_params", meta_params)
+    if isinstance(removed, Mapping) and "support" in removed:
+        raise ValueError("removed['support'] is not supported by removal_reach: support weights enter the inner adaptation "
+                         "nonlinearly, so the reduced Hessian is not linear in the removed amount. Pass 'tasks' and/or 'query'.")
+    d = _tree.size(meta_params)
+    if d > DENSE_LIMIT:
+        raise ValueError(f"removal_reach forms dense d×d Hessians, so d must be <= {DENSE_LIMIT}; meta_params has d = {d}.")
+    damping = _validate.non_negative("damping", damping)
+    if batch_size is not None:
+        batch_size = _validate.positive_int("batch_size", batch_size)
+    dtype = _tree.float_dtype(meta_params)
+    weights = remaining_weights(tasks, removed, dtype)
+    return _reach(problem, batch_size, meta_params, tasks, weights, jnp.asarray(damping, dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("problem", "steps"))
