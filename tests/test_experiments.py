@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 import common  # noqa: E402
 import detection  # noqa: E402
+import edit_reach  # noqa: E402
 import fidelity  # noqa: E402
 import fidelity_vs_n  # noqa: E402
 import methods  # noqa: E402
@@ -95,3 +96,27 @@ def test_fidelity_vs_n_sweep_saves_and_resumes(tmp_path):
     assert fidelity_vs_n.main(flags)["6"] == results["6"]                   # resumed: nothing recomputed
     with pytest.raises(SystemExit, match="--fresh"):
         fidelity_vs_n.main([*flags[:-2], "--task-sample", "2", "--out", str(tmp_path)])
+
+
+def test_edit_reach_rows_path_and_files(tmp_path):
+    """The editing-limit experiment on the tiny config: every retraining converged, removal_reach's
+    t* agrees with the sign of the reduced Hessian's smallest eigenvalue (t* >= 1 exactly when the
+    full removal leaves H(λ*; 1 − removed) positive definite), the path starts at λ* and the table
+    and figure are written."""
+    flags = ["--config", "smoke", "--datasets", "digits", "--n-train", "6", "--n-val", "4", "--n-test", "6",
+             "--features", "4", "--hidden", "2", "--queries", "1", "--adam-steps", "300", "--adam-lr", "3e-2",
+             "--fractions", "0.2,0.5", "--path-points", "4", "--out", str(tmp_path)]
+    res = edit_reach.main(flags)["digits"]
+    rows = res["fractions"]
+    assert [r["removed"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["retrain_grad_norm"] < 1e-10
+        assert (r["reach"] >= 1.0) == (r["reduced_min_eigenvalue"] > 0)
+        assert np.isfinite(r["edit_relative_error"])
+    points = res["path"]["points"]
+    assert [p["t"] for p in points] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert points[0]["moved"] < 1e-6 and all(p["grad_norm"] < 1e-10 for p in points)
+    assert all(p["min_eigenvalue"] > 0 for p in points)             # converged points of the path are minima
+    assert res["path"]["end_to_direct"] >= 0 and np.isfinite(res["path"]["end_minus_direct_test_loss"])
+    for name in ("edit_reach.json", "edit_reach.md", "edit_reach.png"):
+        assert (tmp_path / name).stat().st_size > 0
