@@ -29,7 +29,7 @@ import metaif
 from metaif import evaluation
 
 import methods
-from removal import evaluate, top_mask
+from removal import edit_gaps, evaluate, heading, top_mask
 
 
 def extra(parser):
@@ -78,10 +78,7 @@ def run_dataset(config, args, log) -> dict:
                "retrained": evaluate(setup, lam_r, test_loss, val_loss),
                "edited": evaluate(setup, edited.meta_params, test_loss, val_loss),
                "edited+2 Newton": evaluate(setup, polished.meta_params, test_loss, val_loss)}
-        d_retrain = row["retrained"]["test_loss"] - base["test_loss"]
-        for key, name in (("edit", "edited"), ("edit2", "edited+2 Newton")):
-            row[f"{key}_gap_points"] = 100 * (row[name]["test_accuracy"] - row["retrained"]["test_accuracy"])
-            row[f"{key}_recovery"] = (row[name]["test_loss"] - base["test_loss"]) / d_retrain if d_retrain else float("nan")
+        edit_gaps(row, base)
         out["fractions"].append(row)
         direct_lam = lam_r
         log(f"  f = {fraction:.2f}: reach t* {row['reach']:.3f}, retrained moved {row['retrained_moved']:.3f} "
@@ -128,8 +125,7 @@ def table(results: dict) -> str:
     for name, res in results.items():
         s, b, tol = res["setup"], res["base"], res["tol"]
         rows = res["fractions"]
-        text += (f"\n### {name}: {s['config']['ways']}-way {s['config']['shots']}-shot {s['config']['adapt']}, "
-                 f"n = {s['config']['n_train']}, d = {s['d']}, ‖∇F‖ = {fmt(s['grad_norm'])}\n\n"
+        text += (heading(name, s) +
                  f"Before removal: test accuracy {fmt(b['test_accuracy'], 4)}, test loss {fmt(b['test_loss'], 4)}. "
                  f"Tasks ranked by exact task-IF on the validation loss. Retrainings converged to ‖∇F‖ ≤ {fmt(tol)}: "
                  f"{common.converged_count([r['retrain_grad_norm'] for r in rows], tol)}.\n\n")

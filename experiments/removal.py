@@ -55,6 +55,23 @@ def evaluate(setup, lam, test_loss, val_loss) -> dict:
     return {"test_accuracy": common.accuracy(setup, lam), "test_loss": float(test_loss(lam)), "val_loss": float(val_loss(lam))}
 
 
+def edit_gaps(row: dict, base: dict) -> None:
+    """Add to `row` each edit's accuracy gap to retraining (points) and its recovery of the
+    retrained test-loss change (Δ edited / Δ retrained), for the plain edit and edit+2 Newton."""
+    d_retrain = row["retrained"]["test_loss"] - base["test_loss"]
+    for key, name in (("edit", "edited"), ("edit2", "edited+2 Newton")):
+        d_edit = row[name]["test_loss"] - base["test_loss"]
+        row[f"{key}_recovery"] = d_edit / d_retrain if d_retrain != 0 else float("nan")
+        row[f"{key}_gap_points"] = 100 * (row[name]["test_accuracy"] - row["retrained"]["test_accuracy"])
+
+
+def heading(name: str, setup: dict) -> str:
+    """The markdown heading of one dataset's results."""
+    c = setup["config"]
+    return (f"\n### {name}: {c['ways']}-way {c['shots']}-shot {c['adapt']}, n = {c['n_train']}, d = {setup['d']}, "
+            f"‖∇F‖ = {fmt(setup['grad_norm'])}\n\n")
+
+
 def run_dataset(config, args, log) -> dict:
     setup = common.build(config)
     trained = common.meta_train(setup, log)
@@ -118,11 +135,7 @@ def run_dataset(config, args, log) -> dict:
                    "edited": evaluate(setup, edited.meta_params, test_loss, val_loss),
                    "edited+2 Newton": evaluate(setup, polished.meta_params, test_loss, val_loss),
                    "unlearned": evaluate(setup, unlearned.meta_params, test_loss, val_loss)}
-            d_retrain = row["retrained"]["test_loss"] - base["test_loss"]
-            for key, name in (("edit", "edited"), ("edit2", "edited+2 Newton")):
-                d_edit = row[name]["test_loss"] - base["test_loss"]
-                row[f"{key}_recovery"] = d_edit / d_retrain if d_retrain != 0 else float("nan")
-                row[f"{key}_gap_points"] = 100 * (row[name]["test_accuracy"] - row["retrained"]["test_accuracy"])
+            edit_gaps(row, base)
             row["speedup_vs_loo_all"] = loo_all / seconds if label != "LOO oracle" else 1.0
             out["rows"].append(row)
             log(f"  {level:7s} {label:20s} retrain acc {row['retrained']['test_accuracy']:.4f} (grad {row['retrain_grad_norm']:.1e}) | "
@@ -146,8 +159,7 @@ def table(results: dict) -> str:
         timing = (f", timed on 8 task retrainings, {common.converged_count(loo['timing_grad_norms'], tol)} converged"
                   if "timing_grad_norms" in loo else "")
         removal_norms = [r["retrain_grad_norm"] for r in res["rows"] if r["method"] != "LOO oracle" or loo.get("oracle", True)]
-        text += (f"\n### {name}: {s['config']['ways']}-way {s['config']['shots']}-shot {s['config']['adapt']}, "
-                 f"n = {s['config']['n_train']}, d = {s['d']}, ‖∇F‖ = {fmt(s['grad_norm'])}\n\n"
+        text += (heading(name, s) +
                  f"Before removal: test accuracy {fmt(b['test_accuracy'], 4)}, test loss {fmt(b['test_loss'], 4)}"
                  f"{', validation loss ' + fmt(b['val_loss'], 4) if 'val_loss' in b else ''}. "
                  f"All-task LOO retraining ≈ {fmt(loo_all, 1)} s ({kind}{timing}); {oracle}. "
