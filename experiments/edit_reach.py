@@ -39,16 +39,19 @@ def extra(parser):
     parser.add_argument("--steps", type=int, default=80, help="most trust-region Newton steps per retraining")
     parser.add_argument("--tol", type=float, default=1e-10, help="retraining stops at this ‖∇F(λ; w)‖")
     parser.add_argument("--jump", type=float, default=4.0, help="a path step this many times the median step is a jump (fold)")
+    parser.add_argument("--proximal", type=float, default=0.0,
+                        help="ρ > 0: proximal ground truth (F + ρ/2‖λ − λ*‖²) with influence, edits and reach damped by δ = ρ")
 
 
 def flat(tree) -> np.ndarray:
     return np.asarray(jax.flatten_util.ravel_pytree(tree)[0])
 
 
-def retrain_one(problem, start, tasks, removed, steps, tol):
+def retrain_one(problem, start, tasks, removed, args, center):
+    """Exact retraining from `start` (proximal toward `center` with --proximal)."""
     weights = evaluation.remaining_weights(tasks, removed)
-    result = evaluation.retrain(problem, start, tasks, metaif.Weights(*(w[None] for w in weights)), steps=steps, tol=tol,
-                                batch_size=None)
+    result = evaluation.retrain(problem, start, tasks, metaif.Weights(*(w[None] for w in weights)), steps=args.steps,
+                                tol=args.tol, batch_size=None, proximal=args.proximal, center=center)
     return jax.tree.map(lambda x: x[0], result.meta_params), float(result.grad_norm[0]), int(result.iterations[0])
 
 
@@ -59,17 +62,18 @@ def run_dataset(config, args, log) -> dict:
     problem, tasks = setup.problem, setup.train
     val_loss, test_loss = common.mean_loss(setup, setup.val), common.mean_loss(setup, setup.test)
     base = evaluate(setup, lam, test_loss, val_loss)
-    params_if = metaif.influence(problem, lam, tasks, solver=metaif.solvers.Dense())
-    ranking = methods.influence_methods()["IF Dense (exact)"](setup, lam, val_loss).tasks
+    rho = args.proximal
+    params_if = metaif.influence(problem, lam, tasks, solver=metaif.solvers.Dense(damping=rho))
+    ranking = methods.influence_methods(rho)["IF Dense (exact)"](setup, lam, val_loss).tasks
     x0 = flat(lam)
-    out = {"setup": common.describe_setup(setup, trained), "base": base, "tol": args.tol, "fractions": []}
+    out = {"setup": common.describe_setup(setup, trained), "base": base, "tol": args.tol, "proximal": rho, "fractions": []}
 
     for fraction in (float(f) for f in args.fractions.split(",")):
         removed = {"tasks": top_mask(ranking, fraction)}
-        reach = evaluation.removal_reach(problem, lam, tasks, removed)
-        lam_r, grad_norm, iterations = retrain_one(problem, lam, tasks, removed, args.steps, args.tol)
-        edited = evaluation.edit(lam, params_if, removed, problem=problem, tasks=tasks)
-        polished = evaluation.edit(lam, params_if, removed, problem=problem, tasks=tasks, steps=2)
+        reach = evaluation.removal_reach(problem, lam, tasks, removed, damping=rho)
+        lam_r, grad_norm, iterations = retrain_one(problem, lam, tasks, removed, args, lam)
+        edited = evaluation.edit(lam, params_if, removed, problem=problem, tasks=tasks, proximal=rho)
+        polished = evaluation.edit(lam, params_if, removed, problem=problem, tasks=tasks, steps=2, proximal=rho)
         row = {"fraction": fraction, "removed": int(removed["tasks"].sum()), "reach": float(reach.reach),
                "reduced_min_eigenvalue": float(reach.reduced_min_eigenvalue), "retrain_grad_norm": grad_norm,
                "retrain_iterations": iterations, "retrained_moved": float(np.linalg.norm(flat(lam_r) - x0)),
@@ -94,12 +98,13 @@ def run_dataset(config, args, log) -> dict:
     path, current, previous = [], lam, x0
     for t in np.linspace(0.0, 1.0, args.path_points):
         removed = {"tasks": t * mask.astype(float)}
-        current, grad_norm, iterations = retrain_one(problem, current, tasks, removed, args.steps, args.tol)
+        current, grad_norm, iterations = retrain_one(problem, current, tasks, removed, args, lam)
         x = flat(current)
         line = unravel(x0 + t * direction)
         path.append({"t": float(t), "moved": float(np.linalg.norm(x - x0)), "step": float(np.linalg.norm(x - previous)),
                      "grad_norm": grad_norm, "iterations": iterations,
-                     "min_eigenvalue": float(evaluation.removal_reach(problem, current, tasks, removed).reduced_min_eigenvalue),
+                     "min_eigenvalue": float(evaluation.removal_reach(problem, current, tasks, removed,
+                                                                      damping=rho).reduced_min_eigenvalue),
                      "edit_line_error": float(np.linalg.norm(x0 + t * direction - x)),
                      "test_accuracy": common.accuracy(setup, current), "edit_line_test_accuracy": common.accuracy(setup, line),
                      "val_loss": float(val_loss(current))})
@@ -127,7 +132,9 @@ def table(results: dict) -> str:
         rows = res["fractions"]
         text += (heading(name, s) +
                  f"Before removal: test accuracy {fmt(b['test_accuracy'], 4)}, test loss {fmt(b['test_loss'], 4)}. "
-                 f"Tasks ranked by exact task-IF on the validation loss. Retrainings converged to ‖∇F‖ ≤ {fmt(tol)}: "
+                 f"Tasks ranked by exact task-IF on the validation loss. Ground truth: exact retraining"
+                 f"{', proximal ρ = ' + fmt(res['proximal']) + ' (influence, edits and reach damped by δ = ρ)' if res.get('proximal') else ''}. "
+                 f"Retrainings converged to ‖∇F‖ ≤ {fmt(tol)}: "
                  f"{common.converged_count([r['retrain_grad_norm'] for r in rows], tol)}.\n\n")
         header = ["removed share", "tasks removed", "reach t* (from λ*)", "min eig H(λ*; removed)", "‖λ_retrained − λ*‖",
                   "‖λ_edit − λ*‖", "edit relative error", "acc retrained", "acc edited", "edit − retrain (points)",

@@ -126,7 +126,7 @@ def run_dataset(config, args, log) -> dict:
             retrain_seconds = time.perf_counter() - start
             lam_r = jax.tree.map(lambda x: x[0], retrained.meta_params)
             edited = evaluation.edit(lam, params_if, removed, problem=problem, tasks=tasks)
-            polished = evaluation.edit(lam, params_if, removed, problem=problem, tasks=tasks, steps=2)  # plain Newton steps
+            polished = evaluation.edit(lam, params_if, removed, problem=problem, tasks=tasks, steps=2, proximal=args.proximal)
             unlearned = evaluation.unlearn(problem, lam, tasks, removed, steps=5, lr=0.5)
             row = {"level": level, "method": label, "score_seconds": seconds, "retrain_seconds": retrain_seconds,
                    "retrain_grad_norm": float(retrained.grad_norm[0]), "retrain_iterations": int(retrained.iterations[0]),

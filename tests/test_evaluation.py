@@ -233,6 +233,31 @@ def test_edit_matches_retraining_to_first_order():
     assert plain.grad_norm is None
 
 
+def test_proximal_edit_matches_proximal_retraining():
+    """With damping δ = ρ and proximal=ρ, the edit targets F(λ; w) + (ρ/2)‖λ − λ*‖²: its gradient
+    norm is that objective's, and one Newton step lands on `retrain(..., proximal=ρ)` exactly
+    (F quadratic); the plain steps land elsewhere."""
+    lam, _ = _regression()
+    rho = 0.5
+    params = metaif.influence(REG_PROBLEM, lam, REG_TASKS, solver=metaif.solvers.Dense(damping=rho))
+    removed = {"tasks": np.eye(RN, dtype=bool)[3]}
+    weights = evaluation.remaining_weights(REG_TASKS, removed)
+    retrained = evaluation.retrain(REG_PROBLEM, lam, REG_TASKS, jax.tree.map(lambda w: w[None], weights), steps=3,
+                                   proximal=rho)
+    exact = _flat(jax.tree.map(lambda x: x[0], retrained.meta_params))
+    edited = evaluation.edit(lam, params, removed, problem=REG_PROBLEM, tasks=REG_TASKS, proximal=rho)
+    proximal_objective = lambda x: (metaif.meta_objective(REG_PROBLEM, {"w": x}, REG_TASKS, *weights)
+                                    + 0.5 * rho * jnp.sum((x - _flat(lam)) ** 2))
+    np.testing.assert_allclose(float(edited.grad_norm),
+                               np.linalg.norm(jax.grad(proximal_objective)(_flat(edited.meta_params))), rtol=1e-10)
+    refined = evaluation.edit(lam, params, removed, problem=REG_PROBLEM, tasks=REG_TASKS, steps=1, proximal=rho)
+    np.testing.assert_allclose(_flat(refined.meta_params), exact, rtol=0, atol=1e-12)
+    plain = evaluation.edit(lam, params, removed, problem=REG_PROBLEM, tasks=REG_TASKS, steps=1)
+    assert np.linalg.norm(_flat(plain.meta_params) - exact) > 1e-3
+    with pytest.raises(ValueError, match="proximal"):
+        evaluation.edit(lam, params, removed, problem=REG_PROBLEM, tasks=REG_TASKS, proximal=-1.0)
+
+
 def test_unlearning_ascent_starts_as_descent_on_the_reduced_objective():
     """At λ*, ∇F(λ*; 1) = 0, so ascent on the removed share D = F(·; 1) − F(·; w) is descent on
     F(·; w): one small step lowers the reduced objective exactly as a gradient step does."""

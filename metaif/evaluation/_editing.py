@@ -63,8 +63,10 @@ def remaining_weights(tasks: TaskSet, removed: Mapping[str, Any], dtype=jnp.floa
 
 
 @functools.partial(jax.jit, static_argnames=("problem",))
-def _reduced_grad_norm(problem, meta_params, tasks, weights):
-    return _tree.norm(jax.grad(objective, argnums=1)(problem, meta_params, tasks, weights))
+def _reduced_grad_norm(problem, meta_params, tasks, weights, proximal, center):
+    """‖∇_λ [F(λ; w) + (ρ/2)‖λ − center‖²]‖."""
+    grad = jax.grad(objective, argnums=1)(problem, meta_params, tasks, weights)
+    return _tree.norm(jax.tree.map(lambda g, x, c: g + proximal * (x - c), grad, meta_params, center))
 
 
 def _influence_shapes(influence_params: Any, meta_params: PyTree) -> dict[str, tuple[int, ...]]:
@@ -93,7 +95,7 @@ def _influence_shapes(influence_params: Any, meta_params: PyTree) -> dict[str, t
 
 
 def edit(meta_params: PyTree, influence_params: Any, removed: Mapping[str, Any], *, problem: BilevelProblem | None = None,
-         tasks: TaskSet | None = None, steps: int = 0) -> Edited:
+         tasks: TaskSet | None = None, steps: int = 0, proximal: float = 0.0) -> Edited:
     """First-order removal without retraining: λ_edit = λ* − Σ_{ω removed} amount(ω) · I_λ(ω).
 
     Args:
@@ -104,6 +106,8 @@ def edit(meta_params: PyTree, influence_params: Any, removed: Mapping[str, Any],
       removed: {"tasks": [n], "support": [n, m], "query": [n, q]}: booleans or amounts ε.
       problem, tasks: needed for `steps` > 0 and for the returned gradient norm.
       steps: Newton steps on the reduced objective F(λ; 1 − removed), warm-started at λ_edit.
+      proximal: ρ >= 0: the reduced objective gains (ρ/2)‖λ − λ*‖² (for the Newton steps and the
+        returned gradient norm), matching `retrain(..., proximal=ρ)` and influence with δ = ρ.
 
     Returns:
       `Edited` (grad_norm None without problem and tasks).
@@ -112,6 +116,7 @@ def edit(meta_params: PyTree, influence_params: Any, removed: Mapping[str, Any],
     shapes = _influence_shapes(influence_params, meta_params)
     if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps must be an int >= 0; received {_validate.describe(steps)}.")
+    proximal = _validate.non_negative("proximal", proximal)
     if (problem is None) != (tasks is None) or (steps > 0 and problem is None):
         raise ValueError("problem and tasks must be given together (and are required when steps > 0); received "
                          f"problem={_validate.describe(problem)}, tasks={_validate.describe(tasks)}.")
@@ -133,9 +138,11 @@ def edit(meta_params: PyTree, influence_params: Any, removed: Mapping[str, Any],
         return Edited(edited, None)
     weights = remaining_weights(tasks, removed, _tree.float_dtype(meta_params))
     if steps > 0:
-        result = retrain(problem, edited, tasks, Weights(*(w[None] for w in weights)), steps=int(steps), batch_size=None)
+        result = retrain(problem, edited, tasks, Weights(*(w[None] for w in weights)), steps=int(steps), batch_size=None,
+                         proximal=proximal, center=meta_params)
         return Edited(jax.tree.map(lambda x: x[0], result.meta_params), result.grad_norm[0])
-    return Edited(edited, _reduced_grad_norm(problem, edited, tasks, weights))
+    dtype = _tree.float_dtype(meta_params)
+    return Edited(edited, _reduced_grad_norm(problem, edited, tasks, weights, jnp.asarray(proximal, dtype), meta_params))
 
 
 class Reach(NamedTuple):
