@@ -12,6 +12,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 
 from . import _tree
 
@@ -338,11 +339,33 @@ def eigh(matrix: jax.Array) -> Eigh:
     return Eigh(values, vectors)
 
 
+@jax.custom_batching.custom_vmap
+def _cpu_solve_columns(matrix: jax.Array, rhs: jax.Array) -> jax.Array:
+    """matrix⁻¹ rhs for one [p, p] matrix and rhs [p, k] by LU; see `_solve_columns_batched`."""
+    return jax.scipy.linalg.lu_solve(jax.scipy.linalg.lu_factor(matrix), rhs)
+
+
+@_cpu_solve_columns.def_vmap
+def _solve_columns_batched(axis_size, in_batched, matrix, rhs):
+    """A batch of matrices: one LU after another (lax.map). One matrix with a batch of right-hand
+    sides: one LU, the batch folded into rhs's columns. LAPACK thus only ever sees one matrix,
+    under any nesting of vmaps (each level calls back into this rule, never into batched LAPACK)."""
+    matrix_batched, rhs_batched = in_batched
+    if matrix_batched:
+        rhs = rhs if rhs_batched else jnp.broadcast_to(rhs, (axis_size, *rhs.shape))
+        return jax.lax.map(lambda pair: _cpu_solve_columns(*pair), (matrix, rhs)), True
+    p, k = rhs.shape[1:]
+    folded = _cpu_solve_columns(matrix, jnp.moveaxis(rhs, 0, 1).reshape(p, axis_size * k))
+    return jnp.moveaxis(folded.reshape(p, axis_size, k), 1, 0), True
+
+
 def dense_solve(matrix: jax.Array, b: jax.Array) -> jax.Array:
-    """x = matrix⁻¹ b for a symmetric invertible [p, p] matrix and b [p] (via `eigh`: no batched
-    LAPACK LU, which can deadlock under vmap on CPU; see above)."""
-    factor = eigh(matrix)
-    return factor.vectors @ ((factor.vectors.T @ b) / factor.values)
+    """x = matrix⁻¹ b for an invertible [p, p] matrix and b [p], vmappable without the CPU
+    deadlock above (LU one matrix at a time on CPU; the batched `jnp.linalg.solve` elsewhere).
+    Not differentiable on CPU: meant as the `solve` of `lax.custom_linear_solve`, which never
+    differentiates its solve."""
+    cpu = lambda m, v: _cpu_solve_columns(m, v[:, None])[:, 0]
+    return jax.lax.platform_dependent(matrix, b, cpu=cpu, default=jnp.linalg.solve)
 
 
 def eigh_solve(factor: Eigh, b: jax.Array, damping: float) -> tuple[jax.Array, SolveInfo]:
