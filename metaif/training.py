@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from . import _batching, _linalg, _tree, _validate
-from ._objective import Weights, _full_weights, check_arguments, check_finite_losses, objective
+from ._adapt import Proximal
+from ._objective import Weights, _full_weights, _residual_jit, check_arguments, check_finite_losses, objective
 from ._problem import BilevelProblem, TaskSet
 
 PyTree = Any
@@ -33,6 +34,10 @@ class TrainResult(NamedTuple):
       grad_norms: [steps] total-gradient norm per step (minibatch gradient when batch_size is set).
       objective: full-batch F(λ) at the end.
       grad_norm: full-batch ‖∇_λ F(λ)‖ at the end: the stationarity influence assumes.
+      adaptation_residual: for `Proximal` adaptation, max over tasks of ‖∇_θ L_I(θ_i, λ)‖ at the
+        end (None for `Unrolled`). Implicit derivatives assume exact inner minimisers: a residual
+        far above 0 means the inner gradient descent did not converge (e.g. Proximal.lr above
+        2 / the inner Hessian's largest eigenvalue) and ∇F, Newton steps and influence are off.
     """
 
     meta_params: PyTree
@@ -40,9 +45,18 @@ class TrainResult(NamedTuple):
     grad_norms: jax.Array
     objective: jax.Array
     grad_norm: jax.Array
+    adaptation_residual: jax.Array | None = None
 
     def summary(self) -> str:
-        return f"F = {float(self.objective):.6g}, ||grad F|| = {float(self.grad_norm):.3e} after {self.losses.shape[0]} steps"
+        inner = "" if self.adaptation_residual is None else f", max inner residual {float(self.adaptation_residual):.2e}"
+        return f"F = {float(self.objective):.6g}, ||grad F|| = {float(self.grad_norm):.3e}{inner} after {self.losses.shape[0]} steps"
+
+
+def _adaptation_residual(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights) -> jax.Array | None:
+    """Max inner-stationarity residual over tasks for Proximal adaptation, else None."""
+    if not isinstance(problem.adapt, Proximal):
+        return None
+    return jnp.max(_residual_jit(problem, meta_params, tasks.support, weights.support))
 
 
 _value_and_grad = jax.value_and_grad(objective, argnums=1)
@@ -127,7 +141,8 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
     if not bool(jnp.isfinite(value)):
         check_finite_losses(problem, meta_params, tasks, weights, "meta_train diverged")
         raise ValueError(f"meta_train diverged: the objective is {float(value)}. Lower the optimiser's learning rate or the adaptation's lr.")
-    return TrainResult(meta_params, jnp.concatenate(values), jnp.concatenate(norms), value, grad_norm)
+    return TrainResult(meta_params, jnp.concatenate(values), jnp.concatenate(norms), value, grad_norm,
+                       _adaptation_residual(problem, meta_params, tasks, weights))
 
 
 class NewtonResult(NamedTuple):
@@ -302,4 +317,5 @@ def newton_refine(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
         check_finite_losses(problem, result.params, tasks, weights, "newton_refine diverged")
         raise ValueError(f"newton_refine diverged (F = {float(result.objective)}): start closer to a minimum or pass damping > 0.")
     taken = int(result.iterations)
-    return TrainResult(result.params, result.objectives[:taken], result.grad_norms[:taken], result.objective, result.grad_norm)
+    return TrainResult(result.params, result.objectives[:taken], result.grad_norms[:taken], result.objective, result.grad_norm,
+                       _adaptation_residual(problem, result.params, tasks, weights))

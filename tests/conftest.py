@@ -2,8 +2,9 @@
 
 import os
 
-# XLA's multi-threaded Eigen pool on CPU can deadlock on vmapped LAPACK calls (seen with batched
-# LU on 2 cores, jaxlib 0.10.2); single-threaded Eigen avoids it. Set before any computation.
+# Single-threaded Eigen inside XLA's CPU kernels keeps the 2-core test machine predictable. (It does
+# not prevent jaxlib 0.10's batched-LAPACK deadlock; metaif's own kernels avoid that, see
+# metaif/_linalg.py and test_solvers.py::test_vmapped_dense_kernels_do_not_deadlock_on_cpu.)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 import jax  # noqa: E402

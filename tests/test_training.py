@@ -124,3 +124,22 @@ def test_meta_objective_is_traceable():
     assert batched.shape == (2,) and float(batched[1]) < float(batched[0])
     grad = jax.jit(jax.grad(lambda lam: metaif.meta_objective(PROBLEM, lam, TASKS)))(INIT)
     assert jax.tree.structure(grad) == jax.tree.structure(INIT)
+
+
+def test_train_result_reports_the_inner_residual_of_proximal_adaptation():
+    """Proximal adaptation: TrainResult carries max_i ‖∇_θ L_I(θ_i, λ)‖ at the end (equal to
+    metaif.adaptation_residual), large when the inner descent is cut short and ~0 when it
+    converges; Unrolled adaptation: None."""
+    short = metaif.BilevelProblem(LOSS, LOSS, metaif.Proximal(reg=1.0, steps=2, lr=0.1), meta_reg=0.05)
+    converged = metaif.BilevelProblem(LOSS, LOSS, metaif.Proximal(reg=1.0, steps=300, lr=0.3), meta_reg=0.05)
+    results = {}
+    for name, problem in (("short", short), ("converged", converged)):
+        trained = metaif.meta_train(problem, INIT, TASKS, OPTIMIZER, steps=20)
+        refined = metaif.newton_refine(problem, trained.meta_params, TASKS, steps=2)
+        for result in (trained, refined):
+            expected = float(jnp.max(metaif.adaptation_residual(problem, result.meta_params, TASKS)))
+            np.testing.assert_allclose(float(result.adaptation_residual), expected, rtol=1e-12)
+            assert "max inner residual" in result.summary()
+        results[name] = float(trained.adaptation_residual)
+    assert results["short"] > 1e-2 and results["converged"] < 1e-8, results
+    assert metaif.meta_train(PROBLEM, INIT, TASKS, OPTIMIZER, steps=5).adaptation_residual is None
