@@ -299,7 +299,8 @@ class Eigh(NamedTuple):
 
 
 def _symmetric_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return jnp.linalg.eigh(matrix)
+    values, vectors = jnp.linalg.eigh(matrix)
+    return values, vectors
 
 
 # On CPU, vmap of LAPACK kernels becomes a loop of single-matrix calls. jaxlib 0.10's batched CPU
@@ -309,7 +310,26 @@ def _symmetric_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
 # step), every thread waits and the process hangs with no CPU use. Single-matrix calls never
 # wait on the pool. Other platforms keep their batched kernels. The loop has no reverse-mode rule
 # of its own, so the eigenpairs get theirs from the explicit JVP below (linear in the tangent).
-_cpu_sequential_eigh = jax.custom_batching.sequential_vmap(_symmetric_eigh)
+# Under an Explicit mesh that shards the batch axis (metaif.parallel), lax.map cannot scan a
+# sharded axis; there each device keeps the batched kernel on its own shard.
+
+
+def _sharded_batch(x: jax.Array) -> bool:
+    """Whether x's leading (batch) axis is sharded over an Explicit mesh axis."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return bool(spec) and spec[0] is not None
+
+
+@jax.custom_batching.custom_vmap
+def _cpu_sequential_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _symmetric_eigh(matrix)
+
+
+@_cpu_sequential_eigh.def_vmap
+def _eigh_batched(axis_size, in_batched, matrix):
+    if _sharded_batch(matrix):
+        return jax.vmap(_symmetric_eigh)(matrix), (True, True)
+    return jax.lax.map(_cpu_sequential_eigh, matrix), (True, True)
 
 
 def _eigh_any_platform(symmetric: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -353,6 +373,8 @@ def _solve_columns_batched(axis_size, in_batched, matrix, rhs):
     matrix_batched, rhs_batched = in_batched
     if matrix_batched:
         rhs = rhs if rhs_batched else jnp.broadcast_to(rhs, (axis_size, *rhs.shape))
+        if _sharded_batch(matrix):
+            return jax.vmap(lambda m, r: jax.scipy.linalg.lu_solve(jax.scipy.linalg.lu_factor(m), r))(matrix, rhs), True
         return jax.lax.map(lambda pair: _cpu_solve_columns(*pair), (matrix, rhs)), True
     p, k = rhs.shape[1:]
     folded = _cpu_solve_columns(matrix, jnp.moveaxis(rhs, 0, 1).reshape(p, axis_size * k))
