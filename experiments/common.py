@@ -284,6 +284,11 @@ def meta_train(setup: Setup, log=print) -> Trained:
                    eig[:5], float(eig[-1]), seconds, history)
 
 
+def flat(tree) -> np.ndarray:
+    """A pytree (e.g. meta-parameters) as one flat numpy vector."""
+    return np.asarray(jax.flatten_util.ravel_pytree(tree)[0])
+
+
 def n_params(meta_params) -> int:
     return int(sum(x.size for x in jax.tree.leaves(meta_params)))
 

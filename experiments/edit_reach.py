@@ -29,7 +29,7 @@ import metaif
 from metaif import evaluation
 
 import methods
-from removal import edit_gaps, evaluate, heading, top_mask
+from removal import edit_gaps, evaluate, heading, retrain_removal, top_mask
 
 
 def extra(parser):
@@ -43,16 +43,11 @@ def extra(parser):
                         help="ρ > 0: proximal ground truth (F + ρ/2‖λ − λ*‖²) with influence, edits and reach damped by δ = ρ")
 
 
-def flat(tree) -> np.ndarray:
-    return np.asarray(jax.flatten_util.ravel_pytree(tree)[0])
-
-
 def retrain_one(problem, start, tasks, removed, args, center):
-    """Exact retraining from `start` (proximal toward `center` with --proximal)."""
-    weights = evaluation.remaining_weights(tasks, removed)
-    result = evaluation.retrain(problem, start, tasks, metaif.Weights(*(w[None] for w in weights)), steps=args.steps,
-                                tol=args.tol, batch_size=None, proximal=args.proximal, center=center)
-    return jax.tree.map(lambda x: x[0], result.meta_params), float(result.grad_norm[0]), int(result.iterations[0])
+    """Exact retraining from `start` (proximal toward `center` with --proximal): (λ, ‖∇‖, steps)."""
+    result = retrain_removal(problem, start, tasks, removed, steps=args.steps, tol=args.tol, proximal=args.proximal,
+                             center=center)
+    return result.meta_params, float(result.grad_norm), int(result.iterations)
 
 
 def run_dataset(config, args, log) -> dict:
@@ -65,7 +60,7 @@ def run_dataset(config, args, log) -> dict:
     rho = args.proximal
     params_if = metaif.influence(problem, lam, tasks, solver=metaif.solvers.Dense(damping=rho))
     ranking = methods.influence_methods(rho)["IF Dense (exact)"](setup, lam, val_loss).tasks
-    x0 = flat(lam)
+    x0 = common.flat(lam)
     out = {"setup": common.describe_setup(setup, trained), "base": base, "tol": args.tol, "proximal": rho, "fractions": []}
 
     for fraction in (float(f) for f in args.fractions.split(",")):
@@ -76,15 +71,15 @@ def run_dataset(config, args, log) -> dict:
         polished = evaluation.edit(lam, params_if, removed, problem=problem, tasks=tasks, steps=2, proximal=rho)
         row = {"fraction": fraction, "removed": int(removed["tasks"].sum()), "reach": float(reach.reach),
                "reduced_min_eigenvalue": float(reach.reduced_min_eigenvalue), "retrain_grad_norm": grad_norm,
-               "retrain_iterations": iterations, "retrained_moved": float(np.linalg.norm(flat(lam_r) - x0)),
-               "edit_moved": float(np.linalg.norm(flat(edited.meta_params) - x0)),
-               "edit_relative_error": common.relative_error(flat(edited.meta_params) - x0, flat(lam_r) - x0),
+               "retrain_iterations": iterations, "retrained_moved": float(np.linalg.norm(common.flat(lam_r) - x0)),
+               "edit_moved": float(np.linalg.norm(common.flat(edited.meta_params) - x0)),
+               "edit_relative_error": common.relative_error(common.flat(edited.meta_params) - x0, common.flat(lam_r) - x0),
                "retrained": evaluate(setup, lam_r, test_loss, val_loss),
                "edited": evaluate(setup, edited.meta_params, test_loss, val_loss),
                "edited+2 Newton": evaluate(setup, polished.meta_params, test_loss, val_loss)}
         edit_gaps(row, base)
         out["fractions"].append(row)
-        direct_lam = lam_r
+        largest_removal = (removed["tasks"], lam_r, common.flat(edited.meta_params) - x0)  # the last (largest) fraction
         log(f"  f = {fraction:.2f}: reach t* {row['reach']:.3f}, retrained moved {row['retrained_moved']:.3f} "
             f"(grad {grad_norm:.1e}, {iterations} steps), edit error {row['edit_relative_error']:.3f}, "
             f"gap {row['edit_gap_points']:+.2f} points (+2 Newton {row['edit2_gap_points']:+.2f}), "
@@ -92,14 +87,13 @@ def run_dataset(config, args, log) -> dict:
 
     # the minimiser path of the largest removal, by continuation
     largest = out["fractions"][-1]
-    mask = top_mask(ranking, largest["fraction"])
-    direction = flat(evaluation.edit(lam, params_if, {"tasks": mask}).meta_params) - x0
+    mask, direct_lam, direction = largest_removal
     unravel = jax.flatten_util.ravel_pytree(lam)[1]
     path, current, previous = [], lam, x0
     for t in np.linspace(0.0, 1.0, args.path_points):
         removed = {"tasks": t * mask.astype(float)}
         current, grad_norm, iterations = retrain_one(problem, current, tasks, removed, args, lam)
-        x = flat(current)
+        x = common.flat(current)
         line = unravel(x0 + t * direction)
         path.append({"t": float(t), "moved": float(np.linalg.norm(x - x0)), "step": float(np.linalg.norm(x - previous)),
                      "grad_norm": grad_norm, "iterations": iterations,
@@ -117,7 +111,7 @@ def run_dataset(config, args, log) -> dict:
     end = evaluate(setup, current, test_loss, val_loss)
     direct = largest["retrained"]
     out["path"] = {"fraction": largest["fraction"], "reach": largest["reach"], "points": path, "jumps": jumps,
-                   "end": end, "end_to_direct": float(np.linalg.norm(flat(current) - flat(direct_lam))),
+                   "end": end, "end_to_direct": float(np.linalg.norm(common.flat(current) - common.flat(direct_lam))),
                    "end_minus_direct_points": 100 * (end["test_accuracy"] - direct["test_accuracy"]),
                    "end_minus_direct_test_loss": end["test_loss"] - direct["test_loss"]}
     log(f"  path jumps at t = {jumps}; reach from λ* t* = {largest['reach']:.3f}; path end vs direct retraining: "

@@ -320,9 +320,7 @@ def _sharded_batch(x: jax.Array) -> bool:
     return bool(spec) and spec[0] is not None
 
 
-@jax.custom_batching.custom_vmap
-def _cpu_sequential_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _symmetric_eigh(matrix)
+_cpu_sequential_eigh = jax.custom_batching.custom_vmap(_symmetric_eigh)
 
 
 @_cpu_sequential_eigh.def_vmap
@@ -359,10 +357,12 @@ def eigh(matrix: jax.Array) -> Eigh:
     return Eigh(values, vectors)
 
 
-@jax.custom_batching.custom_vmap
-def _cpu_solve_columns(matrix: jax.Array, rhs: jax.Array) -> jax.Array:
-    """matrix⁻¹ rhs for one [p, p] matrix and rhs [p, k] by LU; see `_solve_columns_batched`."""
+def _lu_solve_columns(matrix: jax.Array, rhs: jax.Array) -> jax.Array:
+    """matrix⁻¹ rhs for one [p, p] matrix and rhs [p, k] by LU."""
     return jax.scipy.linalg.lu_solve(jax.scipy.linalg.lu_factor(matrix), rhs)
+
+
+_cpu_solve_columns = jax.custom_batching.custom_vmap(_lu_solve_columns)
 
 
 @_cpu_solve_columns.def_vmap
@@ -374,7 +374,7 @@ def _solve_columns_batched(axis_size, in_batched, matrix, rhs):
     if matrix_batched:
         rhs = rhs if rhs_batched else jnp.broadcast_to(rhs, (axis_size, *rhs.shape))
         if _sharded_batch(matrix):
-            return jax.vmap(lambda m, r: jax.scipy.linalg.lu_solve(jax.scipy.linalg.lu_factor(m), r))(matrix, rhs), True
+            return jax.vmap(_lu_solve_columns)(matrix, rhs), True
         return jax.lax.map(lambda pair: _cpu_solve_columns(*pair), (matrix, rhs)), True
     p, k = rhs.shape[1:]
     folded = _cpu_solve_columns(matrix, jnp.moveaxis(rhs, 0, 1).reshape(p, axis_size * k))

@@ -125,7 +125,8 @@ def edit(meta_params: PyTree, influence_params: Any, removed: Mapping[str, Any],
         for level, shape in shapes.items():
             if shape != _task_shapes(tasks)[level]:
                 raise ValueError(f"influence_params.{level} has per-datum shape {shape} but tasks have {_task_shapes(tasks)[level]}.")
-    amounts = _amounts(removed, shapes, _tree.float_dtype(meta_params))
+    dtype = _tree.float_dtype(meta_params)
+    amounts = _amounts(removed, shapes, dtype)
     for level in removed:
         if level not in shapes:
             raise ValueError(f"removed[{level!r}] removes data but influence_params.{level} is None: compute it with "
@@ -136,12 +137,11 @@ def edit(meta_params: PyTree, influence_params: Any, removed: Mapping[str, Any],
         edited = jax.tree.map(lambda lam, s: lam - jnp.tensordot(mask, s, axes=mask.ndim), edited, scores)
     if problem is None:
         return Edited(edited, None)
-    weights = remaining_weights(tasks, removed, _tree.float_dtype(meta_params))
+    weights = remaining_weights(tasks, removed, dtype)
     if steps > 0:
         result = retrain(problem, edited, tasks, Weights(*(w[None] for w in weights)), steps=int(steps), batch_size=None,
                          proximal=proximal, center=meta_params)
         return Edited(jax.tree.map(lambda x: x[0], result.meta_params), result.grad_norm[0])
-    dtype = _tree.float_dtype(meta_params)
     return Edited(edited, _reduced_grad_norm(problem, edited, tasks, weights, jnp.asarray(proximal, dtype), meta_params))
 
 
@@ -173,9 +173,9 @@ def _reach(problem, batch_size, meta_params, tasks, weights, damping):
     positive = factor.values[0] > 0
     root = factor.vectors / jnp.sqrt(jnp.where(positive, factor.values, 1.0))[None, :]  # V Λ^(-1/2): rootᵀ A root = I
     removed_share = full - reduced  # Hessian of the removed data's share (F is linear in task and query weights)
-    largest = jnp.linalg.eigvalsh(root.T @ removed_share @ root)[-1]  # max eigenvalue of (H + δI)⁻¹ H_removed
+    largest = _linalg.eigh(root.T @ removed_share @ root).values[-1]  # max eigenvalue of (H + δI)⁻¹ H_removed
     reach = jnp.where(largest > 0, 1.0 / largest, jnp.inf)
-    reduced_min = jnp.linalg.eigvalsh(reduced + damping * eye)[0]
+    reduced_min = _linalg.eigh(reduced + damping * eye).values[0]
     return Reach(jnp.where(positive, reach, 0.0), factor.values[0], reduced_min)
 
 
