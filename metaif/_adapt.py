@@ -79,7 +79,12 @@ class Unrolled(Adaptation):
 class Proximal(Adaptation):
     """iMAML: θ = argmin_θ (1/m) Σ_j a_j ℓ_in(θ, λ; s_j) + (reg/2)‖θ − λ‖².
 
-    The minimiser is found by `steps` gradient steps of size `lr` from λ; its derivatives use the
+    The minimiser is found by `steps` gradient steps of size `lr` from λ. With `line_search=True`
+    each step's size is found by backtracking instead (Armijo): it starts at twice the last
+    accepted size (at most `lr`) and halves until the objective does not rise and the slope along
+    the step is still downhill. Fixed steps diverge once lr·(curvature + reg) > 2, and the curvature of
+    a network's loss grows as λ trains; the line search converges for any curvature, at about two
+    extra loss evaluations per step, so `lr` is then only a cap. The derivatives of θ use the
     implicit function theorem (valid to any order), with inner linear solves (∇²_θθ L_I)⁻¹ u by
     * `inner_solve="cg"`: conjugate gradients, matrix-free (needs the inner objective strongly
       convex: `reg` above the loss's negative curvature);
@@ -101,8 +106,11 @@ class Proximal(Adaptation):
     inner_solve: Literal["cg", "dense", "ekfac"] = "cg"
     inner_tol: float = 1e-10
     inner_maxiter: int = 200
+    line_search: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.line_search, bool):
+            raise ValueError(f"Proximal.line_search must be True or False; received {_validate.describe(self.line_search)}.")
         if self.inner_solve not in INNER_SOLVES:
             raise ValueError(f"Proximal.inner_solve must be one of {', '.join(map(repr, INNER_SOLVES))}; "
                              f"received {self.inner_solve!r}.")
@@ -133,11 +141,50 @@ class Proximal(Adaptation):
         factors = _ekfac.factor(predict, output_loss, theta, meta_params, support, weights / m)
         return lambda matvec, b: _ekfac.inverse(factors, self.reg, b)
 
+    def _backtracking_steps(self, inner_loss, meta_params, support, weights):
+        """`steps` gradient steps from λ, each with a backtracked step size s (at most `lr`).
+
+        A trial θ − s·g is accepted when the objective does not rise (Armijo, c = 1e-4, with a
+        rounding allowance) and the slope along −g there is still downhill (g(θ − s·g)·g ≥ 0, so the
+        step stops short of the line minimum; for a quadratic this is s ≤ gᵀg / gᵀHg). The slope
+        test keeps converging below the precision of objective values (√eps). Once ‖g‖ falls to
+        rounding level (64·eps·‖g(λ)‖) a rejected trial is not searched further."""
+        value_and_grad = jax.value_and_grad(lambda theta: self.objective(inner_loss, theta, meta_params, support, weights))
+        eps = jnp.finfo(_tree.float_dtype(meta_params)).eps
+        max_halvings = 30
+
+        def step(carry, _):
+            theta, value, grad, size, floor = carry
+            sq_grad = _tree.sq_norm(grad)
+            slack = 8 * eps * jnp.abs(value)
+
+            def trial(size, halvings):
+                point = _tree.axpy(-size, grad, theta)
+                new_value, new_grad = value_and_grad(point)
+                accepted = (new_value <= value - 1e-4 * size * sq_grad + slack) & (_tree.vdot(new_grad, grad) >= 0)
+                return size, point, new_value, new_grad, accepted, halvings
+
+            def rejected(state):   # no search once ‖g‖ is at rounding level: the tests are noise there
+                return ~state[4] & (state[5] < max_halvings) & (sq_grad > floor**2)
+
+            state = jax.lax.while_loop(rejected, lambda state: trial(state[0] / 2, state[5] + 1),
+                                       trial(jnp.minimum(2 * size, self.lr), 0))
+            size, point, new_value, new_grad, accepted, _ = state
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accepted, a, b), new, old)
+            return (keep(point, theta), keep(new_value, value), keep(new_grad, grad), size, floor), None
+
+        value, grad = value_and_grad(meta_params)
+        carry = (meta_params, value, grad, jnp.asarray(self.lr, value.dtype), 64 * eps * _tree.norm(grad))
+        (theta, *_), _ = jax.lax.scan(step, carry, None, length=self.steps)
+        return theta
+
     def solve(self, inner_loss, meta_params, support, weights):
         grad_theta = jax.grad(self.objective, argnums=1)
 
         @jax.custom_jvp
         def argmin(lam, data, w):
+            if self.line_search:
+                return self._backtracking_steps(inner_loss, lam, data, w)
             return self._gradient_steps(inner_loss, lam, data, w, self.steps, self.lr)
 
         @argmin.defjvp

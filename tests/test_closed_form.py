@@ -26,6 +26,8 @@ TASKS, NEW_SUPPORT, TEST = _data()
 
 ADAPTATIONS = {
     "proximal": metaif.Proximal(reg=GAMMA, steps=600, lr=0.1),
+    # a step-size cap far above 2/(curvature + reg): fixed steps of this size diverge
+    "proximal-line-search": metaif.Proximal(reg=GAMMA, steps=60, lr=50.0, line_search=True),
     "unrolled": metaif.Unrolled(steps=STEPS_UNROLLED, lr=LR_UNROLLED),
 }
 
@@ -36,7 +38,7 @@ def _affine_adaptation(kind, x, y, a):
     A = x.T @ (a[:, None] * x) / m
     c = x.T @ (a * y) / m
     eye = jnp.eye(P)
-    if kind == "proximal":
+    if kind.startswith("proximal"):
         inv = jnp.linalg.inv(A + GAMMA * eye)
         return GAMMA * inv, inv @ c
     B, r = eye - LR_UNROLLED * A, jnp.zeros(P)

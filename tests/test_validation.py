@@ -313,6 +313,7 @@ def test_adapt_of_the_wrong_type(adapt):
         (lambda: metaif.Proximal(reg=1.0, steps=5, lr=0.1, inner_solve="lu"), "Proximal.inner_solve", "'lu'"),
         (lambda: metaif.Proximal(reg=1.0, steps=5, lr=0.1, inner_tol=0.0), "Proximal.inner_tol", "float 0.0"),
         (lambda: metaif.Proximal(reg=1.0, steps=5, lr=0.1, inner_maxiter=0), "Proximal.inner_maxiter", "int 0"),
+        (lambda: metaif.Proximal(reg=1.0, steps=5, lr=0.1, line_search=1), "Proximal.line_search", "int 1"),
         (lambda: metaif.Unrolled(steps=0, lr=0.1), "Unrolled.steps", "int 0"),
         (lambda: metaif.Unrolled(steps=2.5, lr=0.1), "Unrolled.steps", "float 2.5"),
         (lambda: metaif.Unrolled(steps=3, lr=-0.1), "Unrolled.lr", "float -0.1"),
