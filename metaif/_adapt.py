@@ -152,9 +152,11 @@ class Proximal(Adaptation):
         value_and_grad = jax.value_and_grad(lambda theta: self.objective(inner_loss, theta, meta_params, support, weights))
         eps = jnp.finfo(_tree.float_dtype(meta_params)).eps
         max_halvings = 30
+        value, grad = value_and_grad(meta_params)
+        floor = 64 * eps * _tree.norm(grad)
 
         def step(carry, _):
-            theta, value, grad, size, floor = carry
+            theta, value, grad, size = carry
             sq_grad = _tree.sq_norm(grad)
             slack = 8 * eps * jnp.abs(value)
 
@@ -165,16 +167,19 @@ class Proximal(Adaptation):
                 return size, point, new_value, new_grad, accepted, halvings
 
             def rejected(state):   # no search once ‖g‖ is at rounding level: the tests are noise there
-                return ~state[4] & (state[5] < max_halvings) & (sq_grad > floor**2)
+                *_, accepted, halvings = state
+                return ~accepted & (halvings < max_halvings) & (sq_grad > floor**2)
 
-            state = jax.lax.while_loop(rejected, lambda state: trial(state[0] / 2, state[5] + 1),
-                                       trial(jnp.minimum(2 * size, self.lr), 0))
-            size, point, new_value, new_grad, accepted, _ = state
+            def halve(state):
+                size, *_, halvings = state
+                return trial(size / 2, halvings + 1)
+
+            size, point, new_value, new_grad, accepted, _ = jax.lax.while_loop(
+                rejected, halve, trial(jnp.minimum(2 * size, self.lr), 0))
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accepted, a, b), new, old)
-            return (keep(point, theta), keep(new_value, value), keep(new_grad, grad), size, floor), None
+            return (keep(point, theta), keep(new_value, value), keep(new_grad, grad), size), None
 
-        value, grad = value_and_grad(meta_params)
-        carry = (meta_params, value, grad, jnp.asarray(self.lr, value.dtype), 64 * eps * _tree.norm(grad))
+        carry = (meta_params, value, grad, jnp.asarray(self.lr, value.dtype))
         (theta, *_), _ = jax.lax.scan(step, carry, None, length=self.steps)
         return theta
 

@@ -37,7 +37,8 @@ class TrainResult(NamedTuple):
       adaptation_residual: for `Proximal` adaptation, max over tasks of ‖∇_θ L_I(θ_i, λ)‖ at the
         end (None for `Unrolled`). Implicit derivatives assume exact inner minimisers: a residual
         far above 0 means the inner gradient descent did not converge (e.g. Proximal.lr above
-        2 / the inner Hessian's largest eigenvalue) and ∇F, Newton steps and influence are off.
+        2 / the inner Hessian's largest eigenvalue: use `Proximal(line_search=True)`) and ∇F,
+        Newton steps and influence are off.
     """
 
     meta_params: PyTree
