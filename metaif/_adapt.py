@@ -16,13 +16,14 @@ Inner objective of one task (paper.md section 2), with support weights a (shape 
 from __future__ import annotations
 
 import abc
-import dataclasses
+import functools
 from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
 
 from . import _ekfac, _linalg, _tree, _validate
+from ._module import options, static
 
 PyTree = Any
 Loss = Callable[[PyTree, PyTree, PyTree], jax.Array]
@@ -37,7 +38,8 @@ def weighted_mean_loss(loss: Loss, params: PyTree, meta_params: PyTree, examples
 
 
 class Adaptation(abc.ABC):
-    """Abstract adaptation strategy; subclasses are frozen dataclasses (hashable, static)."""
+    """Abstract adaptation strategy; subclasses are pytrees (`metaif._module.options`): numeric
+    fields such as `lr` and `reg` are leaves, so a new value does not recompile."""
 
     @abc.abstractmethod
     def objective(self, inner_loss: Loss, params: PyTree, meta_params: PyTree, support: PyTree, weights: jax.Array) -> jax.Array:
@@ -57,11 +59,11 @@ class Adaptation(abc.ABC):
         return theta
 
 
-@dataclasses.dataclass(frozen=True)
+@options
 class Unrolled(Adaptation):
     """MAML: θ = `steps` gradient steps of size `lr` on the weighted mean support loss, from λ."""
 
-    steps: int
+    steps: int = static()
     lr: float
 
     def __post_init__(self):
@@ -75,7 +77,7 @@ class Unrolled(Adaptation):
         return self._gradient_steps(inner_loss, meta_params, support, weights, self.steps, self.lr)
 
 
-@dataclasses.dataclass(frozen=True)
+@options
 class Proximal(Adaptation):
     """iMAML: θ = argmin_θ (1/m) Σ_j a_j ℓ_in(θ, λ; s_j) + (reg/2)‖θ − λ‖².
 
@@ -101,12 +103,12 @@ class Proximal(Adaptation):
     """
 
     reg: float
-    steps: int
+    steps: int = static()
     lr: float
-    inner_solve: Literal["cg", "dense", "ekfac"] = "cg"
+    inner_solve: Literal["cg", "dense", "ekfac"] = static("cg")
     inner_tol: float = 1e-10
-    inner_maxiter: int = 200
-    line_search: bool = False
+    inner_maxiter: int = static(200)
+    line_search: bool = static(False)
 
     def __post_init__(self):
         if not isinstance(self.line_search, bool):
@@ -183,25 +185,35 @@ class Proximal(Adaptation):
         (theta, *_), _ = jax.lax.scan(step, carry, None, length=self.steps)
         return theta
 
+    def minimise(self, inner_loss, meta_params, support, weights):
+        """The inner descent from λ (no derivative rule: `solve` adds the implicit one)."""
+        if self.line_search:
+            return self._backtracking_steps(inner_loss, meta_params, support, weights)
+        return self._gradient_steps(inner_loss, meta_params, support, weights, self.steps, self.lr)
+
     def solve(self, inner_loss, meta_params, support, weights):
-        grad_theta = jax.grad(self.objective, argnums=1)
+        return _implicit_argmin(inner_loss, self, meta_params, support, weights)
 
-        @jax.custom_jvp
-        def argmin(lam, data, w):
-            if self.line_search:
-                return self._backtracking_steps(inner_loss, lam, data, w)
-            return self._gradient_steps(inner_loss, lam, data, w, self.steps, self.lr)
 
-        @argmin.defjvp
-        def argmin_jvp(primals, tangents):
-            theta = argmin(*primals)
-            _, rhs = jax.jvp(lambda *args: grad_theta(inner_loss, theta, *args), primals, tangents)
-            matvec = lambda u: jax.jvp(lambda th: grad_theta(inner_loss, th, *primals), (theta,), (u,))[1]
-            solve = self._linear_solve(inner_loss, theta, *primals)
-            theta_dot = jax.lax.custom_linear_solve(matvec, _tree.scale(-1.0, rhs), solve, symmetric=True)
-            return theta, theta_dot
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _implicit_argmin(inner_loss, adaptation, meta_params, support, weights):
+    """θ(λ, a) = argmin of the Proximal inner objective, with the implicit-function JVP below. The
+    adaptation is an argument (not a closure), so its numeric fields (reg, lr) can be traced."""
+    return adaptation.minimise(inner_loss, meta_params, support, weights)
 
-        return argmin(meta_params, support, weights)
+
+@_implicit_argmin.defjvp
+def _implicit_argmin_jvp(inner_loss, primals, tangents):
+    """dθ = −(∇²_θθ L_I)⁻¹ ∂_(adaptation, λ, data, a) ∇_θ L_I · tangents, by `custom_linear_solve`
+    (transposed by JAX for reverse mode; differentiable again, so every order is exact)."""
+    adaptation, meta_params, support, weights = primals
+    theta = _implicit_argmin(inner_loss, *primals)
+    grad_theta = lambda th, adapt, *args: jax.grad(adapt.objective, argnums=1)(inner_loss, th, *args)
+    _, rhs = jax.jvp(lambda *args: grad_theta(theta, *args), primals, tangents)
+    matvec = lambda u: jax.jvp(lambda th: grad_theta(th, *primals), (theta,), (u,))[1]
+    solve = adaptation._linear_solve(inner_loss, theta, meta_params, support, weights)
+    theta_dot = jax.lax.custom_linear_solve(matvec, _tree.scale(-1.0, rhs), solve, symmetric=True)
+    return theta, theta_dot
 
 
 def _split_loss(inner_loss):
@@ -216,7 +228,7 @@ def _split_loss(inner_loss):
     return predict, output_loss
 
 
-@dataclasses.dataclass(frozen=True)
+@options
 class FirstOrder(Adaptation):
     """`base`'s adapted parameters with dθ/dλ replaced by the identity: θ(sg(λ), a) + λ − sg(λ).
 

@@ -74,13 +74,13 @@ def operator(problem, meta_params, tasks, weights, curvature: Curvature, batch_s
 # ----------------------------------------------------------------------------- public
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "curvature", "batch_size"))
+@functools.partial(jax.jit, static_argnames=("batch_size",))
 def _hvp(problem, curvature, batch_size, meta_params, tasks, v):
     weights = unit_weights(meta_params, tasks)
     return operator(problem, meta_params, tasks, weights, curvature, batch_size)[2].hvp(v)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "curvature", "batch_size", "batch"))
+@functools.partial(jax.jit, static_argnames=("batch_size", "batch"))
 def _sample_hvp(problem, curvature, batch_size, meta_params, tasks, key, v, batch):
     weights = unit_weights(meta_params, tasks)
     return operator(problem, meta_params, tasks, weights, curvature, batch_size)[2].sample_hvp(key, v, batch)

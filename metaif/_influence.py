@@ -113,7 +113,7 @@ def _task_scores(problem, batch_size, meta_params, tasks, weights, v):
     return tuple(-s for s in scores)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "solver", "curvature", "batch_size"))
+@functools.partial(jax.jit, static_argnames=("batch_size",))
 def _target_core(problem: BilevelProblem, solver: Solver, curvature: Curvature, batch_size: int | None, meta_params,
                  tasks: TaskSet, target_grad) -> Influence:
     weights, value, grad, op = _operator(problem, curvature, batch_size, meta_params, tasks)
@@ -143,7 +143,7 @@ def _mixed_gradients(problem, meta_params, tasks, weights, level, batch_size):
     return _tree.scale(1.0 / tasks.n_tasks, grads)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "solver", "curvature", "batch_size", "levels"))
+@functools.partial(jax.jit, static_argnames=("batch_size", "levels"))
 def _params_core(problem: BilevelProblem, solver: Solver, curvature: Curvature, batch_size: int | None,
                  levels: tuple[str, ...], meta_params, tasks: TaskSet) -> Influence:
     weights, value, grad, op = _operator(problem, curvature, batch_size, meta_params, tasks)
@@ -174,7 +174,7 @@ def _unit_weights(meta_params, support) -> jax.Array:
     return jnp.ones((jax.tree.leaves(support)[0].shape[0],), _tree.float_dtype(meta_params))
 
 
-@functools.partial(jax.jit, static_argnames=("problem",))
+@jax.jit
 def _adapt_jacobian_apply(problem, meta_params, support, directions):
     """(dθ/dλ) applied to a batch of directions with any leading axes."""
     ones = _unit_weights(meta_params, support)
@@ -185,7 +185,7 @@ def _adapt_jacobian_apply(problem, meta_params, support, directions):
     return jac(directions)
 
 
-@functools.partial(jax.jit, static_argnames=("problem",))
+@jax.jit
 def _direct_params(problem, meta_params, support):
     """∂θ/∂a_j for one task: pytree [m, ...]."""
     ones = _unit_weights(meta_params, support)
@@ -193,14 +193,14 @@ def _direct_params(problem, meta_params, support):
     return jax.vmap(column)(jnp.eye(ones.shape[0], dtype=ones.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "target"))
+@functools.partial(jax.jit, static_argnames=("target",))
 def _direct_target(problem, target, meta_params, support):
     """∂g(θ)/∂a_j for one task: [m]."""
     ones = _unit_weights(meta_params, support)
     return jax.grad(lambda a: target(adapt_one(problem, meta_params, support, a)))(ones)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "target"))
+@functools.partial(jax.jit, static_argnames=("target",))
 def _adapted_target_grad(problem, target, meta_params, support):
     """∇_λ g(θ(λ)) for a task's support set."""
     ones = _unit_weights(meta_params, support)

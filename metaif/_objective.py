@@ -103,9 +103,9 @@ def adaptation_gradient(problem: BilevelProblem, meta_params: PyTree, support: P
 
 # ----------------------------------------------------------------------------- public wrappers
 
-_adapt_jit = jax.jit(adapt_one, static_argnums=0)
-_objective_jit = jax.jit(objective, static_argnums=0)
-_losses_jit = jax.jit(losses_per_task, static_argnums=0)
+_adapt_jit = jax.jit(adapt_one)
+_objective_jit = jax.jit(objective)
+_losses_jit = jax.jit(losses_per_task)
 
 
 def _per_task(fn):
@@ -114,8 +114,8 @@ def _per_task(fn):
         functools.partial(fn, problem), in_axes=(None, 0, 0))(meta_params, support, weights)
 
 
-_adapt_tasks_jit = jax.jit(_per_task(adapt_one), static_argnums=0)
-_residual_jit = jax.jit(_per_task(adaptation_gradient), static_argnums=0)
+_adapt_tasks_jit = jax.jit(_per_task(adapt_one))
+_residual_jit = jax.jit(_per_task(adaptation_gradient))
 
 
 def _full_weights(meta_params, tasks, task_weights=None, support_weights=None, query_weights=None) -> Weights:

@@ -86,7 +86,7 @@ def _mixed_scores(problem, batch_size, meta_params, tasks, weights, vectors):
     return t[..., 0].T, jnp.moveaxis(a, 0, 1), jnp.moveaxis(b, 0, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "solver", "curvature", "batch_size", "target_batch_size", "method"))
+@functools.partial(jax.jit, static_argnames=("batch_size", "target_batch_size", "method"))
 def _pairwise_core(problem, solver, curvature, batch_size, target_batch_size, method, meta_params, tasks, jacobian):
     weights, value, grad, op = _operator(problem, curvature, batch_size, meta_params, tasks)
     state = solver.prepare(op)
@@ -99,7 +99,7 @@ def _pairwise_core(problem, solver, curvature, batch_size, target_batch_size, me
     return Influence(*scores, _linalg.summarize(info), *_diagnostics(problem, batch_size, meta_params, tasks, weights, value, grad))
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "solver", "curvature", "batch_size"))
+@functools.partial(jax.jit, static_argnames=("batch_size",))
 def _self_core(problem, solver, curvature, batch_size, meta_params, tasks):
     weights, value, grad, op = _operator(problem, curvature, batch_size, meta_params, tasks)
     state = solver.prepare(op)
@@ -251,7 +251,7 @@ def new_task_influence(problem, meta_params: PyTree, tasks: TaskSet, support: Py
     _problem.leading_axes("inputs", inputs, ("n_inputs",))
     _validate.callable_("predict", predict, "(params, meta_params, example) -> outputs")
     ones = jnp.ones((m_new,), _tree.float_dtype(meta_params))
-    params = jax.jit(adapt_one, static_argnums=0)(problem, meta_params, support, ones)
+    params = jax.jit(adapt_one)(problem, meta_params, support, ones)
     per_input = jax.vmap(predict, in_axes=(None, None, 0))
     try:
         predictions = per_input(params, meta_params, inputs)
@@ -269,7 +269,7 @@ def new_task_influence(problem, meta_params: PyTree, tasks: TaskSet, support: Py
     return NewTaskInfluence(params, predictions, *totals, meta_part, adapt_part, *result[3:])
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "predict"))
+@functools.partial(jax.jit, static_argnames=("predict",))
 def _new_task_jacobian(problem, predict, meta_params, support, inputs, params):
     """Jacobian rows of λ ↦ [p(θ*, λ; x), p(θ(λ), λ*; x)] (flattened): the two first-order parts
     of d p(θ(λ), λ)/dλ."""

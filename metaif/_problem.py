@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _validate
 from ._adapt import Adaptation
+from ._module import options, static
 
 PyTree = Any
 Loss = Callable[[PyTree, PyTree, PyTree], Any]
@@ -46,7 +47,7 @@ class TaskSet:
         return jax.tree.map(lambda leaf: leaf[index], self)
 
 
-@dataclasses.dataclass(frozen=True)
+@options
 class BilevelProblem:
     """A meta-learning problem: per-example losses and how tasks adapt.
 
@@ -58,12 +59,13 @@ class BilevelProblem:
       adapt: `Proximal(...)` (implicit, iMAML) or `Unrolled(...)` (MAML).
       meta_reg: adds (meta_reg / 2)·‖λ‖² to the meta-objective F.
 
-    Instances are hashable and used as static arguments of jitted functions: define the losses
-    once (not as fresh lambdas per call) to reuse compiled code.
+    A pytree: the losses are static (define them once, not as fresh lambdas per call, to reuse
+    compiled code), `meta_reg` and the adaptation's numeric settings are leaves, so changing them
+    does not recompile. It can be passed to, closed over by, or returned from jitted functions.
     """
 
-    inner_loss: Loss
-    outer_loss: Loss
+    inner_loss: Loss = static()
+    outer_loss: Loss = static()
     adapt: Adaptation
     meta_reg: float = 0.0
 

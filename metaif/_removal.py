@@ -59,7 +59,7 @@ class TaskRemoval(NamedTuple):
     grad_norm: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "maxiter", "batch_size"))
+@functools.partial(jax.jit, static_argnames=("maxiter", "batch_size"))
 def _core(problem: BilevelProblem, maxiter: int, batch_size: int | None, meta_params, tasks: TaskSet, amount, damping, tol):
     n = tasks.n_tasks
     flat, unravel = _tree.ravel(meta_params)

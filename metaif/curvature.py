@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import functools
-import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 
 from . import _batching, _tree, _validate
 from ._adapt import weighted_mean_loss
+from ._module import options, static
 from ._objective import adapt_one, losses_per_task
 
 PyTree = Any
@@ -52,7 +52,7 @@ def _query_sum(problem, theta, lam, tasks, weights) -> jax.Array:
 
 class Curvature(abc.ABC):
     """A curvature option: `surrogate` returns (S̃, shift) for a chunk of tasks at λ*, where the
-    option's matrix is (1/n) Σ_chunks [∇²S̃(λ*) + shift·I] + meta_reg·I. Frozen dataclasses."""
+    option's matrix is (1/n) Σ_chunks [∇²S̃(λ*) + shift·I] + meta_reg·I. Pytrees (`metaif._module.options`)."""
 
     @abc.abstractmethod
     def surrogate(self, problem, meta_params, tasks, weights) -> tuple[Callable[[PyTree], jax.Array], jax.Array]:
@@ -62,7 +62,7 @@ class Curvature(abc.ABC):
         """Validate against the problem (concrete inputs, before any jit). Default: nothing."""
 
 
-@dataclasses.dataclass(frozen=True)
+@options
 class Exact(Curvature):
     """The exact total Hessian H, third-order terms included."""
 
@@ -70,7 +70,7 @@ class Exact(Curvature):
         return (lambda lam: _task_sum(problem, lam, tasks, weights)), jnp.zeros((), _tree.float_dtype(meta_params))
 
 
-@dataclasses.dataclass(frozen=True)
+@options
 class Truncated(Curvature):
     """H̄: the total Hessian without its third-order part (θ_i(λ) linearised at λ*)."""
 
@@ -79,7 +79,7 @@ class Truncated(Curvature):
         return (lambda lam: _query_sum(problem, theta_lin(lam), lam, tasks, weights)), jnp.zeros((), _tree.float_dtype(meta_params))
 
 
-@dataclasses.dataclass(frozen=True)
+@options
 class Gamma(Curvature):
     """The paper's Γ surrogate: H̄ + Γ·I, Γ = (1/n) Σ_i t_i ‖∂_θ L_O^i(θ_i, λ*)‖₁ (Theorem 5.1, with
     metaif's mean over tasks). Γ bounds the size of the dropped third-order part, so H̄ + Γ·I
@@ -95,7 +95,7 @@ class Gamma(Curvature):
         return (lambda lam: _query_sum(problem, theta_lin(lam), lam, tasks, weights)), shift
 
 
-@dataclasses.dataclass(frozen=True)
+@options
 class GaussNewton(Curvature):
     """Generalised Gauss–Newton: Jᵀ ∇²_o ℓ J, J = d predict(θ_i(λ), λ; z)/dλ (total derivative).
 
@@ -106,8 +106,8 @@ class GaussNewton(Curvature):
         (checked on the first query example).
     """
 
-    predict: Callable
-    output_loss: Callable
+    predict: Callable = static()
+    output_loss: Callable = static()
 
     def __post_init__(self):
         _validate.callable_("GaussNewton.predict", self.predict, "(params, meta_params, example) -> outputs")

@@ -63,7 +63,7 @@ def _adaptation_residual(problem: BilevelProblem, meta_params: PyTree, tasks: Ta
 _value_and_grad = jax.value_and_grad(objective, argnums=1)
 
 
-@functools.partial(jax.jit, static_argnames=("problem",))
+@jax.jit
 def _full_value_and_grad(problem, meta_params, tasks, weights):
     value, grad = _value_and_grad(problem, meta_params, tasks, weights)
     return value, _tree.norm(grad)
@@ -90,7 +90,7 @@ def optimizer_steps(problem, optimizer, length, batch_size, meta_params, opt_sta
     return meta_params, opt_state, values, norms
 
 
-_train_chunk = jax.jit(optimizer_steps, static_argnames=("problem", "optimizer", "length", "batch_size"))
+_train_chunk = jax.jit(optimizer_steps, static_argnames=("optimizer", "length", "batch_size"))
 
 
 def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, optimizer: optax.GradientTransformation | None = None,
@@ -288,7 +288,7 @@ def newton_steps(problem: BilevelProblem, steps: int, shift, proximal, center: P
     return NewtonResult(unravel(flat), value, norm, values, norms, k, norm <= tol)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "steps"))
+@functools.partial(jax.jit, static_argnames=("steps",))
 def newton_core(problem: BilevelProblem, steps: int, damping: float, tol: float, meta_params: PyTree, tasks: TaskSet,
                 weights: Weights) -> NewtonResult:
     """Jitted `newton_steps` on F(λ; w) alone (no proximal term), from meta_params."""

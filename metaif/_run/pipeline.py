@@ -216,7 +216,7 @@ def build_model(model_config, n_inputs: int, ways: int) -> Model:
     return Model(problem, init, logits, size)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "logits"))
+@functools.partial(jax.jit, static_argnames=("logits",))
 def _accuracy(problem, logits, meta_params, tasks):
     ones = jnp.ones(tasks.support["y"].shape, jnp.float64)
     theta = jax.vmap(metaif.adapt, in_axes=(None, None, 0, 0))(problem, meta_params, tasks.support, ones)
@@ -228,7 +228,7 @@ def accuracy(model: Model, meta_params, tasks) -> float:
     return float("nan") if model.logits is None else float(_accuracy(model.problem, model.logits, meta_params, tasks))
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "batch_size"))
+@functools.partial(jax.jit, static_argnames=("batch_size",))
 def _chunk_scores(problem, batch_size, meta_params, tasks, v, scale):
     """Scores of a chunk of tasks given v = H⁻¹∇f: as in metaif.influence, rescaled from the
     chunk's 1/n_chunk to the full 1/n."""

@@ -62,7 +62,7 @@ def remaining_weights(tasks: TaskSet, removed: Mapping[str, Any], dtype=jnp.floa
     return Weights(*(1.0 - amounts[level] for level in LEVELS))
 
 
-@functools.partial(jax.jit, static_argnames=("problem",))
+@jax.jit
 def _reduced_grad_norm(problem, meta_params, tasks, weights, proximal, center):
     """‖∇_λ [F(λ; w) + (ρ/2)‖λ − center‖²]‖."""
     grad = jax.grad(objective, argnums=1)(problem, meta_params, tasks, weights)
@@ -163,7 +163,7 @@ class Reach(NamedTuple):
     reduced_min_eigenvalue: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "batch_size"))
+@functools.partial(jax.jit, static_argnames=("batch_size",))
 def _reach(problem, batch_size, meta_params, tasks, weights, damping):
     dense = lambda w: _linalg.dense_matrix(_hessian.operator(problem, meta_params, tasks, w, Exact(), batch_size)[2].hvp,
                                            meta_params)
@@ -217,7 +217,7 @@ def removal_reach(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
     return _reach(problem, batch_size, meta_params, tasks, weights, jnp.asarray(damping, dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "steps"))
+@functools.partial(jax.jit, static_argnames=("steps",))
 def _ascent(problem, steps, lr, meta_params, tasks, weights):
     ones = Weights(*(jnp.ones_like(w) for w in weights))
     forget = lambda lam: objective(problem, lam, tasks, ones) - objective(problem, lam, tasks, weights)

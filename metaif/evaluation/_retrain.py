@@ -102,7 +102,7 @@ def _map(fn: Callable, data: PyTree, batch_size: int | None) -> PyTree:
     return jax.lax.map(fn, data, batch_size=batch_size)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "steps", "batch_size"))
+@functools.partial(jax.jit, static_argnames=("steps", "batch_size"))
 def _retrain(problem, steps, damping, proximal, tol, batch_size, meta_params, center, tasks, weights):
     def solve(w):
         result = _newton(problem, steps, damping, proximal, center, meta_params, tasks, w, tol)
@@ -178,8 +178,7 @@ def _adam(problem, optimizer, steps, task_batch, params, key, tasks, weights):
     return optimizer_steps(problem, optimizer, steps, task_batch, params, state, key, tasks, weights)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "init", "optimizer", "steps", "newton_steps", "task_batch",
-                                             "batch_size"))
+@functools.partial(jax.jit, static_argnames=("init", "optimizer", "steps", "newton_steps", "task_batch", "batch_size"))
 def _retrain_cold(problem, init, optimizer, steps, newton_steps, tol, task_batch, batch_size, start, seeds, tasks, weights):
     def one(pair):
         seed, w = pair

@@ -105,7 +105,7 @@ def _bilevel_task_loss(problem):
 # ----------------------------------------------------------------------------- gradient similarity
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "batch_size"))
+@functools.partial(jax.jit, static_argnames=("batch_size",))
 def _grad_dot_core(problem, batch_size, meta_params, tasks, target_grad):
     return _weight_scores(_bilevel_task_loss(problem), meta_params, tasks, target_grad, batch_size)
 
@@ -142,7 +142,7 @@ def _project(projection, tree):
     return jax.vmap(lambda row: _tree.vdot(row, tree))(projection)
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "batch_size"))
+@functools.partial(jax.jit, static_argnames=("batch_size",))
 def _trak_core(problem, batch_size, damping, projection, meta_params, tasks, target_grad):
     n = tasks.n_tasks
     weights = unit_weights(meta_params, tasks)
@@ -188,7 +188,7 @@ def _pooled_task_loss(problem):
     return loss
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "solver", "batch_size"))
+@functools.partial(jax.jit, static_argnames=("batch_size",))
 def _single_level_core(problem, solver, batch_size, meta_params, tasks, target_grad):
     n, reg = tasks.n_tasks, problem.meta_reg
     weights = unit_weights(meta_params, tasks)
@@ -251,7 +251,7 @@ def direct_if(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, targ
 # ----------------------------------------------------------------------------- loss and random
 
 
-@functools.partial(jax.jit, static_argnames=("problem",))
+@jax.jit
 def _raw_loss_core(problem, meta_params, tasks):
     weights = unit_weights(meta_params, tasks)
     theta = jax.vmap(adapt_one, in_axes=(None, None, 0, 0))(problem, meta_params, tasks.support, weights.support)

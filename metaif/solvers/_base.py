@@ -35,7 +35,8 @@ class Solver(abc.ABC):
     `prepare(operator)` receives an `Operator` and returns what solves can share (a
     factorisation, eigenpairs, a preconditioner, or the operator itself). `solve(state, b)` returns
     (x, SolveInfo) for one right-hand side; it is vmapped for many. Both run under jit.
-    Subclasses are frozen dataclasses: hashable, static under jit.
+    Subclasses are pytrees (`metaif._module.options`): numeric fields (damping, tol, scale, seed)
+    are leaves, so a new value reuses compiled code; counts and kinds are static.
     """
 
     damping: float

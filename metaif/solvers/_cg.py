@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 
 from .. import _linalg, _tree, _validate
 from . import _checks, _damping, _preconditioner, _spectrum
+from .._module import options, static
 from ._base import Solver
 
 PRECONDITIONERS = (None, "diagonal", "lowrank")
 DEFAULT_RANK = 16
 
 
-@dataclasses.dataclass(frozen=True)
+@options
 class CG(Solver):
     """Conjugate gradients on v ↦ (H + damping·I) v; never materialises H.
 
@@ -50,11 +49,11 @@ class CG(Solver):
     """
 
     damping: float | None = None
-    maxiter: int = 16
+    maxiter: int = static(16)
     tol: float = 1e-8
-    preconditioner: str | None = None
-    probes: int = 32
-    rank: int | None = None
+    preconditioner: str | None = static(None)
+    probes: int = static(32)
+    rank: int | None = static(None)
     seed: int = 0
 
     def __post_init__(self):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from .. import _linalg, _tree, _validate
 from . import _damping
+from .._module import options
 from ._base import Solver
 
 
-@dataclasses.dataclass(frozen=True)
+@options
 class Dense(Solver):
     """Exact solve with the materialised total Hessian (d Hessian-vector products, one symmetric
     eigen-decomposition shared by every right-hand side), plus damping·I.

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from .. import _linalg, _tree, _validate
+from .._module import options
 from ._base import Solver
 from ._damping import damped
 
 
-@dataclasses.dataclass(frozen=True)
+@options
 class Identity(Solver):
     """Replaces H + δI by δI: x = b / δ, so a target influence is −(∇f · ∂_ω∇F)/δ, a scaled
     gradient dot product (TracIn-like). A baseline: it ignores curvature entirely.

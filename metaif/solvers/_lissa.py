@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
 from .. import _linalg, _tree, _validate
 from . import _checks, _damping
+from .._module import options, static
 from ._base import Solver
 from ._neumann import series_setup
 
 
-@dataclasses.dataclass(frozen=True)
+@options
 class LiSSA(Solver):
     """Stochastic Neumann series: x = η Σ_{j=0..J} Π_{i<j} (I − η(H_{B_i} + δI)) b, averaged over
     `repeats` independent runs, where H_{B_i} is the unbiased estimate of H from `batch` tasks
@@ -43,13 +42,13 @@ class LiSSA(Solver):
     """
 
     damping: float | None = None
-    iterations: int = 100
+    iterations: int = static(100)
     scale: float | None = None
-    batch: int = 8
-    repeats: int = 1
+    batch: int = static(8)
+    repeats: int = static(1)
     seed: int = 0
     tol: float = 1e-2
-    estimate_steps: int = 20
+    estimate_steps: int = static(20)
 
     def __post_init__(self):
         _validate.set_fields(

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from .. import _linalg, _tree, _validate
 from . import _checks, _damping, _spectrum
+from .._module import options, static
 from ._base import Solver
 
 DEFAULT_RANK = 20
 
 
-@dataclasses.dataclass(frozen=True)
+@options
 class LowRank(Solver):
     """x = V diag(1/(λᵢ + δ)) Vᵀ b + (b − V Vᵀ b)/δ with (λᵢ, Vᵢ) the top-`rank` eigenpairs of H.
 
@@ -36,9 +35,9 @@ class LowRank(Solver):
       seed: seed of the Lanczos start vector (0).
     """
 
-    rank: int | None = None
+    rank: int | None = static(None)
     damping: float | None = None
-    iterations: int | None = None
+    iterations: int | None = static(None)
     tol: float = 1e-6
     seed: int = 0
 

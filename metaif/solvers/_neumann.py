@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 
 from .. import _linalg, _tree, _validate
 from . import _checks, _damping, _spectrum
+from .._module import options, static
 from ._base import Solver
 
 
-@dataclasses.dataclass(frozen=True)
+@options
 class Neumann(Solver):
     """x = η Σ_{j=0..J} (I − η(H + δI))^j b (paper.md, section 1), by the recursion
     r_{j+1} = r_j − η(H + δI) r_j, x = η Σ r_j: J = `iterations` Hessian-vector products per
@@ -38,10 +37,10 @@ class Neumann(Solver):
     """
 
     damping: float | None = None
-    iterations: int = 100
+    iterations: int = static(100)
     scale: float | None = None
     tol: float = 1e-6
-    estimate_steps: int = 20
+    estimate_steps: int = static(20)
     seed: int = 0
 
     def __post_init__(self):
