@@ -35,8 +35,9 @@ import os
 import time
 
 _SCRIPT_START = time.perf_counter()
-# XLA's multi-threaded Eigen pool on CPU can deadlock on vmapped LAPACK calls (jaxlib 0.10.2).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+import metaif  # noqa: E402
+
+metaif.configure_cpu()  # before the first JAX computation: single-threaded Eigen kernels on CPU
 
 import jax  # noqa: E402
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+import metaif  # noqa: E402
+
+metaif.configure_cpu()  # before the first JAX computation: single-threaded Eigen kernels on CPU
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
@@ -44,7 +46,10 @@ import optax  # noqa: E402
 import metaif  # noqa: E402
 from _timing import timed as _timed  # noqa: E402  (benchmarks/_timing.py)
 from metaif import problems  # noqa: E402
-from metaif._influence import _check_inputs, _target_core  # noqa: E402  (private: the single-call core)
+from metaif import core  # noqa: E402
+
+# One target's scores from its gradient: the single-call core that pairwise_influence is compared with.
+_single_target = jax.jit(core.influence_from_gradient)
 
 WAYS, SHOTS, QUERIES, HIDDEN = 5, 1, 5, 16
 DAMPING = 0.05  # at least; raised to 2·|smallest eigenvalue| when H is indefinite (λ is Adam-trained)
@@ -95,7 +100,6 @@ def main():
     damping = max(DAMPING, -2.0 * smallest)  # H + δI positive definite, so CG converges
     print(f"smallest Hessian eigenvalue (Lanczos, 60 steps) {smallest:.3g}; damping {damping:.3g}")
     for solver_name, solver in (("dense", metaif.solvers.Dense(damping=damping)), ("cg", metaif.solvers.CG(damping=damping, maxiter=300, tol=1e-6))):
-        options = _check_inputs(problem, lam, tasks, solver, None, None)
         for count in counts:
             subset = test[:count]
             first, warm, result = timed(lambda: metaif.pairwise_influence(problem, lam, tasks, target, solver, target_data=subset))
@@ -103,7 +107,7 @@ def main():
             singles = []
             for t in range(min(count, 5)):
                 row = jax.tree.map(lambda x: x[t], jacobian)
-                _, single, _ = timed(lambda: _target_core(problem, *options, lam, tasks, row))
+                _, single, _ = timed(lambda: _single_target(problem, lam, tasks, row, solver=solver))
                 singles.append(single)
             single = float(np.mean(singles))
             rows.append(dict(solver=solver_name, targets=count, pairwise_s=warm, compile_s=first - warm, single_s=single,

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+import metaif  # noqa: E402
+
+metaif.configure_cpu()  # before the first JAX computation: single-threaded Eigen kernels on CPU
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402

@@ -5,6 +5,7 @@ fixed-denominator mean; influence is the derivative at weight 1; removing a datu
 quantity by about −influence; a positive influence on a loss target is harmful.
 """
 
+from . import core as core
 from . import curvature as curvature
 from . import data as data
 from . import explain as explain
@@ -15,9 +16,13 @@ from ._adapt import Adaptation as Adaptation
 from ._adapt import FirstOrder as FirstOrder
 from ._adapt import Proximal as Proximal
 from ._adapt import Unrolled as Unrolled
+from ._boundary import ConstantTargetWarning as ConstantTargetWarning
+from ._boundary import NonStationaryWarning as NonStationaryWarning
+from ._diagnostics import Diagnostics as Diagnostics
 from ._hessian import hessian_operator as hessian_operator
 from ._influence import AdaptedInfluence as AdaptedInfluence
 from ._influence import Influence as Influence
+from ._influence import Scores as Scores
 from ._influence import adapted_influence as adapted_influence
 from ._influence import influence as influence
 from ._influence import instance_influence as instance_influence
@@ -36,6 +41,8 @@ from ._problem import BilevelProblem as BilevelProblem
 from ._problem import TaskSet as TaskSet
 from ._removal import TaskRemoval as TaskRemoval
 from ._removal import task_removal as task_removal
+from ._runtime import configure_cpu as configure_cpu
+from ._runtime import enable_compilation_cache as enable_compilation_cache
 from .training import TrainResult as TrainResult
 from .training import newton_refine as newton_refine
 from .training import meta_train as meta_train
@@ -43,7 +50,7 @@ from .training import meta_train as meta_train
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adaptation", "AdaptedInfluence", "BilevelProblem", "FirstOrder", "Influence", "NewTaskInfluence", "Proximal", "TaskRemoval", "TaskSet", "TrainResult",
-    "Unrolled", "Weights", "adapt", "adapt_tasks", "adaptation_residual", "adapted_influence", "curvature", "data", "explain", "hessian_operator", "influence", "instance_influence",
+    "Adaptation", "AdaptedInfluence", "BilevelProblem", "ConstantTargetWarning", "Diagnostics", "FirstOrder", "Influence", "NewTaskInfluence",
+    "NonStationaryWarning", "Proximal", "Scores", "TaskRemoval", "TaskSet", "TrainResult", "Unrolled", "Weights", "adapt", "adapt_tasks", "adaptation_residual", "adapted_influence", "configure_cpu", "core", "curvature", "data", "enable_compilation_cache", "explain", "hessian_operator", "influence", "instance_influence",
     "meta_objective", "meta_train", "models", "new_task_influence", "newton_refine", "pairwise_influence", "parallel", "self_influence", "solvers", "task_influence", "task_losses", "task_removal",
 ]

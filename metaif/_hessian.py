@@ -15,7 +15,7 @@ import jax
 
 from . import _batching, _tree, _validate, curvature as _curvature
 from ._objective import check_arguments, unit_weights
-from .curvature import Curvature, Exact, _task_sum
+from .curvature import Curvature, Exact, task_sum
 from .solvers import Operator
 
 PyTree = Any
@@ -26,16 +26,23 @@ def _scaled(n: int, summed: PyTree, meta_reg: float, lam: PyTree, shift=0.0) -> 
     return jax.tree.map(lambda s, x: s / n + (meta_reg + shift) * x, summed, lam)
 
 
-def value_and_grad(problem, meta_params, tasks, weights, batch_size: int | None):
-    """(F, ∇_λ F) at λ with the given weights, summed chunk by chunk."""
+def value_and_grad(problem, meta_params, tasks, weights=None, *, chunk_size: int | None = None):
+    """(F, ∇_λ F) at λ with the given weights (default ones), summed chunk by chunk. Pure."""
+    weights = unit_weights(meta_params, tasks) if weights is None else weights
+    batch_size = chunk_size
     n = tasks.n_tasks
-    chunk = lambda data: jax.value_and_grad(_task_sum, argnums=1)(problem, meta_params, *data)
+    chunk = lambda data: jax.value_and_grad(task_sum, argnums=1)(problem, meta_params, *data)
     value, grad = _batching.sum_chunks(chunk, (tasks, weights), batch_size)
     return value / n + 0.5 * problem.meta_reg * _tree.sq_norm(meta_params), _scaled(n, grad, problem.meta_reg, meta_params)
 
 
-def operator(problem, meta_params, tasks, weights, curvature: Curvature, batch_size: int | None):
-    """(F, ∇_λ F, Operator) at λ = meta_params for the chosen curvature."""
+def operator(problem, meta_params, tasks, weights=None, *, curvature: Curvature | None = None, chunk_size: int | None = None):
+    """(F, ∇_λ F, Operator) at λ = meta_params for the chosen curvature (default `Exact()`, the
+    total Hessian) and weights (default ones). Pure: the operator's products can be used inside
+    the same trace (a solver's `prepare`/`solve`, a Lanczos run)."""
+    weights = unit_weights(meta_params, tasks) if weights is None else weights
+    curvature = Exact() if curvature is None else curvature
+    batch_size = chunk_size
     n, reg = tasks.n_tasks, problem.meta_reg
     data = (tasks, weights)
 
@@ -45,18 +52,18 @@ def operator(problem, meta_params, tasks, weights, curvature: Curvature, batch_s
 
     if batch_size is None or batch_size >= n:
         if isinstance(curvature, Exact):  # one linearisation gives F, ∇F and cached products
-            full = lambda lam: jax.value_and_grad(_task_sum, argnums=1)(problem, lam, tasks, weights)
+            full = lambda lam: jax.value_and_grad(task_sum, argnums=1)(problem, lam, tasks, weights)
             (value, grad), linear = jax.linearize(full, meta_params)
             shift = 0.0
             summed_hvp = lambda v: linear(v)[1]
             value = value / n + 0.5 * reg * _tree.sq_norm(meta_params)
             grad = _scaled(n, grad, reg, meta_params)
         else:
-            value, grad = value_and_grad(problem, meta_params, tasks, weights, None)
+            value, grad = value_and_grad(problem, meta_params, tasks, weights)
             surrogate, shift = curvature.surrogate(problem, meta_params, tasks, weights)
             _, summed_hvp = jax.linearize(jax.grad(surrogate), meta_params)
     else:
-        value, grad = value_and_grad(problem, meta_params, tasks, weights, batch_size)
+        value, grad = value_and_grad(problem, meta_params, tasks, weights, chunk_size=batch_size)
         shift = _batching.sum_chunks(lambda chunk: curvature.surrogate(problem, meta_params, *chunk)[1], data, batch_size)
         summed_hvp = lambda v: _batching.sum_chunks(lambda chunk: chunk_hvp(chunk, v), data, batch_size)
 
@@ -77,13 +84,13 @@ def operator(problem, meta_params, tasks, weights, curvature: Curvature, batch_s
 @functools.partial(jax.jit, static_argnames=("batch_size",))
 def _hvp(problem, curvature, batch_size, meta_params, tasks, v):
     weights = unit_weights(meta_params, tasks)
-    return operator(problem, meta_params, tasks, weights, curvature, batch_size)[2].hvp(v)
+    return operator(problem, meta_params, tasks, weights, curvature=curvature, chunk_size=batch_size)[2].hvp(v)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "batch"))
 def _sample_hvp(problem, curvature, batch_size, meta_params, tasks, key, v, batch):
     weights = unit_weights(meta_params, tasks)
-    return operator(problem, meta_params, tasks, weights, curvature, batch_size)[2].sample_hvp(key, v, batch)
+    return operator(problem, meta_params, tasks, weights, curvature=curvature, chunk_size=batch_size)[2].sample_hvp(key, v, batch)
 
 
 def hessian_operator(problem, meta_params: PyTree, tasks, *, curvature: Curvature | None = None,

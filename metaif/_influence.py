@@ -25,44 +25,56 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _batching, _hessian, _linalg, _problem, _tree, _validate, curvature as _curvature
-from ._linalg import SolveInfo
-from ._objective import adapt_one, adaptation_gradient, check_arguments, check_finite_losses, task_loss, unit_weights
-from .curvature import Curvature
+from . import _batching, _boundary, _diagnostics, _hessian, _linalg, _problem, _tree, _validate
+from ._diagnostics import Diagnostics
+from ._objective import adapt_one, unit_weights
 from ._problem import BilevelProblem, TaskSet
-from .solvers import CG, Dense, Solver
-from .solvers._damping import warn_if_indefinite
+from ._scores import LEVELS, mixed_gradients, target_scores
+from .curvature import Curvature
+from .solvers import Solver, default_solver
 
 PyTree = Any
-LEVELS = ("tasks", "support", "query")
-DENSE_LIMIT = 256
 
 
+class Scores(NamedTuple):
+    """Scores of every task [n], support example [n, m] and query example [n, q] (arrays, or
+    pytrees with those leading axes); None for a level not computed."""
+
+    tasks: Any
+    support: Any
+    query: Any
+
+
+def _negated(scores) -> Scores:
+    return Scores(*(None if s is None else jax.tree.map(jnp.negative, s) for s in scores))
+
+
+@_diagnostics.forward_attributes
 class Influence(NamedTuple):
     """Influence of every task weight [n], support weight [n, m] and query weight [n, q].
 
     With a scalar target these are arrays of I_f; without one, pytrees like meta_params with those
-    leading axes (I_λ). Sign: removing a datum changes the quantity by about −influence; a
-    positive influence on a loss is harmful. Levels that were not requested are None.
+    leading axes (I_λ). Sign: removing a datum changes the quantity by about −influence
+    (`predicted_change()`); a positive influence on a loss is harmful. Levels that were not
+    requested are None.
 
     Attributes:
       tasks, support, query: the scores.
-      solve: worst-case diagnostics over the inverse-Hessian solves (`metaif.solvers.SolveInfo`).
-      objective: F(λ) at the given meta-parameters (all weights 1).
-      grad_norm: ‖∇_λ F(λ)‖, how far λ is from the stationary point influence assumes.
-      adaptation_residual: max over tasks of ‖∇_θ L_I(θ_i, λ)‖; for `Proximal` adaptation the
-        implicit derivatives assume it is ≈ 0 (else raise `steps` or tune `lr`).
+      diagnostics: `metaif.Diagnostics` (the solve, F, ‖∇F‖, the inner residual, the target);
+        `solve`, `objective`, `grad_norm` and `adaptation_residual` read from it.
     """
 
     tasks: Any
     support: Any
     query: Any
-    solve: SolveInfo
-    objective: jax.Array
-    grad_norm: jax.Array
-    adaptation_residual: jax.Array
+    diagnostics: Diagnostics
+
+    def predicted_change(self) -> Scores:
+        """−influence: the first-order change of the quantity when each datum is removed."""
+        return _negated(self[:3])
 
 
+@_diagnostics.forward_attributes
 class AdaptedInfluence(NamedTuple):
     """Influence of every training weight on one task's adapted parameters θ (or on g(θ)).
 
@@ -70,83 +82,57 @@ class AdaptedInfluence(NamedTuple):
     pytrees like the params, or arrays for a target g(θ). `direct` [m] is the part ∂θ/∂a_kj that
     does not pass through λ: nonzero only for the adapted training task's own support examples
     (already included in `support[k]`), None for a new task. The indirect part is total − direct.
+    `diagnostics` as in `Influence`.
     """
 
     tasks: Any
     support: Any
     query: Any
     direct: Any
-    solve: SolveInfo
-    objective: jax.Array
-    grad_norm: jax.Array
-    adaptation_residual: jax.Array
+    diagnostics: Diagnostics
+
+    def predicted_change(self) -> Scores:
+        """−influence: the first-order change of θ (or g(θ)) when each datum is removed."""
+        return _negated(self[:3])
 
 
-# ----------------------------------------------------------------------------- jitted cores
+# ----------------------------------------------------------------------------- pure cores
 
 
-def _operator(problem, curvature, batch_size, meta_params, tasks):
+def influence_from_gradient(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target_grad: PyTree, *,
+                            solver: Solver | None = None, curvature: Curvature | None = None, chunk_size: int | None = None,
+                            target_value: jax.Array | None = None) -> Influence:
+    """Scores of every task, support and query weight on a target with gradient ∇f(λ) =
+    `target_grad`: one solve v = (H + δI)⁻¹∇f and one reverse-over-forward pass per task. Pure
+    (no checks, no host transfer): call it inside your own jit, vmap or grad."""
+    solver = default_solver(meta_params) if solver is None else solver
     weights = unit_weights(meta_params, tasks)
-    return (weights, *_hessian.operator(problem, meta_params, tasks, weights, curvature, batch_size))
-
-
-def _diagnostics(problem, batch_size, meta_params, tasks, weights, value, grad):
-    residual = _batching.map_tasks(
-        lambda data: adaptation_gradient(problem, meta_params, data[0], data[1]), (tasks.support, weights.support), batch_size)
-    return value, _tree.norm(grad), jnp.max(residual)
-
-
-def _task_scores(problem, batch_size, meta_params, tasks, weights, v):
-    """−∂_ω [vᵀ ∇_λ F(λ; ω)] for every weight ω, task by task: ([n], [n, m], [n, q])."""
-    n = tasks.n_tasks
-
-    def one_task(data):
-        support, query, t, a, b = data
-
-        def directional(t, a, b):  # t · vᵀ ∇_λ L_O^i(λ; a, b) / n
-            loss = lambda lam: task_loss(problem, lam, support, query, a, b)
-            return t * jax.jvp(loss, (meta_params,), (v,))[1] / n
-
-        return jax.grad(directional, argnums=(0, 1, 2))(t, a, b)
-
-    scores = _batching.map_tasks(one_task, (tasks.support, tasks.query, *weights), batch_size)
-    return tuple(-s for s in scores)
-
-
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def _target_core(problem: BilevelProblem, solver: Solver, curvature: Curvature, batch_size: int | None, meta_params,
-                 tasks: TaskSet, target_grad) -> Influence:
-    weights, value, grad, op = _operator(problem, curvature, batch_size, meta_params, tasks)
+    value, grad, op = _hessian.operator(problem, meta_params, tasks, weights, curvature=curvature, chunk_size=chunk_size)
     v, info = solver.solve(solver.prepare(op), target_grad)
-    scores = _task_scores(problem, batch_size, meta_params, tasks, weights, v)
-    return Influence(*scores, info, *_diagnostics(problem, batch_size, meta_params, tasks, weights, value, grad))
+    scores = target_scores(problem, meta_params, tasks, v, weights, chunk_size=chunk_size)
+    diagnostics = _diagnostics.compute(problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size, solve=info,
+                                       v=v, target=target_value)
+    return Influence(*scores, diagnostics)
 
 
-def task_mixed_gradients(problem, meta_params, support, query, a, b, level: str):
-    """One task's ∂_ω ∇_λ L_O^i for its weights of one level (t_i enters as L_O^i itself):
-    a pytree like meta_params ("tasks") or with a leading axis m ("support") or q ("query")."""
-
-    def task_grad(a, b):
-        return jax.grad(task_loss, argnums=1)(problem, meta_params, support, query, a, b)
-
-    if level == "tasks":
-        return task_grad(a, b)
-    w = a if level == "support" else b
-    along = (lambda x: task_grad(x, b)) if level == "support" else (lambda x: task_grad(a, x))
-    return jax.vmap(lambda e: jax.jvp(along, (w,), (e,))[1])(jnp.eye(w.shape[0], dtype=w.dtype))
+def influence_on_target(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable[[PyTree], jax.Array], *,
+                        solver: Solver | None = None, curvature: Curvature | None = None,
+                        chunk_size: int | None = None) -> Influence:
+    """`influence_from_gradient` with ∇f from `target` (`meta_params -> scalar`). Pure."""
+    value, grad = jax.value_and_grad(target)(meta_params)
+    return influence_from_gradient(problem, meta_params, tasks, grad, solver=solver, curvature=curvature,
+                                   chunk_size=chunk_size, target_value=value)
 
 
-def _mixed_gradients(problem, meta_params, tasks, weights, level, batch_size):
-    """∂_ω ∇_λ F for every weight ω of one level: pytrees [n, ...] or [n, m|q, ...]."""
-    per_task = lambda data: task_mixed_gradients(problem, meta_params, *data, level)
-    grads = _batching.map_tasks(per_task, (tasks.support, tasks.query, weights.support, weights.query), batch_size)
-    return _tree.scale(1.0 / tasks.n_tasks, grads)
-
-
-@functools.partial(jax.jit, static_argnames=("batch_size", "levels"))
-def _params_core(problem: BilevelProblem, solver: Solver, curvature: Curvature, batch_size: int | None,
-                 levels: tuple[str, ...], meta_params, tasks: TaskSet) -> Influence:
-    weights, value, grad, op = _operator(problem, curvature, batch_size, meta_params, tasks)
+def influence_on_params(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, levels: tuple[str, ...] = LEVELS, *,
+                        solver: Solver | None = None, curvature: Curvature | None = None,
+                        chunk_size: int | None = None) -> Influence:
+    """I_λ(ω) = −(H + δI)⁻¹ ∂_ω ∇_λ F for every weight of the requested levels: pytrees like
+    meta_params with leading axes [n] or [n, m|q] (None for other levels). One factorisation
+    (`solver.prepare`), one solve per weight, vmapped. Pure."""
+    solver = default_solver(meta_params) if solver is None else solver
+    weights = unit_weights(meta_params, tasks)
+    value, grad, op = _hessian.operator(problem, meta_params, tasks, weights, curvature=curvature, chunk_size=chunk_size)
     state = solver.prepare(op)
 
     def neg_solve(b):
@@ -155,18 +141,34 @@ def _params_core(problem: BilevelProblem, solver: Solver, curvature: Curvature, 
 
     out, infos = {}, []
     for level in levels:  # at most three static levels, not a loop over data
-        rhs = _mixed_gradients(problem, meta_params, tasks, weights, level, batch_size)
+        rhs = mixed_gradients(problem, meta_params, tasks, level, weights, chunk_size=chunk_size)
         per_task = neg_solve if level == "tasks" else jax.vmap(neg_solve)
-        out[level], info = _batching.map_tasks(per_task, rhs, batch_size)
+        out[level], info = _batching.map_tasks(per_task, rhs, chunk_size)
         infos.append(jax.tree.map(jnp.ravel, info))
     info = _linalg.summarize(jax.tree.map(lambda *xs: jnp.concatenate(xs), *infos))
-    return Influence(out.get("tasks"), out.get("support"), out.get("query"), info,
-                     *_diagnostics(problem, batch_size, meta_params, tasks, weights, value, grad))
+    diagnostics = _diagnostics.compute(problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size, solve=info)
+    return Influence(out.get("tasks"), out.get("support"), out.get("query"), diagnostics)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _grad(fn, x):
-    return jax.grad(fn)(x)
+def _with_flags(problem, solver, curvature, chunk_size, meta_params, tasks, target_grad, target_value):
+    result = influence_from_gradient(problem, meta_params, tasks, target_grad, solver=solver, curvature=curvature,
+                                     chunk_size=chunk_size, target_value=target_value)
+    return result, _boundary.flags(meta_params, result[:3], target_grad, result.tasks)
+
+
+_checked_gradient = jax.jit(_with_flags, static_argnames=("chunk_size",))
+
+
+@functools.partial(jax.jit, static_argnames=("target", "chunk_size"))
+def _checked_target(problem, solver, curvature, chunk_size, meta_params, tasks, target):
+    value, grad = jax.value_and_grad(target)(meta_params)
+    return _with_flags(problem, solver, curvature, chunk_size, meta_params, tasks, grad, value)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "levels"))
+def _checked_params(problem, solver, curvature, chunk_size, levels, meta_params, tasks):
+    result = influence_on_params(problem, meta_params, tasks, levels, solver=solver, curvature=curvature, chunk_size=chunk_size)
+    return result, _boundary.flags(meta_params, result[:3])
 
 
 def _unit_weights(meta_params, support) -> jax.Array:
@@ -201,75 +203,22 @@ def _direct_target(problem, target, meta_params, support):
 
 
 @functools.partial(jax.jit, static_argnames=("target",))
-def _adapted_target_grad(problem, target, meta_params, support):
-    """∇_λ g(θ(λ)) for a task's support set."""
+def _adapted_target(problem, target, meta_params, support):
+    """(g(θ(λ)), ∇_λ g(θ(λ))) for a task's support set."""
     ones = _unit_weights(meta_params, support)
-    return jax.grad(lambda lam: target(adapt_one(problem, lam, support, ones)))(meta_params)
+    return jax.value_and_grad(lambda lam: target(adapt_one(problem, lam, support, ones)))(meta_params)
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-class _Options(NamedTuple):
-    solver: Solver
-    curvature: Curvature
-    batch_size: int | None
-
-
-def _check_inputs(problem, meta_params, tasks, solver, curvature, batch_size) -> _Options:
-    check_arguments(problem, meta_params, tasks)
-    _validate.finite_tree("meta_params", meta_params)
-    if solver is None:
-        solver = Dense() if _tree.size(meta_params) <= DENSE_LIMIT else CG()
-    elif not isinstance(solver, Solver):
-        raise TypeError(
-            "solver must be a metaif.solvers.Solver such as metaif.solvers.Dense() or "
-            f"metaif.solvers.CG(); received {_validate.describe(solver)}."
-        )
-    curvature = _curvature.check(curvature)
-    curvature.check(problem, meta_params, tasks)
-    if batch_size is not None:
-        batch_size = _validate.positive_int("batch_size", batch_size)
-    return _Options(solver, curvature, batch_size)
-
-
-def _check_scalar_fn(name: str, fn, argument, argument_name: str) -> None:
-    _validate.callable_(name, fn, f"{argument_name} -> scalar")
-    try:
-        out = jax.eval_shape(fn, argument)
-    except Exception as error:
-        raise ValueError(f"{name} failed when called on {argument_name}: {error}") from error
-    leaves = jax.tree.leaves(out)
-    if len(leaves) != 1 or leaves[0].shape != ():
-        raise ValueError(f"{name} must return a scalar; it returned {jax.tree.map(lambda s: s.shape, out)}.")
-
-
-def _target_gradient(target, meta_params):
-    _check_scalar_fn("target", target, meta_params, "meta_params")
-    grad = _grad(target, meta_params)
-    _validate.finite_tree("the gradient of target at meta_params", grad)
-    return grad
-
-
-def _check_result(result, problem, meta_params, tasks) -> None:
-    """Turn a silent NaN into an error naming its source, and warn when H + δI is not positive
-    definite (both skipped under tracing)."""
-    if not _validate.is_concrete(result.objective) or bool(jnp.isfinite(result.objective)):
-        warn_if_indefinite(result.solve)
-        return
-    weights = unit_weights(meta_params, tasks)
-    check_finite_losses(problem, meta_params, tasks, weights, f"The meta-objective at meta_params is {float(result.objective)}")
-    raise ValueError(f"The meta-objective at meta_params is {float(result.objective)} although every task loss is finite: check meta_params.")
-
-
-def _compute(problem, meta_params, tasks, target, levels: tuple[str, ...], *options) -> Influence:
-    """Validate, then one jitted core: all levels with a target, the requested ones without."""
-    options = _check_inputs(problem, meta_params, tasks, *options)
+def _compute(problem, meta_params, tasks, target, levels: tuple[str, ...], solver, curvature, chunk_size) -> Influence:
+    """Validate once, one jitted core (all levels with a target, the requested ones without),
+    check the result once."""
+    options = _boundary.check_options(problem, meta_params, tasks, solver, curvature, chunk_size)
     if target is None:
-        result = _params_core(problem, *options, levels, meta_params, tasks)
+        result, flags = _checked_params(problem, *options, levels, meta_params, tasks)
     else:
-        result = _target_core(problem, *options, meta_params, tasks, _target_gradient(target, meta_params))
-    _check_result(result, problem, meta_params, tasks)
+        _boundary.check_scalar_fn("target", target, meta_params, "meta_params")
+        result, flags = _checked_target(problem, *options, meta_params, tasks, target)
+    _boundary.check_result(result, problem, meta_params, tasks, flags)
     return result
 
 
@@ -345,7 +294,7 @@ def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskS
       `AdaptedInfluence` with dθ/dω (or dg(θ)/dω) for every weight: leading axes [n], [n, m],
       [n, q], plus the direct part `direct` [m] for a training task.
     """
-    options = _check_inputs(problem, meta_params, tasks, solver, curvature, batch_size)
+    options = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
     n = tasks.n_tasks
     is_index = isinstance(task, numbers.Integral) or (
         hasattr(task, "dtype") and jnp.ndim(task) == 0 and jnp.issubdtype(task.dtype, jnp.integer) and _validate.is_concrete(task))
@@ -366,19 +315,18 @@ def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskS
         _problem.leading_axes("task", support, ("n_support",))
 
     if target is None:
-        result = _params_core(problem, *options, LEVELS, meta_params, tasks)
-        _check_result(result, problem, meta_params, tasks)
+        result, flags = _checked_params(problem, *options, LEVELS, meta_params, tasks)
+        _boundary.check_result(result, problem, meta_params, tasks, flags)
         apply = functools.partial(_adapt_jacobian_apply, problem, meta_params, support)
         scores = [apply(result.tasks), apply(result.support), apply(result.query)]
         direct = None if index is None else _direct_params(problem, meta_params, support)
     else:
-        _check_scalar_fn("target", target, meta_params, "params (shaped like meta_params)")
-        grad = _adapted_target_grad(problem, target, meta_params, support)
-        _validate.finite_tree("the gradient of target(adapted params) with respect to meta_params", grad)
-        result = _target_core(problem, *options, meta_params, tasks, grad)
-        _check_result(result, problem, meta_params, tasks)
+        _boundary.check_scalar_fn("target", target, meta_params, "params (shaped like meta_params)")
+        value, grad = _adapted_target(problem, target, meta_params, support)
+        result, flags = _checked_gradient(problem, *options, meta_params, tasks, grad, value)
+        _boundary.check_result(result, problem, meta_params, tasks, flags, target_name="target(adapted params)")
         scores = [result.tasks, result.support, result.query]
         direct = None if index is None else _direct_target(problem, target, meta_params, support)
     if direct is not None:
         scores[1] = jax.tree.map(lambda s, d: _batching.add_at_task(s, index, d), scores[1], direct)
-    return AdaptedInfluence(*scores, direct, *result[3:])
+    return AdaptedInfluence(*scores, direct, result.diagnostics)

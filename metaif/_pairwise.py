@@ -19,12 +19,11 @@ from typing import Any, Callable, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import _batching, _linalg, _problem, _tree, _validate
-from ._influence import (
-    LEVELS, Influence, _check_inputs, _check_result, _diagnostics, _operator, _task_scores, task_mixed_gradients,
-)
-from ._linalg import SolveInfo
-from ._objective import adapt_one, task_loss
+from . import _batching, _boundary, _diagnostics, _hessian, _linalg, _problem, _tree, _validate
+from ._diagnostics import Diagnostics
+from ._influence import Influence
+from ._objective import adapt_one, task_loss, unit_weights
+from ._scores import LEVELS, target_scores, task_mixed_gradients
 from ._problem import TaskSet
 from .curvature import Curvature
 from .solvers import Solver
@@ -33,6 +32,7 @@ PyTree = Any
 Method = Literal["auto", "per_target", "mixed"]
 
 
+@_diagnostics.forward_attributes
 class NewTaskInfluence(NamedTuple):
     """A new task adapted from its support set, its predictions, and what moved them.
 
@@ -44,7 +44,8 @@ class NewTaskInfluence(NamedTuple):
       through_meta: the part through λ's direct appearance in predict (∂_λ p · I_λ), as
         an `Influence`-like triple (tasks, support, query).
       through_adaptation: the part through θ_new(λ) (∂_θ p · dθ/dλ · I_λ), same shapes.
-      solve, objective, grad_norm, adaptation_residual: as in `Influence`.
+      diagnostics: as in `Influence` (`solve`, `objective`, `grad_norm`, `adaptation_residual`
+        read from it).
 
     Sign: removing a training datum changes a prediction by about −influence.
     """
@@ -56,10 +57,7 @@ class NewTaskInfluence(NamedTuple):
     query: jax.Array
     through_meta: tuple
     through_adaptation: tuple
-    solve: SolveInfo
-    objective: jax.Array
-    grad_norm: jax.Array
-    adaptation_residual: jax.Array
+    diagnostics: Diagnostics
 
 
 # ----------------------------------------------------------------------------- jitted cores
@@ -72,7 +70,7 @@ def _contract(rows: PyTree, columns: PyTree) -> jax.Array:
     return sum(products[1:], products[0])
 
 
-def _mixed_scores(problem, batch_size, meta_params, tasks, weights, vectors):
+def _mixed_scores(problem, chunk_size, meta_params, tasks, weights, vectors):
     """Scores of every weight for every row of `vectors` [T, ...] by contracting each task's
     mixed derivatives: ([T, n], [T, n, m], [T, n, q])."""
     n = tasks.n_tasks
@@ -82,27 +80,34 @@ def _mixed_scores(problem, batch_size, meta_params, tasks, weights, vectors):
         columns[0] = jax.tree.map(lambda x: x[None], columns[0])
         return tuple(-_contract(vectors, c) / n for c in columns)  # [T, 1], [T, m], [T, q]
 
-    t, a, b = _batching.map_tasks(one_task, (tasks.support, tasks.query, weights.support, weights.query), batch_size)
+    t, a, b = _batching.map_tasks(one_task, (tasks.support, tasks.query, weights.support, weights.query), chunk_size)
     return t[..., 0].T, jnp.moveaxis(a, 0, 1), jnp.moveaxis(b, 0, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "target_batch_size", "method"))
-def _pairwise_core(problem, solver, curvature, batch_size, target_batch_size, method, meta_params, tasks, jacobian):
-    weights, value, grad, op = _operator(problem, curvature, batch_size, meta_params, tasks)
-    state = solver.prepare(op)
-    vectors, info = _batching.map_tasks(lambda b: solver.solve(state, b), jacobian, target_batch_size)
+def _setup(problem, solver, curvature, chunk_size, meta_params, tasks):
+    """(weights, F, ∇F, the solver's prepared state) at λ."""
+    weights = unit_weights(meta_params, tasks)
+    value, grad, op = _hessian.operator(problem, meta_params, tasks, weights, curvature=curvature, chunk_size=chunk_size)
+    return weights, value, grad, solver.prepare(op)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "target_chunk_size", "method"))
+def _pairwise_core(problem, solver, curvature, chunk_size, target_chunk_size, method, meta_params, tasks, jacobian):
+    weights, value, grad, state = _setup(problem, solver, curvature, chunk_size, meta_params, tasks)
+    vectors, info = _batching.map_tasks(lambda b: solver.solve(state, b), jacobian, target_chunk_size)
     if method == "mixed":
-        scores = _mixed_scores(problem, batch_size, meta_params, tasks, weights, vectors)
+        scores = _mixed_scores(problem, chunk_size, meta_params, tasks, weights, vectors)
     else:
-        per_target = lambda v: _task_scores(problem, batch_size, meta_params, tasks, weights, v)
-        scores = _batching.map_tasks(per_target, vectors, target_batch_size)
-    return Influence(*scores, _linalg.summarize(info), *_diagnostics(problem, batch_size, meta_params, tasks, weights, value, grad))
+        per_target = lambda v: target_scores(problem, meta_params, tasks, v, weights, chunk_size=chunk_size)
+        scores = _batching.map_tasks(per_target, vectors, target_chunk_size)
+    diagnostics = _diagnostics.compute(problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size,
+                                       solve=_linalg.summarize(info))
+    return Influence(*scores, diagnostics), _boundary.flags(meta_params, scores, jacobian)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def _self_core(problem, solver, curvature, batch_size, meta_params, tasks):
-    weights, value, grad, op = _operator(problem, curvature, batch_size, meta_params, tasks)
-    state = solver.prepare(op)
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def _self_core(problem, solver, curvature, chunk_size, meta_params, tasks):
+    weights, value, grad, state = _setup(problem, solver, curvature, chunk_size, meta_params, tasks)
     n = tasks.n_tasks
 
     def one_task(data):
@@ -115,8 +120,10 @@ def _self_core(problem, solver, curvature, batch_size, meta_params, tasks):
         direct_a = jax.grad(lambda a: loss(meta_params, a, b))(a)
         return -_tree.vdot(g, u) / n, direct_a - through_a / n, -through_b / n, info
 
-    t, a, b, info = _batching.map_tasks(one_task, (tasks.support, tasks.query, weights.support, weights.query), batch_size)
-    return Influence(t, a, b, _linalg.summarize(info), *_diagnostics(problem, batch_size, meta_params, tasks, weights, value, grad))
+    t, a, b, info = _batching.map_tasks(one_task, (tasks.support, tasks.query, weights.support, weights.query), chunk_size)
+    diagnostics = _diagnostics.compute(problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size,
+                                       solve=_linalg.summarize(info))
+    return Influence(t, a, b, diagnostics), _boundary.flags(meta_params, (t, a, b))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -191,15 +198,15 @@ def pairwise_influence(problem, meta_params: PyTree, tasks: TaskSet, targets: Ca
     """
     if method not in ("auto", "per_target", "mixed"):
         raise ValueError(f"method must be 'auto', 'per_target' or 'mixed'; received {method!r}.")
-    options = _check_inputs(problem, meta_params, tasks, solver, curvature, batch_size)
+    options = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
     if target_batch_size is not None:
         target_batch_size = _validate.positive_int("target_batch_size", target_batch_size)
     jacobian = _target_jacobian(targets, meta_params, target_data)
     count = jax.tree.leaves(jacobian)[0].shape[0]
     if method == "auto":
         method = "mixed" if count > 1 + tasks.n_support + tasks.n_query else "per_target"
-    result = _pairwise_core(problem, *options, target_batch_size, method, meta_params, tasks, jacobian)
-    _check_result(result, problem, meta_params, tasks)
+    result, flags = _pairwise_core(problem, *options, target_batch_size, method, meta_params, tasks, jacobian)
+    _boundary.check_result(result, problem, meta_params, tasks, flags, target_name="targets")
     return result
 
 
@@ -217,9 +224,9 @@ def self_influence(problem, meta_params: PyTree, tasks: TaskSet, solver: Solver 
     generalisation, use influence on a held-out target instead.
     Cost: one inverse-Hessian-vector product per task (Dense reuses one factorisation).
     """
-    options = _check_inputs(problem, meta_params, tasks, solver, curvature, batch_size)
-    result = _self_core(problem, *options, meta_params, tasks)
-    _check_result(result, problem, meta_params, tasks)
+    options = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
+    result, flags = _self_core(problem, *options, meta_params, tasks)
+    _boundary.check_result(result, problem, meta_params, tasks, flags)
     return result
 
 
@@ -241,7 +248,7 @@ def new_task_influence(problem, meta_params: PyTree, tasks: TaskSet, support: Py
       [P, ..., n, q], split into the part through λ's direct use in predict and the part through
       the adaptation θ_new(λ).
     """
-    options = _check_inputs(problem, meta_params, tasks, solver, curvature, batch_size)
+    options = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
     if jax.tree.structure(support) != jax.tree.structure(tasks.support):
         raise ValueError(
             f"support must have the structure of tasks.support ({jax.tree.structure(tasks.support)}); "
@@ -261,12 +268,15 @@ def new_task_influence(problem, meta_params: PyTree, tasks: TaskSet, support: Py
     jacobian = _new_task_jacobian(problem, predict, meta_params, support, inputs, params)
     _validate.finite_tree("the derivative of predict with respect to meta_params", jacobian)
     method = "mixed" if 2 * predictions.size > 1 + tasks.n_support + tasks.n_query else "per_target"
-    result = _pairwise_core(problem, *options, target_batch_size, method, meta_params, tasks, jacobian)
-    _check_result(result, problem, meta_params, tasks)
+    result, flags = _pairwise_core(problem, *options, target_batch_size, method, meta_params, tasks, jacobian)
+    _boundary.check_result(result, problem, meta_params, tasks, flags, target_name="predict")
     split = lambda scores: tuple(s.reshape((2,) + shape + s.shape[1:]) for s in scores)
     meta_part, adapt_part = zip(*[(s[0], s[1]) for s in split(result[:3])])
     totals = [a + b for a, b in zip(meta_part, adapt_part)]
-    return NewTaskInfluence(params, predictions, *totals, meta_part, adapt_part, *result[3:])
+    return NewTaskInfluence(params, predictions, *totals, meta_part, adapt_part, result.diagnostics)
+
+
+_adapt_jit = jax.jit(adapt_one)
 
 
 @functools.partial(jax.jit, static_argnames=("predict",))

@@ -27,17 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _batching, _hessian, _linalg, _tree, _validate
-from ._influence import _check_result, _check_scalar_fn
-from ._linalg import SolveInfo
+from . import _batching, _boundary, _diagnostics, _hessian, _linalg, _tree, _validate
+from ._diagnostics import Diagnostics
 from ._objective import check_arguments, task_loss, unit_weights
 from ._problem import BilevelProblem, TaskSet
-from .curvature import Exact
 
 PyTree = Any
 DENSE_LIMIT = 8192
 
 
+@_diagnostics.forward_attributes
 class TaskRemoval(NamedTuple):
     """Predicted effect of removing (an amount ε of) each training task, second order in the removal.
 
@@ -45,18 +44,16 @@ class TaskRemoval(NamedTuple):
       delta: pytree like meta_params with leading axis [n]: Δ_k ≈ λ*_{−k} − λ*, the change of the
         meta-parameters (not an influence: no sign flip; first order it is −ε I_λ(t_k)).
       change: [n] target(λ* + Δ_k) − target(λ*) with a target, else None (first order: −ε I_f).
-      solve: `SolveInfo` with a leading axis [n], one per task's Newton system. `indefinite[k]`
-        means H − εH_k/n + δI is not positive definite: λ* is no longer a minimum of the reduced
-        objective, so no local prediction (first or second order) holds for task k.
-      objective: F(λ) at meta_params.
-      grad_norm: ‖∇_λ F(λ)‖ at meta_params.
+      diagnostics: `metaif.Diagnostics` at meta_params; its `solve` has a leading axis [n], one
+        per task's Newton system: `indefinite[k]` means H − εH_k/n + δI is not positive
+        definite, so λ* is no longer a minimum of the reduced objective and no local prediction
+        (first or second order) holds for task k. `solve`, `objective`, `grad_norm` and
+        `adaptation_residual` read from it.
     """
 
     delta: Any
     change: Any
-    solve: SolveInfo
-    objective: jax.Array
-    grad_norm: jax.Array
+    diagnostics: Diagnostics
 
 
 @functools.partial(jax.jit, static_argnames=("maxiter", "batch_size"))
@@ -64,7 +61,7 @@ def _core(problem: BilevelProblem, maxiter: int, batch_size: int | None, meta_pa
     n = tasks.n_tasks
     flat, unravel = _tree.ravel(meta_params)
     weights = unit_weights(meta_params, tasks)
-    value, grad, op = _hessian.operator(problem, meta_params, tasks, weights, Exact(), batch_size)
+    value, grad, op = _hessian.operator(problem, meta_params, tasks, weights, chunk_size=batch_size)
     hessian = _linalg.dense_matrix(op.hvp, meta_params)
     factor = _linalg.eigh(hessian)
     shifted = factor.values + damping
@@ -84,7 +81,8 @@ def _core(problem: BilevelProblem, maxiter: int, batch_size: int | None, meta_pa
         return step, info._replace(min_eigenvalue=factor.values[0])
 
     steps, info = _batching.map_tasks(one_task, (tasks.support, tasks.query, weights.support, weights.query), batch_size)
-    return jax.vmap(unravel)(steps), info, value, _tree.norm(grad)
+    diagnostics = _diagnostics.compute(problem, meta_params, tasks, weights, value, grad, chunk_size=batch_size, solve=info)
+    return jax.vmap(unravel)(steps), diagnostics, _boundary.flags(meta_params, steps)
 
 
 @functools.partial(jax.jit, static_argnames=("target", "batch_size"))
@@ -135,12 +133,12 @@ def task_removal(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, t
     if batch_size is not None:
         batch_size = _validate.positive_int("batch_size", batch_size)
     if target is not None:
-        _check_scalar_fn("target", target, meta_params, "meta_params")
+        _boundary.check_scalar_fn("target", target, meta_params, "meta_params")
     dtype = _tree.float_dtype(meta_params)
-    delta, info, value, grad_norm = _core(problem, maxiter, batch_size, meta_params, tasks, jnp.asarray(amount, dtype),
-                                          jnp.asarray(damping, dtype), jnp.asarray(tol, dtype))
-    result = TaskRemoval(delta, None, info, value, grad_norm)
-    _check_result(result, problem, meta_params, tasks)
+    delta, diagnostics, flags = _core(problem, maxiter, batch_size, meta_params, tasks, jnp.asarray(amount, dtype),
+                                      jnp.asarray(damping, dtype), jnp.asarray(tol, dtype))
+    result = TaskRemoval(delta, None, diagnostics)
+    _boundary.check_result(result, problem, meta_params, tasks, flags._replace(scores_finite=True))
     if target is not None:
         change = _target_changes(target, batch_size, meta_params, delta)
         if _validate.is_concrete(change) and not np.all(np.isfinite(np.asarray(change))):

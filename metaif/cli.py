@@ -15,10 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-# Before the first JAX computation: XLA's multi-threaded Eigen pool can deadlock on vmapped LAPACK
-# calls on CPU (jaxlib 0.10.2, 2 cores); single-threaded Eigen avoids it.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
-
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 BENCHMARKS = ("core", "solvers", "scaling", "pairwise")
 
@@ -280,7 +276,9 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     from ._run.config import ConfigError
     from ._run.ui import error
+    from ._runtime import configure_cpu
 
+    configure_cpu()  # before the first JAX computation: steady single-threaded Eigen kernels on CPU
     try:
         return args.func(args)
     except KeyboardInterrupt:

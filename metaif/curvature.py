@@ -32,7 +32,7 @@ from ._objective import adapt_one, losses_per_task
 PyTree = Any
 
 
-def _task_sum(problem, meta_params, tasks, weights) -> jax.Array:
+def task_sum(problem, meta_params, tasks, weights) -> jax.Array:
     """Σ_i t_i L_O^i(λ) over the tasks given (a chunk)."""
     return jnp.sum(weights.tasks * losses_per_task(problem, meta_params, tasks, weights.support, weights.query))
 
@@ -67,7 +67,7 @@ class Exact(Curvature):
     """The exact total Hessian H, third-order terms included."""
 
     def surrogate(self, problem, meta_params, tasks, weights):
-        return (lambda lam: _task_sum(problem, lam, tasks, weights)), jnp.zeros((), _tree.float_dtype(meta_params))
+        return (lambda lam: task_sum(problem, lam, tasks, weights)), jnp.zeros((), _tree.float_dtype(meta_params))
 
 
 @options

@@ -11,6 +11,7 @@ that stays near λ).
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, NamedTuple
 
 import jax
@@ -19,10 +20,11 @@ import optax
 
 from . import _batching, _linalg, _tree, _validate
 from ._adapt import Proximal
-from ._objective import Weights, _full_weights, _residual_jit, check_arguments, check_finite_losses, objective
+from ._objective import Weights, _full_weights, _residual_jit, check_arguments, check_finite_losses, objective, unit_weights
 from ._problem import BilevelProblem, TaskSet
 
 PyTree = Any
+_LOG = logging.getLogger("metaif")
 
 
 class TrainResult(NamedTuple):
@@ -69,28 +71,33 @@ def _full_value_and_grad(problem, meta_params, tasks, weights):
     return value, _tree.norm(grad)
 
 
-def optimizer_steps(problem, optimizer, length, batch_size, meta_params, opt_state, key, tasks, weights):
-    """`length` optax steps on F(λ; w), on all tasks or on minibatches of `batch_size` tasks drawn
-    with `key`. Pure (scan); returns (λ, optimiser state, F history, ‖∇F‖ history)."""
+def train_steps(problem: BilevelProblem, optimizer: optax.GradientTransformation, meta_params: PyTree, opt_state: Any,
+                tasks: TaskSet, weights: Weights | None = None, *, steps: int, key: jax.Array | None = None,
+                minibatch: int | None = None):
+    """`steps` optax steps on F(λ; w), on all tasks or on minibatches of `minibatch` tasks drawn
+    with `key` (without replacement). Pure (one `lax.scan`): jit it, checkpoint between calls, or
+    scan it further. Returns (λ, optimiser state, [steps] F history, [steps] ‖∇F‖ history)."""
     n = tasks.n_tasks
+    weights = unit_weights(meta_params, tasks) if weights is None else weights
+    keys = jax.random.split(jax.random.key(0) if key is None else key, steps)
 
     def step(carry, step_key):
         params, state = carry
-        if batch_size is None:
+        if minibatch is None:
             batch, w = tasks, weights
         else:
-            index = jax.random.choice(step_key, n, (batch_size,), replace=False)
+            index = jax.random.choice(step_key, n, (minibatch,), replace=False)
             batch, w = _batching.take_tasks((tasks, weights), index)
         value, grad = _value_and_grad(problem, params, batch, w)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int counters
             updates, state = optimizer.update(grad, state, params)
         return (optax.apply_updates(params, updates), state), (value, _tree.norm(grad))
 
-    (meta_params, opt_state), (values, norms) = jax.lax.scan(step, (meta_params, opt_state), jax.random.split(key, length))
+    (meta_params, opt_state), (values, norms) = jax.lax.scan(step, (meta_params, opt_state), keys)
     return meta_params, opt_state, values, norms
 
 
-_train_chunk = jax.jit(optimizer_steps, static_argnames=("optimizer", "length", "batch_size"))
+_train_chunk = jax.jit(train_steps, static_argnames=("optimizer", "steps", "minibatch"))
 
 
 def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, optimizer: optax.GradientTransformation | None = None,
@@ -104,7 +111,8 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
       steps: optimiser steps.
       batch_size: tasks per step (sampled without replacement); None for full batch.
       seed: minibatch sampling seed.
-      log_every: print progress every this many steps (each chunk is one jitted scan).
+      log_every: report progress every this many steps (each chunk is one jitted scan), to the
+        `logging` logger "metaif" at INFO level (`logging.basicConfig(level=logging.INFO)` shows it).
       task_weights, support_weights, query_weights: train on a reweighted objective ([n], [n, m],
         [n, q]; 0 removes a datum), e.g. for leave-one-out retraining.
 
@@ -132,12 +140,13 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
     while done < steps:
         length = min(chunk, steps - done)
         key, sub = jax.random.split(key)
-        meta_params, opt_state, v, g = _train_chunk(problem, optimizer, length, batch_size, meta_params, opt_state, sub, tasks, weights)
+        meta_params, opt_state, v, g = _train_chunk(problem, optimizer, meta_params, opt_state, tasks, weights, steps=length, key=sub,
+                                                     minibatch=batch_size)
         values.append(v)
         norms.append(g)
         done += length
         if log_every is not None:
-            print(f"meta_train step {done}/{steps}: F = {float(v[-1]):.6g}, ||grad|| = {float(g[-1]):.3e}", flush=True)
+            _LOG.info("meta_train step %d/%d: F = %.6g, ||grad|| = %.3e", done, steps, float(v[-1]), float(g[-1]))
     value, grad_norm = _full_value_and_grad(problem, meta_params, tasks, weights)
     if not bool(jnp.isfinite(value)):
         check_finite_losses(problem, meta_params, tasks, weights, "meta_train diverged")

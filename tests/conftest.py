@@ -1,13 +1,13 @@
 """Strict numerics for every test: float64, strict dtype promotion, rank-promotion errors."""
 
-import os
+import jax
+
+import metaif
 
 # Single-threaded Eigen inside XLA's CPU kernels keeps the 2-core test machine predictable. (It does
 # not prevent jaxlib 0.10's batched-LAPACK deadlock; metaif's own kernels avoid that, see
 # metaif/_linalg.py and test_solvers.py::test_vmapped_dense_kernels_do_not_deadlock_on_cpu.)
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
-
-import jax  # noqa: E402
+metaif.configure_cpu()
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")

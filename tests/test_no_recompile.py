@@ -14,6 +14,9 @@ import pytest
 import metaif
 from metaif import problems
 
+# Compilation does not depend on where λ is: untrained meta-parameters on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore::metaif.NonStationaryWarning")
+
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 N, M, Q, DIM, WAYS = 6, 4, 3, 4, 3
 

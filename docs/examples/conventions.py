@@ -11,7 +11,9 @@ compares its output with the block in the doc).
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+import metaif  # noqa: E402
+
+metaif.configure_cpu()  # before the first JAX computation: single-threaded Eigen kernels on CPU
 
 import jax  # noqa: E402
 

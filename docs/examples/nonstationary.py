@@ -10,7 +10,9 @@ predicted change of the meta-test loss when each task is removed (−I_f) and ac
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+import metaif  # noqa: E402
+
+metaif.configure_cpu()  # before the first JAX computation: single-threaded Eigen kernels on CPU
 
 import warnings  # noqa: E402
 

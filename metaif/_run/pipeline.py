@@ -28,12 +28,8 @@ import numpy as np
 import optax
 
 import metaif
-from metaif import evaluation, problems
-from metaif._influence import _task_scores
-from metaif._linalg import dense_matrix
-from metaif._objective import unit_weights
+from metaif import core, evaluation, problems
 from metaif.evaluation import metrics
-from metaif.training import _train_chunk
 
 from . import memory
 from .config import Config, ConfigError
@@ -228,12 +224,10 @@ def accuracy(model: Model, meta_params, tasks) -> float:
     return float("nan") if model.logits is None else float(_accuracy(model.problem, model.logits, meta_params, tasks))
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def _chunk_scores(problem, batch_size, meta_params, tasks, v, scale):
-    """Scores of a chunk of tasks given v = H⁻¹∇f: as in metaif.influence, rescaled from the
-    chunk's 1/n_chunk to the full 1/n."""
-    scores = _task_scores(problem, batch_size, meta_params, tasks, unit_weights(meta_params, tasks), v)
-    return tuple(s * scale for s in scores)
+# Pure optax steps of metaif.meta_train, jitted once (checkpointed between calls).
+_train_steps = jax.jit(core.train_steps, static_argnames=("optimizer", "steps", "minibatch"))
+# Scores of a chunk of tasks given v = H⁻¹∇f, as in metaif.influence (n_tasks: the whole set's n).
+_chunk_scores = jax.jit(core.target_scores, static_argnames=("chunk_size", "n_tasks"))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -300,7 +294,7 @@ def _adam(ctx: Context, model: Model, tasks, fp: str) -> dict[str, np.ndarray]:
             start = time.perf_counter()
             length = min(cfg.checkpoint_every, cfg.adam_steps - done)
             key, sub = jax.random.split(key)
-            params, opt_state, v, g = _train_chunk(model.problem, optimizer, length, None, params, opt_state, sub, tasks, weights)
+            params, opt_state, v, g = _train_steps(model.problem, optimizer, params, opt_state, tasks, weights, steps=length, key=sub)
             losses += np.asarray(v).tolist()
             norms += np.asarray(g).tolist()
             done += length
@@ -377,7 +371,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
     def solve(advance):
         op = metaif.hessian_operator(problem, lam, train, batch_size=config.influence.batch_size or None)
         if model.n_params <= DENSE_SPECTRUM:  # exact: eigenvalues of the materialised Hessian
-            values = np.linalg.eigvalsh(np.asarray(dense_matrix(op.hvp, lam)))
+            values = np.linalg.eigvalsh(np.asarray(op.to_dense()))
             spectrum = {"smallest": values[:3], "smallest_residuals": np.zeros(min(3, values.size)), "largest": values[-1:],
                         "spectrum_method": "dense eigh"}
         else:
@@ -403,7 +397,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
         for i, (lo, hi) in enumerate(chunks):
             def compute(lo=lo, hi=hi):
                 sub = jax.tree.map(lambda x: x[lo:hi], train)
-                t_, a_, b_ = _chunk_scores(problem, config.influence.batch_size or None, lam, sub, v, (hi - lo) / n)
+                t_, a_, b_ = _chunk_scores(problem, lam, sub, v, chunk_size=config.influence.batch_size or None, n_tasks=n)
                 return {"tasks": t_, "support": a_, "query": b_}
             parts.append(store.cached(f"scores_{i:04d}", fingerprint(fp_scores, i), compute))
             if i in todo:

@@ -17,7 +17,6 @@ import numpy as np
 
 from .. import _hessian, _linalg, _tree, _validate
 from .._objective import Weights, check_arguments, objective, unit_weights
-from ..curvature import Exact
 from .._problem import BilevelProblem, TaskSet
 from .._removal import DENSE_LIMIT
 from ._retrain import LEVELS, level_shape, retrain
@@ -165,7 +164,7 @@ class Reach(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
 def _reach(problem, batch_size, meta_params, tasks, weights, damping):
-    dense = lambda w: _linalg.dense_matrix(_hessian.operator(problem, meta_params, tasks, w, Exact(), batch_size)[2].hvp,
+    dense = lambda w: _linalg.dense_matrix(_hessian.operator(problem, meta_params, tasks, w, chunk_size=batch_size)[2].hvp,
                                            meta_params)
     full, reduced = dense(unit_weights(meta_params, tasks)), dense(weights)
     eye = jnp.eye(full.shape[0], dtype=full.dtype)

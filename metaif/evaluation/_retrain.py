@@ -28,7 +28,7 @@ from .. import _tree, _validate
 from .._objective import Weights, check_arguments
 from .._problem import BilevelProblem, TaskSet
 from ..training import newton_steps as _newton
-from ..training import optimizer_steps
+from ..training import train_steps
 
 PyTree = Any
 Level = Literal["tasks", "support", "query"]
@@ -175,7 +175,7 @@ def _adam(problem, optimizer, steps, task_batch, params, key, tasks, weights):
     """`steps` optimiser steps on F(λ; w) (task minibatches drawn with `key` when task_batch)."""
     with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int counters
         state = optimizer.init(params)
-    return optimizer_steps(problem, optimizer, steps, task_batch, params, state, key, tasks, weights)[0]
+    return train_steps(problem, optimizer, params, state, tasks, weights, steps=steps, key=key, minibatch=task_batch)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("init", "optimizer", "steps", "newton_steps", "task_batch", "batch_size"))

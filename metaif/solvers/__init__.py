@@ -16,6 +16,8 @@ from ._base import Solver as Solver
 from ._cg import CG as CG
 from ._damping import RELATIVE_DAMPING as RELATIVE_DAMPING
 from ._damping import IndefiniteCurvatureWarning as IndefiniteCurvatureWarning
+from ._default import DENSE_LIMIT as DENSE_LIMIT
+from ._default import default_solver as default_solver
 from ._dense import Dense as Dense
 from ._identity import Identity as Identity
 from ._lissa import LiSSA as LiSSA
@@ -25,6 +27,6 @@ from ._spectrum import Eigenpairs as Eigenpairs
 from ._spectrum import lanczos_eigenvalues as lanczos_eigenvalues
 
 __all__ = [
-    "CG", "Dense", "Eigenpairs", "Identity", "IndefiniteCurvatureWarning", "LiSSA", "LowRank", "Neumann", "Operator",
-    "RELATIVE_DAMPING", "SolveInfo", "Solver", "lanczos_eigenvalues",
+    "CG", "DENSE_LIMIT", "Dense", "Eigenpairs", "Identity", "IndefiniteCurvatureWarning", "LiSSA", "LowRank", "Neumann", "Operator",
+    "RELATIVE_DAMPING", "SolveInfo", "Solver", "default_solver", "lanczos_eigenvalues",
 ]

@@ -7,7 +7,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 
-from .._linalg import SolveInfo
+from .._linalg import SolveInfo, dense_matrix
 
 PyTree = Any
 
@@ -27,6 +27,11 @@ class Operator(NamedTuple):
     like: PyTree
     sample_hvp: Callable[[jax.Array, PyTree, int], PyTree]
     n_tasks: int
+
+    def to_dense(self) -> jax.Array:
+        """The d×d matrix of `hvp` (d products; columns in the order of `jax.flatten_util.ravel_pytree`):
+        the dense twin for tests and small models."""
+        return dense_matrix(self.hvp, self.like)
 
 
 class Solver(abc.ABC):

@@ -76,7 +76,7 @@ def damped(hvp: Callable[[PyTree], PyTree], damping) -> Callable[[PyTree], PyTre
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
-def _caller_level() -> int:
+def caller_level() -> int:
     """The `stacklevel` of the first frame outside the metaif package (the user's call)."""
     frame, level = sys._getframe(1), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
@@ -100,4 +100,4 @@ def warn_if_indefinite(info: _linalg.SolveInfo) -> None:
         f"Pass a damping {advice} (for example solver=metaif.solvers.CG(damping=...)), estimating λ_min(H) with "
         f"metaif.solvers.lanczos_eigenvalues(metaif.hessian_operator(problem, meta_params, tasks), which='smallest'); "
         f"or train further (metaif.newton_refine).",
-        IndefiniteCurvatureWarning, stacklevel=_caller_level())
+        IndefiniteCurvatureWarning, stacklevel=caller_level())
