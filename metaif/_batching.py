@@ -129,12 +129,13 @@ def sum_chunks(fn: Callable, data: PyTree, batch_size: int | None) -> PyTree:
     call = lambda chunk: fn(as_tasks(chunk))
     count, remainder = divmod(leading_size(rows), size)
     head = jax.tree.map(lambda x: x[: count * size].reshape((count, size) + x.shape[1:]), rows)
-    total = call(jax.tree.map(lambda x: x[0], head))
-    if count > 1:
-        def body(acc, chunk):
-            return jax.tree.map(jnp.add, acc, call(chunk)), None
 
-        total, _ = jax.lax.scan(body, total, jax.tree.map(lambda x: x[1:], head))
+    def body(acc, chunk):
+        return jax.tree.map(jnp.add, acc, call(chunk)), None
+
+    # one call site for all full chunks (each call site of a costly fn is compiled again)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(call, jax.tree.map(lambda x: x[0], head)))
+    total, _ = jax.lax.scan(body, zeros, head)
     if remainder:
         total = jax.tree.map(jnp.add, total, call(jax.tree.map(lambda x: x[count * size:], rows)))
     return total

@@ -41,9 +41,10 @@ class Options(NamedTuple):
     chunk_size: int | None
 
 
-def check_options(problem, meta_params, tasks, solver, curvature, chunk_size) -> Options:
-    """Validate the problem, meta-parameters, tasks and influence options (no computation)."""
-    check_arguments(problem, meta_params, tasks)
+def check_options(problem, meta_params, tasks, solver, curvature, chunk_size) -> tuple[Options, PyTree]:
+    """Validate the problem, meta-parameters, tasks and influence options (no computation);
+    returns them with the meta-parameters placed on the tasks' mesh."""
+    meta_params = check_arguments(problem, meta_params, tasks)
     if solver is None:
         solver = default_solver(meta_params)
     elif not isinstance(solver, Solver):
@@ -55,7 +56,7 @@ def check_options(problem, meta_params, tasks, solver, curvature, chunk_size) ->
     curvature.check(problem, meta_params, tasks)
     if chunk_size is not None:
         chunk_size = _validate.positive_int("chunk_size", chunk_size)
-    return Options(solver, curvature, chunk_size)
+    return Options(solver, curvature, chunk_size), meta_params
 
 
 def check_scalar_fn(name: str, fn: Callable, argument: PyTree, argument_name: str) -> None:

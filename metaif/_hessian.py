@@ -101,7 +101,7 @@ def hessian_operator(problem, meta_params: PyTree, tasks, *, curvature: Curvatur
     `metaif.solvers.lanczos_eigenvalues(metaif.hessian_operator(problem, lam, tasks), k=5)`.
     `curvature` and `batch_size` as in `metaif.influence`.
     """
-    check_arguments(problem, meta_params, tasks)
+    meta_params = check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
     curvature = _curvature.check(curvature)
     curvature.check(problem, meta_params, tasks)

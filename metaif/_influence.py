@@ -108,7 +108,7 @@ def influence_from_gradient(problem: BilevelProblem, meta_params: PyTree, tasks:
     solver = default_solver(meta_params) if solver is None else solver
     weights = unit_weights(meta_params, tasks)
     value, grad, op = _hessian.operator(problem, meta_params, tasks, weights, curvature=curvature, chunk_size=chunk_size)
-    v, info = solver.solve(solver.prepare(op), target_grad)
+    v, info = solver.solve_one(op, target_grad)
     scores = target_scores(problem, meta_params, tasks, v, weights, chunk_size=chunk_size)
     diagnostics = _diagnostics.compute(problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size, solve=info,
                                        v=v, target=target_value)
@@ -212,7 +212,7 @@ def _adapted_target(problem, target, meta_params, support):
 def _compute(problem, meta_params, tasks, target, levels: tuple[str, ...], solver, curvature, chunk_size) -> Influence:
     """Validate once, one jitted core (all levels with a target, the requested ones without),
     check the result once."""
-    options = _boundary.check_options(problem, meta_params, tasks, solver, curvature, chunk_size)
+    options, meta_params = _boundary.check_options(problem, meta_params, tasks, solver, curvature, chunk_size)
     if target is None:
         result, flags = _checked_params(problem, *options, levels, meta_params, tasks)
     else:
@@ -294,7 +294,7 @@ def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskS
       `AdaptedInfluence` with dθ/dω (or dg(θ)/dω) for every weight: leading axes [n], [n, m],
       [n, q], plus the direct part `direct` [m] for a training task.
     """
-    options = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
+    options, meta_params = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
     n = tasks.n_tasks
     is_index = isinstance(task, numbers.Integral) or (
         hasattr(task, "dtype") and jnp.ndim(task) == 0 and jnp.issubdtype(task.dtype, jnp.integer) and _validate.is_concrete(task))

@@ -94,7 +94,6 @@ def preconditioned_conjugate_gradient(
     """
     identity = preconditioner is None
     b_norm = _tree.norm(b)
-    dtype = b_norm.dtype
     threshold = tol * b_norm
 
     def precondition(r, rs):
@@ -105,38 +104,55 @@ def preconditioned_conjugate_gradient(
         return z, _tree.vdot(r, z)
 
     def cond(state):
-        k, _, _, _, _, rs, bad = state
-        return (k < maxiter) & (jnp.sqrt(rs) > threshold) & ~bad
+        return _cg_running(state, threshold, maxiter)
 
     def body(state):
-        k, x, r, p, rz, _, _ = state
-        ap = matvec(p)
-        pap = _tree.vdot(p, ap)
-        bad = ~(pap > 0)
-        alpha = jnp.where(bad, 0.0, rz / jnp.where(bad, 1.0, pap))
-        x = _tree.axpy(alpha, p, x)
-        r = _tree.axpy(-alpha, ap, r)
-        rs = _tree.sq_norm(r)
-        z, rz_new = precondition(r, rs)
-        beta = rz_new / jnp.where(rz > 0, rz, 1.0)
-        p = _tree.axpy(beta, p, z)
-        return k + 1, x, r, p, rz_new, rs, bad
+        return _cg_update(state, matvec(state[3]), precondition)
 
+    state = jax.lax.while_loop(cond, body, _cg_init(b, precondition))
+    x = state[1]
+    residual = _tree.norm(_tree.sub(matvec(x), b))
+    return x, _cg_info(state, residual, b_norm, threshold, damping)
+
+
+def _cg_running(state, threshold, maxiter):
+    k, _, _, _, _, rs, bad = state
+    return (k < maxiter) & (jnp.sqrt(rs) > threshold) & ~bad
+
+
+def _cg_update(state, ap, precondition):
+    """One CG iteration given ap = A p for the state's search direction p."""
+    k, x, r, p, rz, _, _ = state
+    pap = _tree.vdot(p, ap)
+    bad = ~(pap > 0)
+    alpha = jnp.where(bad, 0.0, rz / jnp.where(bad, 1.0, pap))
+    x = _tree.axpy(alpha, p, x)
+    r = _tree.axpy(-alpha, ap, r)
+    rs = _tree.sq_norm(r)
+    z, rz_new = precondition(r, rs)
+    beta = rz_new / jnp.where(rz > 0, rz, 1.0)
+    p = _tree.axpy(beta, p, z)
+    return k + 1, x, r, p, rz_new, rs, bad
+
+
+def _cg_init(b, precondition):
+    b_norm = _tree.norm(b)
     rs0 = _tree.sq_norm(b)
     z0, rz0 = precondition(b, rs0)
-    init = (jnp.zeros_like(b_norm, dtype=jnp.int32), _tree.zeros_like(b), b, z0, rz0, rs0, jnp.zeros_like(b_norm, dtype=bool))
-    k, x, _, _, _, rs, bad = jax.lax.while_loop(cond, body, init)
-    residual = _tree.norm(_tree.sub(matvec(x), b))
-    info = SolveInfo(
+    return (jnp.zeros_like(b_norm, dtype=jnp.int32), _tree.zeros_like(b), b, z0, rz0, rs0, jnp.zeros_like(b_norm, dtype=bool))
+
+
+def _cg_info(state, residual, b_norm, threshold, damping, min_eigenvalue=None) -> SolveInfo:
+    k, _, _, _, _, rs, bad = state
+    return SolveInfo(
         iterations=k,
         residual_norm=residual,
         relative_residual=_relative(residual, b_norm),
         converged=(jnp.sqrt(rs) <= threshold) & ~bad,
         indefinite=bad,
-        min_eigenvalue=jnp.full((), jnp.nan, dtype),
-        damping=jnp.asarray(damping, dtype),
+        min_eigenvalue=jnp.full((), jnp.nan, b_norm.dtype) if min_eigenvalue is None else min_eigenvalue,
+        damping=jnp.asarray(damping, b_norm.dtype),
     )
-    return x, info
 
 
 def conjugate_gradient(
@@ -248,44 +264,106 @@ def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, steps: int, key: j
     too. `steps` must not exceed the dimension d. Memory: steps vectors; time: steps products +
     O(steps²·d).
     """
+    state = jax.lax.fori_loop(0, steps, lambda j, state: _lanczos_update(j, state, matvec(state[3])),
+                              _lanczos_init(like, steps, key))
+    return _lanczos_result(state)
+
+
+def _normalise(v):
+    n = _tree.norm(v)
+    return _tree.scale(1.0 / jnp.where(n > 0, n, 1.0), v)
+
+
+def _orthogonalise(basis, w):
+    for _ in range(2):
+        w = _tree.sub(w, basis_combine(basis, basis_dot(basis, w)))
+    return w
+
+
+def _lanczos_init(like, steps, key):
+    """(basis [steps, ...], alphas, betas, q, q_prev, beta_prev) before the first product."""
     dtype = _tree.float_dtype(like)
-    eps = jnp.finfo(dtype).eps
-
-    def normalise(v):
-        n = _tree.norm(v)
-        return _tree.scale(1.0 / jnp.where(n > 0, n, 1.0), v)
-
-    def orthogonalise(basis, w):
-        for _ in range(2):
-            w = _tree.sub(w, basis_combine(basis, basis_dot(basis, w)))
-        return w
-
-    def body(j, state):
-        basis, alphas, betas, q, q_prev, beta_prev = state
-        basis = jax.tree.map(lambda B, v: B.at[j].set(v), basis, q)
-        w = matvec(q)
-        w_norm = _tree.norm(w)
-        alpha = _tree.vdot(q, w)
-        w = orthogonalise(basis, _tree.axpy(-alpha, q, _tree.axpy(-beta_prev, q_prev, w)))
-        beta = _tree.norm(w)
-        breakdown = beta <= 100 * eps * w_norm
-
-        def restart(_):
-            return normalise(orthogonalise(basis, least_represented(basis)))
-
-        q_next = jax.lax.cond(breakdown, restart, lambda _: normalise(w), None)
-        beta = jnp.where(breakdown, jnp.zeros((), dtype), beta)
-        return basis, alphas.at[j].set(alpha), betas.at[j].set(beta), q_next, q, beta
-
     basis = jax.tree.map(lambda leaf: jnp.zeros((steps, *leaf.shape), leaf.dtype), like)
     vector = jnp.zeros((steps,), dtype)
-    start = normalise(random_like(key, like))
-    init = (basis, vector, vector, start, _tree.zeros_like(like), jnp.zeros((), dtype))
-    basis, alphas, betas, _, _, _ = jax.lax.fori_loop(0, steps, body, init)
+    start = _normalise(random_like(key, like))
+    return basis, vector, vector, start, _tree.zeros_like(like), jnp.zeros((), dtype)
+
+
+def _lanczos_update(j, state, w):
+    """Lanczos step j given w = A q for the state's current vector q."""
+    basis, alphas, betas, q, q_prev, beta_prev = state
+    eps = jnp.finfo(alphas.dtype).eps
+    basis = jax.tree.map(lambda B, v: B.at[j].set(v), basis, q)
+    w_norm = _tree.norm(w)
+    alpha = _tree.vdot(q, w)
+    w = _orthogonalise(basis, _tree.axpy(-alpha, q, _tree.axpy(-beta_prev, q_prev, w)))
+    beta = _tree.norm(w)
+    breakdown = beta <= 100 * eps * w_norm
+
+    def restart(_):
+        return _normalise(_orthogonalise(basis, least_represented(basis)))
+
+    q_next = jax.lax.cond(breakdown, restart, lambda _: _normalise(w), None)
+    beta = jnp.where(breakdown, jnp.zeros((), alphas.dtype), beta)
+    return basis, alphas.at[j].set(alpha), betas.at[j].set(beta), q_next, q, beta
+
+
+def _ritz_values(state) -> jax.Array:
+    """Ascending Ritz values of the tridiagonal built so far (all steps of the state)."""
+    _, alphas, betas, *_ = state
+    return eigh(jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)).values
+
+
+def _lanczos_result(state) -> Lanczos:
+    basis, alphas, betas, *_ = state
     tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
     values, s = eigh(tridiagonal)
     vectors = jax.tree.map(lambda B: jnp.tensordot(s.T, B, axes=1), basis)
     return Lanczos(values, vectors, jnp.abs(betas[-1] * s[-1, :]))
+
+
+def fused_conjugate_gradient(hvp: Callable[[PyTree], PyTree], b: PyTree, *, tol: float, maxiter: int, damping: Any = None,
+                             estimate_steps: int = 0, key: jax.Array | None = None,
+                             damping_of: Callable[[jax.Array], jax.Array] | None = None) -> tuple[PyTree, SolveInfo]:
+    """CG on (H + δI) x = b in one `lax.while_loop` whose body holds the only call of `hvp`.
+
+    With `damping` given, δ = damping; else δ = damping_of(largest Ritz value of `estimate_steps`
+    Lanczos products on H from a random start with `key`). Same products, numbers and SolveInfo
+    as `lanczos` followed by `conjugate_gradient` on v ↦ H v + δ v with its residual check, but
+    the Lanczos steps, the CG steps and the residual check share one compiled product: XLA's
+    compile time grows with the number of call sites of a costly `hvp` (an HVP through unrolled
+    adaptation compiles about as long as a meta-gradient)."""
+    b_norm = _tree.norm(b)
+    dtype = b_norm.dtype
+    threshold = tol * b_norm
+    no_precondition = lambda r, rs: (r, rs)
+    steps = 0 if damping is not None else estimate_steps
+
+    def body(state):
+        i, lanczos_state, cg, delta, residual, _ = state
+        estimating = i < steps
+        solving = ~estimating & _cg_running(cg, threshold, maxiter)
+        if steps:
+            vector = jax.tree.map(lambda q, p, x: jnp.where(estimating, q, jnp.where(solving, p, x)), lanczos_state[3], cg[3], cg[1])
+        else:
+            vector = jax.tree.map(lambda p, x: jnp.where(solving, p, x), cg[3], cg[1])
+        w = hvp(vector)
+        if steps:
+            lanczos_state = jax.lax.cond(estimating, lambda s: _lanczos_update(jnp.minimum(i, steps - 1), s, w), lambda s: s,
+                                         lanczos_state)
+            delta = jnp.where(i == steps - 1, damping_of(_ritz_values(lanczos_state)[-1]), delta)
+        applied = _tree.axpy(delta, vector, w)  # (H + δI) vector, as `_damping.damped` forms it
+        cg = jax.lax.cond(solving, lambda c: _cg_update(c, applied, no_precondition), lambda c: c, cg)
+        checked = ~estimating & ~solving
+        residual = jnp.where(checked, _tree.norm(_tree.sub(applied, b)), residual)
+        return i + 1, lanczos_state, cg, delta, residual, checked
+
+    lanczos_state = _lanczos_init(b, steps, key) if steps else None
+    delta0 = jnp.zeros((), dtype) if damping is None else jnp.asarray(damping, dtype)
+    init = (jnp.zeros((), jnp.int32), lanczos_state, _cg_init(b, no_precondition), delta0, jnp.full((), jnp.nan, dtype),
+            jnp.zeros((), bool))
+    _, _, cg, delta, residual, _ = jax.lax.while_loop(lambda state: ~state[-1], body, init)
+    return cg[1], _cg_info(cg, residual, b_norm, threshold, delta)
 
 
 # ----------------------------------------------------------------------------- dense

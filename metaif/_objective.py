@@ -41,11 +41,37 @@ def unit_weights(meta_params: PyTree, tasks: TaskSet) -> Weights:
     return shard_like_tasks(ones, tasks, meta_params)
 
 
+def place_on_task_mesh(meta_params: PyTree, tasks: TaskSet) -> PyTree:
+    """`meta_params` replicated on the mesh of `tasks` when the tasks are sharded over Explicit mesh
+    axes and a concrete leaf is not on that mesh (as `jax.pmap` broadcasts unmapped arguments);
+    unchanged otherwise (unsharded tasks, Auto axes, where the compiler places values, or tracers,
+    which the caller placed). With several processes each passes the same values."""
+    layout = _batching.task_layout(tasks.support)
+    if layout is None or not layout.explicit:
+        return meta_params
+    axes = set(layout.entry if isinstance(layout.entry, tuple) else (layout.entry,))
+    replicated = jax.sharding.NamedSharding(layout.mesh, jax.P())
+
+    def place(leaf):
+        if isinstance(leaf, jax.core.Tracer):
+            return leaf
+        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        if mesh is not None and axes <= set(mesh.axis_names):
+            return leaf
+        if jax.process_count() > 1:
+            host = np.asarray(leaf)
+            return jax.make_array_from_process_local_data(replicated, host, host.shape)
+        return jax.device_put(leaf, replicated)
+
+    return jax.tree.map(place, meta_params)
+
+
 def shard_like_tasks(weights: Weights, tasks: TaskSet, meta_params: PyTree) -> Weights:
     """`weights` with their task axis sharded like `tasks.support` when that is sharded over
     Explicit mesh axes (vmap requires arrays mapped together to share the task sharding); then
-    `meta_params` must live on the same mesh (replicated), else a ValueError says how to place
-    them. Unchanged otherwise: unsharded data, or Auto axes, where the compiler places weights."""
+    `meta_params` must live on the same mesh (replicated; the public functions place them with
+    `place_on_task_mesh`), else a ValueError says how. Unchanged otherwise: unsharded data, or
+    Auto axes, where the compiler places weights."""
     layout = _batching.task_layout(tasks.support)
     if layout is None or not layout.explicit:
         return weights
@@ -56,8 +82,8 @@ def shard_like_tasks(weights: Weights, tasks: TaskSet, meta_params: PyTree) -> W
             raise ValueError(
                 f"tasks are sharded over the Explicit mesh axis {layout.entry!r}, but meta_params leaf "
                 f"{jax.tree_util.keystr(path) or '(root)'} ({_validate.describe(leaf)}) is not on that mesh. "
-                "Replicate the meta-parameters on the mesh with metaif.parallel.replicate(meta_params, mesh) "
-                "(or create them under jax.set_mesh(mesh))."
+                "Inside your own jit, replicate the meta-parameters on the mesh first: "
+                "metaif.parallel.replicate(meta_params, mesh) (the public functions do it for concrete arrays)."
             )
     sharding = jax.sharding.NamedSharding(layout.mesh, jax.P(layout.entry))
     return Weights(*(jax.sharding.reshard(w, sharding) for w in weights))
@@ -152,12 +178,14 @@ def check_finite_losses(problem: BilevelProblem, meta_params: PyTree, tasks: Tas
         )
 
 
-def check_arguments(problem, meta_params, tasks) -> None:
-    """Validate the problem, meta-parameters, tasks and the losses' output shapes."""
+def check_arguments(problem, meta_params, tasks) -> PyTree:
+    """Validate the problem, meta-parameters, tasks and the losses' output shapes; returns the
+    meta-parameters placed on the tasks' mesh (`place_on_task_mesh`)."""
     _problem.check_problem(problem)
     _validate.floating_tree("meta_params", meta_params)
     _problem.check_tasks(tasks)
     _problem.check_losses(problem, meta_params, tasks)
+    return place_on_task_mesh(meta_params, tasks)
 
 
 def adapt(problem: BilevelProblem, meta_params: PyTree, support: PyTree, weights: jax.Array | None = None) -> PyTree:
@@ -183,7 +211,7 @@ def adapt(problem: BilevelProblem, meta_params: PyTree, support: PyTree, weights
 def adapt_tasks(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, support_weights=None) -> PyTree:
     """Adapted parameters of every task of a TaskSet, vmapped: a pytree like meta_params with a
     leading axis n. `support_weights` [n, m] as in `meta_objective`."""
-    check_arguments(problem, meta_params, tasks)
+    meta_params = check_arguments(problem, meta_params, tasks)
     w = _full_weights(meta_params, tasks, None, support_weights, None)
     return _adapt_tasks_jit(problem, meta_params, tasks.support, w.support)
 
@@ -195,7 +223,7 @@ def meta_objective(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet,
     Weights shaped [n], [n, m], [n, q], default ones; denominators stay n, m, q, so a weight of 0
     removes that task or example.
     """
-    check_arguments(problem, meta_params, tasks)
+    meta_params = check_arguments(problem, meta_params, tasks)
     return _objective_jit(problem, meta_params, tasks, _full_weights(meta_params, tasks, task_weights, support_weights, query_weights))
 
 
@@ -206,7 +234,7 @@ def task_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, su
     `lambda lam: metaif.task_losses(problem, lam, test_tasks).mean()` is the meta-test loss, the
     usual influence target.
     """
-    check_arguments(problem, meta_params, tasks)
+    meta_params = check_arguments(problem, meta_params, tasks)
     w = _full_weights(meta_params, tasks, None, support_weights, query_weights)
     return _losses_jit(problem, meta_params, tasks, w.support, w.query)
 
@@ -217,6 +245,6 @@ def adaptation_residual(problem: BilevelProblem, meta_params: PyTree, tasks: Tas
     For `Proximal` adaptation these should be near 0 (the implicit derivatives assume an exact
     inner minimiser): if not, raise `steps` or tune `lr`. For `Unrolled` they are informative only.
     """
-    check_arguments(problem, meta_params, tasks)
+    meta_params = check_arguments(problem, meta_params, tasks)
     w = _full_weights(meta_params, tasks)
     return _residual_jit(problem, meta_params, tasks.support, w.support)

@@ -198,7 +198,7 @@ def pairwise_influence(problem, meta_params: PyTree, tasks: TaskSet, targets: Ca
     """
     if method not in ("auto", "per_target", "mixed"):
         raise ValueError(f"method must be 'auto', 'per_target' or 'mixed'; received {method!r}.")
-    options = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
+    options, meta_params = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
     if target_batch_size is not None:
         target_batch_size = _validate.positive_int("target_batch_size", target_batch_size)
     jacobian = _target_jacobian(targets, meta_params, target_data)
@@ -224,7 +224,7 @@ def self_influence(problem, meta_params: PyTree, tasks: TaskSet, solver: Solver 
     generalisation, use influence on a held-out target instead.
     Cost: one inverse-Hessian-vector product per task (Dense reuses one factorisation).
     """
-    options = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
+    options, meta_params = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
     result, flags = _self_core(problem, *options, meta_params, tasks)
     _boundary.check_result(result, problem, meta_params, tasks, flags)
     return result
@@ -248,7 +248,7 @@ def new_task_influence(problem, meta_params: PyTree, tasks: TaskSet, support: Py
       [P, ..., n, q], split into the part through λ's direct use in predict and the part through
       the adaptation θ_new(λ).
     """
-    options = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
+    options, meta_params = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
     if jax.tree.structure(support) != jax.tree.structure(tasks.support):
         raise ValueError(
             f"support must have the structure of tasks.support ({jax.tree.structure(tasks.support)}); "

@@ -118,7 +118,7 @@ def task_removal(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, t
       >>> removal = metaif.task_removal(problem, lam, tasks, val_loss)
       >>> removal.change          # [n] predicted change of val_loss when each task is removed
     """
-    check_arguments(problem, meta_params, tasks)
+    meta_params = check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
     d = _tree.size(meta_params)
     if d > DENSE_LIMIT:

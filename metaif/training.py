@@ -119,7 +119,7 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
     Returns:
       `TrainResult` with the histories and the final full-batch objective and gradient norm.
     """
-    check_arguments(problem, meta_params, tasks)
+    meta_params = check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
     steps = _validate.positive_int("steps", steps)
     n = tasks.n_tasks
@@ -315,7 +315,7 @@ def newton_refine(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
     result: if it is above tol, the budget ran out. `damping` > 0 adds a fixed shift to the
     model Hessian. Weights as in `meta_train`. The histories cover the steps taken.
     """
-    check_arguments(problem, meta_params, tasks)
+    meta_params = check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
     steps = _validate.positive_int("steps", steps)
     damping = _validate.non_negative("damping", damping)

@@ -80,7 +80,12 @@ def test_sharded_errors_are_clear(sharded_report):
     errors = sharded_report["errors"]
     assert "12 tasks" in errors["indivisible"] and "8 devices" in errors["indivisible"]
     assert "multiple of 8" in errors["indivisible"]
-    assert "meta_params leaf" in errors["unreplicated"] and "metaif.parallel.replicate" in errors["unreplicated"]
+
+
+def test_unreplicated_meta_params_are_placed_on_the_mesh(sharded_report):
+    """Explicit mesh, meta-parameters on one device: replicated automatically, same answers."""
+    for quantity, value in sharded_report["unreplicated"].items():
+        assert value <= TOLERANCE, f"{quantity} differs from one device by {value:.3e}"
 
 
 def _free_port() -> int:

@@ -120,7 +120,7 @@ def edit(meta_params: PyTree, influence_params: Any, removed: Mapping[str, Any],
         raise ValueError("problem and tasks must be given together (and are required when steps > 0); received "
                          f"problem={_validate.describe(problem)}, tasks={_validate.describe(tasks)}.")
     if tasks is not None:
-        check_arguments(problem, meta_params, tasks)
+        meta_params = check_arguments(problem, meta_params, tasks)
         for level, shape in shapes.items():
             if shape != _task_shapes(tasks)[level]:
                 raise ValueError(f"influence_params.{level} has per-datum shape {shape} but tasks have {_task_shapes(tasks)[level]}.")
@@ -200,7 +200,7 @@ def removal_reach(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
       `Reach(reach, min_eigenvalue, reduced_min_eigenvalue)`. Forms two dense d×d Hessians
       (d <= 8192, `metaif.task_removal`'s limit).
     """
-    check_arguments(problem, meta_params, tasks)
+    meta_params = check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
     if isinstance(removed, Mapping) and "support" in removed:
         raise ValueError("removed['support'] is not supported by removal_reach: support weights enter the inner adaptation "
@@ -237,7 +237,7 @@ def unlearn(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, remove
 
     Returns `Edited` with the gradient norm of the reduced objective F(λ; 1 − removed).
     """
-    check_arguments(problem, meta_params, tasks)
+    meta_params = check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
     steps = _validate.positive_int("steps", steps)
     lr = _validate.positive("lr", lr)

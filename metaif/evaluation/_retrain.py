@@ -143,7 +143,7 @@ def retrain(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weight
       `Retrained` with leading axis B; `grad_norm` (of the minimised objective) above tol means
       the budget ran out; `iterations` the Newton steps taken.
     """
-    check_arguments(problem, meta_params, tasks)
+    meta_params = check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
     check_batched_weights(weights, tasks)
     steps = _validate.positive_int("steps", steps)
@@ -226,7 +226,7 @@ def retrain_cold(problem: BilevelProblem, init: Callable[[jax.Array], PyTree] | 
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, e.g. optax.adam(1e-2); received {_validate.describe(optimizer)}.")
     start = init(jax.random.split(jax.random.key(int(seeds[0])))[0]) if callable(init) else init
-    check_arguments(problem, start, tasks)
+    start = check_arguments(problem, start, tasks)
     _validate.finite_tree("init", start)
     check_batched_weights(weights, tasks)
     n = tasks.n_tasks

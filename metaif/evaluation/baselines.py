@@ -75,7 +75,7 @@ def _weight_scores(task_fn, meta_params, tasks, v, batch_size) -> tuple[jax.Arra
 
 
 def _check(problem, meta_params, tasks, batch_size):
-    check_arguments(problem, meta_params, tasks)
+    meta_params = check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
     return None if batch_size is None else _validate.positive_int("batch_size", batch_size)
 

@@ -53,3 +53,8 @@ class Solver(abc.ABC):
     @abc.abstractmethod
     def solve(self, state: Any, b: PyTree) -> tuple[PyTree, SolveInfo]:
         ...
+
+    def solve_one(self, operator: Operator, b: PyTree) -> tuple[PyTree, SolveInfo]:
+        """`solve(prepare(operator), b)` for a single right-hand side; solvers whose `prepare`
+        also multiplies by H override it to run everything in one loop (one compiled product)."""
+        return self.solve(self.prepare(operator), b)
