@@ -58,7 +58,7 @@ import optax  # noqa: E402
 import metaif  # noqa: E402
 import _timing  # noqa: E402  (benchmarks/_timing.py)
 from metaif import problems  # noqa: E402
-from metaif._objective import Weights, objective  # noqa: E402  (private helpers: fine in a benchmark)
+from metaif.core import Weights, objective  # noqa: E402
 from metaif.evaluation import removal_weights, retrain  # noqa: E402
 
 DIM, WAYS = 10, 5          # input dimension and classes of the generated tasks
@@ -109,8 +109,8 @@ def timed(fn, min_repeats: int = 3, max_repeats: int = 10, min_total_s: float = 
 
 
 # One jitted meta-gradient for every problem (problem is static, so one compile per problem/shape).
-_meta_gradient = jax.jit(jax.grad(objective, argnums=1), static_argnums=0)
-_objective = jax.jit(objective, static_argnums=0)
+_meta_gradient = jax.jit(jax.grad(objective, argnums=1))
+_objective = jax.jit(objective)
 
 
 def _tree_norm(tree):

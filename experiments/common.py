@@ -205,18 +205,13 @@ def build(config: Config) -> Setup:
 # ----------------------------------------------------------------------------- targets
 
 
-@functools.partial(jax.jit, static_argnames=("problem",))
-def _accuracy(problem, meta_params, tasks):
-    ones = jnp.ones(tasks.support["y"].shape, jnp.float64)
-    theta = jax.vmap(metaif.adapt, in_axes=(None, None, 0, 0))(problem, meta_params, tasks.support, ones)
-    logits = jax.vmap(problems.mlp_logits)(theta, tasks.query["x"])
-    labels = tasks.query["y"]
-    return jnp.mean((jnp.argmax(logits, -1).astype(labels.dtype) == labels).astype(jnp.float64))
+def _mlp_predict(params, meta_params, example):
+    return problems.mlp_logits(params, example["x"])
 
 
 def accuracy(setup: Setup, meta_params, tasks: metaif.TaskSet | None = None) -> float:
     """Mean query accuracy after adaptation (default: on the test tasks)."""
-    return float(_accuracy(setup.problem, meta_params, setup.test if tasks is None else tasks))
+    return float(metaif.task_accuracies(setup.problem, meta_params, setup.test if tasks is None else tasks, _mlp_predict).mean())
 
 
 def mean_loss(setup: Setup, tasks: metaif.TaskSet) -> Callable:
@@ -253,7 +248,7 @@ class Trained(NamedTuple):
     history: dict
 
 
-@functools.partial(jax.jit, static_argnames=("problem",))
+@jax.jit
 def total_hessian(problem, meta_params, tasks):
     """The dense d×d total Hessian of F at meta_params (third-order terms included)."""
     flat, unravel = jax.flatten_util.ravel_pytree(meta_params)

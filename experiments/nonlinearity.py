@@ -36,7 +36,7 @@ from metaif import evaluation
 from metaif.evaluation import metrics
 
 
-@functools.partial(jax.jit, static_argnames=("problem", "target"))
+@functools.partial(jax.jit, static_argnames=("target",))
 def _newton_changes(problem, target, lam, tasks, weights, rho):
     flat, unravel = jax.flatten_util.ravel_pytree(lam)
 

@@ -36,6 +36,7 @@ from ._objective import adapt as adapt
 from ._objective import adapt_tasks as adapt_tasks
 from ._objective import adaptation_residual as adaptation_residual
 from ._objective import meta_objective as meta_objective
+from ._objective import task_accuracies as task_accuracies
 from ._objective import task_losses as task_losses
 from ._problem import BilevelProblem as BilevelProblem
 from ._problem import TaskSet as TaskSet
@@ -52,5 +53,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Adaptation", "AdaptedInfluence", "BilevelProblem", "ConstantTargetWarning", "Diagnostics", "FirstOrder", "Influence", "NewTaskInfluence",
     "NonStationaryWarning", "Proximal", "Scores", "TaskRemoval", "TaskSet", "TrainResult", "Unrolled", "Weights", "adapt", "adapt_tasks", "adaptation_residual", "adapted_influence", "configure_cpu", "core", "curvature", "data", "enable_compilation_cache", "explain", "hessian_operator", "influence", "instance_influence",
-    "meta_objective", "meta_train", "models", "new_task_influence", "newton_refine", "pairwise_influence", "parallel", "self_influence", "solvers", "task_influence", "task_losses", "task_removal",
+    "meta_objective", "meta_train", "models", "new_task_influence", "newton_refine", "pairwise_influence", "parallel", "self_influence", "solvers", "task_accuracies", "task_influence", "task_losses", "task_removal",
 ]

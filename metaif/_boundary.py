@@ -11,6 +11,7 @@ far from stationary. Under tracing (a user's own `jit`) every check is skipped.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -55,7 +56,7 @@ def check_options(problem, meta_params, tasks, solver, curvature, chunk_size) ->
     curvature = _curvature.check(curvature)
     curvature.check(problem, meta_params, tasks)
     if chunk_size is not None:
-        chunk_size = _validate.positive_int("chunk_size", chunk_size)
+        chunk_size = _validate.positive_int("batch_size", chunk_size)
     return Options(solver, curvature, chunk_size), meta_params
 
 
@@ -69,6 +70,20 @@ def check_scalar_fn(name: str, fn: Callable, argument: PyTree, argument_name: st
     leaves = jax.tree.leaves(out)
     if len(leaves) != 1 or leaves[0].shape != ():
         raise ValueError(f"{name} must return a scalar; it returned {jax.tree.map(lambda s: s.shape, out)}.")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _grad(fn, x):
+    return jax.grad(fn)(x)
+
+
+def target_gradient(target: Callable, meta_params: PyTree, name: str = "target") -> PyTree:
+    """∇target(meta_params), checked: a scalar function with a finite gradient (for callers that
+    need the gradient before their own jitted call, such as the baselines)."""
+    check_scalar_fn(name, target, meta_params, "meta_params")
+    grad = _grad(target, meta_params)
+    _validate.finite_tree(f"the gradient of {name} at meta_params", grad)
+    return grad
 
 
 class Flags(NamedTuple):
@@ -132,7 +147,8 @@ def check_result(result, problem, meta_params, tasks, flag: Flags | None = None,
             f"The influence scores are not finite although the objective, the losses and the target are{residual}: the "
             "inverse-Hessian solve failed. With Dense(), H + δI is singular: pass a damping above |λ_min(H)| (for example "
             "solver=metaif.solvers.Dense(damping=1e-3)); with an iterative solver, raise its damping.")
-    warn_if_indefinite(d.solve)
+    if warn_if_indefinite(d.solve):
+        return  # the more fundamental warning: no local minimum, so no stationarity to speak of
     # rounding floor: at a point polished to machine precision both numbers are noise
     floor = 1e3 * np.finfo(np.asarray(objective).dtype).eps * max(1.0, abs(float(target)) if target is not None else 1.0)
     if change is not None and np.isfinite(flag.task_score_scale) and abs(float(change)) > max(float(flag.task_score_scale), floor):

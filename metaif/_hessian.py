@@ -36,7 +36,7 @@ def value_and_grad(problem, meta_params, tasks, weights=None, *, chunk_size: int
     return value / n + 0.5 * problem.meta_reg * _tree.sq_norm(meta_params), _scaled(n, grad, problem.meta_reg, meta_params)
 
 
-def operator(problem, meta_params, tasks, weights=None, *, curvature: Curvature | None = None, chunk_size: int | None = None):
+def operator(problem, meta_params, tasks, weights=None, curvature: Curvature | None = None, chunk_size: int | None = None):
     """(F, ∇_λ F, Operator) at λ = meta_params for the chosen curvature (default `Exact()`, the
     total Hessian) and weights (default ones). Pure: the operator's products can be used inside
     the same trace (a solver's `prepare`/`solve`, a Lanczos run)."""

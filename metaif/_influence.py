@@ -27,6 +27,7 @@ import numpy as np
 
 from . import _batching, _boundary, _diagnostics, _hessian, _linalg, _problem, _tree, _validate
 from ._diagnostics import Diagnostics
+from ._linalg import SolveInfo
 from ._objective import adapt_one, unit_weights
 from ._problem import BilevelProblem, TaskSet
 from ._scores import LEVELS, mixed_gradients, target_scores
@@ -38,11 +39,13 @@ PyTree = Any
 
 class Scores(NamedTuple):
     """Scores of every task [n], support example [n, m] and query example [n, q] (arrays, or
-    pytrees with those leading axes); None for a level not computed."""
+    pytrees with those leading axes); None for a level not computed. `solve` holds an
+    inverse-Hessian solve's diagnostics where one was made (baselines), else None."""
 
     tasks: Any
     support: Any
     query: Any
+    solve: SolveInfo | None = None
 
 
 def _negated(scores) -> Scores:

@@ -102,12 +102,25 @@ def task_loss(problem: BilevelProblem, meta_params: PyTree, support: PyTree, que
 
 
 def losses_per_task(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet,
-                    support_weights: jax.Array, query_weights: jax.Array) -> jax.Array:
-    """[n] weighted query losses after adaptation, vmapped over tasks."""
+                    support_weights: jax.Array | None = None, query_weights: jax.Array | None = None) -> jax.Array:
+    """[n] weighted query losses after adaptation (weights default to ones), vmapped over tasks."""
+    if support_weights is None or query_weights is None:
+        ones = unit_weights(meta_params, tasks)
+        support_weights = ones.support if support_weights is None else support_weights
+        query_weights = ones.query if query_weights is None else query_weights
     # problem is bound, not passed to vmap: under Explicit task sharding (jax 0.10) vmap requires
     # every unmapped argument to be a JAX type.
     per_task = jax.vmap(functools.partial(task_loss, problem), in_axes=(None, 0, 0, 0, 0))
     return per_task(meta_params, tasks.support, tasks.query, support_weights, query_weights)
+
+
+def accuracies_per_task(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, predict, support_weights: jax.Array) -> jax.Array:
+    """[n] query accuracy after adaptation: the share of query examples whose argmax of
+    predict(θ_i, λ, example) equals example["y"]. Pure."""
+    theta = jax.vmap(functools.partial(adapt_one, problem), in_axes=(None, 0, 0))(meta_params, tasks.support, support_weights)
+    per_task = jax.vmap(jax.vmap(predict, in_axes=(None, None, 0)), in_axes=(0, None, 0))(theta, meta_params, tasks.query)
+    labels = tasks.query["y"]
+    return jnp.mean(jnp.argmax(per_task, -1) == labels.astype(jnp.int32), axis=-1).astype(_tree.float_dtype(meta_params))
 
 
 def regularizer(problem: BilevelProblem, meta_params: PyTree) -> jax.Array:
@@ -140,6 +153,7 @@ def _per_task(fn):
         functools.partial(fn, problem), in_axes=(None, 0, 0))(meta_params, support, weights)
 
 
+_accuracies_jit = jax.jit(accuracies_per_task, static_argnames=("predict",))
 _adapt_tasks_jit = jax.jit(_per_task(adapt_one))
 _residual_jit = jax.jit(_per_task(adaptation_gradient))
 
@@ -237,6 +251,21 @@ def task_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, su
     meta_params = check_arguments(problem, meta_params, tasks)
     w = _full_weights(meta_params, tasks, None, support_weights, query_weights)
     return _losses_jit(problem, meta_params, tasks, w.support, w.query)
+
+
+def task_accuracies(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, predict) -> jax.Array:
+    """[n] query accuracy of each task after adaptation (classification).
+
+    Args:
+      predict: `(params, meta_params, example) -> logits [ways]` (for a `metaif.models` model,
+        `model.predict`); an example's label is `example["y"]` (the layout of `metaif.data` and
+        `metaif.models`). Pass the same function object across calls to reuse compiled code.
+    """
+    meta_params = check_arguments(problem, meta_params, tasks)
+    _validate.callable_("predict", predict, "(params, meta_params, example) -> logits")
+    if not isinstance(tasks.query, dict) or "y" not in tasks.query:
+        raise ValueError(f"task_accuracies reads labels from tasks.query['y']; tasks.query is {_validate.describe(tasks.query)}.")
+    return _accuracies_jit(problem, meta_params, tasks, predict, _full_weights(meta_params, tasks).support)
 
 
 def adaptation_residual(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet) -> jax.Array:

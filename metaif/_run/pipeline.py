@@ -174,6 +174,11 @@ class Model(NamedTuple):
     init: Callable[[], Any]              # () -> meta_params
     logits: Callable | None              # (params, x [k, D]) -> [k, ways]
     n_params: int
+    predict: Callable | None             # (params, meta_params, example) -> logits, for metaif.task_accuracies
+
+
+def _logits_of_example(logits, params, meta_params, example):
+    return logits(params, example["x"])
 
 
 def _python_model(path: str):
@@ -209,19 +214,12 @@ def build_model(model_config, n_inputs: int, ways: int) -> Model:
         init = lambda seed: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), module.init(jax.random.key(seed), n_inputs, ways))
     problem = metaif.BilevelProblem(loss, loss, adapt, meta_reg=m.meta_reg)
     size = sum(int(np.size(x)) for x in jax.tree.leaves(jax.eval_shape(lambda: init(0))))
-    return Model(problem, init, logits, size)
-
-
-@functools.partial(jax.jit, static_argnames=("logits",))
-def _accuracy(problem, logits, meta_params, tasks):
-    ones = jnp.ones(tasks.support["y"].shape, jnp.float64)
-    theta = jax.vmap(metaif.adapt, in_axes=(None, None, 0, 0))(problem, meta_params, tasks.support, ones)
-    predicted = jnp.argmax(jax.vmap(jax.vmap(logits, in_axes=(None, 0)))(theta, tasks.query["x"]), -1)
-    return jnp.mean((predicted.astype(tasks.query["y"].dtype) == tasks.query["y"]).astype(jnp.float64))
+    predict = None if logits is None else functools.partial(_logits_of_example, logits)
+    return Model(problem, init, logits, size, predict)
 
 
 def accuracy(model: Model, meta_params, tasks) -> float:
-    return float("nan") if model.logits is None else float(_accuracy(model.problem, model.logits, meta_params, tasks))
+    return float("nan") if model.predict is None else float(metaif.task_accuracies(model.problem, meta_params, tasks, model.predict).mean())
 
 
 # Pure optax steps of metaif.meta_train, jitted once (checkpointed between calls).

@@ -30,76 +30,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _batching, _tree, _validate
+from .. import _batching, _boundary, _hessian, _module, _tree, _validate
 from .._adapt import FirstOrder, weighted_mean_loss
-from .._influence import influence
-from .._linalg import SolveInfo
+from .._influence import Scores, influence
 from .._objective import adapt_one, check_arguments, task_loss, unit_weights
 from .._problem import BilevelProblem, TaskSet, check_tasks
+from .._scores import bilevel_task_loss, weight_scores
 from ..curvature import Curvature
-from ..solvers import CG, Dense, Operator, Solver
+from ..solvers import Solver, default_solver
 
 PyTree = Any
-DENSE_LIMIT = 256
-
-
-class Scores(NamedTuple):
-    """Scores of every task [n], support example [n, m] and query example [n, q]; higher = more
-    harmful. `solve` holds the inverse-Hessian solve's diagnostics where there is one, else None."""
-
-    tasks: jax.Array
-    support: jax.Array
-    query: jax.Array
-    solve: SolveInfo | None = None
-
-
-# ----------------------------------------------------------------------------- shared pieces
-
-
-def _weight_scores(task_fn, meta_params, tasks, v, batch_size) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """−∂_ω [vᵀ ∇_λ G(λ; ω)] for G(λ; t, a, b) = (1/n) Σ_i t_i task_fn(λ, S_i, Q_i, a_i, b_i) + R(λ)."""
-    n = tasks.n_tasks
-    weights = unit_weights(meta_params, tasks)
-
-    def one_task(data):
-        support, query, t, a, b = data
-
-        def directional(t, a, b):
-            loss = lambda lam: task_fn(lam, support, query, a, b)
-            return t * jax.jvp(loss, (meta_params,), (v,))[1] / n
-
-        return jax.grad(directional, argnums=(0, 1, 2))(t, a, b)
-
-    scores = _batching.map_tasks(one_task, (tasks.support, tasks.query, *weights), batch_size)
-    return tuple(-s for s in scores)
 
 
 def _check(problem, meta_params, tasks, batch_size):
-    meta_params = check_arguments(problem, meta_params, tasks)
+    check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
     return None if batch_size is None else _validate.positive_int("batch_size", batch_size)
-
-
-def _target_gradient(target, meta_params):
-    _validate.callable_("target", target, "meta_params -> scalar")
-    try:
-        out = jax.eval_shape(target, meta_params)
-    except Exception as error:
-        raise ValueError(f"target failed when called on meta_params: {error}") from error
-    if len(jax.tree.leaves(out)) != 1 or jax.tree.leaves(out)[0].shape != ():
-        raise ValueError(f"target must return a scalar; it returned {jax.tree.map(lambda s: s.shape, out)}.")
-    grad = _grad(target, meta_params)
-    _validate.finite_tree("the gradient of target at meta_params", grad)
-    return grad
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _grad(fn, x):
-    return jax.grad(fn)(x)
-
-
-def _bilevel_task_loss(problem):
-    return lambda lam, support, query, a, b: task_loss(problem, lam, support, query, a, b)
 
 
 # ----------------------------------------------------------------------------- gradient similarity
@@ -107,7 +53,7 @@ def _bilevel_task_loss(problem):
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
 def _grad_dot_core(problem, batch_size, meta_params, tasks, target_grad):
-    return _weight_scores(_bilevel_task_loss(problem), meta_params, tasks, target_grad, batch_size)
+    return weight_scores(bilevel_task_loss(problem), meta_params, tasks, target_grad, chunk_size=batch_size)
 
 
 def grad_dot(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable[[PyTree], jax.Array], *,
@@ -120,7 +66,7 @@ def grad_dot(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, targe
       batch_size: tasks processed at a time (memory bound); None: all at once.
     """
     batch_size = _check(problem, meta_params, tasks, batch_size)
-    return Scores(*_grad_dot_core(problem, batch_size, meta_params, tasks, _target_gradient(target, meta_params)))
+    return Scores(*_grad_dot_core(problem, batch_size, meta_params, tasks, _boundary.target_gradient(target, meta_params)))
 
 
 # ----------------------------------------------------------------------------- TRAK
@@ -152,7 +98,7 @@ def _trak_core(problem, batch_size, damping, projection, meta_params, tasks, tar
     kernel = phi.T @ phi + damping * jnp.eye(phi.shape[1], dtype=phi.dtype)
     coefficients = jnp.linalg.solve(kernel, _project(projection, target_grad))
     v = jax.tree.map(lambda p: jnp.tensordot(coefficients, p, axes=1), projection)
-    return _weight_scores(_bilevel_task_loss(problem), meta_params, tasks, v, batch_size)
+    return weight_scores(bilevel_task_loss(problem), meta_params, tasks, v, chunk_size=batch_size)
 
 
 def trak(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable[[PyTree], jax.Array],
@@ -170,7 +116,7 @@ def trak(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: C
     damping = _validate.positive("damping", damping)
     projection = trak_projection(meta_params, dim, seed)
     return Scores(*_trak_core(problem, batch_size, damping, projection, meta_params, tasks,
-                              _target_gradient(target, meta_params)))
+                              _boundary.target_gradient(target, meta_params)))
 
 
 # ----------------------------------------------------------------------------- single level
@@ -188,28 +134,22 @@ def _pooled_task_loss(problem):
     return loss
 
 
+@_module.options
+class _Pooled(Curvature):
+    """The single-level curvature: the Hessian of G's task sum (pooled losses, θ = λ)."""
+
+    def surrogate(self, problem, meta_params, tasks, weights):
+        pooled = jax.vmap(_pooled_task_loss(problem), in_axes=(None, 0, 0, 0, 0))
+        task_sum = lambda lam: jnp.sum(weights.tasks * pooled(lam, tasks.support, tasks.query, weights.support, weights.query))
+        return task_sum, jnp.zeros((), _tree.float_dtype(meta_params))
+
+
 @functools.partial(jax.jit, static_argnames=("batch_size",))
 def _single_level_core(problem, solver, batch_size, meta_params, tasks, target_grad):
-    n, reg = tasks.n_tasks, problem.meta_reg
-    weights = unit_weights(meta_params, tasks)
-    pooled = _pooled_task_loss(problem)
-    data = (tasks.support, tasks.query, weights.support, weights.query)
-
-    def chunk_sum(lam, chunk):
-        return jnp.sum(jax.vmap(pooled, in_axes=(None, 0, 0, 0, 0))(lam, *chunk))
-
-    def chunk_hvp(chunk, v):
-        return jax.jvp(jax.grad(lambda lam: chunk_sum(lam, chunk)), (meta_params,), (v,))[1]
-
-    def hvp(v):  # Hessian of G = (1/n) Σ_i pooled_i + (reg/2)‖λ‖²
-        return _tree.axpy(reg, v, _tree.scale(1.0 / n, _batching.sum_chunks(lambda c: chunk_hvp(c, v), data, batch_size)))
-
-    def sample_hvp(key, v, batch):
-        index = jax.random.randint(key, (batch,), 0, n)
-        return _tree.axpy(reg, v, _tree.scale(1.0 / batch, chunk_hvp(jax.tree.map(lambda x: x[index], data), v)))
-
-    solution, info = solver.solve(solver.prepare(Operator(hvp, meta_params, sample_hvp, n)), target_grad)
-    return _weight_scores(pooled, meta_params, tasks, solution, batch_size), info
+    # ∇²G + meta_reg·I is the operator of the pooled "curvature"; F's value and gradient are unused
+    _, _, op = _hessian.operator(problem, meta_params, tasks, curvature=_Pooled(), chunk_size=batch_size)
+    solution, info = solver.solve(solver.prepare(op), target_grad)
+    return weight_scores(_pooled_task_loss(problem), meta_params, tasks, solution, chunk_size=batch_size), info
 
 
 def single_level(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable[[PyTree], jax.Array],
@@ -227,10 +167,10 @@ def single_level(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, t
     """
     batch_size = _check(problem, meta_params, tasks, batch_size)
     if solver is None:
-        solver = Dense() if _tree.size(meta_params) <= DENSE_LIMIT else CG()
+        solver = default_solver(meta_params)
     elif not isinstance(solver, Solver):
         raise TypeError(f"solver must be a metaif.solvers.Solver such as metaif.solvers.Dense(); received {_validate.describe(solver)}.")
-    scores, info = _single_level_core(problem, solver, batch_size, meta_params, tasks, _target_gradient(target, meta_params))
+    scores, info = _single_level_core(problem, solver, batch_size, meta_params, tasks, _boundary.target_gradient(target, meta_params))
     return Scores(*scores, info)
 
 

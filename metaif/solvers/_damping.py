@@ -84,11 +84,11 @@ def caller_level() -> int:
     return level
 
 
-def warn_if_indefinite(info: _linalg.SolveInfo) -> None:
+def warn_if_indefinite(info: _linalg.SolveInfo) -> bool:
     """Warn (IndefiniteCurvatureWarning, pointing at the user's call) when a concrete SolveInfo
-    reports non-positive curvature; silent under tracing."""
-    if not _validate.is_concrete(info.indefinite) or not bool(np.any(np.asarray(info.indefinite))):
-        return
+    reports non-positive curvature; silent under tracing. Returns whether it warned."""
+    if info is None or not _validate.is_concrete(info.indefinite) or not bool(np.any(np.asarray(info.indefinite))):
+        return False
     delta = float(np.max(np.asarray(info.damping)))
     smallest = float(np.min(np.asarray(info.min_eigenvalue)))
     known = "" if np.isnan(smallest) else f"; the smallest eigenvalue of H is {smallest:.3g}"
@@ -101,3 +101,4 @@ def warn_if_indefinite(info: _linalg.SolveInfo) -> None:
         f"metaif.solvers.lanczos_eigenvalues(metaif.hessian_operator(problem, meta_params, tasks), which='smallest'); "
         f"or train further (metaif.newton_refine).",
         IndefiniteCurvatureWarning, stacklevel=caller_level())
+    return True
