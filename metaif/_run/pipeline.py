@@ -120,13 +120,16 @@ def _npz(data) -> tuple[np.ndarray, np.ndarray]:
                              "The file is corrupt, truncated or a different version: download it again, or update sha256 if "
                              "you changed the file on purpose.")
     try:
-        with np.load(path, allow_pickle=False) as entry:
+        with open(path, "rb") as handle:  # closed here even when numpy fails half-way
+            entry = np.load(handle, allow_pickle=False)
             if not isinstance(entry, np.lib.npyio.NpzFile):
                 raise ValueError(f"{str(path)!r} is a single .npy array, not an .npz archive. metaif reads {NPZ_LAYOUT}.")
-            missing = {"images", "labels"} - set(entry.files)
-            if missing:
-                raise ValueError(f"{str(path)!r} lacks array(s) {sorted(missing)}; it holds {entry.files}. metaif reads {NPZ_LAYOUT}.")
-            images, labels = entry["images"], entry["labels"]
+            with entry:
+                missing = {"images", "labels"} - set(entry.files)
+                if missing:
+                    raise ValueError(f"{str(path)!r} lacks array(s) {sorted(missing)}; it holds {entry.files}. "
+                                     f"metaif reads {NPZ_LAYOUT}.")
+                images, labels = entry["images"], entry["labels"]
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as error:
         raise ValueError(f"{str(path)!r} is not a readable .npz file ({error}): it is damaged, truncated or not an .npz "
                          f"archive. metaif reads {NPZ_LAYOUT}.") from None
