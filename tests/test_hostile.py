@@ -144,7 +144,7 @@ API = {
         lambda tmp: metaif.data.fit_pca(np.ones((30, 8, 8)), 4), ValueError, ("all 30 images are identical",)),
     "fit_pca: fewer directions than components (features of ~1e12)": Case(
         lambda tmp: metaif.data.fit_pca(rank_one, 5), ValueError,
-        ("vary along only 1 direction(s)", "k = 5", "Lower k to at most 1")),
+        ("vary along only 1 direction(s)", "fewer than the 5 components asked for", "Ask for at most 1 component(s)")),
     "cross_entropy: label 7 with 2 logits": Case(
         lambda tmp: problems.cross_entropy(jnp.zeros(2), 7), ValueError, ("label 7 is outside [0, 2)",)),
     "cross_entropy: label -1": Case(
@@ -322,7 +322,7 @@ COMMAND = {
         ('[model] module = "', 'model.py" does not exist as a file')),
     "[model] features beyond the images' variation (was: features of ~1e12)": Case(
         run_out(lambda tmp: toml(tmp, "[tasks]\ntrain = 8\n[model]\nfeatures = 64\n"), lambda tmp: tmp / "out"), USAGE,
-        ("[model] features = 64", "vary along only", "lower [model] features")),
+        ("[model] features = 64", "vary along only 60 direction(s)", "Set [model] features lower")),
 }
 
 

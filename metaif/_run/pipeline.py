@@ -96,7 +96,7 @@ def _data_root(data) -> Path:
     """[data] root, else $METAIF_DATA, as an existing folder; a ConfigError in the config's words otherwise."""
     try:
         return data_source.data_root(f'[data] dataset = "{data.dataset}"', data.root or None, name="[data] root",
-                                             unset="[data] root is not set", how='set [data] root = "/path/to/data" in the config')
+                                     unset="[data] root is not set", how='set [data] root = "/path/to/data" in the config')
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
 
@@ -148,7 +148,7 @@ def _npz(data) -> tuple[np.ndarray, np.ndarray]:
                          + (f" ({count} of them NaN or inf)" if count else "") + ". Convert them with "
                          "np.asarray(images, np.float32) and np.asarray(labels, np.int64).")
     data_args.check_finite(f"{str(path)!r} (array 'images')", images, "images",
-                                   "Drop or repair those images in the file (np.isfinite(images).all(axis=(1, 2)) marks the good ones).")
+                           "Drop or repair those images in the file (np.isfinite(images).all(axis=(1, 2)) marks the good ones).")
     images = images.astype(np.float32)
     if images.max() > 1.0:
         images = images / np.float32(images.max())
@@ -200,7 +200,7 @@ def build_data(config: Config) -> dict[str, np.ndarray]:
             features = metaif.data.fit_pca(pools.train_images, config.model.features)
         except ValueError as error:  # too many components for the images, or images without variation
             raise ConfigError(f"[model] features = {config.model.features} (PCA components of {pools.source}): {error} "
-                              "In the config: lower [model] features, or set it to 0 to use the raw pixels.") from None
+                              "Set [model] features lower, or to 0 to use the raw pixels.") from None
     embed = (lambda x: features(x)) if features is not None else (lambda x: np.asarray(x, np.float64).reshape(*x.shape[:2], -1))
     sample = lambda images, labels, n, seed: metaif.data.few_shot_tasks(images, labels, n, t.ways, t.shots, t.queries, seed)
     train = sample(pools.train_images, pools.train_labels, t.train, 1000 * t.seed + 1)

@@ -70,7 +70,7 @@ def fit_pca(images, k: int, limit: int = 20000, seed: int = 0) -> PCA:
                          "to keep. Check that the images were loaded correctly.")
     if rank < k:
         raise ValueError(f"fit_pca(images) vary along only {rank} direction(s) ({flat.shape[0]} images of {flat.shape[1]} "
-                         f"values), fewer than the k = {k} components asked for: whitening the others would divide by ~0. "
-                         f"Lower k to at most {rank}, or use more varied images.")
+                         f"values), fewer than the {k} components asked for: whitening the others would divide by ~0. "
+                         f"Ask for at most {rank} component(s), or use more varied images.")
     scale = s[:k] / np.sqrt(flat.shape[0])
     return PCA(mean, vt[:k].T, scale)
