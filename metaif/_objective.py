@@ -187,8 +187,9 @@ def check_finite_losses(problem: BilevelProblem, meta_params: PyTree, tasks: Tas
     if bad.size:
         raise ValueError(
             f"{context}: the losses of tasks {bad[:10].tolist()} (first 10 of {bad.size}) are not finite "
-            "after adaptation. Check inner_loss/outer_loss for log(0) or overflow, and the adaptation's "
-            "lr (too large a step diverges)."
+            "after adaptation. Check inner_loss/outer_loss for log(0) or overflow, the adaptation's "
+            "lr (too large a step diverges), and the tasks' data: metaif's cross-entropy losses give NaN "
+            "for a class label outside [0, ways)."
         )
 
 

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import _validate
@@ -148,3 +149,7 @@ def check_weights(name: str, weights: Any, shape: tuple[int, ...]) -> None:
     got = np.shape(weights)
     if got != shape:
         raise ValueError(f"{name} must have shape {shape}; received {_validate.describe(weights)}.")
+    dtype = weights.dtype if hasattr(weights, "dtype") else np.asarray(weights).dtype
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)):
+        shown = _validate.describe(weights) if hasattr(weights, "dtype") else f"{type(weights).__name__} of dtype {dtype}"
+        raise TypeError(f"{name} must hold real numbers (float, int or bool); received {shown}.")

@@ -163,9 +163,8 @@ def _execute(config, out: Path, fresh: bool, quiet: bool, command: str) -> int:
     from ._run import pipeline, report
     from ._run.ui import UI
 
-    if fresh and (out / "checkpoints").is_dir():
-        shutil.rmtree(out / "checkpoints")
-    out.mkdir(parents=True, exist_ok=True)
+    pipeline.check_paths(config)  # before anything is written
+    _output_folder(out, fresh)
     ui = UI(quiet=quiet)
     ui.print(f"metaif: {config.run.name} → {out}/  (rerun the same command to resume after an interruption)")
     start = time.perf_counter()
@@ -179,6 +178,22 @@ def _execute(config, out: Path, fresh: bool, quiet: bool, command: str) -> int:
     report.write_reports(out, summary, made, config)
     report.print_summary(ui, summary, out)
     return 0
+
+
+def _output_folder(out: Path, fresh: bool) -> None:
+    """Create --out (emptying its checkpoints with --fresh), or a ConfigError saying why it cannot be."""
+    from ._run.config import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is an existing file, not a folder. Pass the name of a folder (it is created "
+                          "if missing; a finished or interrupted run's folder is reused), or move the file away.")
+    if fresh and (out / "checkpoints").is_dir():
+        shutil.rmtree(out / "checkpoints")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a parent that is a file, no permission, read-only file system
+        raise ConfigError(f"--out {str(out)!r}: cannot create the output folder ({error.strerror}: {error.filename!r}). "
+                          "Pass a folder in a place you can write to.") from None
 
 
 def _cmd_demo(args) -> int:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _validate
 from ._problem import TaskSet
 
 PyTree = Any
@@ -72,8 +73,15 @@ def corrupt_labels(tasks: TaskSet, ways: int, task_fraction: float = 0.0, suppor
 
     Returns (corrupted TaskSet, task mask [n] bool, support mask [n, m] bool).
     """
+    ways = _validate.positive_int("corrupt_labels(ways)", ways)
     rng = np.random.default_rng(seed)
     ys, yq = np.array(tasks.support["y"]), np.array(tasks.query["y"])
+    for part, y in (("support", ys), ("query", yq)):
+        outside = (y < 0) | (y >= ways)
+        if outside.any():
+            task, example = np.argwhere(outside)[0]
+            raise ValueError(f"corrupt_labels(tasks): {int(outside.sum())} {part} label(s) lie outside [0, ways={ways}), e.g. "
+                             f"{int(y[task, example])} in task {int(task)}. Pass the tasks' number of classes as ways.")
     n, m = ys.shape
     task_mask = np.zeros(n, bool)
     task_mask[rng.choice(n, int(round(task_fraction * n)), replace=False)] = True
@@ -127,8 +135,17 @@ def mlp_logits(params: PyTree, x: jax.Array) -> jax.Array:
 
 
 def cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
-    """−log softmax(logits)[label] for one example: logits [ways], integer label [] -> scalar."""
-    return -jax.nn.log_softmax(logits)[label]
+    """−log softmax(logits)[label] for one example: logits [ways], integer label [] -> scalar.
+
+    A label outside [0, ways) gives NaN, which the non-finite-loss checks of metaif's functions
+    report by task (plain JAX indexing would clamp it: label 7 of 2 ways would score as label 1);
+    a concrete (untraced) one raises a ValueError at once.
+    """
+    ways = jnp.shape(logits)[-1]
+    if np.ndim(label) == 0 and _validate.is_concrete(label) and not 0 <= int(label) < ways:
+        raise ValueError(f"cross_entropy: label {int(label)} is outside [0, {ways}) for {ways} logits. Labels must be "
+                         f"class indices 0..{ways - 1} within the task (few_shot_tasks numbers them so).")
+    return jnp.where((label >= 0) & (label < ways), -jax.nn.log_softmax(logits)[label], jnp.nan)
 
 
 def linear_cross_entropy(params: PyTree, meta_params: PyTree, example: PyTree) -> jax.Array:

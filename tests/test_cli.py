@@ -146,7 +146,8 @@ def test_every_example_config_is_valid():
 def test_missing_data_path(capsys, tmp_path):
     config = write(tmp_path / "c.toml", f'[data]\ndataset = "mnist"\nroot = "{tmp_path / "no-such-folder"}"\n')
     code, _, err = run_main(capsys, "run", str(config), "--out", str(tmp_path / "out"))
-    assert code == cli.EXIT_FAILED and "no-such-folder" in err and "Traceback" not in err and err.count("\n") == 1
+    assert code == cli.EXIT_USAGE and "no-such-folder" in err and "Traceback" not in err and err.count("\n") == 1
+    assert '[data] root = "/path/to/data"' in err and "root=" not in err and not (tmp_path / "out").exists()
 
 
 def _npz(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,10 @@ _CLASSES = {f.name: type(getattr(DEMO, f.name)) for f in dataclasses.fields(Conf
 CHOICES = {("data", "dataset"): DATASETS, ("data", "held_out"): ("auto", "classes", "images"),
            ("model", "kind"): ("mlp", "python"), ("model", "adapt"): ("maml", "imaml"),
            ("influence", "solver"): ("dense", "cg")}
+# Step sizes and strengths that must be > 0, with what a value <= 0 would do.
+POSITIVE = {("train", "adam_lr"): "A learning rate <= 0 trains by gradient ascent or not at all.",
+            ("model", "inner_lr"): "The inner step size must be > 0 for adaptation to descend the support loss.",
+            ("model", "prox_reg"): "The proximal strength must be > 0 for the imaml inner problem to have a unique minimiser."}
 FRACTIONS = {("tasks", "corrupt_tasks"), ("tasks", "flip_support"), ("data", "held_fraction"), ("edit", "tasks"),
              ("edit", "support")}
 
@@ -171,6 +176,10 @@ def _coerce(where: str, key: str, value: Any, default: Any) -> Any:
 
 
 def _check_values(where: str, config: Config) -> None:
+    for section in _CLASSES:  # TOML has nan and inf; no key takes them
+        for key, value in config.section(section).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{where}: [{section}] {key} must be a finite number; received {value!r}.")
     for (section, key), options in CHOICES.items():
         value = getattr(getattr(config, section), key)
         if value not in options:
@@ -188,6 +197,10 @@ def _check_values(where: str, config: Config) -> None:
         value = getattr(getattr(config, section), key)
         if value < 1:
             raise ConfigError(f"{where}: [{section}] {key} must be >= 1; received {value!r}.")
+    for section, key in POSITIVE:
+        value = getattr(getattr(config, section), key)
+        if value <= 0:
+            raise ConfigError(f"{where}: [{section}] {key} must be > 0; received {value!r}. {POSITIVE[section, key]}")
     non_negative = [("model", "features"), ("train", "newton_steps"), ("influence", "batch_size"), ("influence", "damping"),
                     ("check", "tasks"), ("check", "support"), ("check", "query"), ("model", "meta_reg"), ("edit", "damping"),
                     ("run", "memory_limit_gb"), ("data", "image_size"), ("tasks", "seed"), ("train", "seed")]

@@ -19,6 +19,8 @@ import functools
 import hashlib
 import importlib.util
 import time
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -29,6 +31,8 @@ import optax
 
 import metaif
 from metaif import core, evaluation, problems
+from metaif.data import _args as data_args
+from metaif.data import _source as data_source
 from metaif.evaluation import metrics
 
 from . import memory
@@ -64,14 +68,47 @@ def _split(images, labels, mode: str, fraction: float, seed: int, source: str) -
         held_classes = rng.choice(classes, int(round(fraction * classes.size)), replace=False)
         held_mask = np.isin(labels, held_classes)
         train, held = np.flatnonzero(~held_mask), np.flatnonzero(held_mask)
+    if train.size == 0 or held.size == 0:
+        unit, count = ("images", np.size) if mode == "images" else ("classes", lambda side: np.unique(labels[side]).size)
+        raise ConfigError(f"[data] held_fraction = {fraction} with held_out = \"{mode}\" leaves {count(train)} meta-training and "
+                          f"{count(held)} held-out {unit} of {source}; both need some. Set [data] held_fraction strictly between "
+                          "0 and 1 (e.g. 0.4).")
     return Pools(images[train], labels[train], images[held], labels[held], source)
 
 
-def _npz(data) -> tuple[np.ndarray, np.ndarray]:
+NPZ_LAYOUT = ("two numeric arrays, 'images' [N, H, W] or [N, H, W, C] and integer 'labels' [N]: save them with "
+              "np.savez(path, images=np.asarray(images, np.float32), labels=np.asarray(labels, np.int64))")
+
+
+def _npz_path(data) -> Path:
     path = Path(data.path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"[data] path {str(path)!r} does not exist. Point it at an .npz file with arrays "
-                                "'images' [N, H, W] or [N, H, W, C] and integer 'labels' [N] (np.savez(path, images=..., labels=...)).")
+        raise ConfigError(f"[data] path = \"{data.path}\" does not exist{' as a file' if path.exists() else ''}. "
+                          f"Point it at an .npz file holding {NPZ_LAYOUT}.")
+    return path
+
+
+def _data_root(data) -> Path:
+    """[data] root, else $METAIF_DATA, as an existing folder; a ConfigError in the config's words otherwise."""
+    try:
+        return data_source.data_root(f'[data] dataset = "{data.dataset}"', data.root or None, name="[data] root",
+                                     unset="[data] root is not set", how='set [data] root = "/path/to/data" in the config')
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_paths(config: Config) -> None:
+    """The data folder, data file and model module that the config names exist (ConfigError otherwise)."""
+    if config.data.dataset == "npz":
+        _npz_path(config.data)
+    elif config.data.dataset != "digits":
+        _data_root(config.data)
+    if config.model.kind == "python":
+        _module_path(config.model.module)
+
+
+def _npz(data) -> tuple[np.ndarray, np.ndarray]:
+    path = _npz_path(data)
     if data.sha256:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != data.sha256.lower():
@@ -79,17 +116,35 @@ def _npz(data) -> tuple[np.ndarray, np.ndarray]:
                              "The file is corrupt, truncated or a different version: download it again, or update sha256 if "
                              "you changed the file on purpose.")
     try:
-        with np.load(path, allow_pickle=False) as entry:
-            missing = {"images", "labels"} - set(entry.files)
-            if missing:
-                raise ValueError(f"{str(path)!r} lacks array(s) {sorted(missing)}; it holds {entry.files}. Save it with "
-                                 "np.savez(path, images=images, labels=labels).")
-            images, labels = entry["images"], entry["labels"]
-    except (OSError, EOFError) as error:
-        raise ValueError(f"{str(path)!r} is not a readable .npz file ({error}).") from None
-    if images.ndim not in (3, 4) or labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{str(path)!r}: images must be [N, H, W] or [N, H, W, C] and labels integer [N]; received images "
-                         f"{images.shape} {images.dtype} and labels {labels.shape} {labels.dtype}.")
+        with open(path, "rb") as handle:  # closed here even when numpy fails half-way
+            entry = np.load(handle, allow_pickle=False)
+            if not isinstance(entry, np.lib.npyio.NpzFile):
+                raise ValueError(f"{str(path)!r} is a single .npy array, not an .npz archive. metaif reads {NPZ_LAYOUT}.")
+            with entry:
+                missing = {"images", "labels"} - set(entry.files)
+                if missing:
+                    raise ValueError(f"{str(path)!r} lacks array(s) {sorted(missing)}; it holds {entry.files}. "
+                                     f"metaif reads {NPZ_LAYOUT}.")
+                images, labels = entry["images"], entry["labels"]
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as error:
+        raise ValueError(f"{str(path)!r} is not a readable .npz file ({error}): it is damaged, truncated or not an .npz "
+                         f"archive. metaif reads {NPZ_LAYOUT}.") from None
+    except ValueError as error:  # numpy's refusal to unpickle: an object array, or a file that is no .npz at all
+        if "allow_pickle" not in str(error):
+            raise
+        what = ("stores an array as Python objects (a pickled object array)" if "Object arrays" in str(error) else
+                "is not an .npz archive (numpy would read it as a pickle)")
+        raise ValueError(f"{str(path)!r} {what}. metaif never loads pickles, since loading one can run arbitrary code; "
+                         f"it reads {NPZ_LAYOUT}.") from None
+    if images.ndim not in (3, 4) or labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer) \
+            or not (np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer)):
+        count = data_args.non_finite(labels)[0] if labels.ndim == 1 and labels.size else 0
+        raise ValueError(f"{str(path)!r}: images must be real [N, H, W] or [N, H, W, C] and labels integer [N]; received images "
+                         f"{images.shape} {images.dtype} and labels {labels.shape} {labels.dtype}"
+                         + (f" ({count} of them NaN or inf)" if count else "") + ". Convert them with "
+                         "np.asarray(images, np.float32) and np.asarray(labels, np.int64).")
+    data_args.check_finite(f"{str(path)!r} (array 'images')", images, "images",
+                           "Drop or repair those images in the file (np.isfinite(images).all(axis=(1, 2)) marks the good ones).")
     images = images.astype(np.float32)
     if images.max() > 1.0:
         images = images / np.float32(images.max())
@@ -99,7 +154,7 @@ def _npz(data) -> tuple[np.ndarray, np.ndarray]:
 def load_pools(config: Config) -> Pools:
     """The two image pools of the configured dataset (official class splits where they exist)."""
     data = config.data
-    root = data.root or None
+    root = None if data.dataset in ("digits", "npz") else _data_root(data)
     mode = data.held_out
     seed = 12345 + config.tasks.seed
     if data.dataset == "digits":
@@ -137,7 +192,11 @@ def build_data(config: Config) -> dict[str, np.ndarray]:
     t = config.tasks
     features = None
     if config.model.features:
-        features = metaif.data.fit_pca(pools.train_images, config.model.features)
+        try:
+            features = metaif.data.fit_pca(pools.train_images, config.model.features)
+        except ValueError as error:  # too many components for the images, or images without variation
+            raise ConfigError(f"[model] features = {config.model.features} (PCA components of {pools.source}): {error} "
+                              "Set [model] features lower, or to 0 to use the raw pixels.") from None
     embed = (lambda x: features(x)) if features is not None else (lambda x: np.asarray(x, np.float64).reshape(*x.shape[:2], -1))
     sample = lambda images, labels, n, seed: metaif.data.few_shot_tasks(images, labels, n, t.ways, t.shots, t.queries, seed)
     train = sample(pools.train_images, pools.train_labels, t.train, 1000 * t.seed + 1)
@@ -181,12 +240,17 @@ def _logits_of_example(logits, params, meta_params, example):
     return logits(params, example["x"])
 
 
-def _python_model(path: str):
+def _module_path(path: str) -> Path:
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"[model] module {str(file)!r} does not exist. Give the path of a .py file defining "
-                                "init(key, n_inputs, ways) -> params, loss(params, meta_params, example) -> scalar and "
-                                "optionally logits(params, x) -> [ways].")
+        raise ConfigError(f"[model] module = \"{path}\" does not exist as a file. Give the path of a .py file defining "
+                          "init(key, n_inputs, ways) -> params, loss(params, meta_params, example) -> scalar and "
+                          "optionally logits(params, x) -> [ways].")
+    return file
+
+
+def _python_model(path: str):
+    file = _module_path(path)
     spec = importlib.util.spec_from_file_location(f"metaif_user_model_{hashlib.sha1(str(file).encode()).hexdigest()[:8]}", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -46,3 +46,25 @@ def integer_array(name: str, value, ndim: int) -> np.ndarray:
     if array.ndim != ndim or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
         raise TypeError(f"{name} must be a {ndim}-D array of integers; received {_validate.describe(array)}.")
     return array.astype(np.int64, copy=False)
+
+
+def non_finite(values: np.ndarray) -> tuple[int, np.ndarray]:
+    """(number of NaN or inf entries, indices along axis 0 of the items that hold any); (0, [])
+    for non-float arrays. Two reductions and no copy when every entry is finite."""
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.floating) or values.size == 0 or np.isfinite(values.min()) and np.isfinite(values.max()):
+        return 0, np.zeros(0, np.int64)
+    bad = ~np.isfinite(values.reshape(values.shape[0], -1))
+    return int(bad.sum()), np.flatnonzero(bad.any(axis=1))
+
+
+def check_finite(name: str, values: np.ndarray, items: str, fix: str, index: np.ndarray | None = None) -> None:
+    """Raise a ValueError naming `name`, the count of NaN/inf values and the first items holding
+    them (positions along axis 0, or `index[position]`)."""
+    count, bad = non_finite(values)
+    if count:
+        shown = (bad if index is None else np.asarray(index)[bad])[:10].tolist()
+        raise ValueError(
+            f"{name} holds {count} NaN or inf value(s) in {bad.size} of {len(values)} {items} (indices "
+            f"{shown}{' ...' if bad.size > 10 else ''}). {fix}"
+        )

@@ -35,7 +35,9 @@ def corrupt(tasks: TaskSet, fraction: float, level: str, seed: int, *, n_classes
         consistent relabelling would not be noise for N-way learning); "support" / "query": each
         chosen example's label moves to a different class, uniform over the other n_classes − 1.
       seed: int seed.
-      n_classes: the label range 0..n_classes-1; default 1 + the largest label in `tasks`.
+      n_classes: the label range 0..n_classes-1; default 1 + the largest label in `tasks`. Pass the
+        tasks' number of ways: a label >= the model's number of outputs gives NaN with metaif's
+        cross-entropy losses, and is clamped silently by a loss that indexes logits[y].
       key: the label field of support and query.
 
     Returns:

@@ -8,6 +8,11 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _validate
+from . import _args
+
+# A component whose singular value is below this fraction of the largest is numerically absent
+# (images are float32, resolution ~1e-7): whitening it would amplify rounding noise.
+RANK_TOL = 1e-6
 
 
 class PCA(NamedTuple):
@@ -49,9 +54,23 @@ def fit_pca(images, k: int, limit: int = 20000, seed: int = 0) -> PCA:
     k = _validate.positive_int("fit_pca(k)", k)
     if k > min(flat.shape):
         raise ValueError(f"fit_pca(k) = {k} exceeds min(number of images, pixels per image) = {min(flat.shape)}.")
+    _args.check_finite("fit_pca(images)", flat, "images", "Drop or repair those images before fitting the PCA.")
     if flat.shape[0] > limit:
         flat = flat[np.random.default_rng(seed).choice(flat.shape[0], limit, replace=False)]
-    mean = flat.mean(0)
-    _, s, vt = np.linalg.svd(flat - mean, full_matrices=False)
-    scale = np.maximum(s[:k] / np.sqrt(flat.shape[0]), 1e-12)
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            mean = flat.mean(0)
+            _, s, vt = np.linalg.svd(flat - mean, full_matrices=False)
+    except (FloatingPointError, np.linalg.LinAlgError) as error:  # finite input, but so large that sums overflow
+        raise ValueError(f"fit_pca(images): the PCA of the images failed ({error}); their values span "
+                         f"[{flat.min():.3g}, {flat.max():.3g}]. Rescale the images to [0, 1].") from None
+    rank = int(np.sum(s > RANK_TOL * s[0])) if s[0] > 0 else 0
+    if rank == 0:
+        raise ValueError(f"fit_pca(images): all {flat.shape[0]} images are identical, so there is no direction of variation "
+                         "to keep. Check that the images were loaded correctly.")
+    if rank < k:
+        raise ValueError(f"fit_pca(images) vary along only {rank} direction(s) ({flat.shape[0]} images of {flat.shape[1]} "
+                         f"values), fewer than the {k} components asked for: whitening the others would divide by ~0. "
+                         f"Ask for at most {rank} component(s), or use more varied images.")
+    scale = s[:k] / np.sqrt(flat.shape[0])
     return PCA(mean, vt[:k].T, scale)

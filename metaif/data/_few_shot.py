@@ -136,6 +136,10 @@ def few_shot_tasks(images, labels, n_tasks: int, ways: int, shots: int, queries:
     if rotate and images.shape[1] != images.shape[2]:
         raise ValueError(f"few_shot_tasks(rotate=True) needs square images; received images of shape {images.shape}.")
     index = _sample("few_shot_tasks", labels_array, n_tasks, ways, shots, queries, seed, classes, rotate)
+    if np.issubdtype(images.dtype, np.floating):
+        used = np.unique(np.concatenate([index.support.ravel(), index.query.ravel()]))
+        _args.check_finite("few_shot_tasks(images)", images[used], "images drawn into the tasks",
+                           "Drop or repair those images first (np.isfinite(images).all(axis=(1, 2)) marks the good ones).", used)
     label = np.arange(ways, dtype=np.int32)
     s_turns = np.repeat(index.rotations, shots, axis=1)
     q_turns = np.repeat(index.rotations, queries, axis=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,6 +32,8 @@ _CONTENT_SHA256 = {
     "images_background": "f2c5e341c0c91e04816b41bfb37ace3bf71eb5ead876889fb1ba0971fad56ad4",
     "images_evaluation": "afef37ece44e0f352bffd5c3d717cb4addf5c7bb77a729e3764d7c37711c1359",
 }
+# md5 of the official zips of github.com/brendenlake/omniglot (as published with torchvision's Omniglot).
+_RELEASE_MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718", "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
 _CACHE_VERSION = 1
 N_CLASSES = 1623
 N_BACKGROUND = 964
@@ -62,13 +65,26 @@ class ClassSplit(NamedTuple):
     test: np.ndarray
 
 
+def _damaged(loader: str, source: Path, part: str, error: Exception) -> ValueError:
+    """The error for an archive that zipfile cannot read: which file, that it is damaged, the checksum to compare."""
+    return ValueError(
+        f"{loader}: the Omniglot archive {str(source)!r} is damaged or incomplete (zipfile: {error}). Delete it and download "
+        f"{part}.zip again. To check a copy, compare its md5 (this file: {_source.file_digest(source, 'md5')}) with the "
+        f"official release's {_RELEASE_MD5[part]} (a re-zipped copy of the same images differs byte-wise; metaif "
+        f"then checks the decoded images instead). {_SOURCE}"
+    )
+
+
 def _members(loader: str, source: Path, part: str) -> list[tuple[str, bytes]]:
     """(relative path 'part/alphabet/character/file.png', PNG bytes), sorted by path components
     (the same order for a zip and for its unzipped folder)."""
     if source.is_file():
-        with zipfile.ZipFile(source) as archive:
-            names = sorted(n for n in archive.namelist() if n.endswith(".png") and not n.startswith("__MACOSX"))
-            members = [(n, archive.read(n)) for n in names]
+        try:
+            with zipfile.ZipFile(source) as archive:
+                names = sorted(n for n in archive.namelist() if n.endswith(".png") and not n.startswith("__MACOSX"))
+                members = [(n, archive.read(n)) for n in names]
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:
+            raise _damaged(loader, source, part, error) from None
     else:
         members = [(p.relative_to(source.parent).as_posix(), p.read_bytes()) for p in sorted(source.rglob("*.png"))]
     good = sorted(((n, b) for n, b in members if len(n.split("/")) == 4 and n.split("/")[0] == part), key=lambda m: m[0].split("/"))
@@ -79,14 +95,18 @@ def _members(loader: str, source: Path, part: str) -> list[tuple[str, bytes]]:
     return good
 
 
-def _decode(members: list[tuple[str, bytes]], size: int) -> tuple[np.ndarray, str]:
+def _decode(loader: str, source: Path, members: list[tuple[str, bytes]], size: int) -> tuple[np.ndarray, str]:
     """Decode PNGs: [N, size, size] uint8 ink images (Lanczos resize, as in MAML) and a content digest."""
     image_module = _source.require("PIL.Image", "pillow", "load_omniglot")
     digest = hashlib.sha256()
     out = np.empty((len(members), size, size), np.uint8)
     for i, (name, data) in enumerate(members):
-        with image_module.open(io.BytesIO(data)) as image:
-            ink = 255 - np.asarray(image.convert("L"))
+        try:
+            with image_module.open(io.BytesIO(data)) as image:
+                ink = 255 - np.asarray(image.convert("L"))
+        except OSError as error:  # PIL.UnidentifiedImageError included
+            raise ValueError(f"{loader}: cannot decode the image {name!r} of {str(source)!r} ({error}); it is damaged. "
+                             f"{_SOURCE}") from None
         digest.update(name.encode() + b"\0" + np.asarray(ink.shape, ">u4").tobytes() + np.packbits(ink > 127).tobytes())
         small = image_module.fromarray(ink) if ink.shape == (size, size) else image_module.fromarray(ink).resize((size, size), image_module.Resampling.LANCZOS)
         out[i] = np.asarray(small)
@@ -104,7 +124,7 @@ def _read_part(loader: str, source: Path, part: str, size: int, verify: bool) ->
             f"{len(members)} images; the official {part} set has {_COUNTS[part][0]}, {_COUNTS[part][1]} and "
             f"{_COUNTS[part][2]}. {_SOURCE} (Pass verify=False to load a modified copy.)"
         )
-    images, content = _decode(members, size)
+    images, content = _decode(loader, source, members, size)
     alphabet_of = {name: i for i, name in enumerate(alphabet_names)}
     class_of = {key: i for i, key in enumerate(characters)}
     return {

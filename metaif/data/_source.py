@@ -18,23 +18,26 @@ from .. import _validate
 ENV = "METAIF_DATA"
 
 
-def data_root(loader: str, root) -> Path:
-    """The data root: `root`, else $METAIF_DATA; must be an existing folder."""
+def data_root(loader: str, root, *, name: str = "root", unset: str = "root is None",
+              how: str = "pass root='/path/to/data'") -> Path:
+    """The data root: `root`, else $METAIF_DATA; must be an existing folder. `name`, `unset` and
+    `how` word the errors (the command says `[data] root` where the API says `root=`)."""
     if root is None:
         env = os.environ.get(ENV)
         if not env:
             raise ValueError(
-                f"{loader}: root is None and the {ENV} environment variable is not set; pass "
-                f"root='/path/to/data' or set {ENV} to the folder that holds the dataset."
+                f"{loader}: {unset} and the {ENV} environment variable is not set; {how} "
+                f"or set {ENV} to the folder that holds the dataset."
             )
         root, origin = env, f"${ENV}"
     else:
-        origin = "root"
+        origin = name
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"{loader}: root must be a path (str or os.PathLike) or None; received {_validate.describe(root)}.")
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"{loader}: the data root {str(path)!r} (from {origin}) is not an existing folder.")
+        raise FileNotFoundError(f"{loader}: the data root {str(path)!r} (from {origin}) is not an existing folder; "
+                                f"{how} or set {ENV} to the folder that holds the dataset.")
     return path
 
 

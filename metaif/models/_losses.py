@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _validate
+from .. import problems as _problems
 from .. import curvature as _curvature
 
 if TYPE_CHECKING:
@@ -37,7 +38,8 @@ def field(example: Any, key: str, loss: str) -> Any:
 
 
 def softmax_cross_entropy(outputs: jax.Array, example: PyTree) -> jax.Array:
-    """−log softmax(outputs)[y]: logits [classes] and an integer label example["y"] of shape []."""
+    """−log softmax(outputs)[y]: logits [classes] and an integer label example["y"] of shape [];
+    NaN for a label outside [0, classes) (`metaif.problems.cross_entropy`)."""
     y = field(example, "y", "softmax_cross_entropy")
     y = y if hasattr(y, "dtype") else np.asarray(y)
     if jnp.ndim(outputs) != 1:
@@ -47,7 +49,7 @@ def softmax_cross_entropy(outputs: jax.Array, example: PyTree) -> jax.Array:
         )
     if jnp.ndim(y) != 0 or not np.issubdtype(np.dtype(y.dtype), np.integer):
         raise TypeError(f"softmax_cross_entropy: example['y'] must be one integer class label (shape []); received {_validate.describe(y)}.")
-    return -jax.nn.log_softmax(outputs)[y]
+    return _problems.cross_entropy(outputs, y)
 
 
 def squared_error(outputs: jax.Array, example: PyTree) -> jax.Array:
