@@ -165,6 +165,13 @@ def _full_weights(meta_params, tasks, task_weights=None, support_weights=None, q
     _problem.check_weights("query_weights", query_weights, (n, q))
     ones = Weights.ones(n, m, q, _tree.float_dtype(meta_params))
     given = (task_weights, support_weights, query_weights)
+    for name, weights in zip(("task_weights", "support_weights", "query_weights"), given):
+        if weights is not None and _validate.is_concrete(weights):
+            bad = int(np.size(weights) - np.count_nonzero(np.isfinite(np.asarray(weights, np.float64))))
+            if bad:
+                raise ValueError(f"{name} must be finite; it holds {bad} NaN or inf value(s) (first at index "
+                                 f"{tuple(int(i) for i in np.argwhere(~np.isfinite(np.asarray(weights, np.float64)))[0])}). "
+                                 "Weights are 1 (keep), 0 (remove) or values in between.")
     return shard_like_tasks(Weights(*(o if w is None else jnp.asarray(w, o.dtype) for o, w in zip(ones, given))), tasks, meta_params)
 
 
@@ -188,9 +195,19 @@ def check_finite_losses(problem: BilevelProblem, meta_params: PyTree, tasks: Tas
         raise ValueError(
             f"{context}: the losses of tasks {bad[:10].tolist()} (first 10 of {bad.size}) are not finite "
             "after adaptation. Check inner_loss/outer_loss for log(0) or overflow, the adaptation's "
-            "lr (too large a step diverges), and the tasks' data: metaif's cross-entropy losses give NaN "
-            "for a class label outside [0, ways)."
+            "lr (too large a step diverges), and the tasks' data: NaN or inf inputs, or (metaif's "
+            "cross-entropy losses give NaN for it) a class label outside [0, ways)."
         )
+
+
+def _finite_or_explained(value: jax.Array, problem, meta_params, tasks, weights: Weights, name: str) -> jax.Array:
+    """`value` when it is finite (or traced); else an error naming the cause: meta_params, then the
+    tasks whose losses are not finite."""
+    if not _validate.is_concrete(value) or bool(np.all(np.isfinite(_to_host(value)))):
+        return value
+    _validate.finite_tree("meta_params", meta_params)
+    check_finite_losses(problem, meta_params, tasks, weights, f"{name} is not finite")
+    raise ValueError(f"{name} is not finite although meta_params and every task loss are; check the weights and meta_reg.")
 
 
 def check_arguments(problem, meta_params, tasks) -> PyTree:
@@ -239,7 +256,9 @@ def meta_objective(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet,
     removes that task or example.
     """
     meta_params = check_arguments(problem, meta_params, tasks)
-    return _objective_jit(problem, meta_params, tasks, _full_weights(meta_params, tasks, task_weights, support_weights, query_weights))
+    weights = _full_weights(meta_params, tasks, task_weights, support_weights, query_weights)
+    return _finite_or_explained(_objective_jit(problem, meta_params, tasks, weights), problem, meta_params, tasks, weights,
+                                "meta_objective")
 
 
 def task_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, support_weights=None,
@@ -251,7 +270,8 @@ def task_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, su
     """
     meta_params = check_arguments(problem, meta_params, tasks)
     w = _full_weights(meta_params, tasks, None, support_weights, query_weights)
-    return _losses_jit(problem, meta_params, tasks, w.support, w.query)
+    return _finite_or_explained(_losses_jit(problem, meta_params, tasks, w.support, w.query), problem, meta_params, tasks, w,
+                                "task_losses")
 
 
 def task_accuracies(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, predict) -> jax.Array:

@@ -293,7 +293,10 @@ def main(argv=None) -> int:
     from ._run.ui import error
     from ._runtime import configure_cpu
 
-    configure_cpu()  # before the first JAX computation: steady single-threaded Eigen kernels on CPU
+    try:
+        configure_cpu()  # before the first JAX computation: steady single-threaded Eigen kernels on CPU
+    except RuntimeError:
+        pass  # called from Python with JAX already running: its flags stay as they are
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import io
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -172,6 +173,31 @@ API = {
     "Unrolled: zero steps": Case(lambda tmp: metaif.Unrolled(steps=0, lr=0.1), ValueError, ("Unrolled.steps must be an int >= 1",)),
     "meta_train: zero steps": Case(lambda tmp: metaif.meta_train(SQUARED, W, REGRESSION, steps=0), ValueError,
                                    ("steps must be an int >= 1", "received int 0")),
+    "meta_objective: a NaN task weight (was: NaN returned)": Case(
+        lambda tmp: metaif.meta_objective(SQUARED, W, REGRESSION, task_weights=np.array([1.0, np.nan, 1.0, 1.0])), ValueError,
+        ("task_weights must be finite", "1 NaN or inf value(s) (first at index (1,))")),
+    "task_losses: NaN in a task's data (was: NaN returned)": Case(
+        lambda tmp: metaif.task_losses(SQUARED, W, metaif.TaskSet(REGRESSION.support, dict(
+            REGRESSION.query, x=REGRESSION.query["x"].at[2].set(jnp.nan)))), ValueError,
+        ("task_losses is not finite", "losses of tasks [2]", "NaN or inf inputs")),
+    "meta_objective: NaN meta_params (was: NaN returned)": Case(
+        lambda tmp: metaif.meta_objective(SQUARED, {"w": jnp.array([0.0, jnp.nan])}, REGRESSION), ValueError,
+        ("meta_params must be finite", "leaf ['w']", "1 NaN or inf")),
+    "influence: losses overflow, inputs × 1e200 (was: NaN scores)": Case(
+        lambda tmp: metaif.influence(CLASSIFIER, LINEAR, metaif.TaskSet(
+            dict(_label_tasks(0).support, x=_label_tasks(0).support["x"] * 1e200),
+            dict(_label_tasks(0).query, x=_label_tasks(0).query["x"] * 1e200)), target=lambda lam: jnp.sum(lam["w"] ** 2)),
+        ValueError, ("The meta-objective at meta_params is nan", "losses of tasks", "overflow")),
+    "influence: NaN target (was: all-zero scores)": Case(
+        lambda tmp: metaif.influence(SQUARED, W, REGRESSION, target=lambda lam: jnp.nan * jnp.sum(lam["w"])), ValueError,
+        ("target(meta_params) is nan", "must be finite at meta_params")),
+    "influence: target with a NaN gradient at meta_params": Case(
+        lambda tmp: metaif.influence(SQUARED, W, REGRESSION, target=lambda lam: jnp.sum(jnp.sqrt(lam["w"] ** 2))), ValueError,
+        ("the gradient of target at meta_params must be finite", "NaN or inf values")),
+    "influence: Dense at a singular H (was: NaN scores)": Case(
+        lambda tmp: metaif.influence(SQUARED, {"w": jnp.zeros(2), "unused": jnp.zeros(1)}, REGRESSION,
+                                     target=lambda lam: jnp.sum(lam["w"]) + jnp.sum(lam["unused"])), ValueError,
+        ("influence scores are not finite", "singular", "damping")),
 }
 
 # ----------------------------------------------------------------------------- loaders
@@ -419,3 +445,32 @@ def test_meta_params_give_finite_values_or_a_named_error(dtype, shape, lam, supp
         return
     assert dtype == "float64" and shape == (D,)
     assert all(np.all(np.isfinite(np.asarray(v))) for v in values)
+
+
+# ----------------------------------------------------------------------------- warnings of the influence result
+
+
+def test_constant_target_warns_that_every_score_is_zero():
+    with pytest.warns(metaif.ConstantTargetWarning, match="every influence score is zero"):
+        result = metaif.influence(SQUARED, W, REGRESSION, target=lambda lam: jnp.asarray(3.0),
+                                  solver=metaif.solvers.Dense(damping=1.0))
+    assert np.all(np.asarray(result.tasks) == 0)
+
+
+def test_dense_at_an_untrained_point_warns_like_cg():
+    """Far from stationary (the initialisation): Dense() warns as CG() does (was: silent with Dense)."""
+    problem = metaif.BilevelProblem(problems.linear_cross_entropy, problems.linear_cross_entropy, metaif.Unrolled(steps=1, lr=0.5),
+                                    meta_reg=0.01)
+    tasks = problems.classification_tasks(30, 4, 4, 3, 2, seed=0)
+    test = problems.classification_tasks(4, 4, 4, 3, 2, seed=1)
+    target = lambda lam: metaif.task_losses(problem, lam, test).mean()
+    init = LINEAR
+    for solver in (metaif.solvers.Dense(), metaif.solvers.CG(damping=0.1)):
+        with pytest.warns(metaif.NonStationaryWarning, match="not a stationary point") as record:
+            result = metaif.influence(problem, init, tasks, target=target, solver=solver)
+        assert "newton_refine" in str(record[0].message) and record[0].filename == __file__
+        assert abs(float(result.diagnostics.nonstationary_change)) > float(np.max(np.abs(result.tasks)))
+    trained = metaif.newton_refine(problem, metaif.meta_train(problem, init, tasks, steps=300).meta_params, tasks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metaif.influence(problem, trained.meta_params, tasks, target=target, solver=metaif.solvers.Dense())  # stationary: silent
