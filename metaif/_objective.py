@@ -155,10 +155,11 @@ def _per_task(fn):
 
 _accuracies_jit = jax.jit(accuracies_per_task, static_argnames=("predict",))
 _adapt_tasks_jit = jax.jit(_per_task(adapt_one))
-_residual_jit = jax.jit(_per_task(adaptation_gradient))
+adaptation_residuals_jit = jax.jit(_per_task(adaptation_gradient))
 
 
-def _full_weights(meta_params, tasks, task_weights=None, support_weights=None, query_weights=None) -> Weights:
+def full_weights(meta_params, tasks, task_weights=None, support_weights=None, query_weights=None) -> Weights:
+    """The given weights (checked: shapes, real dtypes, finite), ones where None, sharded like the tasks."""
     n, m, q = _problem.check_tasks(tasks)
     _problem.check_weights("task_weights", task_weights, (n,))
     _problem.check_weights("support_weights", support_weights, (n, m))
@@ -244,7 +245,7 @@ def adapt_tasks(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, su
     """Adapted parameters of every task of a TaskSet, vmapped: a pytree like meta_params with a
     leading axis n. `support_weights` [n, m] as in `meta_objective`."""
     meta_params = check_arguments(problem, meta_params, tasks)
-    w = _full_weights(meta_params, tasks, None, support_weights, None)
+    w = full_weights(meta_params, tasks, None, support_weights, None)
     return _adapt_tasks_jit(problem, meta_params, tasks.support, w.support)
 
 
@@ -256,7 +257,7 @@ def meta_objective(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet,
     removes that task or example.
     """
     meta_params = check_arguments(problem, meta_params, tasks)
-    weights = _full_weights(meta_params, tasks, task_weights, support_weights, query_weights)
+    weights = full_weights(meta_params, tasks, task_weights, support_weights, query_weights)
     return _finite_or_explained(_objective_jit(problem, meta_params, tasks, weights), problem, meta_params, tasks, weights,
                                 "meta_objective")
 
@@ -269,7 +270,7 @@ def task_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, su
     usual influence target.
     """
     meta_params = check_arguments(problem, meta_params, tasks)
-    w = _full_weights(meta_params, tasks, None, support_weights, query_weights)
+    w = full_weights(meta_params, tasks, None, support_weights, query_weights)
     return _finite_or_explained(_losses_jit(problem, meta_params, tasks, w.support, w.query), problem, meta_params, tasks, w,
                                 "task_losses")
 
@@ -286,7 +287,7 @@ def task_accuracies(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet
     _validate.callable_("predict", predict, "(params, meta_params, example) -> logits")
     if not isinstance(tasks.query, dict) or "y" not in tasks.query:
         raise ValueError(f"task_accuracies reads labels from tasks.query['y']; tasks.query is {_validate.describe(tasks.query)}.")
-    return _accuracies_jit(problem, meta_params, tasks, predict, _full_weights(meta_params, tasks).support)
+    return _accuracies_jit(problem, meta_params, tasks, predict, full_weights(meta_params, tasks).support)
 
 
 def adaptation_residual(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet) -> jax.Array:
@@ -296,5 +297,5 @@ def adaptation_residual(problem: BilevelProblem, meta_params: PyTree, tasks: Tas
     inner minimiser): if not, raise `steps` or tune `lr`. For `Unrolled` they are informative only.
     """
     meta_params = check_arguments(problem, meta_params, tasks)
-    w = _full_weights(meta_params, tasks)
-    return _residual_jit(problem, meta_params, tasks.support, w.support)
+    w = full_weights(meta_params, tasks)
+    return adaptation_residuals_jit(problem, meta_params, tasks.support, w.support)

@@ -20,7 +20,7 @@ import optax
 
 from . import _batching, _linalg, _tree, _validate
 from ._adapt import Proximal
-from ._objective import Weights, _full_weights, _residual_jit, check_arguments, check_finite_losses, objective, unit_weights
+from ._objective import Weights, full_weights, adaptation_residuals_jit, check_arguments, check_finite_losses, objective, unit_weights
 from ._problem import BilevelProblem, TaskSet
 
 PyTree = Any
@@ -59,7 +59,7 @@ def _adaptation_residual(problem: BilevelProblem, meta_params: PyTree, tasks: Ta
     """Max inner-stationarity residual over tasks for Proximal adaptation, else None."""
     if not isinstance(problem.adapt, Proximal):
         return None
-    return jnp.max(_residual_jit(problem, meta_params, tasks.support, weights.support))
+    return jnp.max(adaptation_residuals_jit(problem, meta_params, tasks.support, weights.support))
 
 
 _value_and_grad = jax.value_and_grad(objective, argnums=1)
@@ -130,7 +130,7 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
     optimizer = optax.adam(1e-2) if optimizer is None else optimizer
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, e.g. optax.adam(1e-2); received {_validate.describe(optimizer)}.")
-    weights = _full_weights(meta_params, tasks, task_weights, support_weights, query_weights)
+    weights = full_weights(meta_params, tasks, task_weights, support_weights, query_weights)
     check_finite_losses(problem, meta_params, tasks, weights, "meta_train at the initial meta_params")
     with jax.numpy_dtype_promotion("standard"):
         opt_state = optimizer.init(meta_params)
@@ -320,7 +320,7 @@ def newton_refine(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
     steps = _validate.positive_int("steps", steps)
     damping = _validate.non_negative("damping", damping)
     tol = _validate.non_negative("tol", tol)
-    weights = _full_weights(meta_params, tasks, task_weights, support_weights, query_weights)
+    weights = full_weights(meta_params, tasks, task_weights, support_weights, query_weights)
     check_finite_losses(problem, meta_params, tasks, weights, "newton_refine at the initial meta_params")
     result = newton_core(problem, steps, damping, tol, meta_params, tasks, weights)
     if not bool(jnp.isfinite(result.objective)):

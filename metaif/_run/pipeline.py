@@ -288,6 +288,7 @@ def accuracy(model: Model, meta_params, tasks) -> float:
 
 # Pure optax steps of metaif.meta_train, jitted once (checkpointed between calls).
 _train_steps = jax.jit(core.train_steps, static_argnames=("optimizer", "steps", "minibatch"))
+_value_and_grad = jax.jit(core.value_and_grad)
 # Scores of a chunk of tasks given v = H⁻¹∇f, as in metaif.influence (n_tasks: the whole set's n).
 _chunk_scores = jax.jit(core.target_scores, static_argnames=("chunk_size", "n_tasks"))
 
@@ -396,7 +397,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
     n_inputs = int(data["train_sx"].shape[-1])
     model = build_model(config.model, n_inputs, config.tasks.ways)
     problem = model.problem
-    metaif._objective.check_arguments(problem, model.init(0), train)  # a non-scalar loss fails here, before any work
+    jax.eval_shape(lambda lam: metaif.meta_objective(problem, lam, train), model.init(0))  # a non-scalar loss fails here, no work
 
     # ---- memory: estimate before the heavy stages
     estimate = memory.check(config, n_inputs, model.n_params, n, m, q, memory_limit_bytes)
@@ -408,8 +409,8 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
 
     def newton(advance):
         if config.train.newton_steps == 0:
-            result = metaif.TrainResult(adam_params, jnp.zeros(0), jnp.zeros(0), *metaif.training._full_value_and_grad(
-                problem, adam_params, train, metaif.Weights.ones(n, m, q, jnp.float64)))
+            value, grad = _value_and_grad(problem, adam_params, train)
+            result = metaif.TrainResult(adam_params, jnp.zeros(0), jnp.zeros(0), value, optax.tree_utils.tree_norm(grad))
         else:
             result = metaif.newton_refine(problem, adam_params, train, steps=config.train.newton_steps)
         return {**save_tree("p", result.meta_params), "objective": result.objective, "grad_norm": result.grad_norm,
