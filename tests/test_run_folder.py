@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import tomllib
 import zipfile
 from pathlib import Path
@@ -24,51 +23,22 @@ from metaif import cli
 from metaif._run import config as run_config
 from metaif._run import folder, pipeline
 from metaif._run.store import Store, fingerprint
+from test_cli import TINY as CLI_TINY
+from test_cli import write
 
 ROOT = Path(__file__).resolve().parents[1]
 # Checkpoints are keyed by metaif's code digest; pin it so concurrent edits of the source tree
 # cannot invalidate a test's checkpoints mid-test.
 os.environ["METAIF_CODE_VERSION"] = "tests"
 
-TINY = """\
-[tasks]
-train = 8
-target = 4
-test = 6
-shots = 1
-queries = 1
-[model]
-features = 4
-hidden = [2]
-[train]
-adam_steps = 600
-adam_lr = 0.03
-newton_steps = 4
-checkpoint_every = 200
-[influence]
-chunk = 4
-[check]
-tasks = 2
-support = 2
-query = 2
-chunk = 2
-batch_size = 2
-retrain_steps = 3
-[edit]
-tasks = 0.25
-support = 0.0
-[report]
-top_k = 3
-plots = false
-"""
+# The tiny digits config of test_cli.py, with Adam long enough for an array over 4 KiB (see
+# test_npz_shape_field_bit_flip_is_caught) and no plots.
+TINY = CLI_TINY.replace("adam_steps = 150", "adam_steps = 600").replace("checkpoint_every = 50", "checkpoint_every = 200") \
+    .replace("top_k = 3", "top_k = 3\nplots = false")
+assert all(part in TINY for part in ("adam_steps = 600", "checkpoint_every = 200", "plots = false", "features = 4")), TINY
 STAGES = {"data", "train_adam", "train_newton", "evaluate", "solve", "scores_0000", "scores_0001", "baseline",
           "loo_tasks_0000", "loo_support_0000", "loo_query_0000", "edit"}
 AFTER_NEWTON = STAGES - {"data", "train_adam"}
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def run(capsys, *argv):
@@ -277,11 +247,12 @@ def test_store_reports_a_file_that_matches_its_record_but_does_not_load(tmp_path
     assert not store.path("x").exists() and "x" not in store.manifest["checkpoints"]
 
     store.save("y", fp, {"v": np.arange(3.0)})
-    (tmp_path / "manifest.json").write_text("{not json")
-    reopened = Store(tmp_path, warn=said.append)
-    assert "manifest.json cannot be read" in said[-1] and "moved to rejected/" in said[-1]
+    for damaged in ("{not json", '{"checkpoints": {"y": 3}}'):
+        (tmp_path / "manifest.json").write_text(damaged)
+        reopened = Store(tmp_path, warn=said.append)
+        assert "manifest.json cannot be read" in said[-1] and "moved to rejected/" in said[-1]
     assert reopened.load("y", fp) is None and "is not recorded in manifest.json" in said[-1]
-    assert sorted(p.name.split(".")[0] for p in (tmp_path / "rejected").iterdir()) == ["manifest", "x", "y"]
+    assert sorted(p.name.split(".")[0] for p in (tmp_path / "rejected").iterdir()) == ["manifest", "manifest", "x", "y"]
 
 
 # ----------------------------------------------------------------------------- run names and folders

@@ -97,6 +97,9 @@ def read_manifest(out: Path) -> tuple[dict, str | None]:
         manifest = json.loads(path.read_text())
         if not isinstance(manifest, dict) or not isinstance(manifest.get("checkpoints"), dict):
             raise ValueError("it lacks the table 'checkpoints'")
+        for name, entry in manifest["checkpoints"].items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("fingerprint"), str)):
+                raise ValueError(f"its entry for {name!r} lacks sha256 or fingerprint")
     except (OSError, ValueError) as error:
         return empty, f"{MANIFEST} cannot be read ({error})"
     return manifest, None
