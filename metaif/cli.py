@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -59,6 +58,15 @@ kill, crash - resumes where it stopped when the same command is run again, with 
 
 Sign convention: removing a datum changes f by about -influence; positive influence on a loss is
 harmful.
+
+The run folder OUT: metaif writes only into a new or empty folder, or one of its own run folders
+(marked by OUT/manifest.json), and never overwrites other files. OUT/manifest.json records the
+sha256 of every checkpoint: on a rerun, a checkpoint that was edited, damaged or copied in from
+another run is named, moved to OUT/rejected/ and recomputed with what depends on it. Checkpoints
+are keyed on the settings that change results and on the content of the data and model files, so
+an edited data or model file recomputes what it affects, while checkpoint_every, file locations
+and report options recompute nothing. One run at a time holds OUT/.metaif-lock (on POSIX systems);
+a second run in the same folder stops at once, naming the first one's pid.
 """
 
 RUN_HELP = PIPELINE_HELP + """
@@ -71,19 +79,21 @@ unknown keys are an error that lists the valid ones):
   [tasks]     ways, shots, queries, train, target, test, corrupt_tasks, flip_support, seed
   [model]     kind = "mlp" | "python", features (PCA, 0 = raw pixels), hidden = [8], module = "model.py",
               adapt = "maml" | "imaml", inner_steps, inner_lr, prox_reg, meta_reg
+              (kind = "python" EXECUTES the module file, with --check too: use only files you trust)
   [train]     adam_steps, adam_lr, newton_steps, checkpoint_every, seed
   [influence] solver = "dense" | "cg", damping, batch_size (tasks at once; bounds memory), chunk, cg_maxiter
   [check]     tasks, support, query (leave-one-out sample sizes), retrain_steps, chunk, batch_size
   [edit]      tasks, support (fractions removed, highest influence first), damping (of the edit's solves)
   [report]    top_k, plots
-  [run]       memory_limit_gb (0 = available memory), name
+  [run]       memory_limit_gb (0 = available memory), name (the folder runs/<name> without --out;
+              one folder name, no '/' or '..')
 
 examples:
   metaif run configs/digits.toml --out runs/digits
   METAIF_DATA=~/data metaif run configs/omniglot.toml --out runs/omniglot
   metaif run configs/omniglot.toml --out runs/omniglot     # after Ctrl-C or a crash: resumes
   metaif run my.toml --check                               # validate + memory estimate only
-  metaif run my.toml --out runs/x --fresh                  # discard checkpoints, start over
+  metaif run my.toml --out runs/x --fresh                  # delete the run's checkpoints, start over
 """
 
 DEMO_HELP = PIPELINE_HELP + """
@@ -117,7 +127,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _job_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by the commands that run the whole job (demo, run)."""
-    parser.add_argument("--fresh", action="store_true", help="delete the folder's checkpoints and start over")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the checkpoints this folder's manifest.json records (nothing else) and start over")
     parser.add_argument("--quiet", action="store_true", help="no progress or summary on the terminal")
     _common(parser)
 
@@ -136,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the whole job on a TOML config", description=RUN_HELP, formatter_class=_FORMAT)
     run.add_argument("config", help="TOML config file (see configs/)")
     run.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
-    run.add_argument("--check", action="store_true", help="validate the config and estimate peak memory, then stop")
+    run.add_argument("--check", action="store_true",
+                     help="check everything the run checks before its heavy work (config, data, tasks, model file - which "
+                          "is executed -, memory estimate, output folder), then stop; writes nothing")
     _job_options(run)
     run.set_defaults(func=_cmd_run)
 
@@ -158,37 +171,36 @@ def _setup_jax():
     jax.config.update("jax_enable_x64", True)
 
 
-def _execute(config, out: Path, fresh: bool, quiet: bool, command: str) -> int:
+def _execute(config, out: Path, label: str, fresh: bool, quiet: bool, command: str) -> int:
     _setup_jax()
-    from ._run import pipeline, report
+    from ._run import folder, pipeline, report
     from ._run.ui import UI
 
     pipeline.check_paths(config)  # before anything is written
-    _output_folder(out, fresh)
+    _output_folder(out)
     ui = UI(quiet=quiet)
-    ui.print(f"metaif: {config.run.name} → {out}/  (rerun the same command to resume after an interruption)")
-    start = time.perf_counter()
-    results = pipeline.run(config, out, ui)
-    results["command"] = command
-    summary, made = report.write_all(out, results, ui)
-    summary["wall_s"] = round(time.perf_counter() - start, 2)  # the whole command, report included
-    from ._run.store import write_json
+    with folder.claimed(out, label, fresh):
+        ui.print(f"metaif: {config.run.name} → {out}/  (rerun the same command to resume after an interruption)")
+        start = time.perf_counter()
+        results = pipeline.run(config, out, ui)
+        results["command"] = command
+        summary, made = report.write_all(out, results, ui)
+        summary["wall_s"] = round(time.perf_counter() - start, 2)  # the whole command, report included
+        from ._run.store import write_json
 
-    write_json(out / "summary.json", summary)
-    report.write_reports(out, summary, made, config)
+        write_json(out / "summary.json", summary)
+        report.write_reports(out, summary, made, config)
     report.print_summary(ui, summary, out)
     return 0
 
 
-def _output_folder(out: Path, fresh: bool) -> None:
-    """Create --out (emptying its checkpoints with --fresh), or a ConfigError saying why it cannot be."""
+def _output_folder(out: Path) -> None:
+    """Create --out, or a ConfigError saying why it cannot be (`_run.folder.claimed` then adopts it)."""
     from ._run.config import ConfigError
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is an existing file, not a folder. Pass the name of a folder (it is created "
                           "if missing; a finished or interrupted run's folder is reused), or move the file away.")
-    if fresh and (out / "checkpoints").is_dir():
-        shutil.rmtree(out / "checkpoints")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a parent that is a file, no permission, read-only file system
@@ -199,34 +211,39 @@ def _output_folder(out: Path, fresh: bool) -> None:
 def _cmd_demo(args) -> int:
     from ._run.config import DEMO
 
-    return _execute(DEMO, Path(args.out), args.fresh, args.quiet, f"metaif demo --out {args.out}")
+    return _execute(DEMO, Path(args.out), f"--out {args.out!r}", args.fresh, args.quiet, f"metaif demo --out {args.out}")
 
 
 def _cmd_run(args) -> int:
     from ._run import config as config_module
 
     config = config_module.load(args.config)
-    out = Path(args.out) if args.out else Path("runs") / config.run.name
+    if args.out:
+        out, label = Path(args.out), f"--out {args.out!r}"
+    else:
+        out = Path("runs") / config.run.name
+        label = f"the run folder {str(out)!r} (runs/<[run] name>; --out chooses another)"
     if args.check:
-        return _check_only(config, args.config)
-    return _execute(config, out, args.fresh, args.quiet, f"metaif run {args.config} --out {out}")
+        return _check_only(config, args.config, out, label)
+    return _execute(config, out, label, args.fresh, args.quiet, f"metaif run {args.config} --out {out}")
 
 
-def _check_only(config, path) -> int:
-    """Validate and estimate memory from the config alone (input size from the data)."""
+def _check_only(config, path, out: Path, label: str) -> int:
+    """Everything the run checks before its heavy work, on the config's data and model: the data
+    and tasks are built, the model file is loaded (executed) and its loss evaluated on a real task,
+    the memory estimate is made, and the output folder is checked; nothing is written."""
     _setup_jax()
-    from ._run import memory, pipeline
+    from ._run import folder, memory, pipeline
 
+    folder.check(out, label)
     pools = pipeline.load_pools(config)
-    pixels = int(pools.train_images[0].size)
-    n_inputs = config.model.features or pixels
-    t = config.tasks
-    model = pipeline.build_model(config.model, n_inputs, t.ways)
-    m, q = t.ways * t.shots, t.ways * t.queries
-    stages = memory.check(config, n_inputs, model.n_params, t.train, m, q)
+    prepared = pipeline.setup(config, pipeline.build_data(config, pools))
+    train = prepared.train
+    stages = prepared.estimate
     gib = 1024 ** 3
     print(f"{path}: valid. {pools.source}: {pools.train_labels.size} meta-training and {pools.held_labels.size} held-out images; "
-          f"d = {model.n_params} meta-parameters; n = {t.train}, m = {m}, q = {q}.")
+          f"d = {prepared.model.n_params} meta-parameters; n = {train.n_tasks}, m = {train.n_support}, q = {train.n_query}. "
+          f"Output folder: {out}/.")
     print("estimated peak memory: " + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in stages.items() if k != "peak")
           + f"; peak {stages['peak'] / gib:.2f} GiB of {memory.available_bytes() / gib:.1f} GiB available.")
     return 0

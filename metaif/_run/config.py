@@ -100,7 +100,7 @@ class Report:
 @dataclasses.dataclass(frozen=True)
 class Run:
     memory_limit_gb: float = 0.0     # 0: the memory available now
-    name: str = "demo"
+    name: str = "demo"               # the run folder runs/<name> when there is no --out (one folder name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +215,11 @@ def _check_values(where: str, config: Config) -> None:
     if config.data.dataset == "npz" and not config.data.path:
         raise ConfigError(f"{where}: [data] dataset = \"npz\" needs path = \"/path/to/file.npz\" (a file with arrays "
                           "images [N, H, W] or [N, H, W, C] and integer labels [N]).")
+    name = config.run.name
+    if name in ("", ".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+        raise ConfigError(f"{where}: [run] name must be a single folder name: it names the run folder runs/<name> when "
+                          f"there is no --out; received {name!r}. Use a name without '/', '\\' or control characters "
+                          "that is not '.' or '..'; to write anywhere else, pass --out PATH.")
     if config.model.kind == "python" and not config.model.module:
         raise ConfigError(f"{where}: [model] kind = \"python\" needs module = \"/path/to/model.py\" defining "
                           "init(key, n_inputs, ways), loss(params, meta_params, example) and optionally logits(params, x).")
@@ -257,10 +262,9 @@ def load(path: str | Path) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"{str(path)!r} is not valid TOML: {error}. Check the line it names "
                           "(strings need quotes, lists use [a, b]).") from None
-    config = from_dict(raw, str(path))
-    if "run" not in raw or "name" not in raw["run"]:
-        config = dataclasses.replace(config, run=dataclasses.replace(config.run, name=path.stem))
-    return config
+    if isinstance(raw.get("run", {}), dict) and "name" not in raw.get("run", {}):
+        raw = {**raw, "run": {**raw.get("run", {}), "name": path.stem}}  # the default name: the file's
+    return from_dict(raw, str(path))
 
 
 def to_toml(config: Config) -> str:

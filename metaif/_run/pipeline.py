@@ -6,10 +6,12 @@ Lanczos for CG) with the inverse-Hessian solve v = H⁻¹∇f for the held-out l
 leave-one-out retraining of a random sample, in chunks → editing (remove the highest-influence
 tasks and support examples by λ* − Σ I_λ) against retraining.
 
-Every stage and chunk is a checkpoint (`store.Store`) whose fingerprint covers the config
-sections it reads, its upstream stages and metaif's code, so a restarted run reuses finished work
-and a changed config recomputes what depends on the change. All stages are deterministic, so a
-resumed run gives the same scores as an uninterrupted one.
+Every stage and chunk is a checkpoint (`store.Store`) whose fingerprint covers the settings that
+change its result, the content (sha256) of what it reads (the loaded images and labels, a Python
+model file, the upstream checkpoints) and metaif's code, so a restarted run reuses finished work,
+and a changed config, data file or model file recomputes what depends on the change. Settings that
+do not change results (`checkpoint_every`, file locations, report options) are left out. All stages
+are deterministic, so a resumed run gives the same scores as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -103,8 +105,7 @@ def check_paths(config: Config) -> None:
         _npz_path(config.data)
     elif config.data.dataset != "digits":
         _data_root(config.data)
-    if config.model.kind == "python":
-        _module_path(config.model.module)
+    _model_source(config.model)  # the model file exists (b"" for the built-in MLP)
 
 
 def _npz(data) -> tuple[np.ndarray, np.ndarray]:
@@ -186,9 +187,14 @@ def load_pools(config: Config) -> Pools:
     return _split(images, labels, "images" if mode == "auto" else mode, data.held_fraction, seed, f"npz file {data.path}")
 
 
-def build_data(config: Config) -> dict[str, np.ndarray]:
+def pools_sha256(pools: Pools) -> str:
+    """A digest of the pools' content (what the tasks are drawn from, whatever file it came from)."""
+    return metaif.data._source.arrays_sha256(pools._asdict(), skip=("source",))
+
+
+def build_data(config: Config, pools: Pools | None = None) -> dict[str, np.ndarray]:
     """Tasks in feature space, corruption masks, the raw support images (for plots) and the PCA."""
-    pools = load_pools(config)
+    pools = load_pools(config) if pools is None else pools
     t = config.tasks
     features = None
     if config.model.features:
@@ -233,6 +239,7 @@ class Model(NamedTuple):
     init: Callable[[], Any]              # () -> meta_params
     logits: Callable | None              # (params, x [k, D]) -> [k, ways]
     n_params: int
+    source_sha256: str                   # of the Python model file ("" for the built-in MLP)
     predict: Callable | None             # (params, meta_params, example) -> logits, for metaif.task_accuracies
 
 
@@ -240,20 +247,25 @@ def _logits_of_example(logits, params, meta_params, example):
     return logits(params, example["x"])
 
 
-def _module_path(path: str) -> Path:
-    file = Path(path).expanduser()
+def _model_source(model_config) -> bytes:
+    """The bytes of a kind = "python" model file (b"" for the built-in MLP)."""
+    if model_config.kind != "python":
+        return b""
+    file = Path(model_config.module).expanduser()
     if not file.is_file():
-        raise ConfigError(f"[model] module = \"{path}\" does not exist as a file. Give the path of a .py file defining "
-                          "init(key, n_inputs, ways) -> params, loss(params, meta_params, example) -> scalar and "
+        raise ConfigError(f"[model] module = \"{model_config.module}\" does not exist as a file. Give the path of a .py file "
+                          "defining init(key, n_inputs, ways) -> params, loss(params, meta_params, example) -> scalar and "
                           "optionally logits(params, x) -> [ways].")
-    return file
+    return file.read_bytes()
 
 
-def _python_model(path: str):
-    file = _module_path(path)
-    spec = importlib.util.spec_from_file_location(f"metaif_user_model_{hashlib.sha1(str(file).encode()).hexdigest()[:8]}", file)
+def _python_model(path: str, source: bytes):
+    """Execute the model file's `source` (the bytes its fingerprint was taken of) as a module."""
+    file = Path(path).expanduser()
+    spec = importlib.util.spec_from_loader(f"metaif_user_model_{hashlib.sha256(source).hexdigest()[:8]}", loader=None, origin=str(file))
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module.__file__ = str(file)
+    exec(compile(source, str(file), "exec"), module.__dict__)
     for name in ("init", "loss"):
         if not callable(getattr(module, name, None)):
             raise ValueError(f"[model] module {str(file)!r} must define a function {name}(...); it defines "
@@ -261,8 +273,14 @@ def _python_model(path: str):
     return module
 
 
-@functools.lru_cache(maxsize=None)
 def build_model(model_config, n_inputs: int, ways: int) -> Model:
+    """The bilevel problem of the [model] section; a Python model file is read (and executed) anew,
+    so an edited file is never served from the cache of an earlier call."""
+    return _build_model(model_config, n_inputs, ways, _model_source(model_config))
+
+
+@functools.lru_cache(maxsize=None)
+def _build_model(model_config, n_inputs: int, ways: int, source: bytes) -> Model:
     m = model_config
     if m.adapt == "maml":
         adapt = metaif.Unrolled(steps=m.inner_steps, lr=m.inner_lr)
@@ -273,13 +291,13 @@ def build_model(model_config, n_inputs: int, ways: int) -> Model:
         loss, logits = problems.mlp_cross_entropy, problems.mlp_logits
         init = lambda seed: problems.mlp_init(jax.random.key(seed), sizes)
     else:
-        module = _python_model(m.module)
+        module = _python_model(m.module, source)
         loss, logits = module.loss, getattr(module, "logits", None)
         init = lambda seed: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), module.init(jax.random.key(seed), n_inputs, ways))
     problem = metaif.BilevelProblem(loss, loss, adapt, meta_reg=m.meta_reg)
     size = sum(int(np.size(x)) for x in jax.tree.leaves(jax.eval_shape(lambda: init(0))))
     predict = None if logits is None else functools.partial(_logits_of_example, logits)
-    return Model(problem, init, logits, size, predict)
+    return Model(problem, init, logits, size, hashlib.sha256(source).hexdigest() if source else "", predict)
 
 
 def accuracy(model: Model, meta_params, tasks) -> float:
@@ -380,30 +398,64 @@ def _optimizer(lr: float):
     return optax.adam(lr)
 
 
+class Setup(NamedTuple):
+    """The model and task sets of a run, checked before any heavy work."""
+
+    model: Model
+    train: metaif.TaskSet
+    target: metaif.TaskSet
+    test: metaif.TaskSet
+    estimate: dict
+
+
+def setup(config: Config, data: dict, memory_limit_bytes: float | None = None) -> Setup:
+    """The model on the built tasks, checked as the run checks it before training (`metaif run
+    --check` runs the same): the model file loads, its loss is a scalar on a real task, and the
+    memory estimate fits."""
+    train, target, test = (task_set(data, k) for k in ("train", "target", "test"))
+    n_inputs = int(data["train_sx"].shape[-1])
+    model = build_model(config.model, n_inputs, config.tasks.ways)
+    problem = model.problem
+    jax.eval_shape(lambda lam: metaif.meta_objective(problem, lam, train), model.init(0))  # e.g. a non-scalar loss fails here
+    estimate = memory.check(config, n_inputs, model.n_params, train.n_tasks, train.n_support, train.n_query, memory_limit_bytes)
+    return Setup(model, train, target, test, estimate)
+
+
+def _settings(config: Config) -> dict:
+    """The config sections as they enter fingerprints: without what cannot change a result (file
+    locations, whose content is fingerprinted instead; checkpoint_every; keys of a method not used)."""
+    sec = config.to_dict()
+    drop = {"model": {"module"} | ({"prox_reg"} if config.model.adapt != "imaml" else set())
+                     | ({"hidden"} if config.model.kind != "mlp" else set()),
+            "train": {"checkpoint_every"},
+            "influence": {"cg_maxiter"} if config.influence.solver != "cg" else set()}
+    return {name: {k: v for k, v in values.items() if k not in drop.get(name, ())} for name, values in sec.items()}
+
+
 def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = None) -> dict:
     """Run (or resume) every stage; returns the results dict the report is made from."""
     out = Path(out)
     store = Store(out)
     code = code_version()
     ctx = Context(config, store, ui, code)
-    sec = config.to_dict()
+    sec = _settings(config)
+    after = store.sha256  # the content of a finished upstream checkpoint
     start_all = time.perf_counter()
 
-    # ---- data
-    fp_data = fingerprint("data", sec["data"], sec["tasks"], sec["model"]["features"], code)
-    data = _stage(ctx, "data", f"Data: {config.data.dataset} tasks", fp_data, lambda advance: build_data(config))
-    train, target_tasks, test = (task_set(data, k) for k in ("train", "target", "test"))
-    n, m, q = train.n_tasks, train.n_support, train.n_query
-    n_inputs = int(data["train_sx"].shape[-1])
-    model = build_model(config.model, n_inputs, config.tasks.ways)
+    # ---- data: keyed on the content of the loaded images and labels, not on where they came from
+    pools = load_pools(config)
+    fp_data = fingerprint("data", pools_sha256(pools), sec["tasks"], sec["model"]["features"], code)
+    data = _stage(ctx, "data", f"Data: {config.data.dataset} tasks", fp_data, lambda advance: build_data(config, pools))
+    data = {**data, "source": np.asarray(pools.source)}
+    del pools
+    prepared = setup(config, data, memory_limit_bytes)
+    model, train, target_tasks, test, estimate = (prepared.model, prepared.train, prepared.target, prepared.test, prepared.estimate)
     problem = model.problem
-    jax.eval_shape(lambda lam: metaif.meta_objective(problem, lam, train), model.init(0))  # a non-scalar loss fails here, no work
-
-    # ---- memory: estimate before the heavy stages
-    estimate = memory.check(config, n_inputs, model.n_params, n, m, q, memory_limit_bytes)
+    n, m, q = train.n_tasks, train.n_support, train.n_query
 
     # ---- meta-training
-    fp_adam = fingerprint("adam", fp_data, sec["model"], sec["train"], code)
+    t = sec["train"]
+    fp_adam = fingerprint("adam", after("data"), sec["model"], model.source_sha256, t["adam_steps"], t["adam_lr"], t["seed"], code)
     adam = _adam(ctx, model, train, fp_adam)
     adam_params = load_tree("p", adam, model.init(0))
 
@@ -416,7 +468,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
         return {**save_tree("p", result.meta_params), "objective": result.objective, "grad_norm": result.grad_norm,
                 "grad_norms": result.grad_norms}
 
-    fp_newton = fingerprint("newton", fp_adam, code)
+    fp_newton = fingerprint("newton", after("train_adam"), t["newton_steps"], code)
     refined = _stage(ctx, "train_newton", f"Meta-training: exact Newton, {config.train.newton_steps} steps", fp_newton, newton)
     lam = load_tree("p", refined, model.init(0))
     target = _target_fn(problem, target_tasks)
@@ -426,7 +478,8 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
                 "target_loss": float(target(lam)), "adam_target_loss": float(target(adam_params)),
                 "adam_test_accuracy": accuracy(model, adam_params, test)}
 
-    evaluated = _stage(ctx, "evaluate", "Evaluate: held-out loss and test accuracy", fingerprint("evaluate", fp_newton, code), evaluate)
+    evaluated = _stage(ctx, "evaluate", "Evaluate: held-out loss and test accuracy", fingerprint("evaluate", after("train_newton"), code),
+                       evaluate)
 
     # ---- influence: one solve v = H⁻¹∇f (and the Hessian's extreme eigenvalues), then scores by chunk
     solver = _solver(config)
@@ -445,15 +498,14 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
         v, info = solver.solve(solver.prepare(op), jax.grad(target)(lam))
         return {**save_tree("v", v), **spectrum, **{f"info_{k}": np.asarray(x) for k, x in info._asdict().items()}}
 
-    fp_solve = fingerprint("solve", fp_newton, fp_data, sec["influence"]["solver"], sec["influence"]["damping"],
-                           sec["influence"]["batch_size"], sec["influence"]["cg_maxiter"], code)
+    fp_solve = fingerprint("solve", after("train_newton"), {k: v for k, v in sec["influence"].items() if k != "chunk"}, code)
     solved = _stage(ctx, "solve", f"Influence: Hessian and inverse-Hessian solve ({config.influence.solver}, d = {model.n_params})",
                     fp_solve, solve)
     spectrum = {**solved, **evaluated}
     v = load_tree("v", solved, lam)
 
     chunks = _chunks(n, config.influence.chunk)
-    fp_scores = fingerprint("scores", fp_solve, sec["influence"]["chunk"], code)
+    fp_scores = fingerprint("scores", after("solve"), sec["influence"]["chunk"], code)
     parts = []
     todo = {i for i in range(len(chunks)) if store.load(f"scores_{i:04d}", fingerprint(fp_scores, i)) is None}
     with ui.progress(f"Influence: task and instance scores, {len(chunks)} chunk(s) of tasks", len(chunks), len(chunks) - len(todo)) as advance:
@@ -469,7 +521,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
     scores = {level: np.concatenate([p[level] for p in parts]) for level in LEVELS}
 
     # ---- baseline
-    fp_base = fingerprint("baseline", fp_newton, code)
+    fp_base = fingerprint("baseline", after("train_newton"), code)
     base = _stage(ctx, "baseline", "Baseline: raw loss after adaptation", fp_base,
                   lambda advance: dict(zip(LEVELS, evaluation.baselines.raw_loss(problem, lam, train)[:3])))
     baseline = {level: base[level] for level in LEVELS}
@@ -482,7 +534,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
         count = min(getattr(c, level), n * size)
         flat = np.sort(rng.choice(n * size, count, replace=False))
         samples[level] = np.stack(np.divmod(flat, size), axis=1)
-    fp_loo = fingerprint("loo", fp_newton, fp_data, sec["check"], code)
+    fp_loo = fingerprint("loo", after("train_newton"), sec["check"], code)
     loo = {}
     jobs = [(level, i, lo, hi) for level in LEVELS for i, (lo, hi) in enumerate(_chunks(len(samples[level]), c.chunk))]
     fresh = {(lv, i): store.load(f"loo_{lv}_{i:04d}", fingerprint(fp_loo, lv, i)) is None for lv, i, _, _ in jobs}
@@ -536,7 +588,8 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
             out[f"test_accuracy_{key}"] = accuracy(model, params, test)
         return out
 
-    fp_edit = fingerprint("edit", fp_scores, fp_base, sec["edit"], sec["check"]["retrain_steps"], code)
+    fp_edit = fingerprint("edit", [after(f"scores_{i:04d}") for i in range(len(chunks))], after("baseline"), sec["edit"],
+                          sec["check"]["retrain_steps"], code)
     edited = None
     if k_tasks + k_support:
         edited = _stage(ctx, "edit", f"Edit: remove {k_tasks} tasks + {k_support} support examples, vs retraining", fp_edit, edit)

@@ -59,9 +59,18 @@ class UI:
 
 def error(text: str) -> None:
     """One paragraph on stderr."""
+    _say("error", "bold red", text)
+
+
+def warning(text: str) -> None:
+    """One paragraph on stderr, shown also with --quiet."""
+    _say("warning", "bold yellow", text)
+
+
+def _say(label: str, style: str, text: str) -> None:
     if sys.stderr.isatty():
         from rich.markup import escape
 
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(text)}")
+        Console(stderr=True, highlight=False).print(f"[{style}]{label}:[/] {escape(text)}")
     else:
-        print(f"error: {text}", file=sys.stderr)
+        print(f"{label}: {text}", file=sys.stderr, flush=True)

@@ -2,7 +2,8 @@
 
 Location: $METAIF_CACHE, else $XDG_CACHE_HOME/metaif, else ~/.cache/metaif. Entries are named by
 a digest of their source (see `_source.fingerprint`), so a changed source never hits a stale entry.
-A cache that cannot be read is rebuilt; one that cannot be written is skipped.
+Each entry carries the sha256 of its arrays: an entry that cannot be read, or whose arrays were
+edited since it was written, is rebuilt from the source; one that cannot be written is skipped.
 """
 
 from __future__ import annotations
@@ -10,9 +11,16 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
+
+from ._source import arrays_sha256
+
+_DIGEST = "__sha256__"
+# What a damaged .npz can raise while being read (zip structure, compression, array header, array data).
+UNREADABLE = (OSError, ValueError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error)
 
 
 def cache_dir() -> Path:
@@ -23,15 +31,18 @@ def cache_dir() -> Path:
 
 
 def load(name: str) -> dict[str, np.ndarray] | None:
-    """The arrays of cache entry `name`, or None when absent or unreadable."""
+    """The arrays of cache entry `name`, or None when absent, unreadable or not what was written."""
     path = cache_dir() / name
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as entry:
-            return {key: entry[key] for key in entry.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            arrays = {key: entry[key] for key in entry.files}
+    except UNREADABLE:
         return None
+    if str(arrays.pop(_DIGEST, "")) != arrays_sha256(arrays):
+        return None
+    return arrays
 
 
 def save(name: str, arrays: dict[str, np.ndarray]) -> None:
@@ -42,7 +53,7 @@ def save(name: str, arrays: dict[str, np.ndarray]) -> None:
         handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
         try:
             with os.fdopen(handle, "wb") as out:
-                np.savez(out, **arrays)
+                np.savez(out, **arrays, **{_DIGEST: np.asarray(arrays_sha256(arrays))})
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, folder / name)

@@ -74,6 +74,18 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
+def arrays_sha256(arrays: dict, skip=()) -> str:
+    """sha256 over named arrays: names, dtypes, shapes and bytes, in name order (`skip`: names left out)."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for name in sorted(set(arrays) - set(skip)):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
 def check_digest(loader: str, path: Path, expected: str | tuple[str, ...], got: str, what: str, source: str) -> None:
     """Raise a ValueError naming the file when `got` is not one of the `expected` digests."""
     expected = (expected,) if isinstance(expected, str) else tuple(expected)
