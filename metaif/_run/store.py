@@ -16,20 +16,19 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._io import atomic_write
+
 from ..data._cache import UNREADABLE
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 # Files that only present results (terminal, report, command line): changing them recomputes nothing.
 _PRESENTATION = {"cli.py", "demo.py", "__main__.py", "_run/report.py", "_run/ui.py"}
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def code_version() -> str:
@@ -53,22 +52,6 @@ def fingerprint(*parts: Any) -> str:
     """A digest of JSON-serialisable parts (configs, upstream fingerprints)."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are ordinary files
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -9,12 +9,13 @@ edited since it was written, is rebuilt from the source; one that cannot be writ
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from .._io import atomic_write
 
 from ._source import arrays_sha256
 
@@ -50,16 +51,6 @@ def save(name: str, arrays: dict[str, np.ndarray]) -> None:
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.savez(out, **arrays, **{_DIGEST: np.asarray(arrays_sha256(arrays))})
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, folder / name)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(folder / name, lambda out: np.savez(out, **arrays, **{_DIGEST: np.asarray(arrays_sha256(arrays))}))
     except OSError:
         return
