@@ -154,25 +154,9 @@ def load_split(dataset: str) -> Split:
     raise ValueError(f"dataset must be 'omniglot', 'mnist' or 'digits'; received {dataset!r}.")
 
 
-class Features(NamedTuple):
-    """Whitened PCA: x ↦ ((x − mean) @ components) / scale."""
-
-    mean: np.ndarray
-    components: np.ndarray
-    scale: np.ndarray
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        flat = images.reshape(*images.shape[:-2], -1).astype(np.float64)
-        return (flat - self.mean) @ self.components / self.scale
-
-
-def pca(images: np.ndarray, k: int, limit: int = 20000, seed: int = 0) -> Features:
-    flat = images.reshape(images.shape[0], -1).astype(np.float64)
-    if flat.shape[0] > limit:
-        flat = flat[np.random.default_rng(seed).choice(flat.shape[0], limit, replace=False)]
-    mean = flat.mean(0)
-    _, s, vt = np.linalg.svd(flat - mean, full_matrices=False)
-    return Features(mean, vt[:k].T, s[:k] / np.sqrt(flat.shape[0]))
+# Whitened PCA features: metaif's own (the one the `metaif run` pipeline uses).
+Features = metaif.data.PCA
+pca = metaif.data.fit_pca
 
 
 def _task_set(tasks: metaif.TaskSet, features: Features) -> metaif.TaskSet:

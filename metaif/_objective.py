@@ -120,7 +120,7 @@ def accuracies_per_task(problem: BilevelProblem, meta_params: PyTree, tasks: Tas
     theta = jax.vmap(functools.partial(adapt_one, problem), in_axes=(None, 0, 0))(meta_params, tasks.support, support_weights)
     per_task = jax.vmap(jax.vmap(predict, in_axes=(None, None, 0)), in_axes=(0, None, 0))(theta, meta_params, tasks.query)
     labels = tasks.query["y"]
-    return jnp.mean(jnp.argmax(per_task, -1) == labels.astype(jnp.int32), axis=-1).astype(_tree.float_dtype(meta_params))
+    return jnp.mean(jnp.argmax(per_task, -1).astype(jnp.int32) == labels.astype(jnp.int32), axis=-1).astype(_tree.float_dtype(meta_params))
 
 
 def regularizer(problem: BilevelProblem, meta_params: PyTree) -> jax.Array:

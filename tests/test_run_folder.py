@@ -493,7 +493,7 @@ def loss(params, meta_params, example):
     ("non-scalar loss", lambda text, p: text.replace("[model]\n", f'[model]\nkind = "python"\nmodule = "{p}"\n'),
      "not a scalar", cli.EXIT_FAILED),
     ("more PCA features than pixels", lambda text, p: text.replace("features = 4", "features = 65"),
-     "fit_pca(k) = 65 exceeds", cli.EXIT_FAILED),
+     "fit_pca(k) = 65 exceeds", cli.EXIT_USAGE),  # a config problem: exit 2 (issue 16)
     ("more ways than classes", lambda text, p: text.replace("[tasks]\n", "[tasks]\nways = 11\n"),
      "ways", cli.EXIT_FAILED),
 ])
