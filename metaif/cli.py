@@ -8,6 +8,7 @@ Exit codes: 0 success; 1 the run failed (data, model, numerics); 2 a usage or co
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import shutil
 import subprocess
@@ -133,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{demo,run,bench}")
 
     demo = sub.add_parser("demo", help="the whole job on the built-in digits default", description=DEMO_HELP, formatter_class=_FORMAT)
-    demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    demo.add_argument("--out", default=None, help="output folder (default demo-out, or demo-out-quick with --quick)")
+    demo.add_argument("--quick", action="store_true", help="a first look: shorter meta-training, no leave-one-out check and "
+                                                           "no edit (the stages that retrain)")
     _job_options(demo)
     demo.set_defaults(func=_cmd_demo)
 
@@ -186,9 +189,11 @@ def _execute(config, out: Path, fresh: bool, quiet: bool, command: str) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from ._run.config import DEMO
+    from ._run.config import DEMO, QUICK
 
-    return _execute(DEMO, Path(args.out), args.fresh, args.quiet, f"metaif demo --out {args.out}")
+    out = args.out or ("demo-out-quick" if args.quick else "demo-out")
+    return _execute(QUICK if args.quick else DEMO, Path(out), args.fresh, args.quiet,
+                    f"metaif demo{' --quick' if args.quick else ''} --out {out}")
 
 
 def _cmd_run(args) -> int:
@@ -204,9 +209,12 @@ def _cmd_run(args) -> int:
 def _check_only(config, path) -> int:
     """Validate and estimate memory from the config alone (input size from the data)."""
     _setup_jax()
+    import numpy as np
+
     from ._run import memory, pipeline
 
     pools = pipeline.load_pools(config)
+    pipeline.check_pools(config, pools, str(path))   # before memory: a setting the data cannot supply is no memory problem
     pixels = int(pools.train_images[0].size)
     n_inputs = config.model.features or pixels
     t = config.tasks
@@ -214,11 +222,19 @@ def _check_only(config, path) -> int:
     m, q = t.ways * t.shots, t.ways * t.queries
     stages = memory.check(config, n_inputs, model.n_params, t.train, m, q)
     gib = 1024 ** 3
-    print(f"{path}: valid. {pools.source}: {pools.train_labels.size} meta-training and {pools.held_labels.size} held-out images; "
+    print(f"{path}: valid. {pools.source}: {pools.train_labels.size:,} meta-training images of {np.unique(pools.train_labels).size:,} "
+          f"classes and {pools.held_labels.size:,} held-out images of {np.unique(pools.held_labels).size:,} classes "
+          f"(tasks need {t.ways} classes of {t.shots} + {t.queries} images); "
           f"d = {model.n_params} meta-parameters; n = {t.train}, m = {m}, q = {q}.")
     print("estimated peak memory: " + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in stages.items() if k != "peak")
           + f"; peak {stages['peak'] / gib:.2f} GiB of {memory.available_bytes() / gib:.1f} GiB available.")
     return 0
+
+
+def _describe(script: Path) -> str:
+    """The first paragraph of a script's docstring, on one line (read, not imported: no JAX)."""
+    doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 def _cmd_bench(args) -> int:
@@ -226,13 +242,13 @@ def _cmd_bench(args) -> int:
 
     folder = Path(metaif.__file__).resolve().parents[1] / "benchmarks"
     names = args.only or list(BENCHMARKS)
-    if args.list:
-        for name in BENCHMARKS:
-            print(f"{name:<10} benchmarks/{name}.py")
-        return 0
     if not folder.is_dir():
         raise FileNotFoundError(f"the benchmarks folder {str(folder)!r} does not exist: `metaif bench` runs the scripts of a "
                                 "source checkout. Clone the repository and install it with `pip install -e .`.")
+    if args.list:
+        for name in BENCHMARKS:
+            print(f"{name:<9} benchmarks/{name}.py: {_describe(folder / f'{name}.py')}")
+        return 0
     failed = []
     for name in names:
         command = [sys.executable, str(folder / f"{name}.py")] + (["--quick"] if args.quick else [])
