@@ -325,6 +325,15 @@ def _stage(ctx: Context, name: str, label: str, fp: str, compute, total: int | N
     return arrays
 
 
+def _chunk_progress(ui: UI, label: str, total: int, done: int):
+    """The progress bar of a chunked stage; the "reused" line when every chunk is saved; nothing when empty."""
+    if total and done == total:
+        ui.reused(label)
+    if done == total:
+        return contextlib.nullcontext(lambda k=1: None)
+    return ui.progress(label, total, done)
+
+
 def _chunks(total: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, total)) for start in range(0, total, size)]
 
@@ -457,7 +466,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
     parts = []
     todo = {i for i in range(len(chunks)) if store.load(f"scores_{i:04d}", fingerprint(fp_scores, i)) is None}
     label = f"Influence: task and instance scores, {len(chunks)} chunk(s) of tasks"
-    with ui.progress(label, len(chunks), len(chunks) - len(todo)) as advance:
+    with _chunk_progress(ui, label, len(chunks), len(chunks) - len(todo)) as advance:
         for i, (lo, hi) in enumerate(chunks):
             def compute(lo=lo, hi=hi):
                 sub = jax.tree.map(lambda x: x[lo:hi], train)
@@ -488,9 +497,8 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
     jobs = [(level, i, lo, hi) for level in LEVELS for i, (lo, hi) in enumerate(_chunks(len(samples[level]), c.chunk))]
     fresh = {(lv, i): store.load(f"loo_{lv}_{i:04d}", fingerprint(fp_loo, lv, i)) is None for lv, i, _, _ in jobs}
     label = f"Check: leave-one-out retraining of {sum(len(s) for s in samples.values())} sampled data"
-    shown = ui.progress(label, sum(hi - lo for _, _, lo, hi in jobs), sum(hi - lo for lv, i, lo, hi in jobs if not fresh[lv, i])) \
-        if jobs else contextlib.nullcontext(lambda k=1: None)                       # nothing sampled: no progress line
-    with shown as advance:
+    with _chunk_progress(ui, label, sum(hi - lo for _, _, lo, hi in jobs),
+                         sum(hi - lo for lv, i, lo, hi in jobs if not fresh[lv, i])) as advance:
         for level, i, lo, hi in jobs:
             def compute(level=level, lo=lo, hi=hi):
                 change, norm = evaluation.leave_one_out(problem, lam, train, level, samples[level][lo:hi], target,

@@ -138,6 +138,8 @@ def _f(x, digits=3) -> str:
 
 EDIT_NOTE = ("edit: λ* − Σ I_λ, no retraining, damping δ = {damping} ([edit] damping): the undamped step overshoots along "
              "the Hessian's flat directions; retrain: exact Newton without the removed data")
+EDIT_NOTE_UNDAMPED = ("edit: λ* − Σ I_λ, no retraining, undamped ([edit] damping = 0; it can overshoot along the Hessian's "
+                      "flat directions); retrain: exact Newton without the removed data")
 
 
 def rows(s: dict) -> list:
@@ -174,7 +176,7 @@ def rows(s: dict) -> list:
          f"the highest task and support influence; {ed['removed_tasks_corrupted']} corrupted, {ed['removed_support_flipped']} "
          f"flipped (raw-loss baseline's picks: {ed['baseline_removed_tasks_corrupted']}, {ed['baseline_removed_support_flipped']})"),
         ("held-out loss: before / edit / retrain", f"{_f(ed['target_before'], 4)} / {_f(ed['target_edit'], 4)} / "
-         f"{_f(ed['target_retrain'], 4)}", EDIT_NOTE.format(damping=_f(ed["damping"]), smallest=_f(st["hessian_smallest"][0]))),
+         f"{_f(ed['target_retrain'], 4)}", EDIT_NOTE.format(damping=_f(ed["damping"])) if ed["damping"] else EDIT_NOTE_UNDAMPED),
         ("held-out loss, baseline's picks retrained", _f(ed["target_retrain_baseline"], 4),
          "as many tasks and examples with the highest raw loss removed instead, then retrained"),
         ("test accuracy: before / edit / retrain", f"{_f(ed['test_accuracy_before'])} / {_f(ed['test_accuracy_edit'])} / "
