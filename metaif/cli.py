@@ -35,8 +35,9 @@ commands:
 
 examples:
   metaif demo --out demo-out                 # writes demo-out/report.html, scores CSV/JSON, PNG plots
+  metaif demo --quick                        # a first look: the same scores, without the retraining checks
   metaif run configs/omniglot.toml --out runs/omniglot
-  metaif run configs/digits.toml --check     # validate the config and estimate memory, run nothing
+  metaif run configs/digits.toml --check     # validate the config against the data, estimate memory, run nothing
   metaif bench --quick
 
 Runs are resumable: rerunning the same command continues from the checkpoints in --out and gives
@@ -99,6 +100,7 @@ features (6 hidden units, d = 113) with one MAML step. About 2-3 minutes on a 2-
 
 examples:
   metaif demo                       # writes demo-out/
+  metaif demo --quick               # no leave-one-out check and no edit (the stages that retrain): demo-out-quick/
   metaif demo --out /tmp/demo       # elsewhere
   metaif demo --fresh               # recompute everything
 """
