@@ -73,7 +73,7 @@ WAYS, SHOTS = 5, 1
 LEVELS = ("tasks", "support", "query")
 MLP_REG = 1e-2
 # Damping δ of every solve, and the proximal weight of the leave-one-out retraining (the retraining
-# that damped influence estimates, README "Stationarity"). At the trained λ the total Hessian's
+# that damped influence estimates, docs/nonstationary.md). At the trained λ the total Hessian's
 # smallest eigenvalues are within ~1e-3 of 0 (sometimes slightly negative: see min_eigenvalue), so
 # undamped influence and plain retraining are ill-posed there; δ = 1e-2 makes H + δI positive definite.
 DELTA = 1e-2
