@@ -1,18 +1,26 @@
-# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Two commands do all the set-up on a fresh machine: `make demo` (metaif and the demo) and `make test`
+# (adds the test extras, then runs the tests).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .PHONY: demo test bench notebooks docs clean
 
-$(VENV)/.installed: pyproject.toml
+# metaif and what it needs to run (`make demo`): no test tools.
+$(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# The development environment: the above plus the test extras (`make test`, docs, notebooks).
+$(VENV)/.installed: $(VENV)/.runtime
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.runtime
 	$(VENV)/bin/metaif demo --out demo-out
+	@echo "The metaif command is $(VENV)/bin/metaif (or run 'source $(VENV)/bin/activate' first, then 'metaif')."
 
 # Each test file runs in its own process, two at a time (the suite's budget is 15 minutes on 2 cores;
 # a fresh process per file also keeps XLA's compiled-code caches from growing across files).

@@ -1,5 +1,4 @@
-"""Scaling of influence: time and peak memory against n_tasks, parameter count and device count
-(issue 3, section 6).
+"""Scaling of influence: time and peak memory against n_tasks, parameter count and device count.
 
 Every point runs in a fresh subprocess, so its memory high-water mark is its own:
 
@@ -51,7 +50,7 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DATA_ROOT = ROOT.parent / "shared" / "data"
+DATA_ROOT = Path(os.environ.get("METAIF_DATA") or ROOT.parent / "shared" / "data")
 WAYS, SHOTS, QUERIES, N_TEST = 5, 1, 3, 20
 NEUMANN_ITERATIONS = 10
 

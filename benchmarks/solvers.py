@@ -1,4 +1,4 @@
-"""Accuracy against cost of every inverse-Hessian solver and curvature option (issue 3, section 5).
+"""Accuracy against cost of every inverse-Hessian solver and curvature option.
 
 On Omniglot 5-way 1-shot tasks (the real data in ../shared/data), for an MLP and a small Conv4,
 with MAML (`Unrolled`) and iMAML (`Proximal`) adaptation, this script:
@@ -69,12 +69,12 @@ from metaif.evaluation import leave_one_out, metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DATA_ROOT = ROOT.parent / "shared" / "data"
+DATA_ROOT = Path(os.environ.get("METAIF_DATA") or ROOT.parent / "shared" / "data")
 WAYS, SHOTS = 5, 1
 LEVELS = ("tasks", "support", "query")
 MLP_REG = 1e-2
 # Damping δ of every solve, and the proximal weight of the leave-one-out retraining (the retraining
-# that damped influence estimates, README "Stationarity"). At the trained λ the total Hessian's
+# that damped influence estimates, docs/nonstationary.md). At the trained λ the total Hessian's
 # smallest eigenvalues are within ~1e-3 of 0 (sometimes slightly negative: see min_eigenvalue), so
 # undamped influence and plain retraining are ill-posed there; δ = 1e-2 makes H + δI positive definite.
 DELTA = 1e-2

@@ -3,55 +3,74 @@
 Conventions (binding, see README): every task and example has a weight multiplying a
 fixed-denominator mean; influence is the derivative at weight 1; removing a datum changes a
 quantity by about −influence; a positive influence on a loss target is harmful.
+
+`import metaif` loads nothing heavy (no JAX): every public name and submodule below is imported on
+first use (PEP 562), so `metaif.influence`, `metaif.evaluation.retrain` or
+`from metaif import problems` work without further imports, and the `metaif` command starts fast.
 """
 
-from . import core as core
-from . import curvature as curvature
-from . import data as data
-from . import explain as explain
-from . import models as models
-from . import parallel as parallel
-from . import solvers as solvers
-from ._adapt import Adaptation as Adaptation
-from ._adapt import FirstOrder as FirstOrder
-from ._adapt import Proximal as Proximal
-from ._adapt import Unrolled as Unrolled
-from ._boundary import ConstantTargetWarning as ConstantTargetWarning
-from ._boundary import NonStationaryWarning as NonStationaryWarning
-from ._diagnostics import Diagnostics as Diagnostics
-from ._hessian import hessian_operator as hessian_operator
-from ._influence import AdaptedInfluence as AdaptedInfluence
-from ._influence import Influence as Influence
-from ._influence import Scores as Scores
-from ._influence import adapted_influence as adapted_influence
-from ._influence import influence as influence
-from ._influence import instance_influence as instance_influence
-from ._influence import task_influence as task_influence
-from ._objective import Weights as Weights
-from ._pairwise import NewTaskInfluence as NewTaskInfluence
-from ._pairwise import new_task_influence as new_task_influence
-from ._pairwise import pairwise_influence as pairwise_influence
-from ._pairwise import self_influence as self_influence
-from ._objective import adapt as adapt
-from ._objective import adapt_tasks as adapt_tasks
-from ._objective import adaptation_residual as adaptation_residual
-from ._objective import meta_objective as meta_objective
-from ._objective import task_accuracies as task_accuracies
-from ._objective import task_losses as task_losses
-from ._problem import BilevelProblem as BilevelProblem
-from ._problem import TaskSet as TaskSet
-from ._removal import TaskRemoval as TaskRemoval
-from ._removal import task_removal as task_removal
-from ._runtime import configure_cpu as configure_cpu
-from ._runtime import enable_compilation_cache as enable_compilation_cache
-from .training import TrainResult as TrainResult
-from .training import newton_refine as newton_refine
-from .training import meta_train as meta_train
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Adaptation", "AdaptedInfluence", "BilevelProblem", "ConstantTargetWarning", "Diagnostics", "FirstOrder", "Influence", "NewTaskInfluence",
-    "NonStationaryWarning", "Proximal", "Scores", "TaskRemoval", "TaskSet", "TrainResult", "Unrolled", "Weights", "adapt", "adapt_tasks", "adaptation_residual", "adapted_influence", "configure_cpu", "core", "curvature", "data", "enable_compilation_cache", "explain", "hessian_operator", "influence", "instance_influence",
-    "meta_objective", "meta_train", "models", "new_task_influence", "newton_refine", "pairwise_influence", "parallel", "self_influence", "solvers", "task_accuracies", "task_influence", "task_losses", "task_removal",
-]
+# Public submodules: reachable as attributes after `import metaif`.
+_SUBMODULES = ("core", "curvature", "data", "evaluation", "explain", "models", "parallel", "problems", "solvers", "training")
+
+# Public name -> the module (relative to metaif) that defines it.
+_EXPORTS = {
+    "Adaptation": "_adapt",
+    "FirstOrder": "_adapt",
+    "Proximal": "_adapt",
+    "Unrolled": "_adapt",
+    "ConstantTargetWarning": "_boundary",
+    "NonStationaryWarning": "_boundary",
+    "Diagnostics": "_diagnostics",
+    "hessian_operator": "_hessian",
+    "AdaptedInfluence": "_influence",
+    "Influence": "_influence",
+    "adapted_influence": "_influence",
+    "influence": "_influence",
+    "instance_influence": "_influence",
+    "task_influence": "_influence",
+    "Scores": "_influence",
+    "Weights": "_objective",
+    "adapt": "_objective",
+    "adapt_tasks": "_objective",
+    "adaptation_residual": "_objective",
+    "meta_objective": "_objective",
+    "task_accuracies": "_objective",
+    "task_losses": "_objective",
+    "NewTaskInfluence": "_pairwise",
+    "new_task_influence": "_pairwise",
+    "pairwise_influence": "_pairwise",
+    "self_influence": "_pairwise",
+    "BilevelProblem": "_problem",
+    "TaskSet": "_problem",
+    "TaskRemoval": "_removal",
+    "task_removal": "_removal",
+    "configure_cpu": "_runtime",
+    "enable_compilation_cache": "_runtime",
+    "TrainResult": "training",
+    "meta_train": "training",
+    "newton_refine": "training",
+}
+
+__all__ = sorted([*_EXPORTS, "core", "curvature", "data", "explain", "models", "parallel", "solvers"])
+
+
+def __getattr__(name: str):
+    """Import a public submodule or name on first use."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")  # the import also sets the attribute
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'metaif' has no attribute {name!r}. Public names: see metaif.__all__ "
+                         f"and the submodules {', '.join(_SUBMODULES)}.")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})

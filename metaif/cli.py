@@ -8,6 +8,7 @@ Exit codes: 0 success; 1 the run failed (data, model, numerics); 2 a usage or co
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import subprocess
 import sys
@@ -29,8 +30,9 @@ commands:
 
 examples:
   metaif demo --out demo-out                 # writes demo-out/report.html, scores CSV/JSON, PNG plots
+  metaif demo --quick                        # a first look: the same scores, without the retraining checks
   metaif run configs/omniglot.toml --out runs/omniglot
-  metaif run configs/digits.toml --check     # validate the config and estimate memory, run nothing
+  metaif run configs/digits.toml --check     # validate the config against the data, estimate memory, run nothing
   metaif bench --quick
 
 Runs are resumable: rerunning the same command continues from the checkpoints in --out and gives
@@ -104,6 +106,7 @@ features (6 hidden units, d = 113) with one MAML step. About 2-3 minutes on a 2-
 
 examples:
   metaif demo                       # writes demo-out/
+  metaif demo --quick               # no leave-one-out check and no edit (the stages that retrain): demo-out-quick/
   metaif demo --out /tmp/demo       # elsewhere
   metaif demo --fresh               # recompute everything
 """
@@ -140,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{demo,run,bench}")
 
     demo = sub.add_parser("demo", help="the whole job on the built-in digits default", description=DEMO_HELP, formatter_class=_FORMAT)
-    demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    demo.add_argument("--out", default=None, help="output folder (default demo-out, or demo-out-quick with --quick)")
+    demo.add_argument("--quick", action="store_true", help="a first look: shorter meta-training, no leave-one-out check and "
+                                                           "no edit (the stages that retrain)")
     _job_options(demo)
     demo.set_defaults(func=_cmd_demo)
 
@@ -209,9 +214,11 @@ def _output_folder(out: Path) -> None:
 
 
 def _cmd_demo(args) -> int:
-    from ._run.config import DEMO
+    from ._run.config import DEMO, QUICK
 
-    return _execute(DEMO, Path(args.out), f"--out {args.out!r}", args.fresh, args.quiet, f"metaif demo --out {args.out}")
+    out = args.out or ("demo-out-quick" if args.quick else "demo-out")
+    return _execute(QUICK if args.quick else DEMO, Path(out), f"--out {out!r}", args.fresh, args.quiet,
+                    f"metaif demo{' --quick' if args.quick else ''} --out {out}")
 
 
 def _cmd_run(args) -> int:
@@ -233,15 +240,19 @@ def _check_only(config, path, out: Path, label: str) -> int:
     and tasks are built, the model file is loaded (executed) and its loss evaluated on a real task,
     the memory estimate is made, and the output folder is checked; nothing is written."""
     _setup_jax()
+    import numpy as np
+
     from ._run import folder, memory, pipeline
 
     folder.check(out, label)
     pools = pipeline.load_pools(config)
+    pipeline.check_pools(config, pools, str(path))   # before memory: a setting the data cannot supply is no memory problem
     prepared = pipeline.setup(config, pipeline.build_data(config, pools))
-    train = prepared.train
-    stages = prepared.estimate
+    train, stages, t = prepared.train, prepared.estimate, config.tasks
     gib = 1024 ** 3
-    print(f"{path}: valid. {pools.source}: {pools.train_labels.size} meta-training and {pools.held_labels.size} held-out images; "
+    print(f"{path}: valid. {pools.source}: {pools.train_labels.size:,} meta-training images of {np.unique(pools.train_labels).size:,} "
+          f"classes and {pools.held_labels.size:,} held-out images of {np.unique(pools.held_labels).size:,} classes "
+          f"(tasks need {t.ways} classes of {t.shots} + {t.queries} images); "
           f"d = {prepared.model.n_params} meta-parameters; n = {train.n_tasks}, m = {train.n_support}, q = {train.n_query}. "
           f"Output folder: {out}/.")
     print("estimated peak memory: " + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in stages.items() if k != "peak")
@@ -249,18 +260,24 @@ def _check_only(config, path, out: Path, label: str) -> int:
     return 0
 
 
+def _describe(script: Path) -> str:
+    """The first paragraph of a script's docstring, on one line (read, not imported: no JAX)."""
+    doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 def _cmd_bench(args) -> int:
     import metaif
 
     folder = Path(metaif.__file__).resolve().parents[1] / "benchmarks"
     names = args.only or list(BENCHMARKS)
-    if args.list:
-        for name in BENCHMARKS:
-            print(f"{name:<10} benchmarks/{name}.py")
-        return 0
     if not folder.is_dir():
         raise FileNotFoundError(f"the benchmarks folder {str(folder)!r} does not exist: `metaif bench` runs the scripts of a "
                                 "source checkout. Clone the repository and install it with `pip install -e .`.")
+    if args.list:
+        for name in BENCHMARKS:
+            print(f"{name:<9} benchmarks/{name}.py: {_describe(folder / f'{name}.py')}")
+        return 0
     failed = []
     for name in names:
         command = [sys.executable, str(folder / f"{name}.py")] + (["--quick"] if args.quick else [])

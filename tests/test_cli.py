@@ -2,8 +2,11 @@
 resumability (a real kill -9 of a running subprocess, then a restart that reuses finished work and
 gives the same scores as an uninterrupted run). Runs use a tiny digits config (seconds)."""
 
+import csv
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,10 +23,11 @@ import pytest
 import metaif
 from metaif import cli
 from metaif._run import config as run_config
-from metaif._run import memory, pipeline
+from metaif._run import memory, pipeline, report
 from metaif._run.store import Store, fingerprint
 
-ROOT = Path(__file__).resolve().parents[1]
+from _paths import DATA, ROOT  # noqa: E402  ($METAIF_DATA, else ../shared/data)
+
 # Checkpoints are keyed by metaif's code digest; pin it so concurrent edits of the source tree
 # (several people share one checkout) cannot invalidate a test's checkpoints mid-test.
 os.environ["METAIF_CODE_VERSION"] = "tests"
@@ -104,6 +108,22 @@ def test_console_script_and_module_alias():
 def test_bench_list(capsys):
     code, out, _ = run_main(capsys, "bench", "--list")
     assert code == 0 and all(name in out for name in cli.BENCHMARKS)
+    lines = out.splitlines()
+    assert len(lines) == len(cli.BENCHMARKS)
+    for name, line in zip(cli.BENCHMARKS, lines):   # each with the first sentence of its script's docstring
+        assert line.split()[0] == name and len(line) > 50 and "issue" not in line, line
+    assert "time to compute every task, support and query score" in lines[0]
+
+
+def test_help_and_bench_list_do_not_import_jax():
+    """The command's help and listings answer without loading JAX (seconds saved per call)."""
+    script = ("import sys\nfrom metaif import cli\n"
+              "for argv in (['--help'], ['run', '--help'], ['demo', '--help'], ['bench', '--list'], ['--version']):\n"
+              "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+              "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "LOADED []", done.stdout[-500:]
 
 
 # ----------------------------------------------------------------------------- config errors
@@ -129,6 +149,49 @@ def test_bad_config_is_one_paragraph_and_exit_2(capsys, tmp_path, text, expected
 def test_missing_config_file(capsys, tmp_path):
     code, _, err = run_main(capsys, "run", str(tmp_path / "nope.toml"))
     assert code == cli.EXIT_USAGE and "does not exist" in err
+
+
+@pytest.mark.parametrize("tasks, expected", [
+    ("ways = 11", ["[tasks] ways = 11", "meta-training pool", "has 10 classes", "Set ways <= 10"]),
+    ("shots = 90\nqueries = 10", ["shots + queries = 90 + 10 = 100", "meta-training pool", "has 97 images",
+                                  "Set shots + queries <= 97"]),
+    ("shots = 50\nqueries = 10", ["= 60 images per class", "held-out pool (the [tasks] target and test tasks)", "has 57 images",
+                                  "Set shots + queries <= 57"]),
+    ("ways = 5000\nshots = 25", ["[tasks] ways = 5000", "has 10 classes"]),    # a data limit, not a memory problem
+])
+def test_check_compares_tasks_with_what_the_data_holds(capsys, tmp_path, tasks, expected):
+    """digits: 10 classes in both pools; per class 97-123 meta-training and 57-84 held-out images."""
+    config = write(tmp_path / "c.toml", f"[tasks]\n{tasks}\n")
+    for argv in (["--check"], ["--out", str(tmp_path / "out")]):   # --check, and a real run before any work
+        code, out, err = run_main(capsys, "run", str(config), *argv)
+        assert code == cli.EXIT_USAGE and err.startswith("error: ") and err.count("\n") == 1, err
+        for part in expected:
+            assert part in err, err
+        assert "memory" not in err and "classes=" not in err and "valid" not in out
+    assert not (tmp_path / "out" / "checkpoints" / "data.npz").exists()
+
+
+def test_check_reports_what_the_data_holds(capsys):
+    code, out, _ = run_main(capsys, "run", str(ROOT / "configs" / "digits.toml"), "--check")
+    assert code == 0 and "valid" in out and "images of 10 classes" in out and "(tasks need 5 classes of 2 + 3 images)" in out
+
+
+@pytest.mark.skipif(not (DATA / "omniglot").is_dir(), reason=f"Omniglot archives not found in {DATA}/omniglot")
+def test_check_names_omniglot_limits(capsys, monkeypatch):
+    """The limits of the standard split: 20 images per class, 1,200 meta-training and 423 held-out classes."""
+    monkeypatch.setenv("METAIF_DATA", str(DATA))
+    base = run_config.load(ROOT / "configs" / "omniglot.toml")
+    pools = pipeline.load_pools(base)
+    for changes, expected in (({"shots": 18, "queries": 3}, ["= 21 images per class", "every class has 20 images"]),
+                              ({"ways": 1300}, ["[tasks] ways = 1300", "meta-training pool", "has 1,200 classes"]),
+                              ({"ways": 500}, ["[tasks] ways = 500", "held-out pool", "has 423 classes"])):
+        config = dataclasses.replace(base, tasks=dataclasses.replace(base.tasks, **changes))
+        with pytest.raises(run_config.ConfigError) as error:
+            pipeline.check_pools(config, pools)
+        for part in expected:
+            assert part in str(error.value), str(error.value)
+    code, out, _ = run_main(capsys, "run", str(ROOT / "configs" / "omniglot.toml"), "--check")
+    assert code == 0 and "of 1,200 classes" in out and "of 423 classes" in out
 
 
 def test_every_example_config_is_valid():
@@ -238,6 +301,7 @@ def tiny_run(tmp_path_factory):
     config = write(folder / "tiny.toml", TINY)
     code = cli.main(["run", str(config), "--out", str(folder / "out"), "--quiet"])
     assert code == 0
+    shutil.copy(folder / "out" / "summary.json", folder / "first-summary.json")   # before any rerun
     return folder, config, folder / "out"
 
 
@@ -257,8 +321,151 @@ def test_run_writes_scores_plots_and_reports(tiny_run):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 6 and "predicted vs actual" in html
     lines = (out / "scores_support.csv").read_text().splitlines()
-    assert lines[0].startswith("task,example,influence") and len(lines) == 1 + 8 * 5
+    assert lines[0].startswith("level,task,example,influence") and len(lines) == 1 + 8 * 5
     assert "![detection.png](detection.png)" in (out / "report.md").read_text()
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_score_csvs_share_one_documented_schema(tiny_run):
+    _, _, out = tiny_run
+    header = ",".join(name for name, _ in report.COLUMNS)
+    tables = {level: _csv(out / f"scores_{level}.csv") for level in ("tasks", "support", "query")}
+    for level in tables:
+        assert (out / f"scores_{level}.csv").read_text().splitlines()[0] == header
+    assert [len(t) for t in tables.values()] == [8, 8 * 5, 8 * 5]          # TINY: 8 tasks, 5-way 1-shot, 1 query per class
+    markdown = (out / "report.md").read_text()
+    assert all(f"| `{name}` |" in markdown for name, _ in report.COLUMNS)  # every column documented in the report
+    scores = json.loads((out / "scores.json").read_text())
+    for level, rows in tables.items():
+        assert all(row["level"] == level for row in rows)
+        assert [float(r["influence"]) for r in rows] == np.ravel(scores[level]).tolist()
+        assert all(float(r["predicted_change_if_removed"]) == -float(r["influence"]) for r in rows)
+        retrained = [r for r in rows if r["actual_change_if_removed"]]
+        assert len(retrained) == 3                                          # TINY's leave-one-out sample per level
+    examples = tables["support"] + tables["query"]
+    classes = np.asarray(scores["classes"])
+    for r in examples:
+        task, label, true = int(r["task"]), int(r["label"]), int(r["true_label"])
+        assert r["label_wrong"] == str(int(label != true))
+        assert int(r["class"]) == classes[task, true] and int(r["labelled_class"]) == classes[task, label]
+        if r["flipped"] == "1" and r["task_corrupted"] == "0":
+            assert r["label_wrong"] == "1"
+    assert all(r["flipped"] == "0" for r in tables["query"])
+    # inside corrupted tasks labels are random, not flipped: wrong labels with flipped = 0 (the report says so)
+    assert any(r["task_corrupted"] == "1" and r["label_wrong"] == "1" and r["flipped"] == "0" for r in examples)
+    assert "label_wrong can be 1 with flipped = 0" in markdown
+    removed = {r["task"] for r in tables["tasks"] if r["removed_by_edit"] == "1"}
+    assert len(removed) == 2                                                # TINY: [edit] tasks = 0.25 of 8
+    assert all((r["removed_by_edit"] == "1") == (r["task"] in removed) for r in tables["query"])
+    assert all(r["removed_by_edit"] == "1" for r in tables["support"] if r["task"] in removed)
+
+
+def test_class_column_is_the_digit_of_the_image(tiny_run):
+    """`class` names the dataset class (the digit), not the within-task label: checked on the pixels."""
+    _, _, out = tiny_run
+    digits = metaif.data.load_digits()
+    pixels = np.round(np.clip(digits.images, 0, 1) * 255).astype(np.uint8)
+    digit_of = {}
+    for image, label in zip(pixels, digits.labels):
+        digit_of.setdefault(image.tobytes(), set()).add(int(label))
+    images = np.load(out / "checkpoints" / "data.npz")["support_images"]
+    rows = _csv(out / "scores_support.csv")
+    for r in rows:
+        assert digit_of[images[int(r["task"]), int(r["example"])].tobytes()] == {int(r["class"])}
+
+
+def test_figures_show_classes_full_bars_and_newton_on_its_own_axis(tiny_run, tmp_path, monkeypatch):
+    _, config_path, out = tiny_run
+    results = pipeline.run(run_config.load(config_path), out, pipeline.UI(quiet=True))   # every stage reused
+    summary = report.summarize(results)
+    figures = {}
+    monkeypatch.setattr(report, "_finish", lambda fig, path: figures.setdefault(path.name, fig))
+    report.figures(tmp_path, results, summary, top_k=3)
+    try:
+        loss_axis, accuracy_axis = figures["editing.png"].axes[:2]
+        assert loss_axis.get_ylim()[0] == 0 and accuracy_axis.get_ylim() == (0, 1)     # bars are not truncated
+        assert not loss_axis.get_legend()                                              # no undamped "predicted" line
+        adam_norms, newton_norms = figures["training.png"].axes[1], figures["training.png"].axes[2]
+        steps = len(results["refined"]["grad_norms"])
+        assert len(adam_norms.lines[0].get_xdata()) == 150 and len(newton_norms.lines[0].get_xdata()) == steps + 1
+        assert newton_norms.get_xlim()[1] < steps + 1                                  # Newton has its own axis
+        titles = [ax.get_title() for ax in figures["examples.png"].axes if ax.get_title()]
+        assert len(titles) == 6 and all(": class " in t for t in titles)
+    finally:
+        for figure in figures.values():
+            report._plt().close(figure)
+
+
+def test_summary_says_what_each_stage_cost(tiny_run):
+    folder, _, _ = tiny_run
+    first = json.loads((folder / "first-summary.json").read_text())
+    stages = first["stages"]
+    assert list(stages) == ["data", "train_adam", "train_newton", "evaluate", "solve", "scores", "baseline", "loo", "edit"]
+    assert abs(sum(s["share"] for s in stages.values()) - 1) < 1e-9 and first["compute_s"] > 0
+    assert all(s["seconds"] > 0 and s["peak_rss_gib"] > 0.05 and not s["reused"] for s in stages.values())
+    assert not first["resumed"] and first["wall_s"] >= first["compute_s"] * 0.9
+    table = report.rows(first)
+    for name in stages:
+        assert any(row and row[0].strip() == report.STAGES[name] and row[1].endswith("%)") for row in table), name
+
+
+def test_resume_keeps_the_original_measurements_and_marks_reuse(tiny_run):
+    """A rerun of a finished run reuses every stage and reports the measurements made when the
+    stages were computed (time, peak memory), not its own."""
+    folder, config, out = tiny_run
+    first = json.loads((folder / "first-summary.json").read_text())
+    assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["resumed"] and set(again["reused_stages"]) == set(first["stages"])
+    assert again["compute_s"] == first["compute_s"]
+    assert again["memory"]["measured_peak_gib"] == first["memory"]["measured_peak_gib"]
+    for name, stage in first["stages"].items():
+        assert again["stages"][name] == {**stage, "reused": True, "checkpoints_reused": stage["checkpoints"]}, name
+    markdown = (out / "report.md").read_text()
+    assert markdown.count("saved by an earlier command, reused") == len(first["stages"])
+    assert f"| time: all stages | {first['compute_s']:.1f} s |" in markdown
+    assert f"/ {first['memory']['measured_peak_gib']:.2f} GiB |" in markdown
+
+
+def test_report_explains_the_edit_row(tiny_run):
+    _, _, out = tiny_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert "target_predicted" not in summary["edit"]                   # the undamped first-order sum is not reported
+    markdown = (out / "report.md").read_text()
+    assert "held-out loss: before / predicted" not in markdown
+    row = next(line for line in markdown.splitlines() if line.startswith("| held-out loss: before / edit / retrain |"))
+    assert "damping δ = 0.100 ([edit] damping)" in row and "overshoots along the Hessian's flat directions" in row
+
+
+def test_demo_quick_is_the_demo_without_the_retraining_stages(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "_execute", lambda config, out, fresh, quiet, command: seen.append((config, out, command)) or 0)
+    assert cli.main(["demo", "--quick"]) == 0 and cli.main(["demo"]) == 0
+    (quick, quick_out, quick_command), (demo, demo_out, _) = seen
+    assert quick is run_config.QUICK and quick_out == Path("demo-out-quick") and quick_command.startswith("metaif demo --quick")
+    assert demo is run_config.DEMO and demo_out == Path("demo-out")
+    for section in ("data", "tasks", "model", "train", "influence", "report"):   # the same problem and scores
+        assert getattr(quick, section) == getattr(demo, section)
+    assert (quick.check.tasks, quick.check.support, quick.check.query, quick.edit.tasks, quick.edit.support) == (0, 0, 0, 0, 0)
+
+
+def test_run_without_check_and_edit(tmp_path):
+    """What `metaif demo --quick` runs: no leave-one-out sample, no edit; the report says so."""
+    text = TINY.replace("tasks = 3\nsupport = 3\nquery = 3", "tasks = 0\nsupport = 0\nquery = 0")
+    config = write(tmp_path / "t.toml", text.replace("tasks = 0.25\nsupport = 0.05", "tasks = 0.0\nsupport = 0.0"))
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "loo" not in summary["stages"] and "edit" not in summary["stages"]
+    assert summary["fidelity"]["tasks"]["n"] == 0
+    assert not (tmp_path / "out" / "editing.png").exists() and not (tmp_path / "out" / "predicted_vs_actual.png").exists()
+    table = report.rows(summary)
+    assert ("predicted vs actual", "not checked", "[check] tasks, support, query = 0 (e.g. metaif demo --quick)") in table
+    assert ("edit", "not run", "[edit] tasks, support = 0 (e.g. metaif demo --quick)") in table
+    assert not any(row and "n/a" in row[1] for row in table)
 
 
 def test_chunked_scores_equal_one_influence_call(tiny_run):

@@ -1,5 +1,5 @@
-"""metaif.data: loaders on the real files (shared data) and on generated fixtures of the same
-layouts, few-shot sampling invariants, label corruption, sinusoid ground truth."""
+"""metaif.data: loaders on the real files ($METAIF_DATA, else ../shared/data) and on generated
+fixtures of the same layouts, few-shot sampling invariants, label corruption, sinusoid ground truth."""
 
 import gzip
 import io
@@ -17,7 +17,8 @@ import metaif
 from metaif import data
 from metaif.data import _mnist, _omniglot
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+from _paths import DATA  # $METAIF_DATA, else ../shared/data
+
 needs_omniglot = pytest.mark.skipif(not (DATA / "omniglot").is_dir(), reason=f"Omniglot archives not found in {DATA}/omniglot")
 needs_mnist = pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST IDX files not found in {DATA}/mnist")
 

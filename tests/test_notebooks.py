@@ -16,9 +16,9 @@ import pytest
 import nbclient  # noqa: E402  (test dependencies: a missing one must fail, not skip)
 import nbformat  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from _paths import DATA, ROOT  # noqa: E402
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-DATA = Path(os.environ.get("METAIF_DATA") or ROOT.parent / "shared" / "data")
 NEEDS_DATA = {"02_cleaning_omniglot.ipynb": "omniglot"}
 
 

@@ -495,7 +495,7 @@ def loss(params, meta_params, example):
     ("more PCA features than pixels", lambda text, p: text.replace("features = 4", "features = 65"),
      "fit_pca(k) = 65 exceeds", cli.EXIT_USAGE),  # a config problem: exit 2 (issue 16)
     ("more ways than classes", lambda text, p: text.replace("[tasks]\n", "[tasks]\nways = 11\n"),
-     "ways", cli.EXIT_FAILED),
+     "ways", cli.EXIT_USAGE),  # a config problem the data cannot supply: exit 2 (issue 19)
 ])
 def test_check_rejects_what_the_run_rejects(capsys, tmp_path, case, edit, expected, code):
     """Before, --check said "valid" for each of these and the run then failed."""

@@ -123,6 +123,11 @@ class Config:
 
 
 DEMO = Config()
+# `metaif demo --quick`: the demo without the two stages that retrain (the leave-one-out check and the
+# edit), which take most of its time; the scores are the demo's.
+QUICK = dataclasses.replace(DEMO, check=dataclasses.replace(DEMO.check, tasks=0, support=0, query=0),
+                            edit=dataclasses.replace(DEMO.edit, tasks=0.0, support=0.0),
+                            run=dataclasses.replace(DEMO.run, name="demo-quick"))
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _CLASSES = {f.name: type(getattr(DEMO, f.name)) for f in dataclasses.fields(Config)}
 CHOICES = {("data", "dataset"): DATASETS, ("data", "held_out"): ("auto", "classes", "images"),

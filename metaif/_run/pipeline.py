@@ -16,10 +16,12 @@ are deterministic, so a resumed run gives the same scores as an uninterrupted on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import importlib.util
+import resource
 import time
 import zipfile
 import zlib
@@ -192,9 +194,33 @@ def pools_sha256(pools: Pools) -> str:
     return metaif.data._source.arrays_sha256(pools._asdict(), skip=("source",))
 
 
+def check_pools(config: Config, pools: Pools, where: str = "config") -> None:
+    """ConfigError naming the limit when a pool cannot supply `ways` classes of `shots + queries`
+    images each (training tasks from the meta-training pool; target and test tasks from the
+    held-out pool)."""
+    t = config.tasks
+    need = t.shots + t.queries
+    for labels, role in ((pools.train_labels, "meta-training pool (the [tasks] train tasks)"),
+                         (pools.held_labels, "held-out pool (the [tasks] target and test tasks)")):
+        classes, counts = np.unique(labels, return_counts=True)
+        if counts.size == 0:
+            raise ConfigError(f"{where}: the {role} of {pools.source} is empty. Lower [data] held_fraction "
+                              "or use held_out = \"images\".")
+        if need > counts.min():
+            fewest = int(classes[np.argmin(counts)])
+            limit = ("every class has " if counts.min() == counts.max() else f"its smallest class ({fewest}) has ") + \
+                f"{counts.min()} images"
+            raise ConfigError(f"{where}: [tasks] shots + queries = {t.shots} + {t.queries} = {need} images per class, but "
+                              f"in the {role} of {pools.source} {limit}. Set shots + queries <= {counts.min()}.")
+        if t.ways > classes.size:
+            raise ConfigError(f"{where}: [tasks] ways = {t.ways}, but the {role} of {pools.source} has {classes.size:,} "
+                              f"classes. Set ways <= {classes.size}.")
+
+
 def build_data(config: Config, pools: Pools | None = None) -> dict[str, np.ndarray]:
     """Tasks in feature space, corruption masks, the raw support images (for plots) and the PCA."""
     pools = load_pools(config) if pools is None else pools
+    check_pools(config, pools)
     t = config.tasks
     features = None
     if config.model.features:
@@ -206,7 +232,9 @@ def build_data(config: Config, pools: Pools | None = None) -> dict[str, np.ndarr
     embed = (lambda x: features(x)) if features is not None else (lambda x: np.asarray(x, np.float64).reshape(*x.shape[:2], -1))
     sample = lambda images, labels, n, seed: metaif.data.few_shot_tasks(images, labels, n, t.ways, t.shots, t.queries, seed)
     train = sample(pools.train_images, pools.train_labels, t.train, 1000 * t.seed + 1)
-    clean_support = np.asarray(train.support["y"]).copy()
+    # the dataset class of each task label (e.g. the digit), for the CSVs and plots
+    classes = metaif.data.few_shot_indices(pools.train_labels, t.train, t.ways, t.shots, t.queries, 1000 * t.seed + 1).classes
+    clean_support, clean_query = (np.asarray(part["y"]).copy() for part in (train.support, train.query))
     train, task_mask = metaif.data.corrupt(train, t.corrupt_tasks, "task", seed=1000 * t.seed + 7, n_classes=t.ways)
     train, flip_mask = metaif.data.corrupt(train, t.flip_support, "support", seed=1000 * t.seed + 8, n_classes=t.ways)
     target = sample(pools.held_images, pools.held_labels, t.target, 1000 * t.seed + 2)
@@ -219,7 +247,8 @@ def build_data(config: Config, pools: Pools | None = None) -> dict[str, np.ndarr
         "target_qx": embed(target.query["x"]), "target_qy": np.asarray(target.query["y"], np.int32),
         "test_sx": embed(test.support["x"]), "test_sy": np.asarray(test.support["y"], np.int32),
         "test_qx": embed(test.query["x"]), "test_qy": np.asarray(test.query["y"], np.int32),
-        "clean_support_y": clean_support.astype(np.int32), "task_mask": task_mask, "flip_mask": flip_mask,
+        "clean_support_y": clean_support.astype(np.int32), "clean_query_y": clean_query.astype(np.int32),
+        "train_classes": classes.astype(np.int64), "task_mask": task_mask, "flip_mask": flip_mask,
         "support_images": np.round(np.clip(support_images, 0, 1) * 255).astype(np.uint8),
         "source": np.asarray(pools.source), "n_pool_images": np.asarray([pools.train_labels.size, pools.held_labels.size]),
     }
@@ -314,14 +343,42 @@ _chunk_scores = jax.jit(core.target_scores, static_argnames=("chunk_size", "n_ta
 # ----------------------------------------------------------------------------- the run
 
 
+def max_rss_bytes() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def with_rss(arrays: dict) -> dict:
+    """arrays plus the process's peak memory so far, saved with a checkpoint so that a resumed run
+    reports the memory measured when the stage was computed."""
+    return {**arrays, "max_rss": np.asarray(max_rss_bytes())}
+
+
+@dataclasses.dataclass
+class Cost:
+    """What a stage cost when it was computed (kept in its checkpoints), and whether this command reused it."""
+
+    label: str
+    seconds: float
+    max_rss: float       # bytes; nan for checkpoints written before it was recorded
+    reused: int          # checkpoints (chunks) reused by this command
+    parts: int = 1       # checkpoints (chunks) of the stage
+
+
 @dataclasses.dataclass
 class Context:
     config: Config
     store: Store
     ui: UI
     code: str
-    timings: dict = dataclasses.field(default_factory=dict)
-    reused: list = dataclasses.field(default_factory=list)
+    costs: dict = dataclasses.field(default_factory=dict)
+
+    def record(self, name: str, label: str, parts: list[dict], reused: int) -> None:
+        if not parts:  # a stage with nothing to do (e.g. no leave-one-out sample)
+            return
+        rss = [float(p["max_rss"]) for p in parts if "max_rss" in p]
+        self.costs[name] = Cost(label, float(sum(float(p.get("seconds", np.nan)) for p in parts)),
+                                max(rss) if rss else float("nan"), reused, len(parts))
 
 
 def _stage(ctx: Context, name: str, label: str, fp: str, compute, total: int | None = None) -> dict[str, np.ndarray]:
@@ -330,17 +387,26 @@ def _stage(ctx: Context, name: str, label: str, fp: str, compute, total: int | N
     if cached is not None:
         ctx.store.log("reused", name)
         ctx.ui.reused(label)
-        ctx.reused.append(name)
-        ctx.timings[name] = float(cached.get("seconds", np.nan))
+        ctx.record(name, label, [cached], 1)
         return cached
     with ctx.ui.progress(label, total) as advance:
         start = time.perf_counter()
         arrays = {k: np.asarray(v) for k, v in compute(advance).items()}
         arrays["seconds"] = np.asarray(time.perf_counter() - start)
+    arrays = with_rss(arrays)
     ctx.store.save(name, fp, arrays)
     ctx.store.log("computed", name, seconds=round(float(arrays["seconds"]), 3))
-    ctx.timings[name] = float(arrays["seconds"])
+    ctx.record(name, label, [arrays], 0)
     return arrays
+
+
+def _chunk_progress(ui: UI, label: str, total: int, done: int):
+    """The progress bar of a chunked stage; the "reused" line when every chunk is saved; nothing when empty."""
+    if total and done == total:
+        ui.reused(label)
+    if done == total:
+        return contextlib.nullcontext(lambda k=1: None)
+    return ui.progress(label, total, done)
 
 
 def _chunks(total: int, size: int) -> list[tuple[int, int]]:
@@ -356,11 +422,11 @@ def _adam(ctx: Context, model: Model, tasks, fp: str) -> dict[str, np.ndarray]:
     with jax.numpy_dtype_promotion("standard"):
         state_like = optimizer.init(init)
     saved = ctx.store.load(name, fp)
+    label = f"Meta-training: Adam, {cfg.adam_steps} steps"
     if saved is not None and int(saved["done"]) == cfg.adam_steps:
         ctx.store.log("reused", name)
-        ctx.ui.reused(f"Meta-training: Adam, {cfg.adam_steps} steps")
-        ctx.reused.append(name)
-        ctx.timings[name] = float(saved["seconds"])
+        ctx.ui.reused(label)
+        ctx.record(name, label, [saved], 1)
         return saved
     if saved is not None:
         params, opt_state = load_tree("p", saved, init), load_tree("s", saved, state_like)
@@ -370,7 +436,8 @@ def _adam(ctx: Context, model: Model, tasks, fp: str) -> dict[str, np.ndarray]:
     else:
         params, opt_state, key, done, losses, norms, seconds = init, state_like, jax.random.key(cfg.seed), 0, [], [], 0.0
     weights = metaif.Weights.ones(tasks.n_tasks, tasks.n_support, tasks.n_query, jnp.float64)
-    with ctx.ui.progress(f"Meta-training: Adam, {cfg.adam_steps} steps", cfg.adam_steps, done) as advance:
+    earlier_rss = float(saved.get("max_rss", np.nan)) if saved is not None else np.nan
+    with ctx.ui.progress(label, cfg.adam_steps, done) as advance:
         while done < cfg.adam_steps:
             start = time.perf_counter()
             length = min(cfg.checkpoint_every, cfg.adam_steps - done)
@@ -382,14 +449,14 @@ def _adam(ctx: Context, model: Model, tasks, fp: str) -> dict[str, np.ndarray]:
             seconds += time.perf_counter() - start
             arrays = {**save_tree("p", params), **save_tree("s", opt_state), "key": np.asarray(jax.random.key_data(key)),
                       "done": np.asarray(done), "losses": np.asarray(losses), "grad_norms": np.asarray(norms),
-                      "seconds": np.asarray(seconds)}
+                      "seconds": np.asarray(seconds), "max_rss": np.asarray(np.fmax(earlier_rss, max_rss_bytes()))}
             ctx.store.save(name, fp, arrays)
             ctx.store.log("checkpoint", name, step=done)
             advance(length)
     if not np.isfinite(losses[-1]):
         raise ValueError(f"meta-training diverged (F = {losses[-1]}): lower [train] adam_lr or [model] inner_lr.")
     ctx.store.log("computed", name, seconds=round(seconds, 3))
-    ctx.timings[name] = seconds
+    ctx.record(name, label, [arrays], 0)
     return {k: np.asarray(v) for k, v in arrays.items()}
 
 
@@ -440,7 +507,6 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
     ctx = Context(config, store, ui, code)
     sec = _settings(config)
     after = store.sha256  # the content of a finished upstream checkpoint
-    start_all = time.perf_counter()
 
     # ---- data: keyed on the content of the loaded images and labels, not on where they came from
     pools = load_pools(config)
@@ -508,16 +574,17 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
     fp_scores = fingerprint("scores", after("solve"), sec["influence"]["chunk"], code)
     parts = []
     todo = {i for i in range(len(chunks)) if store.load(f"scores_{i:04d}", fingerprint(fp_scores, i)) is None}
-    with ui.progress(f"Influence: task and instance scores, {len(chunks)} chunk(s) of tasks", len(chunks), len(chunks) - len(todo)) as advance:
+    label = f"Influence: task and instance scores, {len(chunks)} chunk(s) of tasks"
+    with _chunk_progress(ui, label, len(chunks), len(chunks) - len(todo)) as advance:
         for i, (lo, hi) in enumerate(chunks):
             def compute(lo=lo, hi=hi):
                 sub = jax.tree.map(lambda x: x[lo:hi], train)
                 t_, a_, b_ = _chunk_scores(problem, lam, sub, v, chunk_size=config.influence.batch_size or None, n_tasks=n)
-                return {"tasks": t_, "support": a_, "query": b_}
+                return with_rss({"tasks": t_, "support": a_, "query": b_})
             parts.append(store.cached(f"scores_{i:04d}", fingerprint(fp_scores, i), compute))
             if i in todo:
                 advance()
-    ctx.timings["scores"] = float(sum(float(p["seconds"]) for p in parts))
+    ctx.record("scores", label, parts, len(chunks) - len(todo))
     scores = {level: np.concatenate([p[level] for p in parts]) for level in LEVELS}
 
     # ---- baseline
@@ -538,17 +605,18 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
     loo = {}
     jobs = [(level, i, lo, hi) for level in LEVELS for i, (lo, hi) in enumerate(_chunks(len(samples[level]), c.chunk))]
     fresh = {(lv, i): store.load(f"loo_{lv}_{i:04d}", fingerprint(fp_loo, lv, i)) is None for lv, i, _, _ in jobs}
-    with ui.progress(f"Check: leave-one-out retraining of {sum(len(s) for s in samples.values())} sampled data",
-                     sum(hi - lo for _, _, lo, hi in jobs), sum(hi - lo for lv, i, lo, hi in jobs if not fresh[lv, i])) as advance:
+    label = f"Check: leave-one-out retraining of {sum(len(s) for s in samples.values())} sampled data"
+    with _chunk_progress(ui, label, sum(hi - lo for _, _, lo, hi in jobs),
+                         sum(hi - lo for lv, i, lo, hi in jobs if not fresh[lv, i])) as advance:
         for level, i, lo, hi in jobs:
             def compute(level=level, lo=lo, hi=hi):
                 change, norm = evaluation.leave_one_out(problem, lam, train, level, samples[level][lo:hi], target,
                                                         steps=c.retrain_steps, batch_size=c.batch_size)
-                return {"change": change, "grad_norm": norm}
+                return with_rss({"change": change, "grad_norm": norm})
             loo.setdefault(level, []).append(store.cached(f"loo_{level}_{i:04d}", fingerprint(fp_loo, level, i), compute))
             if fresh[level, i]:
                 advance(hi - lo)
-    ctx.timings["loo"] = float(sum(float(p["seconds"]) for parts_ in loo.values() for p in parts_))
+    ctx.record("loo", label, [p for parts_ in loo.values() for p in parts_], sum(not f for f in fresh.values()))
     actual = {level: np.concatenate([p["change"] for p in loo[level]]) if loo.get(level) else np.zeros(0) for level in LEVELS}
     loo_norms = {level: np.concatenate([p["grad_norm"] for p in loo[level]]) if loo.get(level) else np.zeros(0) for level in LEVELS}
     predicted = {level: -(scores[level][samples[level]] if level == "tasks" else
@@ -594,12 +662,11 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
     if k_tasks + k_support:
         edited = _stage(ctx, "edit", f"Edit: remove {k_tasks} tasks + {k_support} support examples, vs retraining", fp_edit, edit)
 
-    wall = time.perf_counter() - start_all
     return dict(config=config, model=model, data=data, n=n, m=m, q=q, d=model.n_params, adam=adam, refined=refined,
                 spectrum=spectrum, solved=solved, scores=scores, baseline=baseline, samples=samples, actual=actual,
                 loo_norms=loo_norms, predicted=predicted, edited=edited, remove_tasks=remove_tasks,
-                remove_support=remove_support, base_tasks=base_tasks, base_support=base_support, timings=ctx.timings,
-                reused=ctx.reused, wall=wall, estimate=estimate, code=code)
+                remove_support=remove_support, base_tasks=base_tasks, base_support=base_support, costs=ctx.costs,
+                estimate=estimate, code=code)
 
 
 def _solver(config: Config):

@@ -10,6 +10,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 
 class UI:
@@ -53,7 +54,7 @@ class UI:
             if row is None:
                 table.add_section()
             else:
-                table.add_row(*row)
+                table.add_row(*(Text(cell) for cell in row))  # plain text: "[edit] damping" is not markup
         self.console.print(table)
 
 
