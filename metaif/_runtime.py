@@ -32,16 +32,19 @@ def configure_cpu(*, devices: int | None = None, multi_thread_eigen: bool = Fals
     Returns the resulting `XLA_FLAGS`. Raises RuntimeError when a JAX backend is already running
     (flags are read once, when the first computation starts a backend).
     """
-    if _backends_started():
-        raise RuntimeError("metaif.configure_cpu must run before the first JAX computation (XLA reads XLA_FLAGS once, "
-                           "when a backend starts); call it at the top of your script.")
     flags = os.environ.get("XLA_FLAGS", "").split()
     wanted = [] if multi_thread_eigen else ["--xla_cpu_multi_thread_eigen=false"]
     if devices is not None:
         if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
             raise ValueError(f"devices must be an int >= 1 or None; received {devices!r}.")
-        flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count=")]
         wanted.append(f"--xla_force_host_platform_device_count={devices}")
+    if all(flag in flags for flag in wanted):
+        return " ".join(flags)  # already set (by this process or its parent): nothing to change
+    if _backends_started():
+        raise RuntimeError("metaif.configure_cpu must run before the first JAX computation (XLA reads XLA_FLAGS once, "
+                           "when a backend starts); call it at the top of your script.")
+    if devices is not None:
+        flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count=")]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f for f in wanted if f not in flags])
     return os.environ["XLA_FLAGS"]
 

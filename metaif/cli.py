@@ -246,7 +246,7 @@ def _check_only(config, path, out: Path, label: str) -> int:
 
     folder.check(out, label)
     pools = pipeline.load_pools(config)
-    pipeline.check_pools(config, pools, str(path))   # before memory: a setting the data cannot supply is no memory problem
+    pipeline.check_pools(config, pools)   # as the run does, before memory: a setting the data cannot supply is no memory problem
     prepared = pipeline.setup(config, pipeline.build_data(config, pools))
     train, stages, t = prepared.train, prepared.estimate, config.tasks
     gib = 1024 ** 3

@@ -443,7 +443,7 @@ def test_report_explains_the_edit_row(tiny_run):
 
 def test_demo_quick_is_the_demo_without_the_retraining_stages(monkeypatch):
     seen = []
-    monkeypatch.setattr(cli, "_execute", lambda config, out, fresh, quiet, command: seen.append((config, out, command)) or 0)
+    monkeypatch.setattr(cli, "_execute", lambda config, out, label, fresh, quiet, command: seen.append((config, out, command)) or 0)
     assert cli.main(["demo", "--quick"]) == 0 and cli.main(["demo"]) == 0
     (quick, quick_out, quick_command), (demo, demo_out, _) = seen
     assert quick is run_config.QUICK and quick_out == Path("demo-out-quick") and quick_command.startswith("metaif demo --quick")
