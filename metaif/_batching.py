@@ -1,11 +1,11 @@
-"""Memory-bounded maps and sums over the task axis: `batch_size` tasks at a time.
+"""Memory-bounded maps and sums over the task axis: `chunk_size` tasks at a time.
 
-With `batch_size=None` these are a plain `vmap` and a plain call; with an int, peak memory grows
+With `chunk_size=None` these are a plain `vmap` and a plain call; with an int, peak memory grows
 with the chunk size, not with the number of tasks, and the answers are the same.
 
 Task-sharded data (the task axis split over a mesh axis, see `metaif.parallel`) is chunked within
 each device's shard: the task axis is viewed device-major as [devices, tasks per device] (a local
-reshape, no data moves), each step takes ceil(batch_size / devices) tasks from every device, and
+reshape, no data moves), each step takes ceil(chunk_size / devices) tasks from every device, and
 the outputs keep the task sharding. The shard layout is read from the arrays' types for Explicit
 mesh axes; for an Auto mesh, an axis named 'tasks' is taken as the task axis.
 """
@@ -91,24 +91,24 @@ def _tasks(y: jax.Array, layout: Layout) -> jax.Array:
     return _place(y, layout, PartitionSpec(layout.entry), (y.shape[0] * y.shape[1],) + y.shape[2:])
 
 
-def _chunking(data: PyTree, batch_size: int | None):
+def _chunking(data: PyTree, chunk_size: int | None):
     """(rows, rows per chunk, rows -> tasks) or None when everything fits in one chunk."""
     n = leading_size(data)
-    if batch_size is None or batch_size >= n:
+    if chunk_size is None or chunk_size >= n:
         return None
     layout = task_layout(data)
     if layout is None:
-        return data, batch_size, None
+        return data, chunk_size, None
     rows = jax.tree.map(lambda x: _rows(x, layout), data)
-    per_device = -(-batch_size // layout.shards)
+    per_device = -(-chunk_size // layout.shards)
     if per_device >= n // layout.shards:
         return None
     return rows, per_device, layout
 
 
-def map_tasks(fn: Callable, data: PyTree, batch_size: int | None) -> PyTree:
+def map_tasks(fn: Callable, data: PyTree, chunk_size: int | None) -> PyTree:
     """fn applied to every task of `data` (leaves with a leading task axis): outputs stacked."""
-    chunking = _chunking(data, batch_size)
+    chunking = _chunking(data, chunk_size)
     if chunking is None:
         return jax.vmap(fn)(data)
     rows, size, layout = chunking
@@ -118,10 +118,10 @@ def map_tasks(fn: Callable, data: PyTree, batch_size: int | None) -> PyTree:
     return jax.tree.map(lambda y: _tasks(y, layout), out)
 
 
-def sum_chunks(fn: Callable, data: PyTree, batch_size: int | None) -> PyTree:
+def sum_chunks(fn: Callable, data: PyTree, chunk_size: int | None) -> PyTree:
     """Σ over chunks of fn(chunk), where fn maps a chunk of tasks (leading axis) to a pytree that
     adds across chunks. Full chunks run in a `lax.scan`; the remainder in one extra call."""
-    chunking = _chunking(data, batch_size)
+    chunking = _chunking(data, chunk_size)
     if chunking is None:
         return fn(data)
     rows, size, layout = chunking

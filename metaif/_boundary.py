@@ -56,7 +56,7 @@ def check_options(problem, meta_params, tasks, solver, curvature, chunk_size) ->
     curvature = _curvature.check(curvature)
     curvature.check(problem, meta_params, tasks)
     if chunk_size is not None:
-        chunk_size = _validate.positive_int("batch_size", chunk_size)
+        chunk_size = _validate.positive_int("chunk_size", chunk_size)
     return Options(solver, curvature, chunk_size), meta_params
 
 

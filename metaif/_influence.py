@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _batching, _boundary, _diagnostics, _hessian, _linalg, _problem, _tree, _validate
+from ._deprecation import keyword_only, renamed
 from ._diagnostics import Diagnostics
 from ._linalg import SolveInfo
 from ._objective import adapt_one, unit_weights
@@ -228,9 +229,11 @@ def _compute(problem, meta_params, tasks, target, levels: tuple[str, ...], solve
 # ----------------------------------------------------------------------------- public API
 
 
-def influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None,
-              solver: Solver | None = None, *, curvature: Curvature | None = None,
-              batch_size: int | None = None) -> Influence:
+@keyword_only(4, ("solver",))
+@renamed(batch_size="chunk_size")
+def influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None, *,
+              solver: Solver | None = None, curvature: Curvature | None = None,
+              chunk_size: int | None = None) -> Influence:
     """Influence of every task, support example and query example, in one call.
 
     Args:
@@ -245,18 +248,20 @@ def influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, targ
         when H + δI is not positive definite.
       curvature: a `metaif.curvature` option for the solves (default `Exact()`, the total
         Hessian with its third-order terms); the mixed derivatives stay exact.
-      batch_size: process tasks this many at a time (`lax.map`/`scan`): same answers, peak
+      chunk_size: process tasks this many at a time (`lax.map`/`scan`): same answers, peak
         memory bounded by the chunk instead of n. Default: all tasks at once.
 
     Returns:
       `Influence`: arrays [n], [n, m], [n, q] of I_f with a target; else pytrees like
       meta_params with those leading axes (I_λ = dλ*/dω).
     """
-    return _compute(problem, meta_params, tasks, target, LEVELS, solver, curvature, batch_size)
+    return _compute(problem, meta_params, tasks, target, LEVELS, solver, curvature, chunk_size)
 
 
-def task_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None,
-                   solver: Solver | None = None, *, curvature: Curvature | None = None, batch_size: int | None = None,
+@keyword_only(4, ("solver",))
+@renamed(batch_size="chunk_size")
+def task_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None, *,
+                   solver: Solver | None = None, curvature: Curvature | None = None, chunk_size: int | None = None,
                    return_info: bool = False):
     """Task influence I(t_k) for every training task.
 
@@ -265,25 +270,29 @@ def task_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet,
     task k changes the quantity by about −I(t_k). With `return_info=True`, returns
     (scores, SolveInfo). See `influence` for the arguments.
     """
-    result = _compute(problem, meta_params, tasks, target, ("tasks",), solver, curvature, batch_size)
+    result = _compute(problem, meta_params, tasks, target, ("tasks",), solver, curvature, chunk_size)
     return (result.tasks, result.solve) if return_info else result.tasks
 
 
-def instance_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None,
-                       solver: Solver | None = None, *, curvature: Curvature | None = None,
-                       batch_size: int | None = None) -> Influence:
+@keyword_only(4, ("solver",))
+@renamed(batch_size="chunk_size")
+def instance_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None, *,
+                       solver: Solver | None = None, curvature: Curvature | None = None,
+                       chunk_size: int | None = None) -> Influence:
     """Instance influence of every support example [n, m] and query example [n, q].
 
     Returns an `Influence` whose `.support` and `.query` hold I_f (arrays, with a target) or
     I_λ (pytrees like meta_params with leading axes [n, m] and [n, q]). With a target, `.tasks`
     comes free and is filled too. See `influence` for the arguments and conventions.
     """
-    return _compute(problem, meta_params, tasks, target, ("support", "query"), solver, curvature, batch_size)
+    return _compute(problem, meta_params, tasks, target, ("support", "query"), solver, curvature, chunk_size)
 
 
+@keyword_only(5, ("solver",))
+@renamed(batch_size="chunk_size")
 def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, task: int | PyTree,
-                      target: Callable | None = None, solver: Solver | None = None, *,
-                      curvature: Curvature | None = None, batch_size: int | None = None) -> AdaptedInfluence:
+                      target: Callable | None = None, *, solver: Solver | None = None,
+                      curvature: Curvature | None = None, chunk_size: int | None = None) -> AdaptedInfluence:
     """Influence of every training task and example on one task's adapted parameters θ.
 
     Args:
@@ -297,7 +306,7 @@ def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskS
       `AdaptedInfluence` with dθ/dω (or dg(θ)/dω) for every weight: leading axes [n], [n, m],
       [n, q], plus the direct part `direct` [m] for a training task.
     """
-    options, meta_params = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
+    options, meta_params = _boundary.check_options(problem, meta_params, tasks, solver, curvature, chunk_size)
     n = tasks.n_tasks
     is_index = isinstance(task, numbers.Integral) or (
         hasattr(task, "dtype") and jnp.ndim(task) == 0 and jnp.issubdtype(task.dtype, jnp.integer) and _validate.is_concrete(task))

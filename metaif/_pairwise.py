@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _batching, _boundary, _diagnostics, _hessian, _linalg, _problem, _tree, _validate
+from ._deprecation import keyword_only, renamed
 from ._diagnostics import Diagnostics
 from ._influence import Influence
 from ._objective import adapt_one, task_loss, unit_weights
@@ -173,9 +174,11 @@ def _target_jacobian(targets, meta_params, target_data=None):
     return jacobian
 
 
-def pairwise_influence(problem, meta_params: PyTree, tasks: TaskSet, targets: Callable, solver: Solver | None = None, *,
+@keyword_only(4, ("solver",))
+@renamed(batch_size="chunk_size", target_batch_size="target_chunk_size")
+def pairwise_influence(problem, meta_params: PyTree, tasks: TaskSet, targets: Callable, *, solver: Solver | None = None,
                        target_data: PyTree | None = None, curvature: Curvature | None = None,
-                       batch_size: int | None = None, target_batch_size: int | None = None,
+                       chunk_size: int | None = None, target_chunk_size: int | None = None,
                        method: Method = "auto") -> Influence:
     """Influence of every task and example on each of T targets at once.
 
@@ -187,7 +190,7 @@ def pairwise_influence(problem, meta_params: PyTree, tasks: TaskSet, targets: Ca
         TaskSet of test tasks, a batch of test examples...): its gradients cost T single-item
         passes instead of T passes over every item (use it when each target depends on one item).
       target_data: optional pytree with leading axis T, see `targets`.
-      target_batch_size: solve and score this many targets at a time (memory bound on T).
+      target_chunk_size: solve and score this many targets at a time (memory bound on T).
       method: "per_target" (cost ∝ T), "mixed" (cost ∝ 1 + m + q, then a matrix product) or
         "auto" (the cheaper). Same answers.
       Other arguments as in `metaif.influence`.
@@ -198,20 +201,22 @@ def pairwise_influence(problem, meta_params: PyTree, tasks: TaskSet, targets: Ca
     """
     if method not in ("auto", "per_target", "mixed"):
         raise ValueError(f"method must be 'auto', 'per_target' or 'mixed'; received {method!r}.")
-    options, meta_params = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
-    if target_batch_size is not None:
-        target_batch_size = _validate.positive_int("target_batch_size", target_batch_size)
+    options, meta_params = _boundary.check_options(problem, meta_params, tasks, solver, curvature, chunk_size)
+    if target_chunk_size is not None:
+        target_chunk_size = _validate.positive_int("target_chunk_size", target_chunk_size)
     jacobian = _target_jacobian(targets, meta_params, target_data)
     count = jax.tree.leaves(jacobian)[0].shape[0]
     if method == "auto":
         method = "mixed" if count > 1 + tasks.n_support + tasks.n_query else "per_target"
-    result, flags = _pairwise_core(problem, *options, target_batch_size, method, meta_params, tasks, jacobian)
+    result, flags = _pairwise_core(problem, *options, target_chunk_size, method, meta_params, tasks, jacobian)
     _boundary.check_result(result, problem, meta_params, tasks, flags, target_name="targets")
     return result
 
 
-def self_influence(problem, meta_params: PyTree, tasks: TaskSet, solver: Solver | None = None, *,
-                   curvature: Curvature | None = None, batch_size: int | None = None) -> Influence:
+@keyword_only(3, ("solver",))
+@renamed(batch_size="chunk_size")
+def self_influence(problem, meta_params: PyTree, tasks: TaskSet, *, solver: Solver | None = None,
+                   curvature: Curvature | None = None, chunk_size: int | None = None) -> Influence:
     """Influence of each training datum on its own task's query loss L_O^k (no validation set).
 
     Target of task k and of its examples: L_O^k(λ; a_k) = (1/q) Σ_j ℓ_out(θ_k(λ; a_k), λ; q_kj), the
@@ -224,15 +229,17 @@ def self_influence(problem, meta_params: PyTree, tasks: TaskSet, solver: Solver 
     generalisation, use influence on a held-out target instead.
     Cost: one inverse-Hessian-vector product per task (Dense reuses one factorisation).
     """
-    options, meta_params = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
+    options, meta_params = _boundary.check_options(problem, meta_params, tasks, solver, curvature, chunk_size)
     result, flags = _self_core(problem, *options, meta_params, tasks)
     _boundary.check_result(result, problem, meta_params, tasks, flags)
     return result
 
 
-def new_task_influence(problem, meta_params: PyTree, tasks: TaskSet, support: PyTree, predict: Callable, inputs: PyTree,
-                       solver: Solver | None = None, *, curvature: Curvature | None = None,
-                       batch_size: int | None = None, target_batch_size: int | None = None) -> NewTaskInfluence:
+@keyword_only(6, ("solver",))
+@renamed(batch_size="chunk_size", target_batch_size="target_chunk_size")
+def new_task_influence(problem, meta_params: PyTree, tasks: TaskSet, support: PyTree, predict: Callable, inputs: PyTree, *,
+                       solver: Solver | None = None, curvature: Curvature | None = None,
+                       chunk_size: int | None = None, target_chunk_size: int | None = None) -> NewTaskInfluence:
     """Adapt to a new task from its support set, predict on `inputs`, and attribute each
     prediction to every training task and example.
 
@@ -248,7 +255,7 @@ def new_task_influence(problem, meta_params: PyTree, tasks: TaskSet, support: Py
       [P, ..., n, q], split into the part through λ's direct use in predict and the part through
       the adaptation θ_new(λ).
     """
-    options, meta_params = _boundary.check_options(problem, meta_params, tasks, solver, curvature, batch_size)
+    options, meta_params = _boundary.check_options(problem, meta_params, tasks, solver, curvature, chunk_size)
     if jax.tree.structure(support) != jax.tree.structure(tasks.support):
         raise ValueError(
             f"support must have the structure of tasks.support ({jax.tree.structure(tasks.support)}); "
@@ -268,7 +275,7 @@ def new_task_influence(problem, meta_params: PyTree, tasks: TaskSet, support: Py
     jacobian = _new_task_jacobian(problem, predict, meta_params, support, inputs, params)
     _validate.finite_tree("the derivative of predict with respect to meta_params", jacobian)
     method = "mixed" if 2 * predictions.size > 1 + tasks.n_support + tasks.n_query else "per_target"
-    result, flags = _pairwise_core(problem, *options, target_batch_size, method, meta_params, tasks, jacobian)
+    result, flags = _pairwise_core(problem, *options, target_chunk_size, method, meta_params, tasks, jacobian)
     _boundary.check_result(result, problem, meta_params, tasks, flags, target_name="predict")
     split = lambda scores: tuple(s.reshape((2,) + shape + s.shape[1:]) for s in scores)
     meta_part, adapt_part = zip(*[(s[0], s[1]) for s in split(result[:3])])

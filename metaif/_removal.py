@@ -15,7 +15,7 @@ Every task's system is solved by conjugate gradients preconditioned with the exa
 (the dense total Hessian, factored once): the preconditioned operator is the identity minus a
 perturbation of size ε‖H_k‖/(n λ_min), so a handful of iterations suffice when the removal is
 small. Each iteration costs one product with task k's own Hessian (1/n of a full Hessian-vector
-product) and two d×d matrix-vector products. Tasks are vmapped (chunked with `batch_size`).
+product) and two d×d matrix-vector products. Tasks are vmapped (chunked with `chunk_size`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _batching, _boundary, _diagnostics, _hessian, _linalg, _tree, _validate
+from ._deprecation import renamed
 from ._diagnostics import Diagnostics
 from ._objective import check_arguments, task_loss, unit_weights
 from ._problem import BilevelProblem, TaskSet
@@ -56,12 +57,12 @@ class TaskRemoval(NamedTuple):
     diagnostics: Diagnostics
 
 
-@functools.partial(jax.jit, static_argnames=("maxiter", "batch_size"))
-def _core(problem: BilevelProblem, maxiter: int, batch_size: int | None, meta_params, tasks: TaskSet, amount, damping, tol):
+@functools.partial(jax.jit, static_argnames=("maxiter", "chunk_size"))
+def _core(problem: BilevelProblem, maxiter: int, chunk_size: int | None, meta_params, tasks: TaskSet, amount, damping, tol):
     n = tasks.n_tasks
     flat, unravel = _tree.ravel(meta_params)
     weights = unit_weights(meta_params, tasks)
-    value, grad, op = _hessian.operator(problem, meta_params, tasks, weights, chunk_size=batch_size)
+    value, grad, op = _hessian.operator(problem, meta_params, tasks, weights, chunk_size=chunk_size)
     hessian = _linalg.dense_matrix(op.hvp, meta_params)
     factor = _linalg.eigh(hessian)
     shifted = factor.values + damping
@@ -80,20 +81,21 @@ def _core(problem: BilevelProblem, maxiter: int, batch_size: int | None, meta_pa
                                                               preconditioner=precondition, damping=damping)
         return step, info._replace(min_eigenvalue=factor.values[0])
 
-    steps, info = _batching.map_tasks(one_task, (tasks.support, tasks.query, weights.support, weights.query), batch_size)
-    diagnostics = _diagnostics.compute(problem, meta_params, tasks, weights, value, grad, chunk_size=batch_size, solve=info)
+    steps, info = _batching.map_tasks(one_task, (tasks.support, tasks.query, weights.support, weights.query), chunk_size)
+    diagnostics = _diagnostics.compute(problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size, solve=info)
     return jax.vmap(unravel)(steps), diagnostics, _boundary.flags(meta_params, steps)
 
 
-@functools.partial(jax.jit, static_argnames=("target", "batch_size"))
-def _target_changes(target: Callable, batch_size: int | None, meta_params, delta):
+@functools.partial(jax.jit, static_argnames=("target", "chunk_size"))
+def _target_changes(target: Callable, chunk_size: int | None, meta_params, delta):
     moved = lambda d: target(jax.tree.map(jnp.add, meta_params, d))
-    return _batching.map_tasks(moved, delta, batch_size) - target(meta_params)
+    return _batching.map_tasks(moved, delta, chunk_size) - target(meta_params)
 
 
+@renamed(batch_size="chunk_size")
 def task_removal(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None, *,
                  amount: float = 1.0, damping: float = 0.0, maxiter: int = 64, tol: float = 1e-10,
-                 batch_size: int | None = None) -> TaskRemoval:
+                 chunk_size: int | None = None) -> TaskRemoval:
     """Predict removing each training task by one exact Newton step on the reduced objective.
 
     Second order in the removal: unlike influence (`task_influence`), it accounts for the change of
@@ -108,7 +110,7 @@ def task_removal(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, t
       amount: ε in (0, 1], the share of each task's weight removed (1: remove the task).
       damping: δ >= 0, added to H (proximal retraining toward λ* with ρ = δ).
       maxiter, tol: preconditioned CG per task; stops at relative residual tol.
-      batch_size: tasks per chunk (`lax.map`), bounding memory; default all at once.
+      chunk_size: tasks per chunk (`lax.map`), bounding memory; default all at once.
 
     Returns:
       `TaskRemoval`: delta (pytree [n, ...]), change ([n] or None), per-task SolveInfo [n].
@@ -130,17 +132,17 @@ def task_removal(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, t
     damping = _validate.non_negative("damping", damping)
     maxiter = _validate.positive_int("maxiter", maxiter)
     tol = _validate.positive("tol", tol)
-    if batch_size is not None:
-        batch_size = _validate.positive_int("batch_size", batch_size)
+    if chunk_size is not None:
+        chunk_size = _validate.positive_int("chunk_size", chunk_size)
     if target is not None:
         _boundary.check_scalar_fn("target", target, meta_params, "meta_params")
     dtype = _tree.float_dtype(meta_params)
-    delta, diagnostics, flags = _core(problem, maxiter, batch_size, meta_params, tasks, jnp.asarray(amount, dtype),
+    delta, diagnostics, flags = _core(problem, maxiter, chunk_size, meta_params, tasks, jnp.asarray(amount, dtype),
                                       jnp.asarray(damping, dtype), jnp.asarray(tol, dtype))
     result = TaskRemoval(delta, None, diagnostics)
     _boundary.check_result(result, problem, meta_params, tasks, flags._replace(scores_finite=True))
     if target is not None:
-        change = _target_changes(target, batch_size, meta_params, delta)
+        change = _target_changes(target, chunk_size, meta_params, delta)
         if _validate.is_concrete(change) and not np.all(np.isfinite(np.asarray(change))):
             raise ValueError("target(meta_params + delta) is not finite for some tasks: their Newton steps left the region where "
                              "target is defined (see .solve.indefinite); use damping > 0 or the first-order task_influence.")

@@ -17,8 +17,8 @@ up to rounding (differences of 1e-17 to 1e-15 measured in float64, tests/test_sh
         lam = parallel.replicate(lam, mesh)
         result = metaif.influence(problem, lam, tasks, target)   # result.tasks sharded over 'tasks'
 
-`batch_size` still bounds memory: chunks are cut within each device's shard (each step takes
-ceil(batch_size / devices) tasks from every device), so no task data moves between devices.
+`chunk_size` still bounds memory: chunks are cut within each device's shard (each step takes
+ceil(chunk_size / devices) tasks from every device), so no task data moves between devices.
 
 Axis types. `task_mesh()` makes an Auto axis by default: the compiler propagates the shardings
 of the inputs, and metaif runs on it unchanged (checked: the influence functions with every

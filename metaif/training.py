@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _batching, _linalg, _tree, _validate
+from ._deprecation import renamed
 from ._adapt import Proximal
 from ._objective import Weights, full_weights, adaptation_residuals_jit, check_arguments, check_finite_losses, objective, unit_weights
 from ._problem import BilevelProblem, TaskSet
@@ -32,8 +33,8 @@ class TrainResult(NamedTuple):
 
     Attributes:
       meta_params: the trained λ.
-      losses: [steps] objective per step (on the step's task minibatch when batch_size is set).
-      grad_norms: [steps] total-gradient norm per step (minibatch gradient when batch_size is set).
+      losses: [steps] objective per step (on the step's task minibatch when minibatch is set).
+      grad_norms: [steps] total-gradient norm per step (minibatch gradient when minibatch is set).
       objective: full-batch F(λ) at the end.
       grad_norm: full-batch ‖∇_λ F(λ)‖ at the end: the stationarity influence assumes.
       adaptation_residual: for `Proximal` adaptation, max over tasks of ‖∇_θ L_I(θ_i, λ)‖ at the
@@ -100,8 +101,9 @@ def train_steps(problem: BilevelProblem, optimizer: optax.GradientTransformation
 _train_chunk = jax.jit(train_steps, static_argnames=("optimizer", "steps", "minibatch"))
 
 
+@renamed(batch_size="minibatch")
 def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, optimizer: optax.GradientTransformation | None = None,
-               steps: int = 1000, batch_size: int | None = None, seed: int = 0, log_every: int | None = None,
+               steps: int = 1000, minibatch: int | None = None, seed: int = 0, log_every: int | None = None,
                task_weights=None, support_weights=None, query_weights=None) -> TrainResult:
     """Minimise F(λ; t, a, b) over the finite task set with an optax optimiser.
 
@@ -109,7 +111,7 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
       optimizer: an optax `GradientTransformation` (default `optax.adam(1e-2)`); pass the same
         object across calls to reuse compiled code.
       steps: optimiser steps.
-      batch_size: tasks per step (sampled without replacement); None for full batch.
+      minibatch: tasks per step (sampled without replacement); None for full batch.
       seed: minibatch sampling seed.
       log_every: report progress every this many steps (each chunk is one jitted scan), to the
         `logging` logger "metaif" at INFO level (`logging.basicConfig(level=logging.INFO)` shows it).
@@ -123,8 +125,8 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
     _validate.finite_tree("meta_params", meta_params)
     steps = _validate.positive_int("steps", steps)
     n = tasks.n_tasks
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n):
-        raise ValueError(f"batch_size must be None or an int in [1, n_tasks={n}]; received {_validate.describe(batch_size)}.")
+    if minibatch is not None and (isinstance(minibatch, bool) or not isinstance(minibatch, int) or not 1 <= minibatch <= n):
+        raise ValueError(f"minibatch must be None or an int in [1, n_tasks={n}]; received {_validate.describe(minibatch)}.")
     if log_every is not None:
         log_every = _validate.positive_int("log_every", log_every)
     optimizer = optax.adam(1e-2) if optimizer is None else optimizer
@@ -141,7 +143,7 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
         length = min(chunk, steps - done)
         key, sub = jax.random.split(key)
         meta_params, opt_state, v, g = _train_chunk(problem, optimizer, meta_params, opt_state, tasks, weights, steps=length, key=sub,
-                                                     minibatch=batch_size)
+                                                     minibatch=minibatch)
         values.append(v)
         norms.append(g)
         done += length
@@ -304,7 +306,8 @@ def newton_core(problem: BilevelProblem, steps: int, damping: float, tol: float,
     return newton_steps(problem, steps, damping, 0.0, meta_params, meta_params, tasks, weights, tol)
 
 
-def newton_refine(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, steps: int = 50, damping: float = 0.0,
+@renamed(damping="shift")
+def newton_refine(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, steps: int = 50, shift: float = 0.0,
                   task_weights=None, support_weights=None, query_weights=None, *, tol: float = 1e-10) -> TrainResult:
     """Polish λ to a stationary point with trust-region Newton steps on the exact total Hessian
     (`newton_steps`), stopping once ‖∇F‖ <= tol or after `steps` steps.
@@ -312,20 +315,20 @@ def newton_refine(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
     For small models (d up to a few thousand): each step materialises the d×d Hessian. Converges
     quadratically near a local minimum, reaching gradient norms near machine precision, which
     influence and leave-one-out ground truth need; F never rises. Check `grad_norm` of the
-    result: if it is above tol, the budget ran out. `damping` > 0 adds a fixed shift to the
-    model Hessian. Weights as in `meta_train`. The histories cover the steps taken.
+    result: if it is above tol, the budget ran out. `shift` > 0 adds a fixed shift·I to the
+    model Hessian (not the influence solver's damping). Weights as in `meta_train`. The histories cover the steps taken.
     """
     meta_params = check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
     steps = _validate.positive_int("steps", steps)
-    damping = _validate.non_negative("damping", damping)
+    shift = _validate.non_negative("shift", shift)
     tol = _validate.non_negative("tol", tol)
     weights = full_weights(meta_params, tasks, task_weights, support_weights, query_weights)
     check_finite_losses(problem, meta_params, tasks, weights, "newton_refine at the initial meta_params")
-    result = newton_core(problem, steps, damping, tol, meta_params, tasks, weights)
+    result = newton_core(problem, steps, shift, tol, meta_params, tasks, weights)
     if not bool(jnp.isfinite(result.objective)):
         check_finite_losses(problem, result.params, tasks, weights, "newton_refine diverged")
-        raise ValueError(f"newton_refine diverged (F = {float(result.objective)}): start closer to a minimum or pass damping > 0.")
+        raise ValueError(f"newton_refine diverged (F = {float(result.objective)}): start closer to a minimum or pass shift > 0.")
     taken = int(result.iterations)
     return TrainResult(result.params, result.objectives[:taken], result.grad_norms[:taken], result.objective, result.grad_norm,
                        _adaptation_residual(problem, result.params, tasks, weights))

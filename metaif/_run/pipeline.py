@@ -551,7 +551,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
     solver = _solver(config)
 
     def solve(advance):
-        op = metaif.hessian_operator(problem, lam, train, batch_size=config.influence.batch_size or None)
+        op = metaif.hessian_operator(problem, lam, train, chunk_size=config.influence.batch_size or None)
         if model.n_params <= DENSE_SPECTRUM:  # exact: eigenvalues of the materialised Hessian
             values = np.linalg.eigvalsh(np.asarray(op.to_dense()))
             spectrum = {"smallest": values[:3], "smallest_residuals": np.zeros(min(3, values.size)), "largest": values[-1:],
@@ -611,7 +611,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
         for level, i, lo, hi in jobs:
             def compute(level=level, lo=lo, hi=hi):
                 change, norm = evaluation.leave_one_out(problem, lam, train, level, samples[level][lo:hi], target,
-                                                        steps=c.retrain_steps, batch_size=c.batch_size)
+                                                        steps=c.retrain_steps, chunk_size=c.batch_size)
                 return with_rss({"change": change, "grad_norm": norm})
             loo.setdefault(level, []).append(store.cached(f"loo_{level}_{i:04d}", fingerprint(fp_loo, level, i), compute))
             if fresh[level, i]:
@@ -639,7 +639,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
 
     def edit(advance):
         edit_solver = dataclasses.replace(solver, damping=e.damping)
-        infl = metaif.influence(problem, lam, train, solver=edit_solver, batch_size=config.influence.batch_size or None)
+        infl = metaif.influence(problem, lam, train, solver=edit_solver, chunk_size=config.influence.batch_size or None)
         removed = {"tasks": remove_tasks, "support": remove_support}
         edited = evaluation.edit(lam, infl, removed, problem=problem, tasks=train)
         weights = [evaluation.remaining_weights(train, r) for r in
@@ -647,7 +647,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
         # padded to the leave-one-out chunk size, with its steps, so the compiled retraining is reused
         weights += weights[-1:] * max(0, c.chunk - len(weights))
         batch = metaif.Weights(*(jnp.stack(w) for w in zip(*weights)))
-        retrained = evaluation.retrain(problem, lam, train, batch, steps=c.retrain_steps, batch_size=c.batch_size)
+        retrained = evaluation.retrain(problem, lam, train, batch, steps=c.retrain_steps, chunk_size=c.batch_size)
         pick = lambda i: jax.tree.map(lambda x: x[i], retrained.meta_params)
         out = {**save_tree("edit", edited.meta_params), **save_tree("retrain", pick(0)), **save_tree("retrain_base", pick(1)),
                "edit_grad_norm": edited.grad_norm, "retrain_grad_norm": retrained.grad_norm[:2]}

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._deprecation import renamed
 from .. import _hessian, _linalg, _tree, _validate
 from .._objective import Weights, check_arguments, objective, unit_weights
 from .._problem import BilevelProblem, TaskSet
@@ -138,7 +139,7 @@ def edit(meta_params: PyTree, influence_params: Any, removed: Mapping[str, Any],
         return Edited(edited, None)
     weights = remaining_weights(tasks, removed, dtype)
     if steps > 0:
-        result = retrain(problem, edited, tasks, Weights(*(w[None] for w in weights)), steps=int(steps), batch_size=None,
+        result = retrain(problem, edited, tasks, Weights(*(w[None] for w in weights)), steps=int(steps), chunk_size=None,
                          proximal=proximal, center=meta_params)
         return Edited(jax.tree.map(lambda x: x[0], result.meta_params), result.grad_norm[0])
     return Edited(edited, _reduced_grad_norm(problem, edited, tasks, weights, jnp.asarray(proximal, dtype), meta_params))
@@ -162,9 +163,9 @@ class Reach(NamedTuple):
     reduced_min_eigenvalue: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def _reach(problem, batch_size, meta_params, tasks, weights, damping):
-    dense = lambda w: _linalg.dense_matrix(_hessian.operator(problem, meta_params, tasks, w, chunk_size=batch_size)[2].hvp,
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def _reach(problem, chunk_size, meta_params, tasks, weights, damping):
+    dense = lambda w: _linalg.dense_matrix(_hessian.operator(problem, meta_params, tasks, w, chunk_size=chunk_size)[2].hvp,
                                            meta_params)
     full, reduced = dense(unit_weights(meta_params, tasks)), dense(weights)
     eye = jnp.eye(full.shape[0], dtype=full.dtype)
@@ -178,8 +179,9 @@ def _reach(problem, batch_size, meta_params, tasks, weights, damping):
     return Reach(jnp.where(positive, reach, 0.0), factor.values[0], reduced_min)
 
 
+@renamed(batch_size="chunk_size")
 def removal_reach(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, removed: Mapping[str, Any], *,
-                  damping: float = 0.0, batch_size: int | None = None) -> Reach:
+                  damping: float = 0.0, chunk_size: int | None = None) -> Reach:
     """How much of a removal local predictions can follow: t* = 1 / λ_max((H + δI)⁻¹ H_removed).
 
     Removing an amount t of the data in `removed` leaves the Hessian H(λ*; 1 − t·removed) =
@@ -194,7 +196,7 @@ def removal_reach(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
       removed: {"tasks": [n], "query": [n, q]}: booleans or amounts, as in `edit`. Support weights
         enter adaptation nonlinearly, so support removals are not covered.
       damping: δ >= 0 added to H (proximal retraining toward λ* with ρ = δ).
-      batch_size: tasks per chunk in the Hessian products.
+      chunk_size: tasks per chunk in the Hessian products.
 
     Returns:
       `Reach(reach, min_eigenvalue, reduced_min_eigenvalue)`. Forms two dense d×d Hessians
@@ -209,11 +211,11 @@ def removal_reach(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
     if d > DENSE_LIMIT:
         raise ValueError(f"removal_reach forms dense d×d Hessians, so d must be <= {DENSE_LIMIT}; meta_params has d = {d}.")
     damping = _validate.non_negative("damping", damping)
-    if batch_size is not None:
-        batch_size = _validate.positive_int("batch_size", batch_size)
+    if chunk_size is not None:
+        chunk_size = _validate.positive_int("chunk_size", chunk_size)
     dtype = _tree.float_dtype(meta_params)
     weights = remaining_weights(tasks, removed, dtype)
-    return _reach(problem, batch_size, meta_params, tasks, weights, jnp.asarray(damping, dtype))
+    return _reach(problem, chunk_size, meta_params, tasks, weights, jnp.asarray(damping, dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("steps",))

@@ -27,6 +27,7 @@ import optax
 from .. import _tree, _validate
 from .._objective import Weights, check_arguments
 from .._problem import BilevelProblem, TaskSet
+from .._deprecation import renamed
 from ..training import newton_steps as _newton
 from ..training import train_steps
 
@@ -95,32 +96,33 @@ def check_batched_weights(weights: Any, tasks: TaskSet, name: str = "weights") -
     return batch[0]
 
 
-def _map(fn: Callable, data: PyTree, batch_size: int | None) -> PyTree:
-    """fn over the leading axis: one vmap when batch_size is None or covers it, else lax.map chunks."""
-    if batch_size is None or batch_size >= jax.tree.leaves(data)[0].shape[0]:
+def _map(fn: Callable, data: PyTree, chunk_size: int | None) -> PyTree:
+    """fn over the leading axis: one vmap when chunk_size is None or covers it, else lax.map chunks."""
+    if chunk_size is None or chunk_size >= jax.tree.leaves(data)[0].shape[0]:
         return jax.vmap(fn)(data)
-    return jax.lax.map(fn, data, batch_size=batch_size)
+    return jax.lax.map(fn, data, batch_size=chunk_size)
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "batch_size"))
-def _retrain(problem, steps, damping, proximal, tol, batch_size, meta_params, center, tasks, weights):
+@functools.partial(jax.jit, static_argnames=("steps", "chunk_size"))
+def _retrain(problem, steps, damping, proximal, tol, chunk_size, meta_params, center, tasks, weights):
     def solve(w):
         result = _newton(problem, steps, damping, proximal, center, meta_params, tasks, w, tol)
         return result.params, result.grad_norm, result.iterations
 
-    return Retrained(*_map(solve, weights, batch_size))
+    return Retrained(*_map(solve, weights, chunk_size))
 
 
-def _batch_size(value, weights: Weights, repeats: int = 1):
+def _chunk_size(value, weights: Weights, repeats: int = 1):
     """The validated batch size, None when it covers all `repeats`·B settings (one compiled vmap)."""
     if value is None:
         return None
-    value = _validate.positive_int("batch_size", value)
+    value = _validate.positive_int("chunk_size", value)
     return None if value >= repeats * weights.tasks.shape[0] else value
 
 
+@renamed(damping="shift", batch_size="chunk_size")
 def retrain(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights, steps: int = 50,
-            damping: float = 0.0, batch_size: int | None = 8, *, proximal: float = 0.0, center: PyTree | None = None,
+            shift: float = 0.0, chunk_size: int | None = 8, *, proximal: float = 0.0, center: PyTree | None = None,
             tol: float = 1e-10) -> Retrained:
     """Re-solve the objective for each weight setting in `weights` (leaves [B, n], [B, n, m],
     [B, n, q]), warm-started at meta_params, by trust-region Newton steps until the gradient
@@ -128,9 +130,9 @@ def retrain(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weight
 
     Args:
       steps: the most Newton steps (dense Hessians) per retraining.
-      damping: a fixed shift added to the model Hessian of every step (does not change the
+      shift: a fixed shift added to the model Hessian of every step (does not change the
         solution).
-      batch_size: weight settings solved at a time (`lax.map`); None: all at once (vmap; a batch
+      chunk_size: weight settings solved at a time (`lax.map`); None: all at once (vmap; a batch
         runs until its slowest member finishes).
       proximal: ρ >= 0; minimise F(λ; w) + (ρ/2)‖λ − center‖² (the retraining that influence
         with solver damping δ = ρ estimates). 0: plain retraining.
@@ -147,7 +149,7 @@ def retrain(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weight
     _validate.finite_tree("meta_params", meta_params)
     check_batched_weights(weights, tasks)
     steps = _validate.positive_int("steps", steps)
-    damping = _validate.non_negative("damping", damping)
+    shift = _validate.non_negative("shift", shift)
     proximal = _validate.non_negative("proximal", proximal)
     tol = _validate.non_negative("tol", tol)
     if center is None:
@@ -156,7 +158,7 @@ def retrain(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weight
         _validate.finite_tree("center", center)
         _check_like("center", center, meta_params)
     weights = Weights(*(jnp.asarray(w, _tree.float_dtype(meta_params)) for w in weights))
-    return _retrain(problem, steps, damping, proximal, tol, _batch_size(batch_size, weights), meta_params, center, tasks,
+    return _retrain(problem, steps, shift, proximal, tol, _chunk_size(chunk_size, weights), meta_params, center, tasks,
                     weights)
 
 
@@ -171,33 +173,34 @@ def _check_like(name: str, value: PyTree, like: PyTree) -> None:
 # ----------------------------------------------------------------------------- cold start
 
 
-def _adam(problem, optimizer, steps, task_batch, params, key, tasks, weights):
-    """`steps` optimiser steps on F(λ; w) (task minibatches drawn with `key` when task_batch)."""
+def _adam(problem, optimizer, steps, minibatch, params, key, tasks, weights):
+    """`steps` optimiser steps on F(λ; w) (task minibatches drawn with `key` when minibatch)."""
     with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int counters
         state = optimizer.init(params)
-    return train_steps(problem, optimizer, params, state, tasks, weights, steps=steps, key=key, minibatch=task_batch)[0]
+    return train_steps(problem, optimizer, params, state, tasks, weights, steps=steps, key=key, minibatch=minibatch)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("init", "optimizer", "steps", "newton_steps", "task_batch", "batch_size"))
-def _retrain_cold(problem, init, optimizer, steps, newton_steps, tol, task_batch, batch_size, start, seeds, tasks, weights):
+@functools.partial(jax.jit, static_argnames=("init", "optimizer", "steps", "newton_steps", "minibatch", "chunk_size"))
+def _retrain_cold(problem, init, optimizer, steps, newton_steps, tol, minibatch, chunk_size, start, seeds, tasks, weights):
     def one(pair):
         seed, w = pair
         init_key, order_key = jax.random.split(jax.random.key(seed))
         params = start if init is None else init(init_key)
-        params = _adam(problem, optimizer, steps, task_batch, params, order_key, tasks, w)
+        params = _adam(problem, optimizer, steps, minibatch, params, order_key, tasks, w)
         result = _newton(problem, newton_steps, 0.0, 0.0, params, params, tasks, w, tol)
         return result.params, result.grad_norm, result.iterations
 
     count, batch = seeds.shape[0], weights.tasks.shape[0]
     pairs = (jnp.repeat(seeds, batch), jax.tree.map(lambda x: jnp.tile(x, (count,) + (1,) * (x.ndim - 1)), weights))
-    params, grad_norm, iterations = _map(one, pairs, batch_size)
+    params, grad_norm, iterations = _map(one, pairs, chunk_size)
     unflatten = lambda x: x.reshape((count, batch) + x.shape[1:])
     return Retrained(jax.tree.map(unflatten, params), unflatten(grad_norm), unflatten(iterations))
 
 
+@renamed(batch_size="chunk_size", task_batch="minibatch")
 def retrain_cold(problem: BilevelProblem, init: Callable[[jax.Array], PyTree] | PyTree, tasks: TaskSet, weights: Weights,
                  seeds=(0, 1), optimizer: optax.GradientTransformation | None = None, steps: int = 500,
-                 newton_steps: int = 30, task_batch: int | None = None, batch_size: int | None = 8, *,
+                 newton_steps: int = 30, minibatch: int | None = None, chunk_size: int | None = 8, *,
                  tol: float = 1e-10) -> Retrained:
     """Retrain from scratch for every weight setting and seed: `steps` optimiser steps from a fresh
     initialisation, then up to `newton_steps` trust-region Newton steps (until ‖∇F‖ <= tol), all
@@ -206,12 +209,12 @@ def retrain_cold(problem: BilevelProblem, init: Callable[[jax.Array], PyTree] | 
     Args:
       init: `key -> meta_params` (a fresh initialisation per seed; pass the same function object
         across calls to reuse compiled code), or fixed meta_params (then seeds vary only the
-        minibatch order, which needs `task_batch`).
+        minibatch order, which needs `minibatch`).
       weights: `Weights` with leaves [B, n], [B, n, m], [B, n, q].
       seeds: S ints; each seeds the initialisation and the task-minibatch order.
       optimizer: optax transformation (default `optax.adam(1e-2)`).
-      task_batch: tasks per optimiser step (without replacement); None for full batch.
-      batch_size: retrainings (seed × setting pairs) run at a time; None: all at once.
+      minibatch: tasks per optimiser step (without replacement); None for full batch.
+      chunk_size: retrainings (seed × setting pairs) run at a time; None: all at once.
 
     Returns:
       `Retrained` with leading axes [S, B] and the final ‖∇F(λ; w)‖ of each retraining.
@@ -230,11 +233,11 @@ def retrain_cold(problem: BilevelProblem, init: Callable[[jax.Array], PyTree] | 
     _validate.finite_tree("init", start)
     check_batched_weights(weights, tasks)
     n = tasks.n_tasks
-    if task_batch is not None and (isinstance(task_batch, bool) or not isinstance(task_batch, int) or not 1 <= task_batch <= n):
-        raise ValueError(f"task_batch must be None or an int in [1, n_tasks={n}]; received {_validate.describe(task_batch)}.")
+    if minibatch is not None and (isinstance(minibatch, bool) or not isinstance(minibatch, int) or not 1 <= minibatch <= n):
+        raise ValueError(f"minibatch must be None or an int in [1, n_tasks={n}]; received {_validate.describe(minibatch)}.")
     weights = Weights(*(jnp.asarray(w, _tree.float_dtype(start)) for w in weights))
     fn = init if callable(init) else None
-    return _retrain_cold(problem, fn, optimizer, steps, newton_steps, tol, task_batch, _batch_size(batch_size, weights, seeds.size),
+    return _retrain_cold(problem, fn, optimizer, steps, newton_steps, tol, minibatch, _chunk_size(chunk_size, weights, seeds.size),
                          None if callable(init) else start, jnp.asarray(seeds), tasks, weights)
 
 
@@ -263,8 +266,9 @@ def all_indices(level: str, n: int, m: int, q: int) -> np.ndarray:
     return np.arange(n) if level == "tasks" else np.stack(np.unravel_index(np.arange(int(np.prod(shape))), shape), 1)
 
 
+@renamed(batch_size="chunk_size")
 def leave_one_out(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, level: Level, indices,
-                  target: Callable[[PyTree], jax.Array], steps: int = 50, batch_size: int | None = 8, *,
+                  target: Callable[[PyTree], jax.Array], steps: int = 50, chunk_size: int | None = 8, *,
                   proximal: float = 0.0, tol: float = 1e-10):
     """Actual change of `target` when each datum in `indices` is removed and F is re-solved.
 
@@ -281,7 +285,7 @@ def leave_one_out(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
     full = indices is None
     indices = all_indices(level, n, m, q) if full else indices
     weights = removal_weights(n, m, q, level, indices, _tree.float_dtype(meta_params))
-    result = retrain(problem, meta_params, tasks, weights, steps=steps, batch_size=batch_size, proximal=proximal, tol=tol)
+    result = retrain(problem, meta_params, tasks, weights, steps=steps, chunk_size=chunk_size, proximal=proximal, tol=tol)
     changes = target_values(target, result) - target(meta_params)
     if full:
         shape = level_shape(level, n, m, q)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._deprecation import keyword_only, renamed
 from .. import _batching, _boundary, _hessian, _module, _tree, _validate
 from .._adapt import FirstOrder, weighted_mean_loss
 from .._influence import Scores, influence
@@ -42,31 +43,32 @@ from ..solvers import Solver, default_solver
 PyTree = Any
 
 
-def _check(problem, meta_params, tasks, batch_size):
+def _check(problem, meta_params, tasks, chunk_size):
     check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
-    return None if batch_size is None else _validate.positive_int("batch_size", batch_size)
+    return None if chunk_size is None else _validate.positive_int("chunk_size", chunk_size)
 
 
 # ----------------------------------------------------------------------------- gradient similarity
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def _grad_dot_core(problem, batch_size, meta_params, tasks, target_grad):
-    return weight_scores(bilevel_task_loss(problem), meta_params, tasks, target_grad, chunk_size=batch_size)
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def _grad_dot_core(problem, chunk_size, meta_params, tasks, target_grad):
+    return weight_scores(bilevel_task_loss(problem), meta_params, tasks, target_grad, chunk_size=chunk_size)
 
 
+@renamed(batch_size="chunk_size")
 def grad_dot(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable[[PyTree], jax.Array], *,
-             batch_size: int | None = None) -> Scores:
+             chunk_size: int | None = None) -> Scores:
     """TracIn-style gradient similarity at λ*: score(ω) = −∇f(λ*)ᵀ ∂_ω ∇_λ F(λ*), i.e. influence
     with the Hessian replaced by the identity. No Hessian is formed: one jvp and one grad per task.
 
     Args:
       target: `meta_params -> scalar`, e.g. a meta-test loss.
-      batch_size: tasks processed at a time (memory bound); None: all at once.
+      chunk_size: tasks processed at a time (memory bound); None: all at once.
     """
-    batch_size = _check(problem, meta_params, tasks, batch_size)
-    return Scores(*_grad_dot_core(problem, batch_size, meta_params, tasks, _boundary.target_gradient(target, meta_params)))
+    chunk_size = _check(problem, meta_params, tasks, chunk_size)
+    return Scores(*_grad_dot_core(problem, chunk_size, meta_params, tasks, _boundary.target_gradient(target, meta_params)))
 
 
 # ----------------------------------------------------------------------------- TRAK
@@ -88,21 +90,22 @@ def _project(projection, tree):
     return jax.vmap(lambda row: _tree.vdot(row, tree))(projection)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def _trak_core(problem, batch_size, damping, projection, meta_params, tasks, target_grad):
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def _trak_core(problem, chunk_size, ridge, projection, meta_params, tasks, target_grad):
     n = tasks.n_tasks
     weights = unit_weights(meta_params, tasks)
     task_grad = lambda data: _project(projection, jax.grad(task_loss, argnums=1)(problem, meta_params, *data))
-    phi = _batching.map_tasks(task_grad, (tasks.support, tasks.query, weights.support, weights.query), batch_size)
+    phi = _batching.map_tasks(task_grad, (tasks.support, tasks.query, weights.support, weights.query), chunk_size)
     phi = phi / float(np.sqrt(n))  # [n, k]: rows P ∇L_O^i / √n, so ΦᵀΦ = P (Fisher of F) Pᵀ
-    kernel = phi.T @ phi + damping * jnp.eye(phi.shape[1], dtype=phi.dtype)
+    kernel = phi.T @ phi + ridge * jnp.eye(phi.shape[1], dtype=phi.dtype)
     coefficients = jnp.linalg.solve(kernel, _project(projection, target_grad))
     v = jax.tree.map(lambda p: jnp.tensordot(coefficients, p, axes=1), projection)
-    return weight_scores(bilevel_task_loss(problem), meta_params, tasks, v, chunk_size=batch_size)
+    return weight_scores(bilevel_task_loss(problem), meta_params, tasks, v, chunk_size=chunk_size)
 
 
+@renamed(damping="ridge", batch_size="chunk_size")
 def trak(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable[[PyTree], jax.Array],
-         dim: int = 32, damping: float = 1e-3, seed: int = 0, *, batch_size: int | None = None) -> Scores:
+         dim: int = 32, ridge: float = 1e-3, seed: int = 0, *, chunk_size: int | None = None) -> Scores:
     """TRAK-style scores: score(ω) = −φ_fᵀ (ΦᵀΦ + δI)⁻¹ φ_ω, with φ = P·gradient for the random
     Gaussian projection P = `trak_projection(meta_params, dim, seed)`: φ_f = P ∇f(λ*), φ_ω =
     P ∂_ω ∇_λ F(λ*) (per-task and per-example total gradients, exact), and Φ [n, dim] the rows
@@ -110,12 +113,12 @@ def trak(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: C
 
     Args:
       dim: projection dimension k.
-      damping: δ > 0 (ΦᵀΦ has rank at most n).
+      ridge: δ > 0 added to ΦᵀΦ (rank at most n); not an influence solver's damping.
     """
-    batch_size = _check(problem, meta_params, tasks, batch_size)
-    damping = _validate.positive("damping", damping)
+    chunk_size = _check(problem, meta_params, tasks, chunk_size)
+    ridge = _validate.positive("ridge", ridge)
     projection = trak_projection(meta_params, dim, seed)
-    return Scores(*_trak_core(problem, batch_size, damping, projection, meta_params, tasks,
+    return Scores(*_trak_core(problem, chunk_size, ridge, projection, meta_params, tasks,
                               _boundary.target_gradient(target, meta_params)))
 
 
@@ -144,16 +147,18 @@ class _Pooled(Curvature):
         return task_sum, jnp.zeros((), _tree.float_dtype(meta_params))
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def _single_level_core(problem, solver, batch_size, meta_params, tasks, target_grad):
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def _single_level_core(problem, solver, chunk_size, meta_params, tasks, target_grad):
     # ∇²G + meta_reg·I is the operator of the pooled "curvature"; F's value and gradient are unused
-    _, _, op = _hessian.operator(problem, meta_params, tasks, curvature=_Pooled(), chunk_size=batch_size)
+    _, _, op = _hessian.operator(problem, meta_params, tasks, curvature=_Pooled(), chunk_size=chunk_size)
     solution, info = solver.solve(solver.prepare(op), target_grad)
-    return weight_scores(_pooled_task_loss(problem), meta_params, tasks, solution, chunk_size=batch_size), info
+    return weight_scores(_pooled_task_loss(problem), meta_params, tasks, solution, chunk_size=chunk_size), info
 
 
-def single_level(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable[[PyTree], jax.Array],
-                 solver: Solver | None = None, *, batch_size: int | None = None) -> Scores:
+@keyword_only(4, ("solver",))
+@renamed(batch_size="chunk_size")
+def single_level(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable[[PyTree], jax.Array], *,
+                 solver: Solver | None = None, chunk_size: int | None = None) -> Scores:
     """Classical (Koh & Liang) influence on the flattened problem, ignoring the bilevel structure:
     no adaptation (θ = λ), and one-level ERM over all support and query examples pooled,
 
@@ -165,26 +170,28 @@ def single_level(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, t
     stationary point of G, as in the paper's use. `solver` as in `metaif.influence` (default Dense
     up to 256 parameters, else CG); check `Scores.solve` for an indefinite ∇²G.
     """
-    batch_size = _check(problem, meta_params, tasks, batch_size)
+    chunk_size = _check(problem, meta_params, tasks, chunk_size)
     if solver is None:
         solver = default_solver(meta_params)
     elif not isinstance(solver, Solver):
         raise TypeError(f"solver must be a metaif.solvers.Solver such as metaif.solvers.Dense(); received {_validate.describe(solver)}.")
-    scores, info = _single_level_core(problem, solver, batch_size, meta_params, tasks, _boundary.target_gradient(target, meta_params))
+    scores, info = _single_level_core(problem, solver, chunk_size, meta_params, tasks, _boundary.target_gradient(target, meta_params))
     return Scores(*scores, info)
 
 
 # ----------------------------------------------------------------------------- Direct-IF
 
 
-def direct_if(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable[[PyTree], jax.Array],
-              solver: Solver | None = None, *, curvature: Curvature | None = None, batch_size: int | None = None) -> Scores:
+@keyword_only(4, ("solver",))
+@renamed(batch_size="chunk_size")
+def direct_if(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable[[PyTree], jax.Array], *,
+              solver: Solver | None = None, curvature: Curvature | None = None, chunk_size: int | None = None) -> Scores:
     """The paper's Direct-IF: `metaif.influence` on the same problem with `FirstOrder` adaptation
     (dθ/dλ replaced by the identity, "ignores θ(λ)"), for the Hessian and the mixed derivatives."""
-    _check(problem, meta_params, tasks, batch_size)
+    _check(problem, meta_params, tasks, chunk_size)
     adapt = problem.adapt if isinstance(problem.adapt, FirstOrder) else FirstOrder(problem.adapt)
-    result = influence(dataclasses.replace(problem, adapt=adapt), meta_params, tasks, target, solver,
-                       curvature=curvature, batch_size=batch_size)
+    result = influence(dataclasses.replace(problem, adapt=adapt), meta_params, tasks, target, solver=solver,
+                       curvature=curvature, chunk_size=chunk_size)
     return Scores(result.tasks, result.support, result.query, result.solve)
 
 
