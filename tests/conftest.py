@@ -1,11 +1,22 @@
-"""Strict numerics for every test: float64, strict dtype promotion, rank-promotion errors."""
+"""Strict numerics for every test (float64, strict dtype promotion, rank-promotion errors) and the
+suite's persistent compilation cache."""
 
 import os
+from pathlib import Path
 
 # Single-threaded Eigen inside XLA's CPU kernels keeps the 2-core test machine predictable. (It does
 # not prevent jaxlib 0.10's batched-LAPACK deadlock; metaif's own kernels avoid that, see
 # metaif/_linalg.py and test_solvers.py::test_vmapped_dense_kernels_do_not_deadlock_on_cpu.)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+
+# JAX's persistent compilation cache: compiled programs are written to .jax_cache/ in the checkout
+# (or METAIF_TEST_JAX_CACHE; "" turns it off) and reused by the other pytest worker, by the
+# subprocesses that the tests start (the environment is inherited) and by later runs. A fresh clone
+# starts with an empty cache.
+_CACHE = os.environ.setdefault("METAIF_TEST_JAX_CACHE", str(Path(__file__).resolve().parents[1] / ".jax_cache"))
+if _CACHE:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 

@@ -336,6 +336,7 @@ def test_adam_resumes_mid_training_exactly(tmp_path):
         np.testing.assert_array_equal(whole[key], resumed[key])
 
 
+@pytest.mark.slow
 def test_kill_9_then_restart_loses_nothing(tiny_run, tmp_path):
     """A subprocess killed with SIGKILL mid-run, restarted with the same command: finished stages
     are not recomputed, and the scores equal the uninterrupted run's."""

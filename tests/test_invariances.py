@@ -11,7 +11,10 @@
 Problems are tiny (3 to 4 tasks, 3 support and query examples, 2 or 3 features).
 """
 
+import contextlib
 import functools
+import logging
+import re
 from typing import Callable, NamedTuple
 
 import jax
@@ -21,7 +24,6 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import metaif
-import metaif._influence as _influence
 from metaif import problems
 from metaif._objective import Weights, objective
 
@@ -179,7 +181,30 @@ def test_target_scores_are_contractions_of_parameter_influence(kind):
 # ----------------------------------------------------------------------------- no recompilation
 
 
-def test_no_retrace_for_same_shapes_and_equal_problem():
+@contextlib.contextmanager
+def compiled(caplog):
+    """Yields a list that receives the names of the jitted functions compiled inside the block (JAX's
+    public `jax.log_compiles` log; the in-memory compilation cache is hit silently)."""
+    names: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="jax"), jax.log_compiles(True):
+        start = len(caplog.records)
+        yield names
+    pattern = re.compile(r"Compiling (\S+) with ")
+    names.extend(m.group(1) for r in caplog.records[start:] if (m := pattern.match(r.getMessage())))
+
+
+def test_compiled_names_the_functions_it_compiles(caplog):
+    """The counter above is live: a new jitted function is reported once, then never again."""
+    square = jax.jit(lambda x: x**2)
+    x, y = jnp.ones(3), jnp.zeros(3)
+    with compiled(caplog) as first:
+        square(x)
+    with compiled(caplog) as again:
+        square(y)
+    assert first == ["jit(<lambda>)"] and again == []
+
+
+def test_no_retrace_for_same_shapes_and_equal_problem(caplog):
     case = classification("unrolled")
     classification_influence("unrolled")  # compiled (at most) once here
     problem, meta, tasks, target = case.problem, case.meta, case.tasks, case.target
@@ -189,21 +214,20 @@ def test_no_retrace_for_same_shapes_and_equal_problem():
                                     meta_reg=problem.meta_reg)
     assert rebuilt == problem and hash(rebuilt) == hash(problem) and rebuilt is not problem
 
-    caches = {"_target_core": _influence._target_core, "_params_core": _influence._params_core, "_grad": _influence._grad}
-    sizes = {name: fn._cache_size() for name, fn in caches.items()}
-    first = metaif.influence(problem, meta, tasks, target=target)
-    second = metaif.influence(problem, other_meta, other_tasks, target=target)
-    metaif.influence(problem, other_meta, other_tasks)
-    metaif.influence(rebuilt, other_meta, tasks, target=target)
-    metaif.influence(rebuilt, meta, other_tasks, solver=metaif.solvers.Dense())  # the default solver, rebuilt
-    assert {name: fn._cache_size() for name, fn in caches.items()} == sizes
+    with compiled(caplog) as names:
+        first = metaif.influence(problem, meta, tasks, target=target)
+        second = metaif.influence(problem, other_meta, other_tasks, target=target)
+        metaif.influence(problem, other_meta, other_tasks)
+        metaif.influence(rebuilt, other_meta, tasks, target=target)
+        metaif.influence(rebuilt, meta, other_tasks, solver=metaif.solvers.Dense())  # the default solver, rebuilt
+    assert names == []  # nothing at all was compiled again
     assert not np.allclose(first.tasks, second.tasks)  # the new values were used
 
     # Control: the counter does move for a new target object (same code): the target's gradient
     # is compiled again, though the influence core, which only sees that gradient, is not.
-    metaif.influence(problem, meta, tasks, target=meta_test_loss(problem, case.test_tasks))
-    assert _influence._grad._cache_size() == sizes["_grad"] + 1
-    assert _influence._target_core._cache_size() == sizes["_target_core"]
+    with compiled(caplog) as names:
+        metaif.influence(problem, meta, tasks, target=meta_test_loss(problem, case.test_tasks))
+    assert names == ["jit(_grad)"], names
 
 
 # ----------------------------------------------------------------------------- TaskSet as a pytree

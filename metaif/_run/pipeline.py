@@ -32,11 +32,10 @@ from metaif import evaluation, problems
 from metaif._influence import _task_scores
 from metaif._linalg import dense_matrix
 from metaif._objective import unit_weights
-from metaif.evaluation import metrics
 from metaif.training import _train_chunk
 
 from . import memory
-from .config import Config, ConfigError
+from .config import Config
 from .store import Store, code_version, fingerprint, load_tree, save_tree
 from .ui import UI
 
