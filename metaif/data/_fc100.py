@@ -36,8 +36,8 @@ try:  # numpy >= 2
     from numpy._core import multiarray as _multiarray
     from numpy._core import numeric as _numeric
 except ImportError:  # numpy 1.x
-    from numpy.core import multiarray as _multiarray
-    from numpy.core import numeric as _numeric
+    from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
+    from numpy.core import numeric as _numeric  # type: ignore[no-redef]
 # What pickled numpy arrays need, under numpy 1.x and 2.x module names, and nothing else.
 _ALLOWED = {
     **{(module, name): getattr(_multiarray, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")

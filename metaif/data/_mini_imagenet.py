@@ -117,7 +117,7 @@ def load_mini_imagenet(root=None, *, splits=SPLITS, size: int = 84, verify: bool
         _check_structure(loader, base, rows, splits)
     wnids = [w for split in splits for w in sorted({w for s, w, _ in rows if s == split})]
     class_of = {w: i for i, w in enumerate(wnids)}
-    name = None
+    name = ""
     if cache:
         listing = "\n".join(f"{s}\0{w}\0{p}\0{p.stat().st_size}\0{p.stat().st_mtime_ns}" for s, w, p in rows)
         name = f"mini-imagenet-{size}px-v{_CACHE_VERSION}-{_source.sha256_bytes(listing.encode())[:24]}.npz"

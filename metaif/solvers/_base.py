@@ -38,7 +38,7 @@ class Solver(abc.ABC):
     Subclasses are frozen dataclasses: hashable, static under jit.
     """
 
-    damping: float
+    damping: float | None
 
     @abc.abstractmethod
     def prepare(self, operator: Operator) -> Any:
