@@ -1,4 +1,4 @@
-"""The paper's formulas (paper.md section 1) against metaif's weight derivatives (section 2).
+"""The paper's formulas (arXiv:2501.15963) against metaif's weight derivatives (docs/conventions.md).
 
 The paper writes task-IF = −H_p⁻¹ D_λ L_O^k, query instance-IF = −H_p⁻¹ D_λ ℓ(z; θ_k(λ)) and the
 two-stage support instance-IF = −H_p⁻¹ D_λ P with P = ∇_θL_Oᵀ (∂²_θθ L_I)⁻¹ ∇_θ ℓ(z; θ_k), where
