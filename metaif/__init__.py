@@ -5,6 +5,8 @@ fixed-denominator mean; influence is the derivative at weight 1; removing a datu
 quantity by about −influence; a positive influence on a loss target is harmful.
 """
 
+from importlib import metadata as _metadata
+
 from . import curvature as curvature
 from . import data as data
 from . import explain as explain
@@ -40,7 +42,10 @@ from .training import TrainResult as TrainResult
 from .training import newton_refine as newton_refine
 from .training import meta_train as meta_train
 
-__version__ = "0.1.0"
+try:  # the single source is pyproject.toml's version, read from the installed package's metadata
+    __version__: str = _metadata.version("metaif")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Adaptation", "AdaptedInfluence", "BilevelProblem", "FirstOrder", "Influence", "NewTaskInfluence", "Proximal", "TaskRemoval", "TaskSet", "TrainResult",

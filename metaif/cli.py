@@ -230,9 +230,10 @@ def _cmd_bench(args) -> int:
         for name in BENCHMARKS:
             print(f"{name:<10} benchmarks/{name}.py")
         return 0
-    if not folder.is_dir():
-        raise FileNotFoundError(f"the benchmarks folder {str(folder)!r} does not exist: `metaif bench` runs the scripts of a "
-                                "source checkout. Clone the repository and install it with `pip install -e .`.")
+    if not all((folder / f"{name}.py").is_file() for name in names):
+        raise FileNotFoundError(f"the benchmark scripts benchmarks/{{{','.join(names)}}}.py are not in {str(folder)!r}: "
+                                "`metaif bench` runs the scripts of a source checkout, which an installed wheel does not "
+                                "include. Clone the repository and install it with `pip install -e .`.")
     failed = []
     for name in names:
         command = [sys.executable, str(folder / f"{name}.py")] + (["--quick"] if args.quick else [])
