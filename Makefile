@@ -47,14 +47,14 @@ bench: $(VENV)/.installed
 notebooks: $(VENV)/.installed
 	$(PY) notebooks/run_all.py --size full
 
-# The documentation site (mkdocs, material theme, API pages from the docstrings) into site/.
+# The documentation site into site/ (mkdocs.yml: material theme, API pages from the docstrings, the
+# guides, the notebooks; docs/hooks.py generates the experiments and measured-results pages).
 docs: $(VENV)/.installed
-	$(PY) docs/gen_results.py
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
+# The same site, served at http://127.0.0.1:8000 and rebuilt on every change.
 docs-serve: $(VENV)/.installed
-	$(PY) docs/gen_results.py
-	$(VENV)/bin/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 # A wheel and an sdist in dist/.
 dist: $(VENV)/.installed
