@@ -1,5 +1,5 @@
-"""Strict numerics for every test (float64, strict dtype promotion, rank-promotion errors) and the
-suite's persistent compilation cache."""
+"""Strict numerics for every test (float64, strict dtype promotion, rank-promotion errors), the
+suite's persistent compilation cache and the fixtures shared by the test files."""
 
 import os
 from pathlib import Path
@@ -23,3 +23,21 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+import pytest  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
+
+
+# A test file that defines a `LAM` fixture (its meta-parameters at a stationary point, computed when
+# the first test needs them rather than at import) gets these two with it.
+@pytest.fixture(scope="module")
+def FLAT(LAM):
+    """The file's LAM as one flat vector."""
+    return ravel_pytree(LAM)[0]
+
+
+@pytest.fixture(scope="module")
+def UNRAVEL(LAM):
+    """Flat vector -> pytree shaped like the file's LAM."""
+    return ravel_pytree(LAM)[1]

@@ -67,11 +67,6 @@ def LAM():
 
 
 @pytest.fixture(scope="module")
-def FLAT(LAM):
-    return ravel(LAM)[0]
-
-
-@pytest.fixture(scope="module")
 def ORACLES(FLAT):
     """H_BAR, GAMMA, GAUSS_NEWTON."""
     return _oracles(FLAT)

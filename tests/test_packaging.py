@@ -31,6 +31,7 @@ def _run(command, cwd, timeout=900, **kwargs):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # build, a full install from the package index, the demo (about 5 min idle)
 def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     dist = tmp_path / "dist"
     code, out = _run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)], cwd=tmp_path)

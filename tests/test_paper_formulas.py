@@ -65,11 +65,6 @@ def LAM():
 
 
 @pytest.fixture(scope="module")
-def FLAT(LAM):
-    return ravel(LAM)[0]
-
-
-@pytest.fixture(scope="module")
 def H_PAPER(FLAT):
     return N * jax.jit(jax.hessian(_objective))(FLAT)
 

@@ -20,20 +20,11 @@ TARGET = lambda lam: jnp.sum(lam["w"] ** 2) + lam["b"][0]
 
 
 # The stationary point and the dense Hessian there are fixtures: computed once, when the first test
-# of this file needs them, not at import (collection imports every file in every worker).
+# of this file needs them, not at import (collection imports every file in every worker). FLAT and
+# UNRAVEL come from conftest.py.
 @pytest.fixture(scope="module")
 def LAM():
     return metaif.newton_refine(PROBLEM, problems.linear_init(jax.random.key(0), DIM, WAYS), TASKS, steps=8).meta_params
-
-
-@pytest.fixture(scope="module")
-def FLAT(LAM):
-    return ravel(LAM)[0]
-
-
-@pytest.fixture(scope="module")
-def UNRAVEL(LAM):
-    return ravel(LAM)[1]
 
 
 @pytest.fixture(scope="module")
