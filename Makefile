@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/metaif demo --out demo-out
 
 # Two lanes, each one pytest run over two worker processes (a file stays in one worker) with one
-# summary line. JAX's persistent compilation cache lives in .jax_cache/ (tests/conftest.py).
+# summary line. JAX's persistent compilation cache: ~/.cache/metaif/jax-tests (tests/conftest.py).
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 # The fast lane: every test not marked slow.
@@ -61,4 +61,4 @@ dist: $(VENV)/.installed
 	$(PY) -m build
 
 clean:
-	rm -rf $(VENV) *.egg-info site dist build .jax_cache
+	rm -rf $(VENV) *.egg-info site dist build

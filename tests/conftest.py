@@ -9,14 +9,19 @@ from pathlib import Path
 # metaif/_linalg.py and test_solvers.py::test_vmapped_dense_kernels_do_not_deadlock_on_cpu.)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
-# JAX's persistent compilation cache: compiled programs are written to .jax_cache/ in the checkout
-# (or METAIF_TEST_JAX_CACHE; "" turns it off) and reused by the other pytest worker, by the
-# subprocesses that the tests start (the environment is inherited) and by later runs. A fresh clone
-# starts with an empty cache.
-_CACHE = os.environ.setdefault("METAIF_TEST_JAX_CACHE", str(Path(__file__).resolve().parents[1] / ".jax_cache"))
+# JAX's persistent compilation cache: compiled programs are written to the user's cache folder
+# ($XDG_CACHE_HOME or ~/.cache, then metaif/jax-tests; METAIF_TEST_JAX_CACHE=PATH moves it, "" turns
+# it off) and reused by the other pytest worker, by the subprocesses that the tests start (they
+# inherit the environment), by later runs and by other clones on the same machine. Entries are keyed
+# by the program, jax/jaxlib versions and flags, so a stale entry is never used; the folder is
+# capped at 2 GiB (least recently used entries go first). A machine's first run compiles
+# everything: see the README for both times.
+_USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metaif" / "jax-tests"
+_CACHE = os.environ.setdefault("METAIF_TEST_JAX_CACHE", str(_USER_CACHE))
 if _CACHE:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024**3))
 
 import jax  # noqa: E402
 
