@@ -13,13 +13,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_t
 # ($XDG_CACHE_HOME or ~/.cache, then metaif/jax-tests; METAIF_TEST_JAX_CACHE=PATH moves it, "" turns
 # it off) and reused by the other pytest worker, by the subprocesses that the tests start (they
 # inherit the environment), by later runs and by other clones on the same machine. Entries are keyed
-# by the program, jax/jaxlib versions and flags, so a stale entry is never used. (No size cap: JAX's
-# capped, least-recently-used mode races between two worker processes.) A machine's first run
-# compiles everything: see the README for both times.
+# by the program, jax/jaxlib versions and flags, so a stale entry is never used. JAX writes an entry
+# in place (not atomically), so each pytest-xdist worker keeps its own folder: two workers never
+# read a half-written entry of the other, and a test that kills a subprocess gives it a cache of
+# its own (test_cli.py). No size cap: JAX's capped mode races between processes.
 _USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metaif" / "jax-tests"
 _CACHE = os.environ.setdefault("METAIF_TEST_JAX_CACHE", str(_USER_CACHE))
 if _CACHE:
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(_CACHE) / os.environ.get("PYTEST_XDIST_WORKER", "main")))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 # Most of the suite's CPU time is XLA compiling many small programs. The tests run them with XLA's

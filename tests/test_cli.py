@@ -346,7 +346,8 @@ def test_kill_9_then_restart_loses_nothing(tiny_run, tmp_path):
     config = write(tmp_path / "tiny.toml", TINY.replace("tasks = 0.25\nsupport = 0.05", "tasks = 0.0\nsupport = 0.0"))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "metaif", "run", str(config), "--out", str(out), "--quiet"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # A kill mid-write would leave a truncated entry in the suite's compilation cache: its own cache.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache")}
     errors = open(tmp_path / "stderr.txt", "wb")
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=errors)
     log = out / "log.jsonl"
