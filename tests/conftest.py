@@ -19,8 +19,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_t
 # its own (test_cli.py). No size cap: JAX's capped mode races between processes.
 _USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metaif" / "jax-tests"
 _CACHE = os.environ.setdefault("METAIF_TEST_JAX_CACHE", str(_USER_CACHE))
-if _CACHE:
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(_CACHE) / os.environ.get("PYTEST_XDIST_WORKER", "main")))
+if _CACHE:  # set, not defaulted: a worker inherits the controller's environment
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(Path(_CACHE) / os.environ.get("PYTEST_XDIST_WORKER", "main"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 # Most of the suite's CPU time is XLA compiling many small programs. The tests run them with XLA's
