@@ -10,7 +10,9 @@ arrays, so a tampered file cannot run code.
 from __future__ import annotations
 
 import codecs
+import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -97,7 +99,7 @@ def _names(values) -> tuple[str, ...]:
     return tuple(v.decode() if isinstance(v, bytes) else str(v) for v in values)
 
 
-def load_fc100(root=None, *, splits=SPLITS, verify: bool = True) -> FC100:
+def load_fc100(root: str | os.PathLike | None = None, *, splits: Sequence[str] = SPLITS, verify: bool = True) -> FC100:
     """FC100 from the CIFAR-100 python-version files.
 
     Args:

@@ -13,6 +13,8 @@ standard structure instead.
 from __future__ import annotations
 
 import csv
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -93,7 +95,7 @@ def _check_structure(loader: str, base: Path, rows: list[tuple[str, str, Path]],
             )
 
 
-def load_mini_imagenet(root=None, *, splits=SPLITS, size: int = 84, verify: bool = True, cache: bool = True) -> MiniImageNet:
+def load_mini_imagenet(root: str | os.PathLike | None = None, *, splits: Sequence[str] = SPLITS, size: int = 84, verify: bool = True, cache: bool = True) -> MiniImageNet:
     """Mini-ImageNet images resized to size×size (Lanczos, as in MAML), from either standard layout.
 
     Args:
