@@ -322,7 +322,7 @@ def machine_info() -> dict:
         devices=[str(d) for d in jax.devices()], backend=jax.default_backend(), jax_version=jax.__version__,
         jaxlib_version=getattr(jax.lib, "__version__", None) or _jaxlib_version(), metaif_version=metaif.__version__,
         python=sys.version.split()[0], platform=platform.platform(), processor=platform.processor() or platform.machine(),
-        cpu_count=os.cpu_count(), x64=bool(jax.config.jax_enable_x64),
+        cpu_count=os.cpu_count(), x64=bool(jax.config.read("jax_enable_x64")),
     )
 
 

@@ -32,7 +32,6 @@ from common import fmt
 
 import jax
 import jax.flatten_util
-import jax.numpy as jnp
 import numpy as np
 
 import metaif

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 import metaif

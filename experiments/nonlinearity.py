@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import metaif
-from metaif import evaluation
 from metaif.evaluation import metrics
 
 

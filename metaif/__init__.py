@@ -12,8 +12,12 @@ first use (PEP 562), so `metaif.influence`, `metaif.evaluation.retrain` or
 from __future__ import annotations
 
 import importlib
+from importlib import metadata as _metadata
 
-__version__ = "0.1.0"
+try:  # the single source is pyproject.toml's version, read from the installed package's metadata
+    __version__: str = _metadata.version("metaif")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 # Public submodules: reachable as attributes after `import metaif`.
 _SUBMODULES = ("core", "curvature", "data", "evaluation", "explain", "models", "parallel", "problems", "solvers", "training")

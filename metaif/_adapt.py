@@ -1,6 +1,6 @@
 """Adaptation strategies: how task i turns meta-parameters λ into adapted parameters θ_i(λ).
 
-Inner objective of one task (paper.md section 2), with support weights a (shape [m]):
+Inner objective of one task (docs/conventions.md), with support weights a (shape [m]):
     L_I(θ, λ; a) = (1/m) Σ_j a_j ℓ_in(θ, λ; s_j) + Ω(θ, λ).
 
 * `Proximal` (iMAML): Ω = (reg/2)‖θ − λ‖²; θ(λ, a) is its minimiser. The derivative comes from the

@@ -1,6 +1,6 @@
 """Task and instance influence on meta-parameters, on scalar targets and on adapted parameters.
 
-Conventions (paper.md section 2, binding): every task and example carries a weight (t [n],
+Conventions (docs/conventions.md, binding): every task and example carries a weight (t [n],
 a [n, m], b [n, q]) that multiplies a fixed-denominator mean. The influence of a weight ω is the
 derivative at ω = 1:
 

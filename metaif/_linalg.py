@@ -395,7 +395,7 @@ def _symmetric_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _sharded_batch(x: jax.Array) -> bool:
     """Whether x's leading (batch) axis is sharded over an Explicit mesh axis."""
     spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    return bool(spec) and spec[0] is not None
+    return spec is not None and len(spec) > 0 and spec[0] is not None
 
 
 _cpu_sequential_eigh = jax.custom_batching.custom_vmap(_symmetric_eigh)

@@ -1,4 +1,4 @@
-"""The weighted meta-objective F(λ; t, a, b) of paper.md section 2 and its building blocks.
+"""The weighted meta-objective F(λ; t, a, b) (docs/conventions.md) and its building blocks.
 
     F(λ; t, a, b) = (1/n) Σ_i t_i (1/q) Σ_j b_ij ℓ_out(θ_i(λ; a_i), λ; q_ij) + (meta_reg/2)‖λ‖²
 

@@ -125,20 +125,21 @@ def check_problem(problem: Any) -> None:
 def check_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, which: tuple[str, ...] = ("inner_loss", "outer_loss")) -> None:
     """Trace each loss on one example (no FLOPs) and require a scalar output."""
     data_of = {"inner_loss": tasks.support, "outer_loss": tasks.query}
-    for which, data in ((w, data_of[w]) for w in which):
+    for name in which:
+        data = data_of[name]
         example = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf)[2:], leaf.dtype), data)
-        loss = getattr(problem, which)
+        loss = getattr(problem, name)
         try:
             out = jax.eval_shape(loss, meta_params, meta_params, example)
         except Exception as error:  # re-raised with the argument named
             raise ValueError(
-                f"problem.{which} failed on (meta_params, meta_params, one example): {error}"
+                f"problem.{name} failed on (meta_params, meta_params, one example): {error}"
             ) from error
         leaves = jax.tree.leaves(out)
         if len(leaves) != 1 or leaves[0].shape != ():
             shown = jax.tree.map(lambda s: f"shape {s.shape}", out)
             raise ValueError(
-                f"problem.{which} must return a scalar loss for one example; it returned {shown}. "
+                f"problem.{name} must return a scalar loss for one example; it returned {shown}. "
                 "Reduce it with .sum() or .mean(), or check that it indexes one example and not a batch."
             )
 

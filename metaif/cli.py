@@ -271,9 +271,11 @@ def _cmd_bench(args) -> int:
 
     folder = Path(metaif.__file__).resolve().parents[1] / "benchmarks"
     names = args.only or list(BENCHMARKS)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"the benchmarks folder {str(folder)!r} does not exist: `metaif bench` runs the scripts of a "
-                                "source checkout. Clone the repository and install it with `pip install -e .`.")
+    wanted = list(BENCHMARKS) if args.list else names
+    if not all((folder / f"{name}.py").is_file() for name in wanted):
+        raise FileNotFoundError(f"the benchmark scripts benchmarks/{{{','.join(wanted)}}}.py are not in {str(folder)!r}: "
+                                "`metaif bench` runs the scripts of a source checkout, which an installed wheel does not "
+                                "include. Clone the repository and install it with `pip install -e .`.")
     if args.list:
         for name in BENCHMARKS:
             print(f"{name:<9} benchmarks/{name}.py: {_describe(folder / f'{name}.py')}")

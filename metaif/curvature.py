@@ -1,7 +1,7 @@
 """Which curvature of the meta-objective the influence solves use.
 
 The total Hessian of F(λ) = (1/n) Σ_i t_i L_O^i(θ_i(λ), λ) + R(λ) splits as H = H̄ + H', where H'
-holds the third-order part (through d²θ_i/dλ², paper.md section 1). Every option is the Hessian, at
+holds the third-order part (through d²θ_i/dλ²). Every option is the Hessian, at
 λ*, of a surrogate task sum S̃(λ) (plus a multiple of I), so solvers see one interface:
 
 * `Exact()`: H itself (default).

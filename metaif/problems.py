@@ -8,7 +8,10 @@ Examples are dicts `{"x": [...], "y": ...}`; task sets are `TaskSet`s with leadi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+from jax.typing import DTypeLike as JaxDTypeLike
+from numpy.typing import DTypeLike
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +27,7 @@ PyTree = Any
 
 
 def regression_tasks(n_tasks: int, n_support: int, n_query: int, dim: int, noise: float = 0.1,
-                     spread: float = 0.5, seed: int = 0, family_seed: int = 0, dtype=np.float64) -> tuple[TaskSet, np.ndarray]:
+                     spread: float = 0.5, seed: int = 0, family_seed: int = 0, dtype: DTypeLike = np.float64) -> tuple[TaskSet, np.ndarray]:
     """Linear-regression tasks y = x·w_i + ε with w_i = w_0 + spread·N(0, I).
 
     `family_seed` draws the shared w_0 (the task distribution); `seed` draws the tasks, so task
@@ -44,7 +47,7 @@ def regression_tasks(n_tasks: int, n_support: int, n_query: int, dim: int, noise
 
 
 def classification_tasks(n_tasks: int, n_support: int, n_query: int, dim: int, ways: int, spread: float = 0.5,
-                         scale: float = 2.0, seed: int = 0, family_seed: int = 0, dtype=np.float64) -> TaskSet:
+                         scale: float = 2.0, seed: int = 0, family_seed: int = 0, dtype: DTypeLike = np.float64) -> TaskSet:
     """Linear softmax tasks: inputs x ~ N(0, I); labels drawn from softmax(x·W_i) with
     W_i = scale·(W_0 + spread·N(0, I)), so tasks share structure that meta-learning can find.
 
@@ -101,7 +104,7 @@ def squared_loss(params: PyTree, meta_params: PyTree, example: PyTree) -> jax.Ar
     return 0.5 * (example["x"] @ params["w"] - example["y"]) ** 2
 
 
-def linear_init(key: jax.Array, dim: int, ways: int, dtype=jnp.float64) -> PyTree:
+def linear_init(key: jax.Array, dim: int, ways: int, dtype: JaxDTypeLike = jnp.float64) -> PyTree:
     """Multinomial logistic regression params {"w": [dim, ways] ~ N(0, 0.01²), "b": [ways] zeros}."""
     return {"w": 0.01 * jax.random.normal(key, (dim, ways), dtype), "b": jnp.zeros((ways,), dtype)}
 
@@ -117,7 +120,7 @@ def linear_logits(params: PyTree, x: jax.Array) -> jax.Array:
     return _affine(x, params["w"], params["b"])
 
 
-def mlp_init(key: jax.Array, sizes: tuple[int, ...], dtype=jnp.float64) -> PyTree:
+def mlp_init(key: jax.Array, sizes: tuple[int, ...], dtype: JaxDTypeLike = jnp.float64) -> PyTree:
     """He-initialised MLP params [{"w", "b"}, ...] for layer sizes (in, hidden..., out)."""
     keys = jax.random.split(key, len(sizes) - 1)
     return [
@@ -158,7 +161,7 @@ def mlp_cross_entropy(params: PyTree, meta_params: PyTree, example: PyTree) -> j
     return cross_entropy(mlp_logits(params, example["x"]), example["y"])
 
 
-def accuracy(logits_fn, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
+def accuracy(logits_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
     """Fraction of inputs x [k, dim] whose argmax logit equals the label y [k]."""
     predicted = jnp.argmax(logits_fn(params, x), axis=-1)
     return jnp.mean((predicted == y.astype(predicted.dtype)).astype(x.dtype))

@@ -15,9 +15,9 @@ N, M, Q, DIM, HIDDEN, WAYS = 6, 4, 3, 3, 4, 3
 TASKS = problems.classification_tasks(N, M, Q, DIM, WAYS, seed=21)
 LOSS = problems.mlp_cross_entropy
 PROBLEM = metaif.BilevelProblem(LOSS, LOSS, metaif.Unrolled(steps=2, lr=0.4), meta_reg=0.1)
-LAM = metaif.newton_refine(PROBLEM, problems.mlp_init(jax.random.key(5), (DIM, HIDDEN, WAYS)), TASKS, steps=12).meta_params
-FLAT, UNRAVEL = ravel(LAM)
-D = FLAT.size
+INIT = problems.mlp_init(jax.random.key(5), (DIM, HIDDEN, WAYS))
+UNRAVEL = ravel(INIT)[1]  # the structure of λ (the same at every point)
+D = ravel(INIT)[0].size
 
 
 def predict(params, meta_params, example):
@@ -30,7 +30,7 @@ def output_loss(outputs, example):
 
 def _adapted_flat(x):
     """[n, d] adapted parameters of every task as flat vectors (the oracle's θ(λ))."""
-    ones = jnp.ones((N, M), FLAT.dtype)
+    ones = jnp.ones((N, M), x.dtype)
     theta = jax.vmap(_objective.adapt_one, in_axes=(None, None, 0, 0))(PROBLEM, UNRAVEL(x), TASKS.support, ones)
     return jax.vmap(lambda th: ravel(th)[0])(theta)
 
@@ -41,8 +41,8 @@ def _task_query_loss(theta_flat, lam_flat, query):
 
 
 @jax.jit
-def _oracles():
-    """Dense H̄, Γ and Gauss–Newton matrices from explicit Jacobians and Hessians."""
+def _oracles(FLAT):
+    """Dense H̄, Γ and Gauss–Newton matrices at FLAT from explicit Jacobians and Hessians."""
     theta = _adapted_flat(FLAT)  # [n, d]
     jac = jax.jacfwd(_adapted_flat)(FLAT)  # [n, d, d]: dθ_i/dλ
     joint = lambda z, query: _task_query_loss(z[:D], z[D:], query)
@@ -59,32 +59,47 @@ def _oracles():
     return h_bar / N + reg, gamma / N, gauss_newton / N + reg
 
 
-H_BAR, GAMMA, GAUSS_NEWTON = _oracles()
-TASK_GRADS = jax.vmap(lambda k: jax.grad(lambda x: metaif.meta_objective(
-    PROBLEM, UNRAVEL(x), TASKS, task_weights=jnp.zeros(N).at[k].set(1.0)))(FLAT) - PROBLEM.meta_reg * FLAT)(jnp.arange(N))
+# λ* and the dense oracles there are fixtures: computed once, when the first test of this file needs
+# them, not at import (collection imports every file in every worker).
+@pytest.fixture(scope="module")
+def LAM():
+    return metaif.newton_refine(PROBLEM, INIT, TASKS, steps=12).meta_params
 
 
-def _task_influence_flat(curvature, solver=None, batch_size=None):
+@pytest.fixture(scope="module")
+def ORACLES(FLAT):
+    """H_BAR, GAMMA, GAUSS_NEWTON."""
+    return _oracles(FLAT)
+
+
+@pytest.fixture(scope="module")
+def TASK_GRADS(FLAT):
+    return jax.vmap(lambda k: jax.grad(lambda x: metaif.meta_objective(
+        PROBLEM, UNRAVEL(x), TASKS, task_weights=jnp.zeros(N).at[k].set(1.0)))(FLAT) - PROBLEM.meta_reg * FLAT)(jnp.arange(N))
+
+
+def _task_influence_flat(LAM, curvature, solver=None, batch_size=None):
     influence = metaif.task_influence(PROBLEM, LAM, TASKS, solver=solver or metaif.solvers.Dense(), curvature=curvature,
                                       batch_size=batch_size)
     return jax.vmap(lambda tree: ravel(tree)[0])(influence)
 
 
 @pytest.mark.parametrize("curvature,matrix", [
-    (metaif.curvature.Truncated(), lambda: H_BAR),
-    (metaif.curvature.Gamma(), lambda: H_BAR + GAMMA * jnp.eye(D)),
-    (metaif.curvature.GaussNewton(predict, output_loss), lambda: GAUSS_NEWTON),
+    (metaif.curvature.Truncated(), lambda h_bar, gamma, gauss_newton: h_bar),
+    (metaif.curvature.Gamma(), lambda h_bar, gamma, gauss_newton: h_bar + gamma * jnp.eye(D)),
+    (metaif.curvature.GaussNewton(predict, output_loss), lambda h_bar, gamma, gauss_newton: gauss_newton),
 ])
-def test_curvature_equals_its_dense_twin(curvature, matrix):
-    expected = -jnp.linalg.solve(matrix(), TASK_GRADS.T).T
-    got = _task_influence_flat(curvature)
+def test_curvature_equals_its_dense_twin(curvature, matrix, LAM, ORACLES, TASK_GRADS):
+    expected = -jnp.linalg.solve(matrix(*ORACLES), TASK_GRADS.T).T
+    got = _task_influence_flat(LAM, curvature)
     np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-10 * float(jnp.max(jnp.abs(expected))))
     if isinstance(curvature, metaif.curvature.GaussNewton):  # chunked surrogates (all share one code path)
-        chunked = _task_influence_flat(curvature, batch_size=4)
+        chunked = _task_influence_flat(LAM, curvature, batch_size=4)
         np.testing.assert_allclose(chunked, expected, rtol=1e-7, atol=1e-9 * float(jnp.max(jnp.abs(expected))))
 
 
-def test_truncated_differs_from_exact_here_and_gauss_newton_is_psd():
+def test_truncated_differs_from_exact_here_and_gauss_newton_is_psd(ORACLES, LAM, FLAT):
+    H_BAR, GAMMA, GAUSS_NEWTON = ORACLES
     exact = jax.hessian(lambda x: metaif.meta_objective(PROBLEM, UNRAVEL(x), TASKS))(FLAT)
     assert float(jnp.max(jnp.abs(exact - H_BAR))) > 1e-3  # the third-order part matters in this MLP
     op = metaif.hessian_operator(PROBLEM, LAM, TASKS)
@@ -111,7 +126,7 @@ def test_truncated_equals_exact_when_adaptation_is_affine():
     (metaif.Unrolled(steps=2, lr=0.4), metaif.solvers.CG(tol=1e-13, maxiter=300, damping=0.05), (2,)),
     (metaif.Proximal(2.0, steps=60, lr=0.3), metaif.solvers.Dense(damping=0.05), (4,)),
 ])
-def test_chunked_equals_unchunked(adapt, solver, batch_sizes):
+def test_chunked_equals_unchunked(adapt, solver, batch_sizes, LAM):
     problem = metaif.BilevelProblem(LOSS, LOSS, adapt, meta_reg=0.1)
     target = lambda lam: jnp.sum(lam[0]["w"] ** 2)
     whole = metaif.influence(problem, LAM, TASKS, target=target, solver=solver)
@@ -127,7 +142,7 @@ def test_chunked_equals_unchunked(adapt, solver, batch_sizes):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-14)
 
 
-def test_first_order_adaptation_is_identity_in_lambda():
+def test_first_order_adaptation_is_identity_in_lambda(LAM, FLAT):
     support = jax.tree.map(lambda x: x[0], TASKS.support)
     base, first = PROBLEM.adapt, metaif.FirstOrder(PROBLEM.adapt)
     problem_fo = metaif.BilevelProblem(LOSS, LOSS, first, meta_reg=0.1)
@@ -148,7 +163,7 @@ def test_first_order_adaptation_is_identity_in_lambda():
     _ = base
 
 
-def test_minibatch_hvp_is_unbiased():
+def test_minibatch_hvp_is_unbiased(LAM):
     weights = _objective.unit_weights(LAM, TASKS)
     _, _, op = _hessian.operator(PROBLEM, LAM, TASKS, weights, metaif.curvature.Exact(), None)
     v = UNRAVEL(jax.random.normal(jax.random.key(1), (D,)))
@@ -161,7 +176,7 @@ def test_minibatch_hvp_is_unbiased():
     assert op.n_tasks == N
 
 
-def test_bad_curvature_options_are_named():
+def test_bad_curvature_options_are_named(LAM):
     with pytest.raises(TypeError, match="curvature must be"):
         metaif.influence(PROBLEM, LAM, TASKS, curvature="exact")
     with pytest.raises(TypeError, match="GaussNewton.predict"):

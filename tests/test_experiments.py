@@ -1,6 +1,10 @@
 """Smoke test of the experiments' shared pipeline on a tiny digits config (seconds, not minutes):
 data → tasks → meta-training to a stationary point → retraining ground truth → influence → the
-metrics each experiment reports. The full experiments are commands (experiments/README.md)."""
+metrics each experiment reports. The full experiments are commands (experiments/README.md).
+
+The tiny configuration is meta-trained once (the `trained` fixture); the n-sweep and the
+editing-limit experiment build the same configuration and reuse that training (`train_once`).
+Everything but the pure helpers is in the slow lane (`make test-slow`)."""
 
 import dataclasses
 import sys
@@ -33,6 +37,25 @@ def trained():
     return setup, common.meta_train(setup, log=lambda *a: None)
 
 
+@pytest.fixture
+def train_once(trained, monkeypatch):
+    """common.meta_train returns the `trained` result for the TINY configuration (the training is
+    deterministic: same config, same data, same numbers) and trains any other one; yields the
+    configurations it reused, so a test can check that the reuse happened."""
+    reused = []
+    train = common.meta_train
+
+    def meta_train(setup, log=print):
+        if setup.config == TINY:
+            reused.append(setup.config)
+            return trained[1]
+        return train(setup, log)
+
+    monkeypatch.setattr(common, "meta_train", meta_train)
+    return reused
+
+
+@pytest.mark.slow
 def test_setup_shapes_and_stationarity(trained):
     setup, result = trained
     assert setup.train.support["x"].shape == (6, 5, 4)          # 5-way 1-shot, 4 PCA features
@@ -43,6 +66,7 @@ def test_setup_shapes_and_stationarity(trained):
     assert 0.0 <= common.accuracy(setup, result.meta_params) <= 1.0
 
 
+@pytest.mark.slow
 def test_retraining_ground_truth_matches_influence_derivative(trained):
     """Down-weighting each task by ε = 1e-4 and re-solving (the experiments' two-pass retraining)
     changes the target by −ε·influence up to O(ε²); both passes converge and agree."""
@@ -73,7 +97,8 @@ def test_ranking_and_detection_helpers():
     assert out["perfect"]["found_at_40%"] == pytest.approx(0.8)
 
 
-def test_fidelity_vs_n_sweep_saves_and_resumes(tmp_path):
+@pytest.mark.slow
+def test_fidelity_vs_n_sweep_saves_and_resumes(tmp_path, train_once):
     """The n-sweep on the tiny config: plain and proximal leave-one-task-out with both passes
     converged, the ε-check (ε = 1e-4, nearly linear) matching −ε·IF, the table and figure written;
     a rerun skips the saved n, and other settings are refused without --fresh."""
@@ -82,6 +107,7 @@ def test_fidelity_vs_n_sweep_saves_and_resumes(tmp_path):
              "--epsilon", "1e-4", "--out", str(tmp_path)]
     results = fidelity_vs_n.main(flags)
     row = results["6"]
+    assert train_once == [TINY]                                              # trained once, by the fixture
     assert row["setup"]["grad_norm"] < 1e-8
     for kind in ("plain", "proximal"):
         assert row[kind]["n_converged"] == row[kind]["n_sampled"] == 3
@@ -98,7 +124,8 @@ def test_fidelity_vs_n_sweep_saves_and_resumes(tmp_path):
         fidelity_vs_n.main([*flags[:-2], "--task-sample", "2", "--out", str(tmp_path)])
 
 
-def test_edit_reach_rows_path_and_files(tmp_path):
+@pytest.mark.slow
+def test_edit_reach_rows_path_and_files(tmp_path, train_once):
     """The editing-limit experiment on the tiny config: every retraining converged, removal_reach's
     t* agrees with the sign of the reduced Hessian's smallest eigenvalue (t* >= 1 exactly when the
     full removal leaves H(λ*; 1 − removed) positive definite), the path starts at λ* and the table
@@ -107,6 +134,7 @@ def test_edit_reach_rows_path_and_files(tmp_path):
              "--features", "4", "--hidden", "2", "--queries", "1", "--adam-steps", "300", "--adam-lr", "3e-2",
              "--fractions", "0.2,0.5", "--path-points", "4", "--out", str(tmp_path)]
     res = edit_reach.main(flags)["digits"]
+    assert train_once == [TINY]                                              # trained once, by the fixture
     rows = res["fractions"]
     assert [r["removed"] for r in rows] == [1, 3]
     for r in rows:

@@ -15,10 +15,15 @@ TASKS = problems.classification_tasks(N, M, Q, DIM, WAYS, seed=11)
 TEST = problems.classification_tasks(5, M, Q, DIM, WAYS, seed=12)
 LOSS = problems.linear_cross_entropy
 PROBLEM = metaif.BilevelProblem(LOSS, LOSS, metaif.Unrolled(steps=2, lr=0.5), meta_reg=0.05)
-LAM = metaif.newton_refine(PROBLEM, problems.linear_init(jax.random.key(3), DIM, WAYS), TASKS, steps=10).meta_params
 
 
-def test_at_stationary_point():
+@pytest.fixture(scope="module")
+def LAM():
+    """A stationary point, computed when the first test needs it (not at import)."""
+    return metaif.newton_refine(PROBLEM, problems.linear_init(jax.random.key(3), DIM, WAYS), TASKS, steps=10).meta_params
+
+
+def test_at_stationary_point(LAM):
     assert float(metaif.influence(PROBLEM, LAM, TASKS).grad_norm) < 1e-12
 
 
@@ -35,7 +40,7 @@ def targets(lam):
     ("mixed", None, 4, 3),
     ("auto", metaif.solvers.CG(tol=1e-13, maxiter=200), None, 5),
 ])
-def test_pairwise_equals_separate_single_target_calls(method, solver, batch_size, target_batch_size):
+def test_pairwise_equals_separate_single_target_calls(method, solver, batch_size, target_batch_size, LAM):
     result = metaif.pairwise_influence(PROBLEM, LAM, TASKS, targets, solver, method=method, batch_size=batch_size,
                                        target_batch_size=target_batch_size)
     assert result.tasks.shape == (8, N) and result.support.shape == (8, N, M) and result.query.shape == (8, N, Q)
@@ -52,7 +57,7 @@ def one_test_loss(lam, task):
     return jnp.mean(jax.vmap(LOSS, in_axes=(None, None, 0))(theta, lam, task.query))
 
 
-def test_pairwise_over_target_data_equals_vector_targets():
+def test_pairwise_over_target_data_equals_vector_targets(LAM):
     mapped = metaif.pairwise_influence(PROBLEM, LAM, TASKS, one_test_loss, target_data=TEST)
     vector = metaif.pairwise_influence(PROBLEM, LAM, TASKS, lambda lam: metaif.task_losses(PROBLEM, lam, TEST))
     for a, b in zip(mapped[:3], vector[:3]):
@@ -61,7 +66,7 @@ def test_pairwise_over_target_data_equals_vector_targets():
         metaif.pairwise_influence(PROBLEM, LAM, TASKS, lambda lam, task: task.query["x"], target_data=TEST)
 
 
-def test_self_influence_equals_finite_differences():
+def test_self_influence_equals_finite_differences(LAM):
     result = metaif.self_influence(PROBLEM, LAM, TASKS)
     h = 1e-4
     ones = dict(task_weights=jnp.ones(N), support_weights=jnp.ones((N, M)), query_weights=jnp.ones((N, Q)))
@@ -86,7 +91,7 @@ def mixed_predict(params, meta_params, example):
     return problems.linear_logits(params, example["x"]) + 0.5 * problems.linear_logits(meta_params, example["x"])
 
 
-def test_new_task_influence_parts_add_up_and_match_finite_differences():
+def test_new_task_influence_parts_add_up_and_match_finite_differences(LAM):
     support = jax.tree.map(lambda x: x[1], TEST.support)
     inputs = jax.tree.map(lambda x: x[1], TEST.query)
     result = metaif.new_task_influence(PROBLEM, LAM, TASKS, support, mixed_predict, inputs)
@@ -108,7 +113,7 @@ def test_new_task_influence_parts_add_up_and_match_finite_differences():
     np.testing.assert_allclose(result.tasks[..., 3], (prediction(h) - prediction(-h)) / (2 * h), rtol=1e-6, atol=1e-10)
 
 
-def test_top_k_agrees_with_a_full_sort():
+def test_top_k_agrees_with_a_full_sort(LAM):
     scores = metaif.influence(PROBLEM, LAM, TASKS, target=lambda lam: targets(lam)[0])
     for array in (scores.tasks, scores.support, scores.query):
         explanation = metaif.explain.top_k(array, 4)
@@ -139,12 +144,12 @@ def test_plot_examples_draws_images():
     (lambda lam: jnp.zeros((0,)), "non-empty"),
     ("loss", "targets must be a function"),
 ])
-def test_pairwise_rejects_bad_targets(bad, match):
+def test_pairwise_rejects_bad_targets(bad, match, LAM):
     with pytest.raises((ValueError, TypeError), match=match):
         metaif.pairwise_influence(PROBLEM, LAM, TASKS, bad)
 
 
-def test_bad_arguments_are_named():
+def test_bad_arguments_are_named(LAM):
     with pytest.raises(ValueError, match="method"):
         metaif.pairwise_influence(PROBLEM, LAM, TASKS, targets, method="fast")
     with pytest.raises(ValueError, match="target_batch_size"):

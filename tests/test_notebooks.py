@@ -34,6 +34,7 @@ def test_all_notebooks_listed():
                                            "03_choosing_a_solver.ipynb"]
 
 
+@pytest.mark.slow
 def test_kernel_is_this_python(tmp_path):
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys; print(sys.executable)")])
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -42,6 +43,7 @@ def test_kernel_is_this_python(tmp_path):
     assert Path(printed).resolve() == Path(sys.executable).resolve()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_at_small_size(path, tmp_path, monkeypatch):
     folder = NEEDS_DATA.get(path.name)

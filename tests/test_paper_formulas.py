@@ -1,4 +1,4 @@
-"""The paper's formulas (paper.md section 1) against metaif's weight derivatives (section 2).
+"""The paper's formulas (arXiv:2501.15963) against metaif's weight derivatives (docs/conventions.md).
 
 The paper writes task-IF = −H_p⁻¹ D_λ L_O^k, query instance-IF = −H_p⁻¹ D_λ ℓ(z; θ_k(λ)) and the
 two-stage support instance-IF = −H_p⁻¹ D_λ P with P = ∇_θL_Oᵀ (∂²_θθ L_I)⁻¹ ∇_θ ℓ(z; θ_k), where
@@ -11,6 +11,7 @@ independent inner solver (unrolled Newton iterations), then compared with
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import metaif
 from metaif import problems
@@ -20,8 +21,8 @@ N, M, Q, DIM, WAYS, REG, META_REG = 4, 5, 6, 3, 2, 2.0, 0.05
 TASKS = problems.classification_tasks(N, M, Q, DIM, WAYS, seed=5)
 LOSS = problems.linear_cross_entropy
 PROBLEM = metaif.BilevelProblem(LOSS, LOSS, metaif.Proximal(REG, steps=300, lr=0.3), meta_reg=META_REG)
-LAM = metaif.newton_refine(PROBLEM, problems.linear_init(jax.random.key(0), DIM, WAYS), TASKS, steps=8).meta_params
-FLAT, UNRAVEL = ravel(LAM)
+INIT = problems.linear_init(jax.random.key(0), DIM, WAYS)
+UNRAVEL = ravel(INIT)[1]  # the structure of λ (the same at every point)
 
 
 def _task(k):
@@ -56,8 +57,21 @@ def _objective(lam):
     return jnp.mean(losses) + 0.5 * META_REG * jnp.sum(lam**2)
 
 
-H_PAPER = N * jax.jit(jax.hessian(_objective))(FLAT)
-INFLUENCE = metaif.influence(PROBLEM, LAM, TASKS, solver=metaif.solvers.Dense())
+# λ*, the paper's H_p there and metaif's influences are fixtures: computed once, when the first test
+# of this file needs them, not at import (collection imports every file in every worker).
+@pytest.fixture(scope="module")
+def LAM():
+    return metaif.newton_refine(PROBLEM, INIT, TASKS, steps=8).meta_params
+
+
+@pytest.fixture(scope="module")
+def H_PAPER(FLAT):
+    return N * jax.jit(jax.hessian(_objective))(FLAT)
+
+
+@pytest.fixture(scope="module")
+def INFLUENCE(LAM):
+    return metaif.influence(PROBLEM, LAM, TASKS, solver=metaif.solvers.Dense())
 
 
 def _flat(tree):
@@ -68,12 +82,12 @@ def _close(actual, expected):
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-7 * np.max(np.abs(expected)))
 
 
-def test_task_if():
+def test_task_if(FLAT, H_PAPER, INFLUENCE):
     paper = jnp.stack([-jnp.linalg.solve(H_PAPER, jax.jit(jax.grad(_query_loss), static_argnums=1)(FLAT, k)) for k in range(N)])
     _close(_flat(INFLUENCE.tasks), paper)
 
 
-def test_query_instance_if():
+def test_query_instance_if(FLAT, H_PAPER, INFLUENCE):
     ours = jax.vmap(_flat)(INFLUENCE.query)
     for k in (0, 3):
         support, query = _task(k)
@@ -84,7 +98,7 @@ def test_query_instance_if():
             _close(Q * ours[k, j], paper)
 
 
-def test_support_instance_if_two_stage():
+def test_support_instance_if_two_stage(FLAT, H_PAPER, INFLUENCE):
     ours = jax.vmap(_flat)(INFLUENCE.support)
     for k in (1, 2):
         support, query = _task(k)
@@ -101,7 +115,7 @@ def test_support_instance_if_two_stage():
             _close(-M * ours[k, j], paper)
 
 
-def test_stage_one_is_the_direct_effect_on_theta():
+def test_stage_one_is_the_direct_effect_on_theta(LAM, FLAT):
     """Stage one, −(∂²_θθ L_I)⁻¹ ∇_θ ℓ(z; θ_k), is m times metaif's direct effect ∂θ_k/∂a_kj."""
     k = 1
     support, _ = _task(k)

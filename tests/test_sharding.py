@@ -60,6 +60,7 @@ def sharded_report() -> dict:
     return _last_json(done.stdout)
 
 
+@pytest.mark.slow
 def test_sharded_scores_equal_single_device(sharded_report):
     assert sharded_report["devices"] == 8
     cases = sharded_report["cases"]
@@ -76,6 +77,7 @@ def test_sharded_scores_equal_single_device(sharded_report):
         assert case["specs"] == ["tasks"], f"{name}: per-task outputs sharded as {case['specs']}"
 
 
+@pytest.mark.slow
 def test_sharded_errors_are_clear(sharded_report):
     errors = sharded_report["errors"]
     assert "12 tasks" in errors["indivisible"] and "8 devices" in errors["indivisible"]
@@ -94,6 +96,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process():
     script = ROOT / "benchmarks" / "distributed_example.py"
     base = [sys.executable, str(script), "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",

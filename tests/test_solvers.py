@@ -16,20 +16,29 @@ N, M, Q, DIM, WAYS = 5, 6, 6, 3, 3
 TASKS = problems.classification_tasks(N, M, Q, DIM, WAYS, seed=2)
 LOSS = problems.linear_cross_entropy
 PROBLEM = metaif.BilevelProblem(LOSS, LOSS, metaif.Unrolled(steps=2, lr=0.5), meta_reg=0.05)
-LAM = metaif.newton_refine(PROBLEM, problems.linear_init(jax.random.key(0), DIM, WAYS), TASKS, steps=8).meta_params
-FLAT, UNRAVEL = ravel(LAM)
-HESSIAN = jax.hessian(lambda x: metaif.meta_objective(PROBLEM, UNRAVEL(x), TASKS))(FLAT)
-META_REG_GRAD = 0.05 * FLAT  # gradient of (meta_reg/2)‖λ‖², removed from F's task gradients
 TARGET = lambda lam: jnp.sum(lam["w"] ** 2) + lam["b"][0]
 
 
-def test_dense_matches_explicit_inverse_with_damping():
+# The stationary point and the dense Hessian there are fixtures: computed once, when the first test
+# of this file needs them, not at import (collection imports every file in every worker). FLAT and
+# UNRAVEL come from conftest.py.
+@pytest.fixture(scope="module")
+def LAM():
+    return metaif.newton_refine(PROBLEM, problems.linear_init(jax.random.key(0), DIM, WAYS), TASKS, steps=8).meta_params
+
+
+@pytest.fixture(scope="module")
+def HESSIAN(FLAT, UNRAVEL):
+    return jax.hessian(lambda x: metaif.meta_objective(PROBLEM, UNRAVEL(x), TASKS))(FLAT)
+
+
+def test_dense_matches_explicit_inverse_with_damping(LAM, FLAT, UNRAVEL, HESSIAN):
     damping = 0.3
     scores, info = metaif.task_influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.Dense(damping), return_info=True)
     v = jnp.linalg.solve(HESSIAN + damping * jnp.eye(FLAT.size), ravel(jax.grad(TARGET)(LAM))[0])
     task_grads = jnp.stack([
         jax.grad(lambda x: metaif.meta_objective(PROBLEM, UNRAVEL(x), TASKS, task_weights=jnp.eye(N)[k] * N))(FLAT)
-        - META_REG_GRAD for k in range(N)
+        - 0.05 * FLAT for k in range(N)  # minus the gradient of (meta_reg/2)‖λ‖²
     ]) / N
     np.testing.assert_allclose(scores, -task_grads @ v, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(info.min_eigenvalue, np.linalg.eigvalsh(np.asarray(HESSIAN))[0], rtol=1e-9)
@@ -37,7 +46,7 @@ def test_dense_matches_explicit_inverse_with_damping():
 
 
 
-def test_cg_agrees_with_dense():
+def test_cg_agrees_with_dense(LAM, FLAT, HESSIAN):
     # the default damping of the matrix-free solvers, δ = 1e-4·λ_max(H) (5 Lanczos products):
     # Dense with the δ that CG reports solves the same system; Dense(damping=None) uses the exact λ_max
     cg = metaif.influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(tol=1e-12, maxiter=200))
@@ -59,7 +68,7 @@ def test_cg_agrees_with_dense():
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12)
 
 
-def test_cg_reports_non_convergence():
+def test_cg_reports_non_convergence(LAM):
     scores, info = metaif.task_influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(maxiter=2, tol=1e-12), return_info=True)
     assert not bool(info.converged) and int(info.iterations) == 2 and float(info.relative_residual) > 1e-6
     assert np.all(np.isfinite(scores))
@@ -85,7 +94,7 @@ def test_cg_on_zero_right_hand_side():
     assert bool(info.converged) and int(info.iterations) == 0 and np.all(x == 0)
 
 
-def test_default_damping_is_scale_aware():
+def test_default_damping_is_scale_aware(LAM):
     # F scaled by c (loss, meta_reg; inner lr by 1/c so that θ(λ) is unchanged): δ scales with
     # λ_max(H), so the scores of an unscaled target do not change
     c = 10.0
@@ -99,7 +108,7 @@ def test_default_damping_is_scale_aware():
             np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-12 * np.max(np.abs(a)))
 
 
-def test_indefinite_curvature_warns():
+def test_indefinite_curvature_warns(LAM, FLAT, UNRAVEL):
     # a concave outer loss: H = −(positive semi-definite) + meta_reg·I is indefinite everywhere
     concave = lambda params, meta, z: -LOSS(params, meta, z)
     problem = metaif.BilevelProblem(LOSS, concave, metaif.Unrolled(steps=2, lr=0.5), meta_reg=0.05)

@@ -73,7 +73,7 @@ def check(config: Config, n_inputs: int, d: int, n: int, m: int, q: int, limit: 
         limit = config.run.memory_limit_gb * GiB if config.run.memory_limit_gb else available_bytes()
     if stages["peak"] <= limit:
         return stages
-    worst = max((k for k in stages if k != "peak"), key=stages.get)
+    worst = max((k for k in stages if k != "peak"), key=lambda k: stages[k])
     advice = []
     if worst in ("solve", "scores", "edit"):
         fits = lambda b: estimate(dataclasses.replace(config, influence=dataclasses.replace(config.influence, batch_size=b)),

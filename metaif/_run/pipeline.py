@@ -169,7 +169,7 @@ def load_pools(config: Config) -> Pools:
             return Pools(d.images[d.train], d.labels[d.train], d.images[~d.train], d.labels[~d.train], "MNIST (official train / test images)")
         return _split(d.images, d.labels, mode, data.held_fraction, seed, "MNIST")
     if data.dataset == "omniglot":
-        d = metaif.data.load_omniglot(root, verify=data.verify, **({"size": data.image_size} if data.image_size else {}))
+        d = metaif.data.load_omniglot(root, verify=data.verify, **({"size": data.image_size} if data.image_size else {}))  # type: ignore[arg-type]
         if mode == "auto":
             split = metaif.data.omniglot_split()
             train = np.isin(d.labels, split.train)
@@ -178,7 +178,7 @@ def load_pools(config: Config) -> Pools:
         return _split(d.images, d.labels, mode, data.held_fraction, seed, "Omniglot")
     if data.dataset == "mini-imagenet":
         d = metaif.data.load_mini_imagenet(root, splits=("train", "test"), verify=data.verify,
-                                           **({"size": data.image_size} if data.image_size else {}))
+                                           **({"size": data.image_size} if data.image_size else {}))  # type: ignore[arg-type]
         train = d.split == "train"
         return Pools(d.images[train], d.labels[train], d.images[~train], d.labels[~train], "Mini-ImageNet (train / test classes)")
     if data.dataset == "fc100":
@@ -265,7 +265,7 @@ def task_set(data: dict, name: str) -> metaif.TaskSet:
 
 class Model(NamedTuple):
     problem: metaif.BilevelProblem
-    init: Callable[[], Any]              # () -> meta_params
+    init: Callable[[int], Any]           # seed -> meta_params
     logits: Callable | None              # (params, x [k, D]) -> [k, ways]
     n_params: int
     source_sha256: str                   # of the Python model file ("" for the built-in MLP)
@@ -602,18 +602,18 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
         flat = np.sort(rng.choice(n * size, count, replace=False))
         samples[level] = np.stack(np.divmod(flat, size), axis=1)
     fp_loo = fingerprint("loo", after("train_newton"), sec["check"], code)
-    loo = {}
+    loo: dict[str, list] = {}
     jobs = [(level, i, lo, hi) for level in LEVELS for i, (lo, hi) in enumerate(_chunks(len(samples[level]), c.chunk))]
     fresh = {(lv, i): store.load(f"loo_{lv}_{i:04d}", fingerprint(fp_loo, lv, i)) is None for lv, i, _, _ in jobs}
     label = f"Check: leave-one-out retraining of {sum(len(s) for s in samples.values())} sampled data"
     with _chunk_progress(ui, label, sum(hi - lo for _, _, lo, hi in jobs),
                          sum(hi - lo for lv, i, lo, hi in jobs if not fresh[lv, i])) as advance:
         for level, i, lo, hi in jobs:
-            def compute(level=level, lo=lo, hi=hi):
+            def compute_loo(level=level, lo=lo, hi=hi):
                 change, norm = evaluation.leave_one_out(problem, lam, train, level, samples[level][lo:hi], target,
                                                         steps=c.retrain_steps, chunk_size=c.batch_size)
                 return with_rss({"change": change, "grad_norm": norm})
-            loo.setdefault(level, []).append(store.cached(f"loo_{level}_{i:04d}", fingerprint(fp_loo, level, i), compute))
+            loo.setdefault(level, []).append(store.cached(f"loo_{level}_{i:04d}", fingerprint(fp_loo, level, i), compute_loo))
             if fresh[level, i]:
                 advance(hi - lo)
     ctx.record("loo", label, [p for parts_ in loo.values() for p in parts_], sum(not f for f in fresh.values()))

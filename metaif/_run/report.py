@@ -479,7 +479,7 @@ td.sep{{border-bottom:2px solid #ccc;padding:0}}img{{max-width:100%}}figcaption{
     atomic_write(out / "report.html", page.encode())
 
 
-def write_all(out: Path, r: dict, ui: UI) -> dict:
+def write_all(out: Path, r: dict, ui: UI) -> tuple[dict, list[tuple[str, str]]]:
     config = r["config"]
     summary = summarize(r)
     atomic_write(out / "config.toml", to_toml(config).encode())

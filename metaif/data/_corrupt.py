@@ -61,7 +61,7 @@ def corrupt(tasks: TaskSet, fraction: float, level: str, seed: int, *, n_classes
     if level == "task":
         mask = np.zeros(n, bool)
         mask[rng.choice(n, int(np.floor(fraction * n + 0.5)), replace=False)] = True
-        for part, y in new.items():
+        for y in new.values():
             y[mask] = rng.integers(0, n_classes, (int(mask.sum()), y.shape[1]), dtype=y.dtype)
     else:
         y = new[level]

@@ -10,7 +10,9 @@ arrays, so a tampered file cannot run code.
 from __future__ import annotations
 
 import codecs
+import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,8 +38,8 @@ try:  # numpy >= 2
     from numpy._core import multiarray as _multiarray
     from numpy._core import numeric as _numeric
 except ImportError:  # numpy 1.x
-    from numpy.core import multiarray as _multiarray
-    from numpy.core import numeric as _numeric
+    from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
+    from numpy.core import numeric as _numeric  # type: ignore[no-redef]
 # What pickled numpy arrays need, under numpy 1.x and 2.x module names, and nothing else.
 _ALLOWED = {
     **{(module, name): getattr(_multiarray, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
@@ -97,7 +99,7 @@ def _names(values) -> tuple[str, ...]:
     return tuple(v.decode() if isinstance(v, bytes) else str(v) for v in values)
 
 
-def load_fc100(root=None, *, splits=SPLITS, verify: bool = True) -> FC100:
+def load_fc100(root: str | os.PathLike | None = None, *, splits: Sequence[str] = SPLITS, verify: bool = True) -> FC100:
     """FC100 from the CIFAR-100 python-version files.
 
     Args:

@@ -13,6 +13,8 @@ standard structure instead.
 from __future__ import annotations
 
 import csv
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -93,7 +95,7 @@ def _check_structure(loader: str, base: Path, rows: list[tuple[str, str, Path]],
             )
 
 
-def load_mini_imagenet(root=None, *, splits=SPLITS, size: int = 84, verify: bool = True, cache: bool = True) -> MiniImageNet:
+def load_mini_imagenet(root: str | os.PathLike | None = None, *, splits: Sequence[str] = SPLITS, size: int = 84, verify: bool = True, cache: bool = True) -> MiniImageNet:
     """Mini-ImageNet images resized to size×size (Lanczos, as in MAML), from either standard layout.
 
     Args:
@@ -117,7 +119,7 @@ def load_mini_imagenet(root=None, *, splits=SPLITS, size: int = 84, verify: bool
         _check_structure(loader, base, rows, splits)
     wnids = [w for split in splits for w in sorted({w for s, w, _ in rows if s == split})]
     class_of = {w: i for i, w in enumerate(wnids)}
-    name = None
+    name = ""
     if cache:
         listing = "\n".join(f"{s}\0{w}\0{p}\0{p.stat().st_size}\0{p.stat().st_mtime_ns}" for s, w, p in rows)
         name = f"mini-imagenet-{size}px-v{_CACHE_VERSION}-{_source.sha256_bytes(listing.encode())[:24]}.npz"

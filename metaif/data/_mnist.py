@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -61,7 +62,7 @@ def _read(loader: str, folders: list[Path], base: str, verify: bool) -> np.ndarr
     return parse_idx(raw, repr(str(path)))
 
 
-def load_mnist(root=None, *, verify: bool = True) -> MNIST:
+def load_mnist(root: str | os.PathLike | None = None, *, verify: bool = True) -> MNIST:
     """MNIST train + test from the official IDX files.
 
     Args:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -151,7 +152,7 @@ def _part(loader: str, root: Path, part: str, size: int, verify: bool, cache: bo
     return arrays
 
 
-def load_omniglot(root=None, *, size: int = 28, verify: bool = True, cache: bool = True) -> Omniglot:
+def load_omniglot(root: str | os.PathLike | None = None, *, size: int = 28, verify: bool = True, cache: bool = True) -> Omniglot:
     """All 32,460 Omniglot images with class, alphabet and background/evaluation labels.
 
     Args:

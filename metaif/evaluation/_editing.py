@@ -135,7 +135,7 @@ def edit(meta_params: PyTree, influence_params: Any, removed: Mapping[str, Any],
     for level, mask in amounts.items():  # at most three static levels, not a loop over data
         scores = getattr(influence_params, level)
         edited = jax.tree.map(lambda lam, s: lam - jnp.tensordot(mask, s, axes=mask.ndim), edited, scores)
-    if problem is None:
+    if problem is None or tasks is None:  # given together (checked above)
         return Edited(edited, None)
     weights = remaining_weights(tasks, removed, dtype)
     if steps > 0:

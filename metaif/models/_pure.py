@@ -121,7 +121,7 @@ def from_nnx(module: nnx.Module, *, add_batch_axis: bool = False) -> PureModel:
             "are state updated by the forward pass and its batch statistics couple examples, which per-example "
             "bilevel losses cannot express. Use no normalisation or a stateless one (Conv4(norm='layer' or 'group'))."
         )
-    graphdef, param_state, rest = nnx.split(module, nnx.Param, ...)
+    graphdef, param_state, rest = nnx.split(module, nnx.Param, ...)  # type: ignore[misc]
     params = nnx.to_pure_dict(param_state)
     if not jax.tree.leaves(params):
         raise ValueError(f"module must hold at least one nnx.Param; received {type(module).__name__} without parameters.")

@@ -44,7 +44,7 @@ class Solver(abc.ABC):
     are leaves, so a new value reuses compiled code; counts and kinds are static.
     """
 
-    damping: float
+    damping: float | None
 
     @abc.abstractmethod
     def prepare(self, operator: Operator) -> Any:

@@ -23,11 +23,10 @@ class CG(Solver):
 
     The defaults are a budgeted solve for ranking, chosen from benchmarks/solvers.py (mlp-maml,
     docs/solvers.md): δ = 1e-4·λ_max(H) (5 Lanczos products, shared by every right-hand side) and
-    at most 16 CG products, so one target costs 22 products with the residual check; there they
-    rank task / support / query scores at Spearman 0.992 / 0.992 / 0.992 against the exact
-    solve with the same δ (`Dense(damping=None)`), with relative residual 0.18 and relative
-    error of the scores 0.08: raise `maxiter` for accurate magnitudes (24 products: 0.012;
-    32: 0.0023). `converged` is False when `tol` was not met.
+    at most 16 CG products, so one target costs 22 products with the residual check. How well
+    they rank scores against the exact solve with the same δ (`Dense(damping=None)`), and how
+    the error falls as `maxiter` grows, is measured in the docs' "Measured results" page (raise
+    `maxiter` for accurate magnitudes). `converged` is False when `tol` was not met.
 
     `preconditioner` (built once in `prepare`, shared by every right-hand side):
       None: plain CG.

@@ -7,9 +7,8 @@ scores do too), and it bounds the condition number of H + δI by about 1/RELATIV
 positive semi-definite H, so a fixed iteration budget means the same thing on every problem.
 λ_max comes from ESTIMATE_STEPS Lanczos products shared by every right-hand side (Dense uses the
 exact value). Evidence for 1e-4 (benchmarks/solvers.py, mlp-maml, docs/solvers.md "Damping"):
-it lies above |λ_min(H)| = 6.8e-6·λ_max at a realistic trained λ, and its answer agrees with the
-study's δ = 1e-2 reference at task Spearman 0.998, while 1e-5·λ_max (0.92) under-damps and
-1e-3·λ_max (0.83) biases.
+at a realistic trained λ it lies above |λ_min(H)| and agrees best with a fixed-δ reference among
+the relative dampings tried (the sweep is in the docs' "Measured results" page).
 """
 
 from __future__ import annotations

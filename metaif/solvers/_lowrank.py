@@ -19,9 +19,8 @@ class LowRank(Solver):
     Hessian-vector product (one more checks the residual). The discarded
     subspace is treated as if H were 0 there: δ acts as its eigenvalue, so `damping` must be > 0
     and sets how much weight those directions get. Exact when rank = d (given enough iterations).
-    Accurate only when the rank covers every eigenvalue well above δ: on mlp-maml (d = 225, 220
-    eigenvalues below 1) rank 30 ranked task scores at Spearman 0.88 and rank 100 at 0.98. Its
-    place is many targets sharing one factorisation (`pairwise_influence`); for one target
+    Accurate only when the rank covers every eigenvalue well above δ (measured against rank in
+    docs/solvers.md and the docs' "Measured results" page). Its place is many targets sharing one factorisation (`pairwise_influence`); for one target
     `CG(preconditioner="lowrank")` uses the same eigenpairs better.
 
     `SolveInfo.min_eigenvalue` is the smallest Ritz value of the Lanczos run (an upper bound of

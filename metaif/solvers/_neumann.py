@@ -12,7 +12,7 @@ from ._base import Solver
 
 @options
 class Neumann(Solver):
-    """x = η Σ_{j=0..J} (I − η(H + δI))^j b (paper.md, section 1), by the recursion
+    """x = η Σ_{j=0..J} (I − η(H + δI))^j b (the truncated Neumann series), by the recursion
     r_{j+1} = r_j − η(H + δI) r_j, x = η Σ r_j: J = `iterations` Hessian-vector products per
     right-hand side, no storage beyond three vectors.
 
@@ -20,8 +20,8 @@ class Neumann(Solver):
     rate 1 − η(λ_min + δ) per term, so relative error ε needs J ≈ 1.1·κ·ln(1/ε) terms with
     κ = (λ_max + δ)/(λ_min + δ); truncated early it acts as a spectral filter (directions of small
     curvature are under-inverted). With the default δ = 1e-4·λ_max, κ is up to 1e4: far more
-    terms than the default J = 100 (on mlp-maml J = 100 ranks task scores at Spearman 0.33, 16 CG
-    products at 0.99: prefer `CG` unless κ·ln(1/ε) is affordable; docs/solvers.md).
+    terms than the default J = 100 (on an ill-conditioned H it ranks scores far worse than 16 CG
+    products: see the docs' "Measured results" page; prefer `CG` unless κ·ln(1/ε) is affordable).
     `scale=None` chooses η = 1/(1.1·θ) in `prepare`, with θ the largest Ritz value of
     `estimate_steps` Lanczos products on H, plus δ (shared by all right-hand sides); that run also
     flags H + δI as indefinite when its smallest Ritz value plus δ is <= 0.

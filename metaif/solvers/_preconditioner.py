@@ -33,7 +33,7 @@ def jacobi(hvp, like, damping: float, probes: int, key: jax.Array) -> Callable[[
     diagonal = hutchinson_diagonal(hvp, like, probes, key)
     leaves = jax.tree.leaves(diagonal)
     mean = sum(jnp.sum(jnp.abs(leaf)) for leaf in leaves) / _tree.size(like)
-    floor = jnp.maximum(DIAGONAL_FLOOR * mean, jnp.finfo(mean.dtype).tiny)
+    floor = jnp.maximum(DIAGONAL_FLOOR * mean, jnp.finfo(jnp.result_type(mean)).tiny)
     inverse = jax.tree.map(lambda leaf: 1.0 / (jnp.maximum(leaf, floor) + damping), diagonal)
     return lambda r: jax.tree.map(jnp.multiply, inverse, r)
 
