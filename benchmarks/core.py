@@ -161,7 +161,7 @@ def newton_resolve(problem, start, tasks, weights, tol=1e-10, max_rounds=8):
     for _ in range(max_rounds):
         if grad_norm <= tol and damping == 0.0:
             break
-        out = retrain(problem, lam, tasks, weights, steps=NEWTON_STEPS, damping=damping, batch_size=None)
+        out = retrain(problem, lam, tasks, weights, steps=NEWTON_STEPS, shift=damping, chunk_size=None)
         new_lam = jax.tree.map(lambda x: x[0], out.meta_params)
         new_value, new_norm = float(_objective(problem, new_lam, tasks, w)), float(out.grad_norm[0])
         steps += NEWTON_STEPS

@@ -2,7 +2,7 @@
 
 Every point runs in a fresh subprocess, so its memory high-water mark is its own:
 
-* n_tasks from 100 to 10,000, unchunked and with `batch_size` (chunks of tasks): warm time,
+* n_tasks from 100 to 10,000, unchunked and with `chunk_size` (chunks of tasks): warm time,
   compile time (first call − warm call) and peak memory of one `metaif.influence` call (all task,
   support and query scores for one target, `Neumann(iterations=10)`: a fixed amount of work,
   30 Hessian-vector products, whatever the curvature);
@@ -101,7 +101,7 @@ def worker(config: dict) -> dict:
     import metaif
     from metaif import data, models, parallel, solvers
 
-    n, hidden, pool, batch_size = config["n"], config["hidden"], config["pool"], config.get("batch_size")
+    n, hidden, pool, chunk_size = config["n"], config["hidden"], config["pool"], config.get("chunk_size")
     om = data.load_omniglot(DATA_ROOT)
     images = 1.0 - om.images
     if pool > 1:
@@ -128,7 +128,7 @@ def worker(config: dict) -> dict:
         out["mesh_devices"] = config["shard"]
 
     def call(tasks, params):
-        return metaif.influence(problem, params, tasks, target=target, solver=solver, batch_size=batch_size)
+        return metaif.influence(problem, params, tasks, target=target, solver=solver, chunk_size=chunk_size)
 
     def timed(fn, max_repeats=10):
         """(first s, warm s = minimum over repeats, result); first includes compilation."""
@@ -218,7 +218,7 @@ def run_point(config: dict, log, timeout: float = 600.0) -> dict:
     if "sharded_vs_single" in out:
         extra = f"  sharded vs single: max |diff| {out['sharded_vs_single']['max_abs_diff']:.1e} " \
                 f"(rel {out['sharded_vs_single']['relative']:.1e})"
-    log(f"  n={config['n']:6d} hidden={config['hidden']:4d} d={out['d']:7d} batch={str(config.get('batch_size')):>5s} "
+    log(f"  n={config['n']:6d} hidden={config['hidden']:4d} d={out['d']:7d} batch={str(config.get('chunk_size')):>5s} "
         f"devices={out.get('mesh_devices', 1)}: {out['time_s']:.3f}s warm ({out['x_grad']:.1f} grads), "
         f"compile {out['compile_s']:.1f}s, peak {mem:.1f} MiB (first calls {first_mem:.0f} MiB){extra}")
     return out
@@ -241,7 +241,7 @@ def plot(result, path):
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.8))
     ok = lambda rows: [r for r in rows if "error" not in r]
     for label, rows in (("unchunked", ok(result["n_tasks"]["unchunked"])),
-                        (f"batch_size={result['settings']['chunk']}", ok(result["n_tasks"]["chunked"]))):
+                        (f"chunk_size={result['settings']['chunk']}", ok(result["n_tasks"]["chunked"]))):
         ns = [r["config"]["n"] for r in rows]
         axes[0].plot(ns, [r["time_s"] for r in rows], "o-", label=f"warm, {label}")
         axes[0].plot(ns, [r["compile_s"] for r in rows], "x--", label=f"compile, {label}")
@@ -310,7 +310,7 @@ def main(argv=None):
 
     log("== n_tasks (7×7 MLP, hidden 8)")
     for key, batch in (("unchunked", None), ("chunked", settings["chunk"])) if "n_tasks" in args.sweeps else ():
-        result["n_tasks"][key] = [run_point(dict(n=n, hidden=8, pool=4, batch_size=batch), log) for n in settings["n_tasks"]]
+        result["n_tasks"][key] = [run_point(dict(n=n, hidden=8, pool=4, chunk_size=batch), log) for n in settings["n_tasks"]]
         rows = [r for r in result["n_tasks"][key] if "error" not in r]
         if len(rows) >= 2:
             ns = [r["config"]["n"] for r in rows]

@@ -323,7 +323,7 @@ def run_problem(name, spec, quick, log):
     loo_levels = spec["loo"]
     loo, start = {}, now()
     for level in loo_levels:
-        change, norms = leave_one_out(problem, lam, train, level, samples[level], target, steps=LOO_STEPS, batch_size=None,
+        change, norms = leave_one_out(problem, lam, train, level, samples[level], target, steps=LOO_STEPS, chunk_size=None,
                                       proximal=DELTA)
         loo[level] = np.asarray(change)
         record.setdefault("loo_grad_norm_max", {})[level] = float(np.max(norms))

@@ -77,7 +77,7 @@ def retrain_twice(setup, lam, weights, target, steps, relative, proximal=0.0, to
     for k in range(passes):
         start = time.perf_counter()
         begin = lam if k == 0 else perturbed(lam, relative, k)
-        runs.append(jax.block_until_ready(evaluation.retrain(problem, begin, tasks, weights, steps=steps, batch_size=8,
+        runs.append(jax.block_until_ready(evaluation.retrain(problem, begin, tasks, weights, steps=steps, chunk_size=8,
                                                              proximal=proximal, center=lam, tol=tol)))
         seconds = time.perf_counter() - start
     changes = np.stack([np.asarray(evaluation.target_values(target, r)) - base for r in runs])

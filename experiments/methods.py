@@ -102,7 +102,7 @@ def influence_methods(damping: float = 0.0) -> dict[str, Callable]:
 def baseline_methods(damping: float = 0.0) -> dict[str, Callable]:
     """The paper's and reviewers' baselines."""
     return {
-        "Direct-IF": lambda s, lam, f: _from_baseline(baselines.direct_if(s.problem, lam, s.train, f, metaif.solvers.Dense(damping=damping))),
+        "Direct-IF": lambda s, lam, f: _from_baseline(baselines.direct_if(s.problem, lam, s.train, f, solver=metaif.solvers.Dense(damping=damping))),
         "single-level IF": lambda s, lam, f: _from_baseline(baselines.single_level(s.problem, lam, s.train, f, metaif.solvers.Dense(damping=1e-3))),
         "TracIn (grad dot)": lambda s, lam, f: _from_baseline(baselines.grad_dot(s.problem, lam, s.train, f)),
         "TRAK (k=32)": lambda s, lam, f: _from_baseline(baselines.trak(s.problem, lam, s.train, f, dim=32)),

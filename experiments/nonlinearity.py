@@ -48,7 +48,7 @@ def _newton_changes(problem, target, lam, tasks, weights, rho):
         delta = -vectors @ ((vectors.T @ g) / values)   # vmapped LU hung the XLA CPU runtime here at n = 256)
         return target(unravel(flat + delta)), jnp.linalg.norm(delta), values[0]
 
-    values, norms, lowest = jax.lax.map(one, weights, batch_size=8)
+    values, norms, lowest = jax.lax.map(one, weights, chunk_size=8)
     return values - target(lam), norms, lowest
 
 

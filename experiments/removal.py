@@ -70,7 +70,7 @@ def retrain_removal(problem, start, tasks, removed, *, steps: int, tol: float, p
     `center`, default `start`, when proximal > 0); unbatched `Retrained`."""
     weights = evaluation.remaining_weights(tasks, removed)
     result = evaluation.retrain(problem, start, tasks, metaif.Weights(*(w[None] for w in weights)), steps=steps, tol=tol,
-                                batch_size=None, proximal=proximal, center=center)
+                                chunk_size=None, proximal=proximal, center=center)
     return jax.block_until_ready(jax.tree.map(lambda x: x[0], result))
 
 

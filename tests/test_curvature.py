@@ -78,9 +78,9 @@ def TASK_GRADS(FLAT):
         PROBLEM, UNRAVEL(x), TASKS, task_weights=jnp.zeros(N).at[k].set(1.0)))(FLAT) - PROBLEM.meta_reg * FLAT)(jnp.arange(N))
 
 
-def _task_influence_flat(LAM, curvature, solver=None, batch_size=None):
+def _task_influence_flat(LAM, curvature, solver=None, chunk_size=None):
     influence = metaif.task_influence(PROBLEM, LAM, TASKS, solver=solver or metaif.solvers.Dense(), curvature=curvature,
-                                      batch_size=batch_size)
+                                      chunk_size=batch_size)
     return jax.vmap(lambda tree: ravel(tree)[0])(influence)
 
 
@@ -94,7 +94,7 @@ def test_curvature_equals_its_dense_twin(curvature, matrix, LAM, ORACLES, TASK_G
     got = _task_influence_flat(LAM, curvature)
     np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-10 * float(jnp.max(jnp.abs(expected))))
     if isinstance(curvature, metaif.curvature.GaussNewton):  # chunked surrogates (all share one code path)
-        chunked = _task_influence_flat(LAM, curvature, batch_size=4)
+        chunked = _task_influence_flat(LAM, curvature, chunk_size=4)
         np.testing.assert_allclose(chunked, expected, rtol=1e-7, atol=1e-9 * float(jnp.max(jnp.abs(expected))))
 
 
@@ -131,13 +131,13 @@ def test_chunked_equals_unchunked(adapt, solver, batch_sizes, LAM):
     target = lambda lam: jnp.sum(lam[0]["w"] ** 2)
     whole = metaif.influence(problem, LAM, TASKS, target=target, solver=solver)
     for batch_size in batch_sizes:
-        chunked = metaif.influence(problem, LAM, TASKS, target=target, solver=solver, batch_size=batch_size)
+        chunked = metaif.influence(problem, LAM, TASKS, target=target, solver=solver, chunk_size=batch_size)
         for a, b in zip(whole[:3] + whole[4:], chunked[:3] + chunked[4:]):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-14)
     if isinstance(adapt, metaif.Proximal):
         return
     params = metaif.task_influence(problem, LAM, TASKS, solver=solver)
-    chunked = metaif.task_influence(problem, LAM, TASKS, solver=solver, batch_size=batch_sizes[-1])
+    chunked = metaif.task_influence(problem, LAM, TASKS, solver=solver, chunk_size=batch_sizes[-1])
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(chunked)):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-14)
 
@@ -185,4 +185,4 @@ def test_bad_curvature_options_are_named(LAM):
     with pytest.raises(ValueError, match="must equal the problem's"):
         metaif.influence(PROBLEM, LAM, TASKS, curvature=wrong)
     with pytest.raises(ValueError, match="batch_size"):
-        metaif.influence(PROBLEM, LAM, TASKS, batch_size=0)
+        metaif.influence(PROBLEM, LAM, TASKS, chunk_size=0)

@@ -151,7 +151,7 @@ def test_leave_one_out_covers_every_datum_of_every_level():
     follow −influence (Pearson measured 0.997 / 0.993 / 0.999)."""
     lam, scores, _ = _logistic()
     for level in ("tasks", "support", "query"):
-        actual, grad_norm = evaluation.leave_one_out(PROBLEM, lam, TASKS, level, None, TARGET, batch_size=None)
+        actual, grad_norm = evaluation.leave_one_out(PROBLEM, lam, TASKS, level, None, TARGET, chunk_size=None)
         assert actual.shape == getattr(scores, level).shape and float(jnp.max(grad_norm)) < 1e-10
         assert metrics.pearson(-getattr(scores, level), actual) >= 0.99, level
 
@@ -163,8 +163,8 @@ def test_proximal_retraining_converges_moves_less_and_matches_damped_influence()
     lam, _, params = _logistic()
     rho = 0.3
     weights = evaluation.removal_weights(N, M, Q, "tasks", np.arange(N))
-    plain = evaluation.retrain(PROBLEM, lam, TASKS, weights, steps=6, batch_size=None)
-    prox = evaluation.retrain(PROBLEM, lam, TASKS, weights, steps=6, batch_size=None, proximal=rho, tol=1e-14)
+    plain = evaluation.retrain(PROBLEM, lam, TASKS, weights, steps=6, chunk_size=None)
+    prox = evaluation.retrain(PROBLEM, lam, TASKS, weights, steps=6, chunk_size=None, proximal=rho, tol=1e-14)
     assert float(jnp.max(prox.grad_norm)) < 1e-12
     moved = lambda r: np.linalg.norm(np.stack([_flat(jax.tree.map(lambda x: x[k], r.meta_params)) for k in range(N)]) - _flat(lam), axis=1)
     assert np.all(moved(prox) < moved(plain))
@@ -175,7 +175,7 @@ def test_proximal_retraining_converges_moves_less_and_matches_damped_influence()
 
     # center= keeps the proximal centre at λ* while the start moves: the same optimum (a noise ceiling)
     start = jax.tree.map(lambda x: x + 0.05, lam)
-    moved_start = evaluation.retrain(PROBLEM, start, TASKS, weights, steps=20, batch_size=None, proximal=rho, center=lam, tol=1e-14)
+    moved_start = evaluation.retrain(PROBLEM, start, TASKS, weights, steps=20, chunk_size=None, proximal=rho, center=lam, tol=1e-14)
     np.testing.assert_allclose(_flat(moved_start.meta_params), _flat(prox.meta_params), atol=1e-10)
     with pytest.raises(ValueError, match="center must be a pytree like meta_params"):
         evaluation.retrain(PROBLEM, lam, TASKS, weights, proximal=rho, center={"w": jnp.zeros(3)})
@@ -194,7 +194,7 @@ def test_cold_retraining_noise_ceiling_is_one_on_a_convex_problem():
     target = lambda l: jnp.sum(l["w"])
     weights = evaluation.removal_weights(RN, RM, RQ, "tasks", np.arange(RN))
     cold = evaluation.retrain_cold(REG_PROBLEM, _reg_init, REG_TASKS, weights, seeds=(0, 1), optimizer=optax.adam(0.05),
-                                   steps=200, newton_steps=2, task_batch=2)
+                                   steps=200, newton_steps=2, minibatch=2)
     assert cold.grad_norm.shape == (2, RN) and float(jnp.max(cold.grad_norm)) < 1e-12
     values = evaluation.target_values(target, cold)
     ceiling = evaluation.noise_ceiling(values)
@@ -315,7 +315,7 @@ def test_baselines_equal_their_explicit_formulas():
         np.testing.assert_allclose(getattr(identity, level), expected, rtol=1e-10, atol=1e-14)
 
     k, delta = 5, 1e-3
-    trak = baselines.trak(PROBLEM, lam, TASKS, TARGET, dim=k, damping=delta, seed=4)
+    trak = baselines.trak(PROBLEM, lam, TASKS, TARGET, dim=k, ridge=delta, seed=4)
     P = np.stack([_flat(jax.tree.map(lambda x: x[r], baselines.trak_projection(lam, k, seed=4))) for r in range(k)])
     phi = (P @ np.asarray(jac[0]) * N).T / np.sqrt(N)  # ∂_{t_i}∇F = ∇L_O^i / n
     inverse = np.linalg.inv(phi.T @ phi + delta * np.eye(k))
@@ -386,7 +386,7 @@ def test_evaluation_rejects_bad_input_with_named_arguments():
         evaluation.edit(lam, {"tasks": params.tasks}, {"tasks": np.ones(RN, bool)})
     with pytest.raises(ValueError, match="problem and tasks must be given together"):
         evaluation.edit(lam, params, {"tasks": np.ones(RN, bool)}, steps=1)
-    with pytest.raises(ValueError, match="damping must be a finite number > 0"):
-        baselines.trak(REG_PROBLEM, lam, REG_TASKS, lambda l: jnp.sum(l["w"]), damping=0.0)
+    with pytest.raises(ValueError, match="ridge must be a finite number > 0"):
+        baselines.trak(REG_PROBLEM, lam, REG_TASKS, lambda l: jnp.sum(l["w"]), ridge=0.0)
     with pytest.raises(ValueError, match="target must return a scalar"):
         baselines.grad_dot(REG_PROBLEM, lam, REG_TASKS, lambda l: l["w"])

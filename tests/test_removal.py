@@ -57,11 +57,11 @@ def test_exact_for_a_quadratic_objective_where_influence_is_not():
     lam = _regression()
     removal = metaif.task_removal(REG_PROBLEM, lam, REG_TASKS)
     weights = evaluation.removal_weights(RN, RM, RQ, "tasks", np.arange(RN))
-    retrained = evaluation.retrain(REG_PROBLEM, lam, REG_TASKS, weights, steps=3, batch_size=None, tol=1e-13)
+    retrained = evaluation.retrain(REG_PROBLEM, lam, REG_TASKS, weights, steps=3, chunk_size=None, tol=1e-13)
     actual = _rows(retrained.meta_params) - _flat(lam)
     np.testing.assert_allclose(_rows(removal.delta), actual, rtol=0, atol=1e-10)
     assert bool(np.all(removal.solve.converged)) and removal.solve.converged.shape == (RN,)
-    chunked = metaif.task_removal(REG_PROBLEM, lam, REG_TASKS, lambda l: jnp.sum(l["w"]), batch_size=4)
+    chunked = metaif.task_removal(REG_PROBLEM, lam, REG_TASKS, lambda l: jnp.sum(l["w"]), chunk_size=4)
     np.testing.assert_allclose(_rows(chunked.delta), _rows(removal.delta), rtol=0, atol=1e-13)
     np.testing.assert_allclose(chunked.change, actual.sum(axis=1), rtol=0, atol=1e-10)
     first_order = -_rows(metaif.task_influence(REG_PROBLEM, lam, REG_TASKS))
@@ -97,7 +97,7 @@ def test_small_amount_recovers_first_order_influence_and_removal_beats_it():
     errors = [np.linalg.norm(_rows(metaif.task_removal(PROBLEM, lam, TASKS, amount=e).delta) / e + influence) for e in (1e-2, 1e-3)]
     assert errors[0] / errors[1] > 7, errors
     weights = evaluation.removal_weights(N, M, Q, "tasks", np.arange(N))
-    retrained = evaluation.retrain(PROBLEM, lam, TASKS, weights, steps=30, batch_size=None, tol=1e-12)
+    retrained = evaluation.retrain(PROBLEM, lam, TASKS, weights, steps=30, chunk_size=None, tol=1e-12)
     assert float(jnp.max(retrained.grad_norm)) < 1e-12
     actual = _rows(retrained.meta_params) - _flat(lam)
     second = _rows(metaif.task_removal(PROBLEM, lam, TASKS).delta)

@@ -32,11 +32,11 @@ def test_full_batch_training_reaches_stationarity(caplog):
 
 
 def test_minibatch_training_and_newton_polish():
-    result = metaif.meta_train(PROBLEM, INIT, TASKS, OPTIMIZER, steps=300, batch_size=3, seed=1)
+    result = metaif.meta_train(PROBLEM, INIT, TASKS, OPTIMIZER, steps=300, minibatch=3, seed=1)
     assert result.grad_norm < 0.1
     polished = metaif.newton_refine(PROBLEM, result.meta_params, TASKS, steps=6)
     assert polished.grad_norm < 1e-12
-    again = metaif.meta_train(PROBLEM, INIT, TASKS, OPTIMIZER, steps=300, batch_size=3, seed=1)
+    again = metaif.meta_train(PROBLEM, INIT, TASKS, OPTIMIZER, steps=300, minibatch=3, seed=1)
     np.testing.assert_array_equal(again.losses, result.losses)  # seeded: reproducible
 
 
@@ -106,7 +106,7 @@ def test_trust_region_newton_converges_where_damped_newton_stalled():
     assert trained.losses.shape[0] < 50 and np.all(np.diff(np.asarray(trained.losses)) <= 1e-15)  # steps taken; F never rises
     n, m, q = tasks.n_tasks, tasks.n_support, tasks.n_query
     weights = evaluation.removal_weights(n, m, q, "tasks", [2, 4, 6])
-    retrained = evaluation.retrain(problem, trained.meta_params, tasks, weights, steps=40, batch_size=None, tol=1e-10)
+    retrained = evaluation.retrain(problem, trained.meta_params, tasks, weights, steps=40, chunk_size=None, tol=1e-10)
     assert float(jnp.max(retrained.grad_norm)) <= 1e-10
     assert int(jnp.max(retrained.iterations)) < 40  # measured 20, 13, 27
     unravel = jax.flatten_util.ravel_pytree(trained.meta_params)[1]

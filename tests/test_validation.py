@@ -402,7 +402,7 @@ def test_adapted_influence_new_task_with_the_wrong_structure():
 @pytest.mark.parametrize("batch_size", [0, N + 1, 2.0])
 def test_meta_train_bad_batch_size(batch_size):
     with pytest.raises(ValueError, match=rf"batch_size must be None or an int in \[1, n_tasks={N}\]") as error:
-        metaif.meta_train(PROBLEM, META, TASKS, steps=2, batch_size=batch_size)
+        metaif.meta_train(PROBLEM, META, TASKS, steps=2, minibatch=batch_size)
     assert f"received {type(batch_size).__name__} {batch_size!r}" in str(error.value)
 
 
@@ -419,7 +419,7 @@ def test_bad_steps(fn):
     assert "received int 0" in str(error.value)
 
 
-def test_newton_refine_negative_damping():
-    with pytest.raises(ValueError, match=r"damping must be a finite number >= 0") as error:
-        metaif.newton_refine(PROBLEM, META, TASKS, damping=-1.0)
+def test_newton_refine_negative_shift():
+    with pytest.raises(ValueError, match=r"shift must be a finite number >= 0") as error:
+        metaif.newton_refine(PROBLEM, META, TASKS, shift=-1.0)
     assert "received float -1.0" in str(error.value)

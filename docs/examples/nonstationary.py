@@ -38,7 +38,7 @@ def ground_truth(problem, lam, tasks, target, proximal):
     removal = evaluation.removal_weights(N, M, Q, "tasks", np.arange(N))
     ones = metaif.Weights(*(jnp.ones_like(w[:1]) for w in removal))
     weights = metaif.Weights(*(jnp.concatenate([a, b]) for a, b in zip(ones, removal)))
-    result = evaluation.retrain(problem, lam, tasks, weights, steps=60, proximal=proximal, batch_size=None)
+    result = evaluation.retrain(problem, lam, tasks, weights, steps=60, proximal=proximal, chunk_size=None)
     values = evaluation.target_values(target, result)
     return np.asarray(values[1:] - values[0]), np.asarray(values[1:] - target(lam)), float(result.grad_norm.max())
 

@@ -88,7 +88,7 @@ for mode, cases in CASES.items():
         for name, with_target, batch_size in cases:
             problem, target = PROBLEMS[name], TARGETS[name] if with_target else None
             tic = time.perf_counter()
-            result = metaif.influence(problem, sharded_meta, sharded_tasks, target, batch_size=batch_size)
+            result = metaif.influence(problem, sharded_meta, sharded_tasks, target, chunk_size=batch_size)
             ref = reference[name, with_target]
             case = {
                 "influence": max_diff(scores(result), scores(ref)),
@@ -99,8 +99,8 @@ for mode, cases in CASES.items():
             # The thin wrappers share the compiled core of the call above.
             if with_target:
                 case["task_influence"] = max_diff(
-                    metaif.task_influence(problem, sharded_meta, sharded_tasks, target, batch_size=batch_size), ref.tasks)
-                instance = metaif.instance_influence(problem, sharded_meta, sharded_tasks, target, batch_size=batch_size)
+                    metaif.task_influence(problem, sharded_meta, sharded_tasks, target, chunk_size=batch_size), ref.tasks)
+                instance = metaif.instance_influence(problem, sharded_meta, sharded_tasks, target, chunk_size=batch_size)
                 case["instance_influence"] = max_diff((instance.support, instance.query), (ref.support, ref.query))
             else:
                 losses = metaif.task_losses(problem, sharded_meta, sharded_tasks)
