@@ -45,7 +45,6 @@ jax.config.update("jax_enable_x64", True)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402

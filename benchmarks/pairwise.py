@@ -23,7 +23,6 @@ Usage (from the repository root):
 
 from __future__ import annotations
 
-import os
 
 import metaif  # noqa: E402
 

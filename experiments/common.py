@@ -155,8 +155,8 @@ def load_split(dataset: str) -> Split:
 
 
 # Whitened PCA features: metaif's own (the one the `metaif run` pipeline uses).
-Features = metaif.data.PCA
-pca = metaif.data.fit_pca
+from metaif.data import PCA as Features  # noqa: E402
+from metaif.data import fit_pca as pca  # noqa: E402
 
 
 def _task_set(tasks: metaif.TaskSet, features: Features) -> metaif.TaskSet:

@@ -105,10 +105,10 @@ class Proximal(Adaptation):
     reg: float
     steps: int = static()
     lr: float
-    inner_solve: Literal["cg", "dense", "ekfac"] = static("cg")
+    inner_solve: Literal["cg", "dense", "ekfac"] = static(default="cg")
     inner_tol: float = 1e-10
-    inner_maxiter: int = static(200)
-    line_search: bool = static(False)
+    inner_maxiter: int = static(default=200)
+    line_search: bool = static(default=False)
 
     def __post_init__(self):
         if not isinstance(self.line_search, bool):

@@ -56,7 +56,12 @@ def compute(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weight
 def forward_attributes(cls: type) -> type:
     """Give a result class with a `diagnostics` field the attributes `solve`, `objective`,
     `grad_norm` and `adaptation_residual` (read from its diagnostics)."""
+    def forwarded(name: str) -> property:
+        def read(self: Any) -> Any:
+            return getattr(self.diagnostics, name)
+
+        return property(read, doc=f"`diagnostics.{name}` (see `metaif.Diagnostics`).")
+
     for name in FORWARDED:
-        setattr(cls, name, property(lambda self, name=name: getattr(self.diagnostics, name),
-                                    doc=f"`diagnostics.{name}` (see `metaif.Diagnostics`)."))
+        setattr(cls, name, forwarded(name))
     return cls

@@ -271,7 +271,7 @@ def task_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet,
     (scores, SolveInfo). See `influence` for the arguments.
     """
     result = _compute(problem, meta_params, tasks, target, ("tasks",), solver, curvature, chunk_size)
-    return (result.tasks, result.solve) if return_info else result.tasks
+    return (result.tasks, result.diagnostics.solve) if return_info else result.tasks
 
 
 @keyword_only(4, ("solver",))

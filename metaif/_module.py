@@ -15,7 +15,7 @@ does it inside every transformation) bypasses `__init__`, so validators never se
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar
+from typing import Any, TypeVar, dataclass_transform
 
 import jax
 
@@ -27,11 +27,12 @@ def static(default: Any = dataclasses.MISSING) -> Any:
     return dataclasses.field(default=default, metadata={"static": True})
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field, static))
 def options(cls: type[T]) -> type[T]:
     """Make `cls` a frozen dataclass registered as a pytree: numeric fields are leaves, fields
     declared with `static()` are structure."""
     cls = dataclasses.dataclass(frozen=True)(cls)
-    fields = dataclasses.fields(cls)
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # cls is a dataclass from the line above
     dynamic = tuple(f.name for f in fields if not f.metadata.get("static", False))
     structural = tuple(f.name for f in fields if f.metadata.get("static", False))
     keys = tuple(jax.tree_util.GetAttrKey(name) for name in dynamic)

@@ -83,6 +83,9 @@ def mixed_gradients(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet
     meta_params with leading axes [n] or [n, m|q]. Influence on λ is −(H + δI)⁻¹ of each."""
     n = tasks.n_tasks if n_tasks is None else n_tasks
     weights = unit_weights(meta_params, tasks) if weights is None else weights
-    per_task = lambda data: task_mixed_gradients(problem, meta_params, *data, level)
+    def per_task(data):
+        support, query, a, b = data
+        return task_mixed_gradients(problem, meta_params, support, query, a, b, level)
+
     grads = _batching.map_tasks(per_task, (tasks.support, tasks.query, weights.support, weights.query), chunk_size)
     return jax.tree.map(lambda g: g / n, grads)

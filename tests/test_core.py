@@ -2,7 +2,6 @@
 the checked functions."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

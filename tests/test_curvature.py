@@ -80,7 +80,7 @@ def TASK_GRADS(FLAT):
 
 def _task_influence_flat(LAM, curvature, solver=None, chunk_size=None):
     influence = metaif.task_influence(PROBLEM, LAM, TASKS, solver=solver or metaif.solvers.Dense(), curvature=curvature,
-                                      chunk_size=batch_size)
+                                      chunk_size=chunk_size)
     return jax.vmap(lambda tree: ravel(tree)[0])(influence)
 
 

@@ -69,9 +69,9 @@ def test_influence_sweep_compiles_once(adapt):
     make = ADAPTATIONS[adapt]
     settings = [(0.5, 1.0, 1e-2, 0.1, 1e-6), (0.3, 2.0, 2e-2, 0.3, 1e-8), (0.1, 0.5, 0.0, 1.0, 1e-3)]
     results = []
+    target = _target(_problem(make(*settings[0][:2]), settings[0][2]))  # one target object: the target itself is code
     for i, (lr, reg, meta_reg, damping, tol) in enumerate(settings):
         problem = _problem(make(lr, reg), meta_reg)
-        target = _target(problem) if i == 0 else target  # one target object: the target itself is code
         with count_compiles() as compiled:
             results.append(metaif.influence(problem, INIT, TASKS, target=target, solver=metaif.solvers.CG(damping=damping, tol=tol)))
         if i > 0:

@@ -6,7 +6,6 @@ notebook needs ../shared/data/omniglot (or METAIF_DATA) and is skipped without i
 """
 
 import importlib.util
-import os
 import shutil
 import sys
 from pathlib import Path

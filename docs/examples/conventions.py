@@ -9,7 +9,6 @@ closed forms in docs/conventions.md (asserted below; tests/test_docs.py runs thi
 compares its output with the block in the doc).
 """
 
-import os
 
 import metaif  # noqa: E402
 

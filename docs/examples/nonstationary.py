@@ -8,7 +8,6 @@ metaif.hessian_operator), the solver's diagnostics and the Spearman correlation 
 predicted change of the meta-test loss when each task is removed (−I_f) and actual retraining.
 """
 
-import os
 
 import metaif  # noqa: E402
 

@@ -22,7 +22,7 @@ LOCK = ".metaif-lock"
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: no lock (documented in `metaif run --help`)
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 
 def check(out: Path, label: str) -> None:

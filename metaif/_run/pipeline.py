@@ -37,7 +37,6 @@ import metaif
 from metaif import core, evaluation, problems
 from metaif.data import _args as data_args
 from metaif.data import _source as data_source
-from metaif.evaluation import metrics
 
 from . import memory
 from .config import Config, ConfigError
@@ -292,6 +291,7 @@ def _python_model(path: str, source: bytes):
     """Execute the model file's `source` (the bytes its fingerprint was taken of) as a module."""
     file = Path(path).expanduser()
     spec = importlib.util.spec_from_loader(f"metaif_user_model_{hashlib.sha256(source).hexdigest()[:8]}", loader=None, origin=str(file))
+    assert spec is not None  # a spec without a loader is always made
     module = importlib.util.module_from_spec(spec)
     module.__file__ = str(file)
     exec(compile(source, str(file), "exec"), module.__dict__)
@@ -511,9 +511,10 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
     # ---- data: keyed on the content of the loaded images and labels, not on where they came from
     pools = load_pools(config)
     fp_data = fingerprint("data", pools_sha256(pools), sec["tasks"], sec["model"]["features"], code)
-    data = _stage(ctx, "data", f"Data: {config.data.dataset} tasks", fp_data, lambda advance: build_data(config, pools))
+    build = functools.partial(build_data, config, pools)
+    data = _stage(ctx, "data", f"Data: {config.data.dataset} tasks", fp_data, lambda advance, build=build: build())
     data = {**data, "source": np.asarray(pools.source)}
-    del pools
+    del pools, build  # the raw images are not needed past this point
     prepared = setup(config, data, memory_limit_bytes)
     model, train, target_tasks, test, estimate = (prepared.model, prepared.train, prepared.target, prepared.test, prepared.estimate)
     problem = model.problem

@@ -180,7 +180,8 @@ class Store:
         os.replace(path, target)
         return f"{REJECTED}/{target.name}"
 
-    def _reject(self, name: str, reason: str) -> None:
+    def _reject(self, name: str, reason: str) -> dict[str, np.ndarray] | None:
+        """Report and move aside a bad checkpoint; the load's answer is then None (recompute)."""
         moved = self._move_aside(self.path(name), name)
         if self.manifest["checkpoints"].pop(name, None) is not None:
             write_manifest(self.out, self.manifest)

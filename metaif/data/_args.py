@@ -52,7 +52,7 @@ def non_finite(values: np.ndarray) -> tuple[int, np.ndarray]:
     """(number of NaN or inf entries, indices along axis 0 of the items that hold any); (0, [])
     for non-float arrays. Two reductions and no copy when every entry is finite."""
     values = np.asarray(values)
-    if not np.issubdtype(values.dtype, np.floating) or values.size == 0 or np.isfinite(values.min()) and np.isfinite(values.max()):
+    if not np.issubdtype(values.dtype, np.floating) or values.size == 0 or (np.isfinite(values.min()) and np.isfinite(values.max())):
         return 0, np.zeros(0, np.int64)
     bad = ~np.isfinite(values.reshape(values.shape[0], -1))
     return int(bad.sum()), np.flatnonzero(bad.any(axis=1))

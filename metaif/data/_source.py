@@ -82,7 +82,7 @@ def arrays_sha256(arrays: dict, skip=()) -> str:
     for name in sorted(set(arrays) - set(skip)):
         array = np.ascontiguousarray(arrays[name])
         digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
-        digest.update(array.reshape(-1).view(np.uint8))
+        digest.update(array.reshape(-1).view(np.uint8).data)
     return digest.hexdigest()
 
 

@@ -49,7 +49,7 @@ def softmax_cross_entropy(outputs: jax.Array, example: PyTree) -> jax.Array:
         )
     if jnp.ndim(y) != 0 or not np.issubdtype(np.dtype(y.dtype), np.integer):
         raise TypeError(f"softmax_cross_entropy: example['y'] must be one integer class label (shape []); received {_validate.describe(y)}.")
-    return _problems.cross_entropy(outputs, y)
+    return _problems.cross_entropy(outputs, jnp.asarray(y))
 
 
 def squared_error(outputs: jax.Array, example: PyTree) -> jax.Array:

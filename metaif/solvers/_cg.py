@@ -48,11 +48,11 @@ class CG(Solver):
     """
 
     damping: float | None = None
-    maxiter: int = static(16)
+    maxiter: int = static(default=16)
     tol: float = 1e-8
-    preconditioner: str | None = static(None)
-    probes: int = static(32)
-    rank: int | None = static(None)
+    preconditioner: str | None = static(default=None)
+    probes: int = static(default=32)
+    rank: int | None = static(default=None)
     seed: int = 0
 
     def __post_init__(self):

@@ -42,13 +42,13 @@ class LiSSA(Solver):
     """
 
     damping: float | None = None
-    iterations: int = static(100)
+    iterations: int = static(default=100)
     scale: float | None = None
-    batch: int = static(8)
-    repeats: int = static(1)
+    batch: int = static(default=8)
+    repeats: int = static(default=1)
     seed: int = 0
     tol: float = 1e-2
-    estimate_steps: int = static(20)
+    estimate_steps: int = static(default=20)
 
     def __post_init__(self):
         _validate.set_fields(

@@ -34,9 +34,9 @@ class LowRank(Solver):
       seed: seed of the Lanczos start vector (0).
     """
 
-    rank: int | None = static(None)
+    rank: int | None = static(default=None)
     damping: float | None = None
-    iterations: int | None = static(None)
+    iterations: int | None = static(default=None)
     tol: float = 1e-6
     seed: int = 0
 

@@ -37,10 +37,10 @@ class Neumann(Solver):
     """
 
     damping: float | None = None
-    iterations: int = static(100)
+    iterations: int = static(default=100)
     scale: float | None = None
     tol: float = 1e-6
-    estimate_steps: int = static(20)
+    estimate_steps: int = static(default=20)
     seed: int = 0
 
     def __post_init__(self):
