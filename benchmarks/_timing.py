@@ -8,8 +8,15 @@ from typing import Callable
 import jax
 
 
-def timed(fn: Callable, *, max_repeats: int, min_total_s: float, min_repeats: int = 1, single_over_s: float = 2.0,
-          statistic: Callable = min):
+def timed(
+    fn: Callable,
+    *,
+    max_repeats: int,
+    min_total_s: float,
+    min_repeats: int = 1,
+    single_over_s: float = 2.0,
+    statistic: Callable = min,
+):
     """(first-call seconds, warm seconds, output). The first call includes compilation. Warm calls
     repeat until at least `min_repeats` and `min_total_s` seconds (at most `max_repeats`), except
     that one warm call over `single_over_s` is taken as is; the warm time is `statistic` of them."""

@@ -120,7 +120,9 @@ def measure(kind, filters, ways, n, train_steps=1):
     counter.count = 0
     # a sweep of numeric options: new damping, tol, lr and meta_reg, the same program
     swept = metaif.BilevelProblem(problem.inner_loss, problem.outer_loss, metaif.Unrolled(1, 0.3), meta_reg=2e-4)
-    metaif.influence(swept, lam, tasks, target=target, solver=metaif.solvers.CG(damping=None, tol=1e-6)).tasks.block_until_ready()
+    metaif.influence(
+        swept, lam, tasks, target=target, solver=metaif.solvers.CG(damping=None, tol=1e-6)
+    ).tasks.block_until_ready()
     default_sweep = counter.count
     counter.close()
 
@@ -136,11 +138,21 @@ def measure(kind, filters, ways, n, train_steps=1):
 
     base_compile = rows["meta_gradient"][0] - rows["meta_gradient"][1]
     base_warm = rows["meta_gradient"][1]
-    out = {"model": kind if filters is None else f"{kind}-{filters}", "d": d, "n": n, "ways": ways,
-           "influence_backend_compiles": compiles, "sweep_compiles": default_sweep}
+    out = {
+        "model": kind if filters is None else f"{kind}-{filters}",
+        "d": d,
+        "n": n,
+        "ways": ways,
+        "influence_backend_compiles": compiles,
+        "sweep_compiles": default_sweep,
+    }
     for name, (first, warm) in rows.items():
-        out[name] = {"compile_s": first - warm, "warm_s": warm, "compile_ratio": (first - warm) / base_compile,
-                     "warm_ratio": warm / base_warm}
+        out[name] = {
+            "compile_s": first - warm,
+            "warm_s": warm,
+            "compile_ratio": (first - warm) / base_compile,
+            "warm_ratio": warm / base_warm,
+        }
     return out
 
 
@@ -149,47 +161,70 @@ def cache_check(kind, filters, ways, n):
     folder = tempfile.mkdtemp(prefix="metaif-compile-cache-")
     runs = []
     for _ in range(2):
-        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import compile_time as c, metaif, jax, time;"
-                "import warnings; warnings.simplefilter('ignore', metaif.NonStationaryWarning);"
-                f"metaif.enable_compilation_cache({folder!r});"
-                f"model, problem, tasks, test = c.build({kind!r}, {filters!r}, {ways}, {n});"
-                "target = lambda l: metaif.task_losses(problem, l, test).mean();"
-                "first, warm = c.timed(lambda: metaif.influence(problem, model.params, tasks, target=target).tasks);"
-                "print('RESULT', first - warm, warm)")
+        code = (
+            f"import sys; sys.path.insert(0, {str(HERE)!r}); import compile_time as c, metaif, jax, time;"
+            "import warnings; warnings.simplefilter('ignore', metaif.NonStationaryWarning);"
+            f"metaif.enable_compilation_cache({folder!r});"
+            f"model, problem, tasks, test = c.build({kind!r}, {filters!r}, {ways}, {n});"
+            "target = lambda l: metaif.task_losses(problem, l, test).mean();"
+            "first, warm = c.timed(lambda: metaif.influence(problem, model.params, tasks, target=target).tasks);"
+            "print('RESULT', first - warm, warm)"
+        )
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         line = [x for x in done.stdout.splitlines() if x.startswith("RESULT")][-1]
         runs.append(float(line.split()[1]))
-    return {"model": kind if filters is None else f"{kind}-{filters}", "first_process_compile_s": runs[0],
-            "second_process_compile_s": runs[1], "second_over_first": runs[1] / runs[0]}
+    return {
+        "model": kind if filters is None else f"{kind}-{filters}",
+        "first_process_compile_s": runs[0],
+        "second_process_compile_s": runs[1],
+        "second_over_first": runs[1] / runs[0],
+    }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="mlp and conv4-8 only; prints, writes nothing")
-    parser.add_argument("--tasks", type=int, default=None, help="training tasks n (default 8 on CPU, 64 for --size gpu)")
+    parser.add_argument(
+        "--tasks", type=int, default=None, help="training tasks n (default 8 on CPU, 64 for --size gpu)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     size = "quick" if args.quick else args.size
     ways = 20 if size == "gpu" else 5
     n = args.tasks or (64 if size == "gpu" else 8)
     start = time.perf_counter()
-    results = {"backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
-               "metaif": metaif.__version__, "python": platform.python_version(), "load_average": os.getloadavg(),
-               "models": [], "cache": []}
+    results = {
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "metaif": metaif.__version__,
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),
+        "models": [],
+        "cache": [],
+    }
     for kind, filters in SIZES[size]:
         row = measure(kind, filters, ways, n)
         results["models"].append(row)
-        print(f"{row['model']:>9} d={row['d']:>7}  " + "  ".join(
-            f"{name} compile {row[name]['compile_s']:6.1f}s ({row[name]['compile_ratio']:.2f}x) warm {row[name]['warm_s']:7.3f}s "
-            f"({row[name]['warm_ratio']:.1f}x)" for name in ("meta_gradient", "influence", "train_step", "retrain_20_steps")),
+        print(
+            f"{row['model']:>9} d={row['d']:>7}  "
+            + "  ".join(
+                f"{name} compile {row[name]['compile_s']:6.1f}s ({row[name]['compile_ratio']:.2f}x) warm {row[name]['warm_s']:7.3f}s "
+                f"({row[name]['warm_ratio']:.1f}x)"
+                for name in ("meta_gradient", "influence", "train_step", "retrain_20_steps")
+            ),
             f" backend compiles per influence call {row['influence_backend_compiles']}, after a numeric sweep {row['sweep_compiles']}",
-            flush=True)
+            flush=True,
+        )
     kind, filters = SIZES[size][-1]
     results["cache"].append(cache_check(kind, filters, ways, n))
     c = results["cache"][-1]
-    print(f"persistent cache ({c['model']}): influence compile {c['first_process_compile_s']:.1f}s in a fresh process, "
-          f"{c['second_process_compile_s']:.1f}s in the next ({100 * c['second_over_first']:.0f}%)", flush=True)
+    print(
+        f"persistent cache ({c['model']}): influence compile {c['first_process_compile_s']:.1f}s in a fresh process, "
+        f"{c['second_process_compile_s']:.1f}s in the next ({100 * c['second_over_first']:.0f}%)",
+        flush=True,
+    )
     results["wall_s"] = time.perf_counter() - start
     out = args.out or (None if args.quick else HERE / "results" / f"compile_time{'_gpu' if size == 'gpu' else ''}.json")
     if out:

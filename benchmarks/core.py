@@ -60,14 +60,14 @@ from metaif import problems  # noqa: E402
 from metaif.core import Weights, objective  # noqa: E402
 from metaif.evaluation import removal_weights, retrain  # noqa: E402
 
-DIM, WAYS = 10, 5          # input dimension and classes of the generated tasks
-M, Q = 10, 10              # support / query examples per task
-N_TEST = 100               # held-out tasks that define the target (meta-test loss)
+DIM, WAYS = 10, 5  # input dimension and classes of the generated tasks
+M, Q = 10, 10  # support / query examples per task
+N_TEST = 100  # held-out tasks that define the target (meta-test loss)
 SIZES = (50, 100, 200, 500, 1000)
 QUICK_SIZES = (50,)
 QUICK_PROBLEMS = ("logistic-proximal", "mlp-unrolled")
-POOL = 1000                # training tasks are drawn from one fixed pool, so a given n means the same
-                           # tasks whatever sizes are run (larger --sizes enlarge the pool)
+POOL = 1000  # training tasks are drawn from one fixed pool, so a given n means the same
+# tasks whatever sizes are run (larger --sizes enlarge the pool)
 
 # Each problem: model, adaptation, meta_reg, how λ* is trained, and default sizes.
 # Inner settings are chosen so adaptation is well posed: Proximal converges (adaptation_residual
@@ -77,20 +77,36 @@ POOL = 1000                # training tasks are drawn from one fixed pool, so a 
 # MLP sizes are fewer, and iMAML-MLP (inner loop of 60 steps) is run at n = 50 only, to keep the
 # full run near 10 minutes on a 2-core CPU; `--sizes` overrides.
 PROBLEMS = {
-    "logistic-proximal": dict(model="logistic", adapt=("proximal", 2.0, 40, 0.25), meta_reg=1e-2,
-                              train_steps=300, train_lr=1e-2, sizes=SIZES),
-    "logistic-unrolled": dict(model="logistic", adapt=("unrolled", 5, 0.3), meta_reg=1e-2,
-                              train_steps=300, train_lr=1e-2, sizes=SIZES),
-    "mlp-unrolled": dict(model="mlp", hidden=8, adapt=("unrolled", 3, 0.5), meta_reg=1e-2,
-                         train_steps=1000, train_lr=1e-2, sizes=(50, 200, 1000)),
-    "mlp-proximal": dict(model="mlp", hidden=8, adapt=("proximal", 4.0, 60, 0.1), meta_reg=1e-2,
-                         train_steps=1000, train_lr=1e-2, sizes=(50,)),
+    "logistic-proximal": dict(
+        model="logistic", adapt=("proximal", 2.0, 40, 0.25), meta_reg=1e-2, train_steps=300, train_lr=1e-2, sizes=SIZES
+    ),
+    "logistic-unrolled": dict(
+        model="logistic", adapt=("unrolled", 5, 0.3), meta_reg=1e-2, train_steps=300, train_lr=1e-2, sizes=SIZES
+    ),
+    "mlp-unrolled": dict(
+        model="mlp",
+        hidden=8,
+        adapt=("unrolled", 3, 0.5),
+        meta_reg=1e-2,
+        train_steps=1000,
+        train_lr=1e-2,
+        sizes=(50, 200, 1000),
+    ),
+    "mlp-proximal": dict(
+        model="mlp",
+        hidden=8,
+        adapt=("proximal", 4.0, 60, 0.1),
+        meta_reg=1e-2,
+        train_steps=1000,
+        train_lr=1e-2,
+        sizes=(50,),
+    ),
 }
 DEFAULT_PROBLEMS = tuple(PROBLEMS)
 
-NEWTON_STEPS = 3           # Newton steps per leave-one-out retraining (warm start: converges in 2-3)
+NEWTON_STEPS = 3  # Newton steps per leave-one-out retraining (warm start: converges in 2-3)
 CG_MAXITER, CG_TOL = 500, 1e-6
-CONVERGED = 1e-8           # a retraining counts as converged when its final ||grad F|| is below this
+CONVERGED = 1e-8  # a retraining counts as converged when its final ||grad F|| is below this
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -103,8 +119,14 @@ def now() -> float:
 def timed(fn, min_repeats: int = 3, max_repeats: int = 10, min_total_s: float = 1.0):
     """(first-call seconds, median warm seconds, output); a single warm call over 5 s is taken as
     is (the slow dense paths)."""
-    return _timing.timed(fn, max_repeats=max_repeats, min_total_s=min_total_s, min_repeats=min_repeats,
-                         single_over_s=5.0, statistic=statistics.median)
+    return _timing.timed(
+        fn,
+        max_repeats=max_repeats,
+        min_total_s=min_total_s,
+        min_repeats=min_repeats,
+        single_over_s=5.0,
+        statistic=statistics.median,
+    )
 
 
 # One jitted meta-gradient for every problem (problem is static, so one compile per problem/shape).
@@ -189,11 +211,20 @@ def train(problem, init, tasks, optimizer, spec, log):
     start = now()
     lam, grad_norm, steps, rejected = newton_resolve(problem, adam.meta_params, tasks, ones, max_rounds=16)
     newton_s = now() - start
-    log(f"  newton polish: ||grad F|| = {grad_norm:.2e} after {steps} steps, {rejected} rounds rejected "
-        f"({newton_s:.1f}s incl. compile)")
-    return lam, dict(adam_steps=spec["train_steps"], adam_lr=spec["train_lr"], adam_grad_norm=float(adam.grad_norm),
-                     adam_s_incl_compile=adam_s, newton_steps=steps, newton_rounds_rejected=rejected, grad_norm=grad_norm,
-                     newton_s_incl_compile=newton_s)
+    log(
+        f"  newton polish: ||grad F|| = {grad_norm:.2e} after {steps} steps, {rejected} rounds rejected "
+        f"({newton_s:.1f}s incl. compile)"
+    )
+    return lam, dict(
+        adam_steps=spec["train_steps"],
+        adam_lr=spec["train_lr"],
+        adam_grad_norm=float(adam.grad_norm),
+        adam_s_incl_compile=adam_s,
+        newton_steps=steps,
+        newton_rounds_rejected=rejected,
+        grad_norm=grad_norm,
+        newton_s_incl_compile=newton_s,
+    )
 
 
 def time_retraining(problem, lam, tasks, optimizer, spec, sample, budget_s, log):
@@ -207,8 +238,9 @@ def time_retraining(problem, lam, tasks, optimizer, spec, sample, budget_s, log)
                 break
             start = now()
             if method == "newton":
-                _, grad, used, _ = newton_resolve(problem, lam, tasks, removal_weights(n, m, q, "tasks", [k], jnp.float64),
-                                                max_rounds=8)
+                _, grad, used, _ = newton_resolve(
+                    problem, lam, tasks, removal_weights(n, m, q, "tasks", [k], jnp.float64), max_rounds=8
+                )
             else:
                 weights = jnp.ones((n,), jnp.float64).at[k].set(0.0)
                 out = metaif.meta_train(problem, lam, tasks, optimizer, steps=spec["train_steps"], task_weights=weights)
@@ -219,17 +251,26 @@ def time_retraining(problem, lam, tasks, optimizer, spec, sample, budget_s, log)
             steps.append(used)
         per_task = statistics.median(times)
         converged = sum(g <= CONVERGED for g in grads)
-        results[method] = dict(per_task_s=per_task, tasks_timed=len(times), all_extrapolated_s=per_task * n,
-                               tasks=sample[:len(times)], times_s=times, final_grad_norms=grads,
-                               tasks_converged=converged, steps=steps)
-        log(f"  retrain[{method}]: {per_task:.3g}s/task over {len(times)} tasks, steps {steps}, "
-            f"final ||grad F|| {', '.join(f'{g:.1e}' for g in grads)} ({converged} below {CONVERGED:g})")
+        results[method] = dict(
+            per_task_s=per_task,
+            tasks_timed=len(times),
+            all_extrapolated_s=per_task * n,
+            tasks=sample[: len(times)],
+            times_s=times,
+            final_grad_norms=grads,
+            tasks_converged=converged,
+            steps=steps,
+        )
+        log(
+            f"  retrain[{method}]: {per_task:.3g}s/task over {len(times)} tasks, steps {steps}, "
+            f"final ||grad F|| {', '.join(f'{g:.1e}' for g in grads)} ({converged} below {CONVERGED:g})"
+        )
     return results
 
 
 def run_problem(name, spec, sizes, args, log):
     problem, init = make_problem(spec)
-    optimizer = optax.adam(spec["train_lr"])       # one object: meta_train reuses its compiled loop
+    optimizer = optax.adam(spec["train_lr"])  # one object: meta_train reuses its compiled loop
     pool = problems.classification_tasks(N_TEST + max(POOL, *sizes), M, Q, DIM, WAYS, seed=0)
     test_tasks = pool[:N_TEST]
     # Defined once per problem, reused for every size and solver, so compiled code is reused.
@@ -239,13 +280,15 @@ def run_problem(name, spec, sizes, args, log):
     for n in sizes:
         log(f"\n[{name}] n = {n}")
         t_size = now()
-        tasks = pool[N_TEST:N_TEST + n]
+        tasks = pool[N_TEST : N_TEST + n]
         lam, training = train(problem, init, tasks, optimizer, spec, log)
         d = flat_size(lam)
         residual = float(metaif.adaptation_residual(problem, lam, tasks).max())
         training["adaptation_residual_max"] = residual
-        log(f"  d = {d}, max adaptation residual {residual:.1e}" + (" (informative only for Unrolled)"
-                                                                     if spec["adapt"][0] == "unrolled" else ""))
+        log(
+            f"  d = {d}, max adaptation residual {residual:.1e}"
+            + (" (informative only for Unrolled)" if spec["adapt"][0] == "unrolled" else "")
+        )
 
         weights = Weights.ones(n, M, Q, jnp.float64)
         g_first, g_warm, _ = timed(lambda: _meta_gradient(problem, lam, tasks, weights), min_repeats=5)
@@ -256,10 +299,12 @@ def run_problem(name, spec, sizes, args, log):
             first, warm, out = timed(lambda: metaif.influence(problem, lam, tasks, target=target, solver=solver))
             info = out.solve
             per_solver[sname] = dict(first_s=first, warm_s=warm, info=info, grad_norm=float(out.grad_norm))
-            log(f"  influence[{sname}]: {warm:.3g}s warm, {first - warm:.3g}s compile, "
+            log(
+                f"  influence[{sname}]: {warm:.3g}s warm, {first - warm:.3g}s compile, "
                 f"iterations {int(info.iterations)}, converged {bool(info.converged)}, "
                 f"relative residual {float(info.relative_residual):.1e}, indefinite {bool(info.indefinite)}"
-                + (f", min eigenvalue of H {float(info.min_eigenvalue):.2e}" if sname == "dense" else ""))
+                + (f", min eigenvalue of H {float(info.min_eigenvalue):.2e}" if sname == "dense" else "")
+            )
 
         rng = np.random.default_rng(n)
         sample = [int(k) for k in rng.choice(n, size=min(args.retrain_tasks, n), replace=False)]
@@ -268,14 +313,28 @@ def run_problem(name, spec, sizes, args, log):
         for sname, r in per_solver.items():
             info, warm = r["info"], r["warm_s"]
             row = dict(
-                problem=name, model=spec["model"], adaptation=str(problem.adapt), meta_reg=spec["meta_reg"],
-                n=n, m=M, q=Q, d=d, n_scores=n * (1 + M + Q), solver=sname, solver_repr=str(solvers[sname]),
-                grad_norm=training["grad_norm"], training=training,
-                compile_s=max(r["first_s"] - warm, 0.0), first_call_s=r["first_s"], influence_s=warm,
-                gradient_s=g_warm, gradient_compile_s=max(g_first - g_warm, 0.0),
+                problem=name,
+                model=spec["model"],
+                adaptation=str(problem.adapt),
+                meta_reg=spec["meta_reg"],
+                n=n,
+                m=M,
+                q=Q,
+                d=d,
+                n_scores=n * (1 + M + Q),
+                solver=sname,
+                solver_repr=str(solvers[sname]),
+                grad_norm=training["grad_norm"],
+                training=training,
+                compile_s=max(r["first_s"] - warm, 0.0),
+                first_call_s=r["first_s"],
+                influence_s=warm,
+                gradient_s=g_warm,
+                gradient_compile_s=max(g_first - g_warm, 0.0),
                 ratio_to_gradient=warm / g_warm,
                 cg_iterations=int(info.iterations) if sname == "cg" else None,
-                solve_converged=bool(info.converged), solve_relative_residual=float(info.relative_residual),
+                solve_converged=bool(info.converged),
+                solve_relative_residual=float(info.relative_residual),
                 solve_indefinite=bool(info.indefinite),
                 min_eigenvalue=float(info.min_eigenvalue) if sname == "dense" else None,
                 retrain_per_task_s={k: v["per_task_s"] for k, v in retrained.items()},
@@ -293,60 +352,122 @@ def run_problem(name, spec, sizes, args, log):
 # ----------------------------------------------------------------------------- report
 
 
-HEADER = ["problem", "n", "d", "gradF", "solver", "cg_it", "compile_s", "infl_s", "grad_ms", "x_grad",
-          "newton/task", "adam/task", "newton_all", "adam_all", "vs_newton", "vs_adam", "goals"]
+HEADER = [
+    "problem",
+    "n",
+    "d",
+    "gradF",
+    "solver",
+    "cg_it",
+    "compile_s",
+    "infl_s",
+    "grad_ms",
+    "x_grad",
+    "newton/task",
+    "adam/task",
+    "newton_all",
+    "adam_all",
+    "vs_newton",
+    "vs_adam",
+    "goals",
+]
 
 
 def table(rows) -> str:
     lines = ["  ".join(h.rjust(9) if i else h.ljust(18) for i, h in enumerate(HEADER))]
     for r in rows:
         per, alls, sp = r["retrain_per_task_s"], r["retrain_all_extrapolated_s"], r["speedup_vs_retrain"]
-        goals = ("G" if r["goal_within_30_gradients"] else "-") + ("R" if all(r["goal_100x_vs_retrain"].values()) else
-                                                                   "r" if any(r["goal_100x_vs_retrain"].values()) else "-")
-        cells = [r["n"], r["d"], r["grad_norm"], r["solver"], r["cg_iterations"], r["compile_s"], r["influence_s"],
-                 r["gradient_s"] * 1e3, r["ratio_to_gradient"], per["newton"], per["adam"], alls["newton"],
-                 alls["adam"], sp["newton"], sp["adam"]]
-        text = [r["problem"].ljust(18)] + [c.rjust(9) if isinstance(c, str) else fnum(c) for c in cells] + [goals.rjust(9)]
+        goals = ("G" if r["goal_within_30_gradients"] else "-") + (
+            "R" if all(r["goal_100x_vs_retrain"].values()) else "r" if any(r["goal_100x_vs_retrain"].values()) else "-"
+        )
+        cells = [
+            r["n"],
+            r["d"],
+            r["grad_norm"],
+            r["solver"],
+            r["cg_iterations"],
+            r["compile_s"],
+            r["influence_s"],
+            r["gradient_s"] * 1e3,
+            r["ratio_to_gradient"],
+            per["newton"],
+            per["adam"],
+            alls["newton"],
+            alls["adam"],
+            sp["newton"],
+            sp["adam"],
+        ]
+        text = (
+            [r["problem"].ljust(18)] + [c.rjust(9) if isinstance(c, str) else fnum(c) for c in cells] + [goals.rjust(9)]
+        )
         if not r["solve_converged"]:
             text[-1] = (goals + "!").rjust(9)
         lines.append("  ".join(text))
-    lines.append("gradF = ||grad F|| at the lambda used; x_grad = influence_s / gradient_s (goal <= 30: G); "
-                 "*/task = median leave-one-task-out retraining time, *_all = that x n;\nvs_* = retrain_all / influence_s "
-                 "(goal >= 100 for both retrainings: R, one: r); ! = solve not converged. Times in s unless noted.")
+    lines.append(
+        "gradF = ||grad F|| at the lambda used; x_grad = influence_s / gradient_s (goal <= 30: G); "
+        "*/task = median leave-one-task-out retraining time, *_all = that x n;\nvs_* = retrain_all / influence_s "
+        "(goal >= 100 for both retrainings: R, one: r); ! = solve not converged. Times in s unless noted."
+    )
     return "\n".join(lines)
 
 
 def machine_info() -> dict:
     return dict(
-        devices=[str(d) for d in jax.devices()], backend=jax.default_backend(), jax_version=jax.__version__,
-        jaxlib_version=getattr(jax.lib, "__version__", None) or _jaxlib_version(), metaif_version=metaif.__version__,
-        python=sys.version.split()[0], platform=platform.platform(), processor=platform.processor() or platform.machine(),
-        cpu_count=os.cpu_count(), x64=bool(jax.config.read("jax_enable_x64")),
+        devices=[str(d) for d in jax.devices()],
+        backend=jax.default_backend(),
+        jax_version=jax.__version__,
+        jaxlib_version=getattr(jax.lib, "__version__", None) or _jaxlib_version(),
+        metaif_version=metaif.__version__,
+        python=sys.version.split()[0],
+        platform=platform.platform(),
+        processor=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(),
+        x64=bool(jax.config.read("jax_enable_x64")),
     )
 
 
 def _jaxlib_version():
     try:
         import jaxlib
+
         return jaxlib.__version__
     except Exception:  # pragma: no cover
         return None
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"sizes {QUICK_SIZES} of {QUICK_PROBLEMS} only; prints, saves only with --out")
-    parser.add_argument("--sizes", type=int, nargs="+", help="numbers of training tasks (overrides each problem's default)")
-    parser.add_argument("--problems", nargs="+", choices=sorted(PROBLEMS), default=None,
-                        help=f"default: all ({', '.join(DEFAULT_PROBLEMS)})")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"sizes {QUICK_SIZES} of {QUICK_PROBLEMS} only; prints, saves only with --out",
+    )
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", help="numbers of training tasks (overrides each problem's default)"
+    )
+    parser.add_argument(
+        "--problems",
+        nargs="+",
+        choices=sorted(PROBLEMS),
+        default=None,
+        help=f"default: all ({', '.join(DEFAULT_PROBLEMS)})",
+    )
     parser.add_argument("--retrain-tasks", type=int, default=3, help="tasks sampled for leave-one-out retraining")
-    parser.add_argument("--retrain-budget", type=float, default=6.0,
-                        help="seconds per method and size after which no further sampled task is retrained (>= 1 task)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/core.json, "
-                        "none with --quick)")
+    parser.add_argument(
+        "--retrain-budget",
+        type=float,
+        default=6.0,
+        help="seconds per method and size after which no further sampled task is retrained (>= 1 task)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default benchmarks/results/core.json, none with --quick)"
+    )
     args = parser.parse_args(argv)
-    out_path = args.out if args.out is not None else (None if args.quick else Path(__file__).parent / "results" / "core.json")
+    out_path = (
+        args.out if args.out is not None else (None if args.quick else Path(__file__).parent / "results" / "core.json")
+    )
 
     log = lambda s: print(s, flush=True)  # noqa: E731
     info = machine_info()
@@ -364,14 +485,29 @@ def main(argv=None):
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         result = dict(
-            benchmark="core", command=" ".join([Path(sys.executable).name, *sys.argv]), machine=info,
-            settings=dict(dim=DIM, ways=WAYS, m=M, q=Q, n_test=N_TEST, newton_steps_per_retrain=NEWTON_STEPS,
-                          cg_maxiter=CG_MAXITER, cg_tol=CG_TOL, retrain_tasks=args.retrain_tasks,
-                          retrain_budget_s=args.retrain_budget,
-                          problems={k: {kk: (list(vv) if isinstance(vv, tuple) else vv) for kk, vv in PROBLEMS[k].items()}
-                                    for k in args.problems},
-                          target="mean meta-test loss over n_test held-out tasks (metaif.task_losses)"),
-            total_runtime_s=total, total_runtime_with_imports_s=now() - _SCRIPT_START, results=rows,
+            benchmark="core",
+            command=" ".join([Path(sys.executable).name, *sys.argv]),
+            machine=info,
+            settings=dict(
+                dim=DIM,
+                ways=WAYS,
+                m=M,
+                q=Q,
+                n_test=N_TEST,
+                newton_steps_per_retrain=NEWTON_STEPS,
+                cg_maxiter=CG_MAXITER,
+                cg_tol=CG_TOL,
+                retrain_tasks=args.retrain_tasks,
+                retrain_budget_s=args.retrain_budget,
+                problems={
+                    k: {kk: (list(vv) if isinstance(vv, tuple) else vv) for kk, vv in PROBLEMS[k].items()}
+                    for k in args.problems
+                },
+                target="mean meta-test loss over n_test held-out tasks (metaif.task_losses)",
+            ),
+            total_runtime_s=total,
+            total_runtime_with_imports_s=now() - _SCRIPT_START,
+            results=rows,
         )
         out_path.write_text(json.dumps(result, indent=1) + "\n")
         log(f"saved {out_path}")

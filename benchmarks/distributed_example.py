@@ -35,7 +35,9 @@ import time
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--process-id", type=int, default=None, help="this process's rank; omit to launch all processes locally")
+    parser.add_argument(
+        "--process-id", type=int, default=None, help="this process's rank; omit to launch all processes locally"
+    )
     parser.add_argument("--num-processes", type=int, default=2)
     parser.add_argument("--coordinator", default=None, help="host:port of process 0 (default: a free local port)")
     parser.add_argument("--local-devices", type=int, default=2, help="CPU devices per process (CPU only)")
@@ -53,9 +55,22 @@ def launch(args) -> int:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             coordinator = f"127.0.0.1:{sock.getsockname()[1]}"
-    base = [sys.executable, os.path.abspath(__file__), "--coordinator", coordinator, "--num-processes", str(args.num_processes),
-            "--local-devices", str(args.local_devices), "--tasks", str(args.tasks), "--platform", args.platform,
-            "--train-steps", str(args.train_steps)]
+    base = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--coordinator",
+        coordinator,
+        "--num-processes",
+        str(args.num_processes),
+        "--local-devices",
+        str(args.local_devices),
+        "--tasks",
+        str(args.tasks),
+        "--platform",
+        args.platform,
+        "--train-steps",
+        str(args.train_steps),
+    ]
     base += ["--check"] if args.check else []
     procs = [subprocess.Popen(base + ["--process-id", str(i)]) for i in range(args.num_processes)]
     try:
@@ -69,16 +84,18 @@ def launch(args) -> int:
 
 def run(args) -> None:
     if args.platform == "cpu":
-        os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.local_devices} "
-                                   "--xla_cpu_multi_thread_eigen=false")
+        os.environ["XLA_FLAGS"] = (
+            f"--xla_force_host_platform_device_count={args.local_devices} --xla_cpu_multi_thread_eigen=false"
+        )
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
     if args.platform == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_enable_x64", True)
-    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                               process_id=args.process_id)
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+    )
 
     import numpy as np
     from jax.experimental import multihost_utils
@@ -87,15 +104,16 @@ def run(args) -> None:
     from metaif import parallel, problems
 
     rank, count = jax.process_index(), jax.process_count()
-    problem = metaif.BilevelProblem(problems.linear_cross_entropy, problems.linear_cross_entropy,
-                                    metaif.Unrolled(steps=2, lr=0.2), meta_reg=0.1)
+    problem = metaif.BilevelProblem(
+        problems.linear_cross_entropy, problems.linear_cross_entropy, metaif.Unrolled(steps=2, lr=0.2), meta_reg=0.1
+    )
     all_tasks = problems.classification_tasks(args.tasks, 4, 4, 3, 3, seed=0)  # the same on every process
     test_tasks = problems.classification_tasks(4, 4, 4, 3, 3, seed=100)
     meta = problems.linear_init(jax.random.key(0), 3, 3)
     target = lambda lam: metaif.task_losses(problem, lam, test_tasks).mean()
 
     per_process = args.tasks // count
-    own = all_tasks[rank * per_process:(rank + 1) * per_process]  # what this host would load from disk
+    own = all_tasks[rank * per_process : (rank + 1) * per_process]  # what this host would load from disk
 
     mesh = parallel.task_mesh()  # every device of every process (Auto axis)
     tic = time.perf_counter()
@@ -110,8 +128,10 @@ def run(args) -> None:
 
     if rank == 0:
         order = np.argsort(-task_scores)
-        print(f"{count} processes, {jax.device_count()} devices ({jax.local_device_count()} per process), "
-              f"{args.tasks} tasks, {seconds:.2f} s including compilation")
+        print(
+            f"{count} processes, {jax.device_count()} devices ({jax.local_device_count()} per process), "
+            f"{args.tasks} tasks, {seconds:.2f} s including compilation"
+        )
         print(f"meta-training: {trained.summary()}")
         print("most harmful tasks for the meta-test loss (removal lowers it by about the score):")
         for k in order[:3]:
@@ -120,12 +140,25 @@ def run(args) -> None:
         # The same on one device of process 0: training, then influence.
         reference_meta = metaif.meta_train(problem, meta, all_tasks, steps=args.train_steps).meta_params
         reference = metaif.influence(problem, reference_meta, all_tasks, target)
-        pairs = [*zip(jax.tree.leaves(trained.meta_params), jax.tree.leaves(reference_meta)),
-                 *zip((task_scores, support_scores, query_scores), (reference.tasks, reference.support, reference.query))]
+        pairs = [
+            *zip(jax.tree.leaves(trained.meta_params), jax.tree.leaves(reference_meta)),
+            *zip((task_scores, support_scores, query_scores), (reference.tasks, reference.support, reference.query)),
+        ]
         diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs)
-        print(json.dumps({"max_diff": diff, "processes": count, "devices": jax.device_count(),
-                          "local_devices": jax.local_device_count(), "spec": str(result.tasks.sharding.spec),
-                          "shape": list(task_scores.shape), "seconds": seconds}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "max_diff": diff,
+                    "processes": count,
+                    "devices": jax.device_count(),
+                    "local_devices": jax.local_device_count(),
+                    "spec": str(result.tasks.sharding.spec),
+                    "shape": list(task_scores.shape),
+                    "seconds": seconds,
+                }
+            ),
+            flush=True,
+        )
     jax.distributed.shutdown()
 
 

@@ -68,7 +68,9 @@ def setup(n_tasks: int, n_test: int):
     digits = metaif.data.load_digits()
     images = digits.images.astype(np.float64)
     train_classes, test_classes = np.arange(0, 10), np.arange(0, 10)
-    tasks = metaif.data.few_shot_tasks(images, digits.labels, n_tasks, WAYS, SHOTS, QUERIES, seed=0, classes=train_classes)
+    tasks = metaif.data.few_shot_tasks(
+        images, digits.labels, n_tasks, WAYS, SHOTS, QUERIES, seed=0, classes=train_classes
+    )
     test = metaif.data.few_shot_tasks(images, digits.labels, n_test, WAYS, SHOTS, QUERIES, seed=1, classes=test_classes)
     cast = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64) if x.dtype.kind == "f" else jnp.asarray(x), t)
     tasks, test = cast(tasks), cast(test)
@@ -92,16 +94,25 @@ def main():
     out = args.out or (None if args.quick else Path(__file__).parent / "results" / "pairwise.json")
     problem, lam, tasks, test = setup(n_tasks, max(counts))
     d = sum(x.size for x in jax.tree.leaves(lam))
-    print(f"backend={jax.default_backend()} devices={jax.device_count()} d={d} n={n_tasks} m={SHOTS * WAYS} q={QUERIES * WAYS}")
+    print(
+        f"backend={jax.default_backend()} devices={jax.device_count()} d={d} n={n_tasks} m={SHOTS * WAYS} q={QUERIES * WAYS}"
+    )
     rows = []
     target = functools.partial(test_task_loss, problem)
-    smallest = float(metaif.solvers.lanczos_eigenvalues(metaif.hessian_operator(problem, lam, tasks), k=1, iterations=60).values[0])
+    smallest = float(
+        metaif.solvers.lanczos_eigenvalues(metaif.hessian_operator(problem, lam, tasks), k=1, iterations=60).values[0]
+    )
     damping = max(DAMPING, -2.0 * smallest)  # H + δI positive definite, so CG converges
     print(f"smallest Hessian eigenvalue (Lanczos, 60 steps) {smallest:.3g}; damping {damping:.3g}")
-    for solver_name, solver in (("dense", metaif.solvers.Dense(damping=damping)), ("cg", metaif.solvers.CG(damping=damping, maxiter=300, tol=1e-6))):
+    for solver_name, solver in (
+        ("dense", metaif.solvers.Dense(damping=damping)),
+        ("cg", metaif.solvers.CG(damping=damping, maxiter=300, tol=1e-6)),
+    ):
         for count in counts:
             subset = test[:count]
-            first, warm, result = timed(lambda: metaif.pairwise_influence(problem, lam, tasks, target, solver, target_data=subset))
+            first, warm, result = timed(
+                lambda: metaif.pairwise_influence(problem, lam, tasks, target, solver, target_data=subset)
+            )
             jacobian = jax.vmap(jax.grad(target), in_axes=(None, 0))(lam, subset)
             singles = []
             for t in range(min(count, 5)):
@@ -109,17 +120,39 @@ def main():
                 _, single, _ = timed(lambda: _single_target(problem, lam, tasks, row, solver=solver))
                 singles.append(single)
             single = float(np.mean(singles))
-            rows.append(dict(solver=solver_name, targets=count, pairwise_s=warm, compile_s=first - warm, single_s=single,
-                             singles_s=single * count, speedup=single * count / warm,
-                             converged=bool(result.solve.converged), max_iterations=int(result.solve.iterations)))
+            rows.append(
+                dict(
+                    solver=solver_name,
+                    targets=count,
+                    pairwise_s=warm,
+                    compile_s=first - warm,
+                    single_s=single,
+                    singles_s=single * count,
+                    speedup=single * count / warm,
+                    converged=bool(result.solve.converged),
+                    max_iterations=int(result.solve.iterations),
+                )
+            )
             r = rows[-1]
-            print(f"{solver_name:>5} T={count:>5}  pairwise {warm:8.3f}s (compile {first - warm:6.2f}s)  "
-                  f"T singles {r['singles_s']:9.3f}s  speedup {r['speedup']:8.1f}x  converged={r['converged']}")
+            print(
+                f"{solver_name:>5} T={count:>5}  pairwise {warm:8.3f}s (compile {first - warm:6.2f}s)  "
+                f"T singles {r['singles_s']:9.3f}s  speedup {r['speedup']:8.1f}x  converged={r['converged']}"
+            )
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        record = dict(backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
-                      dtype="float64", machine=platform.machine(), d=d, n_tasks=n_tasks, smallest_eigenvalue=smallest, damping=damping, rows=rows,
-                      command="python benchmarks/pairwise.py")
+        record = dict(
+            backend=jax.default_backend(),
+            device_kind=jax.devices()[0].device_kind,
+            device_count=jax.device_count(),
+            dtype="float64",
+            machine=platform.machine(),
+            d=d,
+            n_tasks=n_tasks,
+            smallest_eigenvalue=smallest,
+            damping=damping,
+            rows=rows,
+            command="python benchmarks/pairwise.py",
+        )
         out.write_text(json.dumps(record, indent=2))
         print(f"wrote {out}")
 

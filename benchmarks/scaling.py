@@ -54,8 +54,15 @@ DATA_ROOT = Path(os.environ.get("METAIF_DATA") or ROOT.parent / "shared" / "data
 WAYS, SHOTS, QUERIES, N_TEST = 5, 1, 3, 20
 NEUMANN_ITERATIONS = 10
 
-FULL = dict(n_tasks=(100, 300, 1000, 3000, 10000), chunk=100, widths=(8, 64, 512), width_n=100,
-            width_pool=1, devices=(1, 2, 8), device_n=800)
+FULL = dict(
+    n_tasks=(100, 300, 1000, 3000, 10000),
+    chunk=100,
+    widths=(8, 64, 512),
+    width_n=100,
+    width_pool=1,
+    devices=(1, 2, 8),
+    device_n=800,
+)
 QUICK = dict(n_tasks=(100, 1000), chunk=100, widths=(8,), width_n=100, width_pool=1, devices=(1, 2), device_n=200)
 
 
@@ -111,20 +118,27 @@ def worker(config: dict) -> dict:
     train = data.few_shot_tasks(images, om.labels, n, WAYS, SHOTS, QUERIES, seed=0, classes=split.train)
     test = data.few_shot_tasks(images, om.labels, N_TEST, WAYS, SHOTS, QUERIES, seed=1, classes=split.test)
     del om, images
-    module = models.MLP(train.support["x"].shape[2:], [hidden], WAYS, activation=jnp.tanh, param_dtype=jnp.float64,
-                        rngs=nnx.Rngs(0))
+    module = models.MLP(
+        train.support["x"].shape[2:], [hidden], WAYS, activation=jnp.tanh, param_dtype=jnp.float64, rngs=nnx.Rngs(0)
+    )
     pure = models.from_nnx(module)
     problem = metaif.BilevelProblem(pure.cross_entropy, pure.cross_entropy, metaif.Unrolled(1, 0.5), 1e-2)
     lam = pure.params
     solver = solvers.Neumann(iterations=NEUMANN_ITERATIONS)
     target = lambda lam: metaif.task_losses(problem, lam, test).mean()
     devices = jax.devices()
-    out = dict(config=config, backend=jax.default_backend(), device_kind=devices[0].device_kind,
-               device_count=len(devices), dtype="float64", d=int(sum(x.size for x in jax.tree.leaves(lam))))
+    out = dict(
+        config=config,
+        backend=jax.default_backend(),
+        device_kind=devices[0].device_kind,
+        device_count=len(devices),
+        dtype="float64",
+        d=int(sum(x.size for x in jax.tree.leaves(lam))),
+    )
 
     mesh = None
     if config.get("shard"):
-        mesh = parallel.task_mesh(devices[:config["shard"]])
+        mesh = parallel.task_mesh(devices[: config["shard"]])
         out["mesh_devices"] = config["shard"]
 
     def call(tasks, params):
@@ -147,19 +161,26 @@ def worker(config: dict) -> dict:
             before = devices[0].memory_stats()["bytes_in_use"]
             jax.block_until_ready(fn())
             after = devices[0].memory_stats()
-            memory = dict(method="device.memory_stats peak_bytes_in_use (since process start) - bytes_in_use before",
-                          peak_bytes=after["peak_bytes_in_use"] - before)
+            memory = dict(
+                method="device.memory_stats peak_bytes_in_use (since process start) - bytes_in_use before",
+                peak_bytes=after["peak_bytes_in_use"] - before,
+            )
         else:
             reset = _reset_peak()
             before = _read_status("VmRSS")
             jax.block_until_ready(fn())
             high = _read_status("VmHWM") if reset else None
             if high is not None and before is not None:
-                memory = dict(method="VmHWM during one warm call - VmRSS before it", peak_bytes=high - before,
-                              rss_before_bytes=before)
+                memory = dict(
+                    method="VmHWM during one warm call - VmRSS before it",
+                    peak_bytes=high - before,
+                    rss_before_bytes=before,
+                )
             else:
-                memory = dict(method="ru_maxrss of the whole process",
-                              peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                memory = dict(
+                    method="ru_maxrss of the whole process",
+                    peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                )
         memory["process_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if first_high is not None and start_rss is not None:
             # compile + first (fresh-allocating) call + warm calls: the allocator cannot hide these.
@@ -178,14 +199,27 @@ def worker(config: dict) -> dict:
             compile_s, warm_s, result, memory = measured(lambda: call(sharded, params))
         if config.get("check"):
             single = call(train, lam)  # the same computation on one device, unsharded data
-            diffs = [float(np.max(np.abs(np.asarray(getattr(result, k)) - np.asarray(getattr(single, k)))))
-                     for k in ("tasks", "support", "query")]
+            diffs = [
+                float(np.max(np.abs(np.asarray(getattr(result, k)) - np.asarray(getattr(single, k)))))
+                for k in ("tasks", "support", "query")
+            ]
             scale = max(float(np.max(np.abs(np.asarray(getattr(single, k))))) for k in ("tasks", "support", "query"))
-            out["sharded_vs_single"] = dict(max_abs_diff=max(diffs), max_abs_score=scale,
-                                            relative=max(diffs) / scale, output_sharding=str(result.tasks.sharding))
-    out.update(compile_s=compile_s, time_s=warm_s, gradient_s=g_warm, gradient_compile_s=g_first - g_warm,
-               x_grad=warm_s / g_warm, memory=memory, solve_relative_residual=float(result.solve.relative_residual),
-               finite=bool(np.all(np.isfinite(np.asarray(result.tasks)))))
+            out["sharded_vs_single"] = dict(
+                max_abs_diff=max(diffs),
+                max_abs_score=scale,
+                relative=max(diffs) / scale,
+                output_sharding=str(result.tasks.sharding),
+            )
+    out.update(
+        compile_s=compile_s,
+        time_s=warm_s,
+        gradient_s=g_warm,
+        gradient_compile_s=g_first - g_warm,
+        x_grad=warm_s / g_warm,
+        memory=memory,
+        solve_relative_residual=float(result.solve.relative_residual),
+        finite=bool(np.all(np.isfinite(np.asarray(result.tasks)))),
+    )
     return out
 
 
@@ -200,8 +234,14 @@ def run_point(config: dict, log, timeout: float = 600.0) -> dict:
     # every large buffer a fresh mapping, returned on free.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True, text=True,
-                              timeout=timeout, env=env, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(config)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=ROOT,
+        )
     except subprocess.TimeoutExpired:
         log(f"  {config}: timed out after {timeout:.0f}s")
         return dict(config=config, error="timeout")
@@ -216,11 +256,15 @@ def run_point(config: dict, log, timeout: float = 600.0) -> dict:
     first_mem = out["memory"].get("first_calls_peak_bytes", 0) / 2**20
     extra = ""
     if "sharded_vs_single" in out:
-        extra = f"  sharded vs single: max |diff| {out['sharded_vs_single']['max_abs_diff']:.1e} " \
-                f"(rel {out['sharded_vs_single']['relative']:.1e})"
-    log(f"  n={config['n']:6d} hidden={config['hidden']:4d} d={out['d']:7d} batch={str(config.get('chunk_size')):>5s} "
+        extra = (
+            f"  sharded vs single: max |diff| {out['sharded_vs_single']['max_abs_diff']:.1e} "
+            f"(rel {out['sharded_vs_single']['relative']:.1e})"
+        )
+    log(
+        f"  n={config['n']:6d} hidden={config['hidden']:4d} d={out['d']:7d} batch={str(config.get('chunk_size')):>5s} "
         f"devices={out.get('mesh_devices', 1)}: {out['time_s']:.3f}s warm ({out['x_grad']:.1f} grads), "
-        f"compile {out['compile_s']:.1f}s, peak {mem:.1f} MiB (first calls {first_mem:.0f} MiB){extra}")
+        f"compile {out['compile_s']:.1f}s, peak {mem:.1f} MiB (first calls {first_mem:.0f} MiB){extra}"
+    )
     return out
 
 
@@ -240,8 +284,10 @@ def plot(result, path):
     env = result["environment"]
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.8))
     ok = lambda rows: [r for r in rows if "error" not in r]
-    for label, rows in (("unchunked", ok(result["n_tasks"]["unchunked"])),
-                        (f"chunk_size={result['settings']['chunk']}", ok(result["n_tasks"]["chunked"]))):
+    for label, rows in (
+        ("unchunked", ok(result["n_tasks"]["unchunked"])),
+        (f"chunk_size={result['settings']['chunk']}", ok(result["n_tasks"]["chunked"])),
+    ):
         ns = [r["config"]["n"] for r in rows]
         axes[0].plot(ns, [r["time_s"] for r in rows], "o-", label=f"warm, {label}")
         axes[0].plot(ns, [r["compile_s"] for r in rows], "x--", label=f"compile, {label}")
@@ -271,15 +317,22 @@ def plot(result, path):
             axes[3].plot(counts, [r["time_s"] for r in rows], marker, label=f"{key} warm s")
             for r in rows:
                 if "sharded_vs_single" in r:
-                    axes[3].annotate(f"Δ={r['sharded_vs_single']['max_abs_diff']:.0e}", (r["config"]["shard"], r["time_s"]),
-                                     fontsize=7, xytext=(3, 3), textcoords="offset points")
+                    axes[3].annotate(
+                        f"Δ={r['sharded_vs_single']['max_abs_diff']:.0e}",
+                        (r["config"]["shard"], r["time_s"]),
+                        fontsize=7,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                    )
     axes[3].set_xlabel(f"devices (n = {result['settings']['device_n']})")
     axes[3].set_title("vs device count (Δ: max |sharded − single|)", fontsize=10)
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.suptitle(f"metaif.influence scaling, Neumann(iterations={NEUMANN_ITERATIONS}), MLP MAML on Omniglot 5-way 1-shot; "
-                 f"backend={env['backend']}, device={env['device_kind']} ×{env['device_count']}, dtype={env['dtype']}",
-                 fontsize=10)
+    fig.suptitle(
+        f"metaif.influence scaling, Neumann(iterations={NEUMANN_ITERATIONS}), MLP MAML on Omniglot 5-way 1-shot; "
+        f"backend={env['backend']}, device={env['device_kind']} ×{env['device_count']}, dtype={env['dtype']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -291,8 +344,13 @@ def main(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--sweeps", nargs="+", choices=("n_tasks", "params", "devices"),
-                        default=("n_tasks", "params", "devices"), help="which sweeps to run (default all)")
+    parser.add_argument(
+        "--sweeps",
+        nargs="+",
+        choices=("n_tasks", "params", "devices"),
+        default=("n_tasks", "params", "devices"),
+        help="which sweeps to run (default all)",
+    )
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker)), default=float), flush=True)
@@ -300,8 +358,15 @@ def main(argv=None):
     settings = QUICK if args.quick else FULL
     out = args.out or RESULTS / ("scaling_quick.json" if args.quick else "scaling.json")
     log = lambda s: print(s, flush=True)
-    result = dict(environment={}, quick=args.quick, settings=settings,
-                  solver=f"Neumann(iterations={NEUMANN_ITERATIONS})", n_tasks={}, params=[], devices={})
+    result = dict(
+        environment={},
+        quick=args.quick,
+        settings=settings,
+        solver=f"Neumann(iterations={NEUMANN_ITERATIONS})",
+        n_tasks={},
+        params=[],
+        devices={},
+    )
 
     def save():
         result["wall_s"] = time.perf_counter() - _SCRIPT_START
@@ -310,39 +375,58 @@ def main(argv=None):
 
     log("== n_tasks (7×7 MLP, hidden 8)")
     for key, batch in (("unchunked", None), ("chunked", settings["chunk"])) if "n_tasks" in args.sweeps else ():
-        result["n_tasks"][key] = [run_point(dict(n=n, hidden=8, pool=4, chunk_size=batch), log) for n in settings["n_tasks"]]
+        result["n_tasks"][key] = [
+            run_point(dict(n=n, hidden=8, pool=4, chunk_size=batch), log) for n in settings["n_tasks"]
+        ]
         rows = [r for r in result["n_tasks"][key] if "error" not in r]
         if len(rows) >= 2:
             ns = [r["config"]["n"] for r in rows]
             result["n_tasks"][f"{key}_time_exponent"] = loglog_slope(ns, [r["time_s"] for r in rows])
-            result["n_tasks"][f"{key}_memory_exponent"] = loglog_slope(ns, [max(r["memory"]["peak_bytes"], 1) for r in rows])
+            result["n_tasks"][f"{key}_memory_exponent"] = loglog_slope(
+                ns, [max(r["memory"]["peak_bytes"], 1) for r in rows]
+            )
             if all("first_calls_peak_bytes" in r["memory"] for r in rows):
                 result["n_tasks"][f"{key}_first_calls_memory_exponent"] = loglog_slope(
-                    ns, [max(r["memory"]["first_calls_peak_bytes"], 1) for r in rows])
-            log(f"  {key}: time ∝ n^{result['n_tasks'][f'{key}_time_exponent']:.2f}, peak memory ∝ "
-                f"n^{result['n_tasks'][f'{key}_memory_exponent']:.2f}")
+                    ns, [max(r["memory"]["first_calls_peak_bytes"], 1) for r in rows]
+                )
+            log(
+                f"  {key}: time ∝ n^{result['n_tasks'][f'{key}_time_exponent']:.2f}, peak memory ∝ "
+                f"n^{result['n_tasks'][f'{key}_memory_exponent']:.2f}"
+            )
         if not result["environment"] and rows:
             import platform
 
             import jax
 
             result["environment"] = {k: rows[0][k] for k in ("backend", "device_kind", "device_count", "dtype")}
-            result["environment"].update(command=" ".join([Path(sys.executable).name, *sys.argv]), jax=jax.__version__,
-                                         python=platform.python_version())
+            result["environment"].update(
+                command=" ".join([Path(sys.executable).name, *sys.argv]),
+                jax=jax.__version__,
+                python=platform.python_version(),
+            )
         save()
     log(f"== parameter count (28×28 MLP / pooled, n = {settings['width_n']})")
-    result["params"] = [run_point(dict(n=settings["width_n"], hidden=h, pool=settings["width_pool"]), log)
-                        for h in settings["widths"] if "params" in args.sweeps]
+    result["params"] = [
+        run_point(dict(n=settings["width_n"], hidden=h, pool=settings["width_pool"]), log)
+        for h in settings["widths"]
+        if "params" in args.sweeps
+    ]
     save()
     log(f"== device count (n = {settings['device_n']})")
     result["devices"]["fake_cpu"] = [
-        run_point(dict(n=settings["device_n"], hidden=8, pool=4, fake_devices=max(settings["devices"]), shard=k, check=True), log)
-        for k in settings["devices"] if "devices" in args.sweeps]
+        run_point(
+            dict(n=settings["device_n"], hidden=8, pool=4, fake_devices=max(settings["devices"]), shard=k, check=True),
+            log,
+        )
+        for k in settings["devices"]
+        if "devices" in args.sweeps
+    ]
     env = result["environment"]
     if "devices" in args.sweeps and env.get("backend") not in (None, "cpu") and env.get("device_count", 1) > 1:
         counts = [k for k in (1, 2, 4, 8, 16) if k <= env["device_count"]]
         result["devices"]["real"] = [
-            run_point(dict(n=settings["device_n"] * 2, hidden=8, pool=4, shard=k, check=True), log) for k in counts]
+            run_point(dict(n=settings["device_n"] * 2, hidden=8, pool=4, shard=k, check=True), log) for k in counts
+        ]
     save()
     if not args.no_plot:
         png = out.with_suffix(".png")

@@ -26,24 +26,40 @@ def solver_tables(path: Path) -> str:
     """The solver configurations of one benchmarks/solvers.py --defaults result, per problem."""
     saved = json.loads(path.read_text())
     command = saved.get("environment", {}).get("command", "")
-    lines = [f"Saved in `{path.relative_to(ROOT)}` (command: `{command}`). Spearman correlations are of the "
-             "task / support / query scores against the dense solve at the same damping (`Dense(damping=None)`); "
-             "`hvps` counts Hessian-vector products.", ""]
+    lines = [
+        f"Saved in `{path.relative_to(ROOT)}` (command: `{command}`). Spearman correlations are of the "
+        "task / support / query scores against the dense solve at the same damping (`Dense(damping=None)`); "
+        "`hvps` counts Hessian-vector products.",
+        "",
+    ]
     for name, problem in saved["problems"].items():
-        lines += [f"### {name} (d = {problem['d']}, n = {problem['n_tasks']} tasks)", "",
-                  "| solver | Spearman vs exact (tasks / support / query) | relative error of the scores | hvps |",
-                  "|---|---|---|---|"]
+        lines += [
+            f"### {name} (d = {problem['d']}, n = {problem['n_tasks']} tasks)",
+            "",
+            "| solver | Spearman vs exact (tasks / support / query) | relative error of the scores | hvps |",
+            "|---|---|---|---|",
+        ]
         for row in problem["configurations"]:
-            lines.append(f"| `{row['name']}` | {_triple(row['spearman_vs_twin'])} | "
-                         f"{_triple(row['rel_error_vs_twin'])} | {row['hvps']:.0f} |")
+            lines.append(
+                f"| `{row['name']}` | {_triple(row['spearman_vs_twin'])} | "
+                f"{_triple(row['rel_error_vs_twin'])} | {row['hvps']:.0f} |"
+            )
         sweep = problem.get("relative_damping_sweep")
         if sweep:
-            lines += ["", f"Relative damping δ = ρ·λ_max(H) (λ_max = {problem['max_eigenvalue']:.4g}): the exact solve "
-                      f"against the δ = {problem['reference_study']['damping']:g} reference, and CG with 16 and 24 "
-                      "iterations against the exact solve at the same δ (Spearman, tasks / support / query).", "",
-                      "| ρ | exact vs reference | CG, 16 iterations | CG, 24 iterations |", "|---|---|---|---|"]
-            lines += [f"| {row['rho']:g} | {_triple(row['exact_vs_study'])} | {_triple(row['cg16_vs_exact'])} | "
-                      f"{_triple(row['cg24_vs_exact'])} |" for row in sweep]
+            lines += [
+                "",
+                f"Relative damping δ = ρ·λ_max(H) (λ_max = {problem['max_eigenvalue']:.4g}): the exact solve "
+                f"against the δ = {problem['reference_study']['damping']:g} reference, and CG with 16 and 24 "
+                "iterations against the exact solve at the same δ (Spearman, tasks / support / query).",
+                "",
+                "| ρ | exact vs reference | CG, 16 iterations | CG, 24 iterations |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {row['rho']:g} | {_triple(row['exact_vs_study'])} | {_triple(row['cg16_vs_exact'])} | "
+                f"{_triple(row['cg24_vs_exact'])} |"
+                for row in sweep
+            ]
         lines.append("")
     return "\n".join(lines)
 

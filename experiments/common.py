@@ -53,20 +53,20 @@ DATA = os.environ.get("METAIF_DATA") or str(ROOT.parent / "shared" / "data")
 class Config:
     """Everything that defines one experimental setting (all hashable)."""
 
-    dataset: str = "omniglot"          # omniglot | mnist | digits
-    adapt: str = "maml"                # maml (Unrolled) | imaml (Proximal)
+    dataset: str = "omniglot"  # omniglot | mnist | digits
+    adapt: str = "maml"  # maml (Unrolled) | imaml (Proximal)
     ways: int = 5
     shots: int = 1
-    queries: int = 3                   # query examples per class
+    queries: int = 3  # query examples per class
     n_train: int = 256
     n_val: int = 100
     n_test: int = 200
-    features: int = 16                 # whitened PCA components
-    hidden: int = 8                    # tanh MLP width (0: linear softmax)
-    inner_steps: int = 1               # MAML steps / iMAML gradient steps to the inner argmin
+    features: int = 16  # whitened PCA components
+    hidden: int = 8  # tanh MLP width (0: linear softmax)
+    inner_steps: int = 1  # MAML steps / iMAML gradient steps to the inner argmin
     inner_lr: float = 0.5
-    prox_reg: float = 2.0              # iMAML proximal strength γ
-    meta_reg: float = 1e-3             # (meta_reg/2)‖λ‖² in F
+    prox_reg: float = 2.0  # iMAML proximal strength γ
+    meta_reg: float = 1e-3  # (meta_reg/2)‖λ‖² in F
     adam_steps: int = 1500
     adam_lr: float = 1e-2
     newton_steps: int = 30
@@ -77,8 +77,9 @@ class Config:
         if self.adapt == "maml":
             adapt = metaif.Unrolled(steps=self.inner_steps, lr=self.inner_lr)
         elif self.adapt == "imaml":
-            adapt = metaif.Proximal(reg=self.prox_reg, steps=self.inner_steps, lr=self.inner_lr, inner_solve="dense",
-                                    line_search=True)
+            adapt = metaif.Proximal(
+                reg=self.prox_reg, steps=self.inner_steps, lr=self.inner_lr, inner_solve="dense", line_search=True
+            )
         else:
             raise ValueError(f"Config.adapt must be 'maml' or 'imaml'; received {self.adapt!r}.")
         return metaif.BilevelProblem(loss, loss, adapt, meta_reg=self.meta_reg)
@@ -99,21 +100,34 @@ CONFIGS: dict[str, Config] = {
     # meta-training the inner curvature grows to 20–50, past 2/lr of any fixed step that also
     # converges in reasonable time (experiments/README.md, section 1).
     "cpu-imaml": Config(n_train=64, adapt="imaml", inner_steps=150, inner_lr=0.1, prox_reg=10.0),
-    "gpu": Config(n_train=1000, n_val=500, n_test=1000, features=64, hidden=32, queries=15, adam_steps=20000,
-                  newton_steps=40),
-    "smoke": Config(dataset="digits", n_train=12, n_val=10, n_test=20, features=8, hidden=4, queries=2,
-                    adam_steps=200, newton_steps=12),
+    "gpu": Config(
+        n_train=1000, n_val=500, n_test=1000, features=64, hidden=32, queries=15, adam_steps=20000, newton_steps=40
+    ),
+    "smoke": Config(
+        dataset="digits",
+        n_train=12,
+        n_val=10,
+        n_test=20,
+        features=8,
+        hidden=4,
+        queries=2,
+        adam_steps=200,
+        newton_steps=12,
+    ),
 }
 
 
-def parse(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None,
-          argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+def parse(
+    description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None, argv: list[str] | None = None
+) -> tuple[argparse.Namespace, Config]:
     """Common flags: --config NAME plus any Config field as --field VALUE (from `argv`, default sys.argv)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="cpu", choices=sorted(CONFIGS))
     parser.add_argument("--out", default=None, help="results folder (default results/<experiment>)")
     for field in dataclasses.fields(Config):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=type(field.default), default=None)
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}", dest=field.name, type=type(field.default), default=None
+        )
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
@@ -150,7 +164,9 @@ def load_split(dataset: str) -> Split:
         data = metaif.data.load_digits()
         order = np.random.default_rng(0).permutation(data.labels.shape[0])
         cut = int(0.6 * order.size)
-        return Split(data.images[order[:cut]], data.labels[order[:cut]], data.images[order[cut:]], data.labels[order[cut:]])
+        return Split(
+            data.images[order[:cut]], data.labels[order[:cut]], data.images[order[cut:]], data.labels[order[cut:]]
+        )
     raise ValueError(f"dataset must be 'omniglot', 'mnist' or 'digits'; received {dataset!r}.")
 
 
@@ -167,9 +183,9 @@ def _task_set(tasks: metaif.TaskSet, features: Features) -> metaif.TaskSet:
 class Setup(NamedTuple):
     config: Config
     problem: metaif.BilevelProblem
-    train: metaif.TaskSet      # meta-training tasks (their influence is measured)
-    val: metaif.TaskSet        # held-out tasks: the influence target (meta-validation loss)
-    test: metaif.TaskSet       # separate held-out tasks: reported accuracy
+    train: metaif.TaskSet  # meta-training tasks (their influence is measured)
+    val: metaif.TaskSet  # held-out tasks: the influence target (meta-validation loss)
+    test: metaif.TaskSet  # separate held-out tasks: reported accuracy
     features: Features
 
 
@@ -179,7 +195,8 @@ def build(config: Config) -> Setup:
     split = load_split(config.dataset)
     features = pca(split.train_images, config.features)
     sample = lambda images, labels, n, seed: _task_set(
-        metaif.data.few_shot_tasks(images, labels, n, config.ways, config.shots, config.queries, seed), features)
+        metaif.data.few_shot_tasks(images, labels, n, config.ways, config.shots, config.queries, seed), features
+    )
     train = sample(split.train_images, split.train_labels, config.n_train, 1000 * config.seed + 1)
     val = sample(split.held_images, split.held_labels, config.n_val, 1000 * config.seed + 2)
     test = sample(split.held_images, split.held_labels, config.n_test, 1000 * config.seed + 3)
@@ -195,7 +212,9 @@ def _mlp_predict(params, meta_params, example):
 
 def accuracy(setup: Setup, meta_params, tasks: metaif.TaskSet | None = None) -> float:
     """Mean query accuracy after adaptation (default: on the test tasks)."""
-    return float(metaif.task_accuracies(setup.problem, meta_params, setup.test if tasks is None else tasks, _mlp_predict).mean())
+    return float(
+        metaif.task_accuracies(setup.problem, meta_params, setup.test if tasks is None else tasks, _mlp_predict).mean()
+    )
 
 
 def mean_loss(setup: Setup, tasks: metaif.TaskSet) -> Callable:
@@ -226,7 +245,7 @@ class Trained(NamedTuple):
     grad_norm_adam: float
     grad_norm: float
     objective: float
-    eigenvalues: np.ndarray        # the smallest eigenvalues of the total Hessian (dense eigh)
+    eigenvalues: np.ndarray  # the smallest eigenvalues of the total Hessian (dense eigh)
     max_eigenvalue: float
     seconds: float
     history: dict
@@ -236,7 +255,9 @@ class Trained(NamedTuple):
 def total_hessian(problem, meta_params, tasks):
     """The dense d×d total Hessian of F at meta_params (third-order terms included)."""
     flat, unravel = jax.flatten_util.ravel_pytree(meta_params)
-    grad = lambda x: jax.flatten_util.ravel_pytree(jax.grad(metaif.meta_objective, argnums=1)(problem, unravel(x), tasks))[0]
+    grad = lambda x: jax.flatten_util.ravel_pytree(
+        jax.grad(metaif.meta_objective, argnums=1)(problem, unravel(x), tasks)
+    )[0]
     return jax.jacfwd(grad)(flat)
 
 
@@ -249,18 +270,30 @@ def meta_train(setup: Setup, log=print) -> Trained:
     point; reports ‖∇F‖ after each phase and the smallest total-Hessian eigenvalues."""
     config, problem = setup.config, setup.problem
     start = time.perf_counter()
-    adam = metaif.meta_train(problem, init_params(config), setup.train, optax.adam(config.adam_lr), steps=config.adam_steps)
+    adam = metaif.meta_train(
+        problem, init_params(config), setup.train, optax.adam(config.adam_lr), steps=config.adam_steps
+    )
     log(f"  adam: {adam.summary()}")
     newton = metaif.newton_refine(problem, adam.meta_params, setup.train, steps=config.newton_steps, tol=1e-13)
     seconds = time.perf_counter() - start
     log(f"  newton: {newton.summary()}")
     eig = np.linalg.eigvalsh(np.asarray(total_hessian(problem, newton.meta_params, setup.train)))
     log(f"  Hessian eigenvalues: min {eig[:3]}, max {eig[-1]:.3g}, negative {int(np.sum(eig < 0))} of {eig.size}")
-    history = {"adam_loss": np.asarray(adam.losses)[:: max(1, config.adam_steps // 100)].tolist(),
-               "adam_grad_norm": np.asarray(adam.grad_norms)[:: max(1, config.adam_steps // 100)].tolist(),
-               "newton_grad_norm": np.asarray(newton.grad_norms).tolist()}
-    return Trained(newton.meta_params, float(adam.grad_norm), float(newton.grad_norm), float(newton.objective),
-                   eig[:5], float(eig[-1]), seconds, history)
+    history = {
+        "adam_loss": np.asarray(adam.losses)[:: max(1, config.adam_steps // 100)].tolist(),
+        "adam_grad_norm": np.asarray(adam.grad_norms)[:: max(1, config.adam_steps // 100)].tolist(),
+        "newton_grad_norm": np.asarray(newton.grad_norms).tolist(),
+    }
+    return Trained(
+        newton.meta_params,
+        float(adam.grad_norm),
+        float(newton.grad_norm),
+        float(newton.objective),
+        eig[:5],
+        float(eig[-1]),
+        seconds,
+        history,
+    )
 
 
 def flat(tree) -> np.ndarray:
@@ -306,7 +339,7 @@ def run_datasets(args, base: Config, run: Callable, save: Callable, folder: Path
 
 
 def converged_count(norms, tol: float) -> str:
-    """"k of K" retrainings whose final ‖∇F(λ; w)‖ <= tol (None, as JSON writes NaN, counts as not converged)."""
+    """ "k of K" retrainings whose final ‖∇F(λ; w)‖ <= tol (None, as JSON writes NaN, counts as not converged)."""
     norms = np.asarray([np.nan if x is None else x for x in np.ravel(np.asarray(norms, dtype=object))], float)
     return f"{int(np.sum(norms <= tol))} of {norms.size}"
 
@@ -383,10 +416,18 @@ def config_dict(config: Config) -> dict:
 
 
 def describe_setup(setup: Setup, trained: Trained) -> dict:
-    return {"config": config_dict(setup.config), "d": n_params(trained.meta_params),
-            "grad_norm_adam": trained.grad_norm_adam, "grad_norm": trained.grad_norm, "objective": trained.objective,
-            "hessian_min_eigenvalues": trained.eigenvalues, "hessian_max_eigenvalue": trained.max_eigenvalue,
-            "train_seconds": trained.seconds, "test_accuracy": accuracy(setup, trained.meta_params),
-            "val_accuracy": accuracy(setup, trained.meta_params, setup.val),
-            "train_accuracy": accuracy(setup, trained.meta_params, setup.train),
-            "device": device_caption(), "history": trained.history}
+    return {
+        "config": config_dict(setup.config),
+        "d": n_params(trained.meta_params),
+        "grad_norm_adam": trained.grad_norm_adam,
+        "grad_norm": trained.grad_norm,
+        "objective": trained.objective,
+        "hessian_min_eigenvalues": trained.eigenvalues,
+        "hessian_max_eigenvalue": trained.max_eigenvalue,
+        "train_seconds": trained.seconds,
+        "test_accuracy": accuracy(setup, trained.meta_params),
+        "val_accuracy": accuracy(setup, trained.meta_params, setup.val),
+        "train_accuracy": accuracy(setup, trained.meta_params, setup.train),
+        "device": device_caption(),
+        "history": trained.history,
+    }

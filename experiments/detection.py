@@ -34,20 +34,34 @@ def extra(parser):
     parser.add_argument("--datasets", default="mnist,omniglot")
     parser.add_argument("--task-fraction", type=float, default=0.2)
     parser.add_argument("--support-fraction", type=float, default=0.2)
-    parser.add_argument("--loo-steps", type=int, default=60, help="most trust-region Newton steps per leave-one-out retraining")
+    parser.add_argument(
+        "--loo-steps", type=int, default=60, help="most trust-region Newton steps per leave-one-out retraining"
+    )
     parser.add_argument("--tol", type=float, default=1e-10, help="retraining stops at this ‖∇F(λ; w)‖")
-    parser.add_argument("--proximal", type=float, default=0.0,
-                        help="ρ > 0: harm judged by proximal retraining (F + ρ/2‖λ − λ*‖²) and influence with damping δ = ρ")
-    parser.add_argument("--example-sample", type=int, default=16, help="flipped and clean support examples retrained each")
-    parser.add_argument("--task-sample", type=int, default=0,
-                        help="corrupted and clean tasks retrained each (0: leave-one-out of every task)")
+    parser.add_argument(
+        "--proximal",
+        type=float,
+        default=0.0,
+        help="ρ > 0: harm judged by proximal retraining (F + ρ/2‖λ − λ*‖²) and influence with damping δ = ρ",
+    )
+    parser.add_argument(
+        "--example-sample", type=int, default=16, help="flipped and clean support examples retrained each"
+    )
+    parser.add_argument(
+        "--task-sample",
+        type=int,
+        default=0,
+        help="corrupted and clean tasks retrained each (0: leave-one-out of every task)",
+    )
 
 
 def corrupted_setup(config, level, fraction):
     setup = common.build(config)
     tasks, mask = metaif.data.corrupt(setup.train, fraction, level, seed=config.seed + 7, n_classes=config.ways)
-    tasks = metaif.TaskSet({**tasks.support, "y": jnp.asarray(tasks.support["y"], jnp.int32)},
-                           {**tasks.query, "y": jnp.asarray(tasks.query["y"], jnp.int32)})
+    tasks = metaif.TaskSet(
+        {**tasks.support, "y": jnp.asarray(tasks.support["y"], jnp.int32)},
+        {**tasks.query, "y": jnp.asarray(tasks.query["y"], jnp.int32)},
+    )
     return setup._replace(train=tasks), mask
 
 
@@ -65,8 +79,12 @@ def all_scores(setup, lam, val_loss, level, damping=0.0):
 def stratified_sample(mask: np.ndarray, k: int, rng) -> np.ndarray:
     """Indices (np.argwhere rows) of up to k corrupted and k clean data of `mask`, corrupted first."""
     corrupted, clean = np.argwhere(mask), np.argwhere(~mask)
-    return np.concatenate([corrupted[rng.choice(len(corrupted), min(k, len(corrupted)), replace=False)],
-                           clean[rng.choice(len(clean), min(k, len(clean)), replace=False)]])
+    return np.concatenate(
+        [
+            corrupted[rng.choice(len(corrupted), min(k, len(corrupted)), replace=False)],
+            clean[rng.choice(len(clean), min(k, len(clean)), replace=False)],
+        ]
+    )
 
 
 def detect(scores, mask, harmful=None, subset=None) -> dict:
@@ -91,26 +109,52 @@ def run(config, args, log) -> dict:
     lam = trained.meta_params
     val_loss = common.mean_loss(setup, setup.val)
     scores = all_scores(setup, lam, val_loss, "tasks", args.proximal)
-    sample = (stratified_sample(np.asarray(mask), args.task_sample, np.random.default_rng(config.seed + 1))[:, 0]
-              if args.task_sample > 0 else np.arange(setup.train.n_tasks))
-    changes, norms = evaluation.leave_one_out(setup.problem, lam, setup.train, "tasks", sample, val_loss, steps=args.loo_steps, tol=args.tol,
-                                              proximal=args.proximal)
+    sample = (
+        stratified_sample(np.asarray(mask), args.task_sample, np.random.default_rng(config.seed + 1))[:, 0]
+        if args.task_sample > 0
+        else np.arange(setup.train.n_tasks)
+    )
+    changes, norms = evaluation.leave_one_out(
+        setup.problem,
+        lam,
+        setup.train,
+        "tasks",
+        sample,
+        val_loss,
+        steps=args.loo_steps,
+        tol=args.tol,
+        proximal=args.proximal,
+    )
     changes = np.asarray(changes)
     harmful = changes < 0  # removing the task lowers the validation loss
     sample_mask = np.asarray(mask)[sample]
     res = detect(scores, mask, harmful, sample[:, None])
     influence = scores["IF Dense (exact)"][0][sample]
     out["tasks"] = {
-        "setup": common.describe_setup(setup, trained), "mask": mask, "sample": sample, "sampled": args.task_sample > 0,
-        "tol": args.tol, "loo_changes": changes, "loo_grad_norms": np.asarray(norms),
-        "corrupted_harmful_fraction": float(harmful[sample_mask].mean()), "clean_harmful_fraction": float(harmful[~sample_mask].mean()),
-        "if_vs_loo_spearman_corrupted": metrics.spearman(-influence[sample_mask], changes[sample_mask]) if sample_mask.sum() > 2 else None,
-        "if_vs_loo_spearman_all": metrics.spearman(-influence, changes), "scores": res,
-        "curves": {k: [x.tolist() for x in metrics.detection_curve(v[0], mask)] for k, v in scores.items()}}
-    log(f"  tasks: corrupted harmful {harmful[sample_mask].mean():.2f}, clean harmful {harmful[~sample_mask].mean():.2f}, "
-        f"LOO converged {common.converged_count(norms, args.tol)}, max LOO grad {float(np.max(norms)):.1e}")
+        "setup": common.describe_setup(setup, trained),
+        "mask": mask,
+        "sample": sample,
+        "sampled": args.task_sample > 0,
+        "tol": args.tol,
+        "loo_changes": changes,
+        "loo_grad_norms": np.asarray(norms),
+        "corrupted_harmful_fraction": float(harmful[sample_mask].mean()),
+        "clean_harmful_fraction": float(harmful[~sample_mask].mean()),
+        "if_vs_loo_spearman_corrupted": metrics.spearman(-influence[sample_mask], changes[sample_mask])
+        if sample_mask.sum() > 2
+        else None,
+        "if_vs_loo_spearman_all": metrics.spearman(-influence, changes),
+        "scores": res,
+        "curves": {k: [x.tolist() for x in metrics.detection_curve(v[0], mask)] for k, v in scores.items()},
+    }
+    log(
+        f"  tasks: corrupted harmful {harmful[sample_mask].mean():.2f}, clean harmful {harmful[~sample_mask].mean():.2f}, "
+        f"LOO converged {common.converged_count(norms, args.tol)}, max LOO grad {float(np.max(norms)):.1e}"
+    )
     for k, v in res.items():
-        log(f"    {k:22s} AUC {v['roc_auc']:.3f} found@40% {v['found_at_40%']:.2f} harm-AUC {v.get('harm_auc', float('nan')):.3f}")
+        log(
+            f"    {k:22s} AUC {v['roc_auc']:.3f} found@40% {v['found_at_40%']:.2f} harm-AUC {v.get('harm_auc', float('nan')):.3f}"
+        )
 
     # ---- flipped support labels
     setup, mask = corrupted_setup(config, "support", args.support_fraction)
@@ -119,24 +163,44 @@ def run(config, args, log) -> dict:
     val_loss = common.mean_loss(setup, setup.val)
     scores = all_scores(setup, lam, val_loss, "support", args.proximal)
     sample = stratified_sample(np.asarray(mask), args.example_sample, np.random.default_rng(config.seed))
-    changes, norms = evaluation.leave_one_out(setup.problem, lam, setup.train, "support", sample, val_loss, steps=args.loo_steps, tol=args.tol,
-                                              proximal=args.proximal)
+    changes, norms = evaluation.leave_one_out(
+        setup.problem,
+        lam,
+        setup.train,
+        "support",
+        sample,
+        val_loss,
+        steps=args.loo_steps,
+        tol=args.tol,
+        proximal=args.proximal,
+    )
     changes = np.asarray(changes)
     harmful = changes < 0
     sample_flipped = mask[sample[:, 0], sample[:, 1]]
     res = detect(scores, mask, harmful, sample)
     influence = scores["IF Dense (exact)"][0][sample[:, 0], sample[:, 1]]
     out["support"] = {
-        "setup": common.describe_setup(setup, trained), "mask": mask, "sample": sample, "sampled": True, "tol": args.tol,
+        "setup": common.describe_setup(setup, trained),
+        "mask": mask,
+        "sample": sample,
+        "sampled": True,
+        "tol": args.tol,
         "loo_changes": changes,
-        "loo_grad_norms": np.asarray(norms), "flipped_harmful_fraction": float(harmful[sample_flipped].mean()),
+        "loo_grad_norms": np.asarray(norms),
+        "flipped_harmful_fraction": float(harmful[sample_flipped].mean()),
         "clean_harmful_fraction": float(harmful[~sample_flipped].mean()),
-        "if_vs_loo_spearman_sample": metrics.spearman(-influence, changes), "scores": res,
-        "curves": {k: [x.tolist() for x in metrics.detection_curve(v[0], mask)] for k, v in scores.items()}}
-    log(f"  support: flipped harmful {harmful[sample_flipped].mean():.2f}, clean harmful {harmful[~sample_flipped].mean():.2f}, "
-        f"LOO converged {common.converged_count(norms, args.tol)}, max LOO grad {float(np.max(norms)):.1e}")
+        "if_vs_loo_spearman_sample": metrics.spearman(-influence, changes),
+        "scores": res,
+        "curves": {k: [x.tolist() for x in metrics.detection_curve(v[0], mask)] for k, v in scores.items()},
+    }
+    log(
+        f"  support: flipped harmful {harmful[sample_flipped].mean():.2f}, clean harmful {harmful[~sample_flipped].mean():.2f}, "
+        f"LOO converged {common.converged_count(norms, args.tol)}, max LOO grad {float(np.max(norms)):.1e}"
+    )
     for k, v in res.items():
-        log(f"    {k:22s} AUC {v['roc_auc']:.3f} found@40% {v['found_at_40%']:.2f} harm-AUC {v.get('harm_auc', float('nan')):.3f}")
+        log(
+            f"    {k:22s} AUC {v['roc_auc']:.3f} found@40% {v['found_at_40%']:.2f} harm-AUC {v.get('harm_auc', float('nan')):.3f}"
+        )
     return out
 
 
@@ -149,20 +213,30 @@ def table(results: dict) -> str:
             frac = r.get("corrupted_harmful_fraction", r.get("flipped_harmful_fraction"))
             sampled = r.get("sampled", level == "support")
             norms = np.asarray(r["loo_grad_norms"], float)
-            text += (f"\n### {name}: {title}, {int(np.sum(r['mask']))} of {np.size(r['mask'])} corrupted\n\n"
-                     f"‖∇F‖ = {fmt(s['grad_norm'])}, test accuracy {fmt(s['test_accuracy'])}. Leave-one-out retraining "
-                     f"(exact trust-region Newton) of {'a sample of ' if sampled else 'every '}{norms.size} "
-                     f"{'tasks' if level == 'tasks' else 'support examples'}"
-                     f"{' (half corrupted, half clean)' if sampled else ''}: "
-                     f"{common.converged_count(norms, r.get('tol', 1e-10))} converged to ‖∇F(λ; w)‖ ≤ {fmt(r.get('tol', 1e-10))}, "
-                     f"max {fmt(float(np.max(norms)))}. Removing it lowers the validation loss for "
-                     f"{fmt(frac)} of the corrupted{' (sampled)' if sampled else ''} and {fmt(r['clean_harmful_fraction'])} "
-                     f"of the clean ones. Spearman(−IF, LOO change) = "
-                     f"{fmt(r.get('if_vs_loo_spearman_all', r.get('if_vs_loo_spearman_sample')))}.\n\n")
-            header = ["score", "ROC-AUC (corrupted)", "found after inspecting 40%", "detection area",
-                      "ROC-AUC (actually harmful, by retraining)", "seconds"]
-            rows = [[k, v["roc_auc"], v["found_at_40%"], v["detection_area"], v.get("harm_auc"), v["seconds"]]
-                    for k, v in r["scores"].items()]
+            text += (
+                f"\n### {name}: {title}, {int(np.sum(r['mask']))} of {np.size(r['mask'])} corrupted\n\n"
+                f"‖∇F‖ = {fmt(s['grad_norm'])}, test accuracy {fmt(s['test_accuracy'])}. Leave-one-out retraining "
+                f"(exact trust-region Newton) of {'a sample of ' if sampled else 'every '}{norms.size} "
+                f"{'tasks' if level == 'tasks' else 'support examples'}"
+                f"{' (half corrupted, half clean)' if sampled else ''}: "
+                f"{common.converged_count(norms, r.get('tol', 1e-10))} converged to ‖∇F(λ; w)‖ ≤ {fmt(r.get('tol', 1e-10))}, "
+                f"max {fmt(float(np.max(norms)))}. Removing it lowers the validation loss for "
+                f"{fmt(frac)} of the corrupted{' (sampled)' if sampled else ''} and {fmt(r['clean_harmful_fraction'])} "
+                f"of the clean ones. Spearman(−IF, LOO change) = "
+                f"{fmt(r.get('if_vs_loo_spearman_all', r.get('if_vs_loo_spearman_sample')))}.\n\n"
+            )
+            header = [
+                "score",
+                "ROC-AUC (corrupted)",
+                "found after inspecting 40%",
+                "detection area",
+                "ROC-AUC (actually harmful, by retraining)",
+                "seconds",
+            ]
+            rows = [
+                [k, v["roc_auc"], v["found_at_40%"], v["detection_area"], v.get("harm_auc"), v["seconds"]]
+                for k, v in r["scores"].items()
+            ]
             text += common.markdown_table(header, rows)
     return text
 
@@ -195,7 +269,9 @@ def main():
 
 def write(results: dict, folder) -> None:
     """The markdown table and the figure of the datasets done so far."""
-    (folder / "detection.md").write_text(f"# Detection (command: `{' '.join(['.venv/bin/python'] + sys.argv)}`)\n" + table(results))
+    (folder / "detection.md").write_text(
+        f"# Detection (command: `{' '.join(['.venv/bin/python'] + sys.argv)}`)\n" + table(results)
+    )
     figure(results, folder)
 
 

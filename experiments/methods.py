@@ -21,7 +21,7 @@ from common import Setup
 
 class Scores(NamedTuple):
     tasks: np.ndarray
-    support: np.ndarray | None     # None: the method scores tasks only
+    support: np.ndarray | None  # None: the method scores tasks only
     query: np.ndarray | None
     info: dict
 
@@ -50,27 +50,38 @@ def _solve_info(info) -> dict:
 
 
 def _from_influence(result) -> Scores:
-    return Scores(np.asarray(result.tasks), np.asarray(result.support), np.asarray(result.query),
-                  {**_solve_info(result.solve), "grad_norm": float(result.grad_norm)})
+    return Scores(
+        np.asarray(result.tasks),
+        np.asarray(result.support),
+        np.asarray(result.query),
+        {**_solve_info(result.solve), "grad_norm": float(result.grad_norm)},
+    )
 
 
 def _from_baseline(result) -> Scores:
-    return Scores(np.asarray(result.tasks), np.asarray(result.support), np.asarray(result.query),
-                  _solve_info(getattr(result, "solve", None)))
+    return Scores(
+        np.asarray(result.tasks),
+        np.asarray(result.support),
+        np.asarray(result.query),
+        _solve_info(getattr(result, "solve", None)),
+    )
 
 
 def _influence(solver=None, curvature=None) -> Callable:
     def run(setup: Setup, lam, target):
         return _from_influence(metaif.influence(setup.problem, lam, setup.train, target, solver, curvature=curvature))
+
     return run
 
 
 def _task_removal(damping: float) -> Callable:
     """Second order in the removal (`metaif.task_removal`): score = −(predicted change of the
     target when the task is removed), tasks only."""
+
     def run(setup: Setup, lam, target):
         result = metaif.task_removal(setup.problem, lam, setup.train, target, damping=damping)
         return Scores(-np.asarray(result.change), None, None, {**_solve_info(result.solve), "second_order": True})
+
     return run
 
 
@@ -86,7 +97,9 @@ def influence_methods(damping: float = 0.0) -> dict[str, Callable]:
     out["task removal (2nd order)"] = _task_removal(damping)
     out["IF CG"] = _influence(S.CG(damping=damping, maxiter=300, tol=1e-10))
     if "preconditioner" in getattr(S.CG, "__dataclass_fields__", {}):
-        out["IF CG+lowrank precond."] = _influence(S.CG(damping=damping, maxiter=300, tol=1e-10, preconditioner="lowrank"))
+        out["IF CG+lowrank precond."] = _influence(
+            S.CG(damping=damping, maxiter=300, tol=1e-10, preconditioner="lowrank")
+        )
     if _has("Neumann"):
         out["IF Neumann (J=100)"] = _influence(S.Neumann(damping=damping, iterations=100))
     if _has("LiSSA"):
@@ -102,8 +115,12 @@ def influence_methods(damping: float = 0.0) -> dict[str, Callable]:
 def baseline_methods(damping: float = 0.0) -> dict[str, Callable]:
     """The paper's and reviewers' baselines."""
     return {
-        "Direct-IF": lambda s, lam, f: _from_baseline(baselines.direct_if(s.problem, lam, s.train, f, solver=metaif.solvers.Dense(damping=damping))),
-        "single-level IF": lambda s, lam, f: _from_baseline(baselines.single_level(s.problem, lam, s.train, f, metaif.solvers.Dense(damping=1e-3))),
+        "Direct-IF": lambda s, lam, f: _from_baseline(
+            baselines.direct_if(s.problem, lam, s.train, f, solver=metaif.solvers.Dense(damping=damping))
+        ),
+        "single-level IF": lambda s, lam, f: _from_baseline(
+            baselines.single_level(s.problem, lam, s.train, f, metaif.solvers.Dense(damping=1e-3))
+        ),
         "TracIn (grad dot)": lambda s, lam, f: _from_baseline(baselines.grad_dot(s.problem, lam, s.train, f)),
         "TRAK (k=32)": lambda s, lam, f: _from_baseline(baselines.trak(s.problem, lam, s.train, f, dim=32)),
         "raw loss": lambda s, lam, f: _from_baseline(baselines.raw_loss(s.problem, lam, s.train)),

@@ -27,7 +27,16 @@ from metaif import evaluation
 
 import methods
 
-RANKERS = ("IF Dense (exact)", "IF CG", "Direct-IF", "single-level IF", "TracIn (grad dot)", "TRAK (k=32)", "raw loss", "random")
+RANKERS = (
+    "IF Dense (exact)",
+    "IF CG",
+    "Direct-IF",
+    "single-level IF",
+    "TracIn (grad dot)",
+    "TRAK (k=32)",
+    "raw loss",
+    "random",
+)
 
 
 def extra(parser):
@@ -36,8 +45,12 @@ def extra(parser):
     parser.add_argument("--retrain-steps", type=int, default=80, help="most trust-region Newton steps per retraining")
     parser.add_argument("--loo-steps", type=int, default=60, help="most Newton steps per leave-one-out retraining")
     parser.add_argument("--tol", type=float, default=1e-10, help="retraining stops at this ‖∇F(λ; w)‖")
-    parser.add_argument("--proximal", type=float, default=0.0,
-                        help="ρ > 0: proximal retraining (F + ρ/2‖λ − λ*‖²) and influence with damping δ = ρ for rankings and edits")
+    parser.add_argument(
+        "--proximal",
+        type=float,
+        default=0.0,
+        help="ρ > 0: proximal retraining (F + ρ/2‖λ − λ*‖²) and influence with damping δ = ρ for rankings and edits",
+    )
     parser.add_argument("--no-oracle", action="store_true", help="skip the leave-one-out oracle ranking (large n)")
 
 
@@ -51,7 +64,11 @@ def top_mask(scores: np.ndarray, fraction: float) -> np.ndarray:
 
 def evaluate(setup, lam, test_loss, val_loss) -> dict:
     """Test accuracy and loss, and the validation loss that the rankings target."""
-    return {"test_accuracy": common.accuracy(setup, lam), "test_loss": float(test_loss(lam)), "val_loss": float(val_loss(lam))}
+    return {
+        "test_accuracy": common.accuracy(setup, lam),
+        "test_loss": float(test_loss(lam)),
+        "val_loss": float(val_loss(lam)),
+    }
 
 
 def edit_gaps(row: dict, base: dict) -> None:
@@ -64,21 +81,33 @@ def edit_gaps(row: dict, base: dict) -> None:
         row[f"{key}_gap_points"] = 100 * (row[name]["test_accuracy"] - row["retrained"]["test_accuracy"])
 
 
-def retrain_removal(problem, start, tasks, removed, *, steps: int, tol: float, proximal: float = 0.0,
-                    center=None) -> evaluation.Retrained:
+def retrain_removal(
+    problem, start, tasks, removed, *, steps: int, tol: float, proximal: float = 0.0, center=None
+) -> evaluation.Retrained:
     """One exact retraining with `removed` taken out, warm-started at `start` (proximal toward
     `center`, default `start`, when proximal > 0); unbatched `Retrained`."""
     weights = evaluation.remaining_weights(tasks, removed)
-    result = evaluation.retrain(problem, start, tasks, metaif.Weights(*(w[None] for w in weights)), steps=steps, tol=tol,
-                                chunk_size=None, proximal=proximal, center=center)
+    result = evaluation.retrain(
+        problem,
+        start,
+        tasks,
+        metaif.Weights(*(w[None] for w in weights)),
+        steps=steps,
+        tol=tol,
+        chunk_size=None,
+        proximal=proximal,
+        center=center,
+    )
     return jax.block_until_ready(jax.tree.map(lambda x: x[0], result))
 
 
 def heading(name: str, setup: dict) -> str:
     """The markdown heading of one dataset's results."""
     c = setup["config"]
-    return (f"\n### {name}: {c['ways']}-way {c['shots']}-shot {c['adapt']}, n = {c['n_train']}, d = {setup['d']}, "
-            f"‖∇F‖ = {fmt(setup['grad_norm'])}\n\n")
+    return (
+        f"\n### {name}: {c['ways']}-way {c['shots']}-shot {c['adapt']}, n = {c['n_train']}, d = {setup['d']}, "
+        f"‖∇F‖ = {fmt(setup['grad_norm'])}\n\n"
+    )
 
 
 def run_dataset(config, args, log) -> dict:
@@ -89,12 +118,20 @@ def run_dataset(config, args, log) -> dict:
     n = tasks.n_tasks
     val_loss, test_loss = common.mean_loss(setup, setup.val), common.mean_loss(setup, setup.test)
     base = evaluate(setup, lam, test_loss, val_loss)
-    out = {"setup": common.describe_setup(setup, trained), "base": base, "rows": [], "proximal": args.proximal, "tol": args.tol}
+    out = {
+        "setup": common.describe_setup(setup, trained),
+        "base": base,
+        "rows": [],
+        "proximal": args.proximal,
+        "tol": args.tol,
+    }
     log(f"  base: {base}")
 
     # I_λ of every datum (for edits), timed
     solver = metaif.solvers.Dense(damping=args.proximal)
-    params_if, first, steady = methods.run_timed(lambda s, l, f: metaif.influence(s.problem, l, s.train, solver=solver), setup, lam, None)
+    params_if, first, steady = methods.run_timed(
+        lambda s, l, f: metaif.influence(s.problem, l, s.train, solver=solver), setup, lam, None
+    )
     out["influence_params_seconds"] = steady
 
     # LOO oracle and the cost of retraining every task (steady state of the second pass)
@@ -103,17 +140,38 @@ def run_dataset(config, args, log) -> dict:
         changes, norms = np.full(n, np.nan), np.full(n, np.nan)
     else:
         changes, norms = jax.block_until_ready(
-            evaluation.leave_one_out(problem, lam, tasks, "tasks", None, val_loss, steps=args.loo_steps, tol=args.tol,
-                                     proximal=args.proximal))
+            evaluation.leave_one_out(
+                problem, lam, tasks, "tasks", None, val_loss, steps=args.loo_steps, tol=args.tol, proximal=args.proximal
+            )
+        )
     loo_first = time.perf_counter() - start
     start = time.perf_counter()
-    _, timing_norms = jax.block_until_ready(evaluation.leave_one_out(problem, lam, tasks, "tasks", np.arange(8), val_loss,
-                                                                     steps=args.loo_steps, tol=args.tol, proximal=args.proximal))
+    _, timing_norms = jax.block_until_ready(
+        evaluation.leave_one_out(
+            problem,
+            lam,
+            tasks,
+            "tasks",
+            np.arange(8),
+            val_loss,
+            steps=args.loo_steps,
+            tol=args.tol,
+            proximal=args.proximal,
+        )
+    )
     loo_all = (time.perf_counter() - start) * n / 8
-    out["loo"] = {"changes": changes, "grad_norms": norms, "seconds_all": loo_all, "seconds_first": loo_first,
-                  "oracle": not args.no_oracle, "timing_grad_norms": np.asarray(timing_norms)}
-    log(f"  LOO oracle: {'not run' if args.no_oracle else f'{loo_first:.0f}s, max grad norm {float(np.max(norms)):.2e}'}, "
-        f"all-task LOO steady ≈ {loo_all:.1f}s (from 8 retrainings, max grad norm {float(np.max(timing_norms)):.2e})")
+    out["loo"] = {
+        "changes": changes,
+        "grad_norms": norms,
+        "seconds_all": loo_all,
+        "seconds_first": loo_first,
+        "oracle": not args.no_oracle,
+        "timing_grad_norms": np.asarray(timing_norms),
+    }
+    log(
+        f"  LOO oracle: {'not run' if args.no_oracle else f'{loo_first:.0f}s, max grad norm {float(np.max(norms)):.2e}'}, "
+        f"all-task LOO steady ≈ {loo_all:.1f}s (from 8 retrainings, max grad norm {float(np.max(timing_norms)):.2e})"
+    )
 
     rankings = {} if args.no_oracle else {"LOO oracle": (methods.Scores(-np.asarray(changes), None, None, {}), loo_all)}
     all_methods = {**methods.influence_methods(args.proximal), **methods.baseline_methods(args.proximal)}
@@ -128,28 +186,39 @@ def run_dataset(config, args, log) -> dict:
                 continue
             removed = {level: top_mask(level_scores, args.fraction)}
             start = time.perf_counter()
-            retrained = retrain_removal(problem, lam, tasks, removed, steps=args.retrain_steps, tol=args.tol,
-                                        proximal=args.proximal)
+            retrained = retrain_removal(
+                problem, lam, tasks, removed, steps=args.retrain_steps, tol=args.tol, proximal=args.proximal
+            )
             retrain_seconds = time.perf_counter() - start
             lam_r = retrained.meta_params
             edited = evaluation.edit(lam, params_if, removed, problem=problem, tasks=tasks, proximal=args.proximal)
-            polished = evaluation.edit(lam, params_if, removed, problem=problem, tasks=tasks, steps=2, proximal=args.proximal)
+            polished = evaluation.edit(
+                lam, params_if, removed, problem=problem, tasks=tasks, steps=2, proximal=args.proximal
+            )
             unlearned = evaluation.unlearn(problem, lam, tasks, removed, steps=5, lr=0.5)
-            row = {"level": level, "method": label, "score_seconds": seconds, "retrain_seconds": retrain_seconds,
-                   "retrain_grad_norm": float(retrained.grad_norm), "retrain_iterations": int(retrained.iterations),
-                   "retrain_moved": float(np.linalg.norm(common.flat(lam_r) - common.flat(lam))),
-                   "edit_grad_norm": float(edited.grad_norm),
-                   "retrained": evaluate(setup, lam_r, test_loss, val_loss),
-                   "edited": evaluate(setup, edited.meta_params, test_loss, val_loss),
-                   "edited+2 Newton": evaluate(setup, polished.meta_params, test_loss, val_loss),
-                   "unlearned": evaluate(setup, unlearned.meta_params, test_loss, val_loss)}
+            row = {
+                "level": level,
+                "method": label,
+                "score_seconds": seconds,
+                "retrain_seconds": retrain_seconds,
+                "retrain_grad_norm": float(retrained.grad_norm),
+                "retrain_iterations": int(retrained.iterations),
+                "retrain_moved": float(np.linalg.norm(common.flat(lam_r) - common.flat(lam))),
+                "edit_grad_norm": float(edited.grad_norm),
+                "retrained": evaluate(setup, lam_r, test_loss, val_loss),
+                "edited": evaluate(setup, edited.meta_params, test_loss, val_loss),
+                "edited+2 Newton": evaluate(setup, polished.meta_params, test_loss, val_loss),
+                "unlearned": evaluate(setup, unlearned.meta_params, test_loss, val_loss),
+            }
             edit_gaps(row, base)
             row["speedup_vs_loo_all"] = loo_all / seconds if label != "LOO oracle" else 1.0
             out["rows"].append(row)
-            log(f"  {level:7s} {label:20s} retrain acc {row['retrained']['test_accuracy']:.4f} (grad {row['retrain_grad_norm']:.1e}) | "
+            log(
+                f"  {level:7s} {label:20s} retrain acc {row['retrained']['test_accuracy']:.4f} (grad {row['retrain_grad_norm']:.1e}) | "
                 f"edit {row['edited']['test_accuracy']:.4f} | edit+2 {row['edited+2 Newton']['test_accuracy']:.4f} | "
                 f"unlearn {row['unlearned']['test_accuracy']:.4f} | recovery {row['edit_recovery']:.2f} (+2 Newton "
-                f"{row['edit2_recovery']:.2f}) | {seconds:.3f}s")
+                f"{row['edit2_recovery']:.2f}) | {seconds:.3f}s"
+            )
     return out
 
 
@@ -164,30 +233,69 @@ def table(results: dict) -> str:
             oracle = f"LOO oracle: {common.converged_count(loo['grad_norms'], tol)} task retrainings converged to ‖∇F‖ ≤ {fmt(tol)}"
         else:
             oracle = "LOO oracle not run (--no-oracle)"
-        timing = (f", timed on 8 task retrainings, {common.converged_count(loo['timing_grad_norms'], tol)} converged"
-                  if "timing_grad_norms" in loo else "")
-        removal_norms = [r["retrain_grad_norm"] for r in res["rows"] if r["method"] != "LOO oracle" or loo.get("oracle", True)]
-        text += (heading(name, s) +
-                 f"Before removal: test accuracy {fmt(b['test_accuracy'], 4)}, test loss {fmt(b['test_loss'], 4)}"
-                 f"{', validation loss ' + fmt(b['val_loss'], 4) if 'val_loss' in b else ''}. "
-                 f"All-task LOO retraining ≈ {fmt(loo_all, 1)} s ({kind}{timing}); {oracle}. "
-                 f"Removal retrainings converged to ‖∇F‖ ≤ {fmt(tol)}: {common.converged_count(removal_norms, tol)}. "
-                 f"I_λ of every datum {fmt(res['influence_params_seconds'])} s.\n\n")
-        header = ["level", "ranking", "acc retrained", "retrained ‖∇F‖", "retrained ‖λ − λ*‖", "acc edited", "acc edited+2 Newton",
-                  "acc unlearned", "edit − retrain (points)", "edit+2 Newton − retrain (points)", "Δ test loss retrained",
-                  "Δ test loss edited", "Δ test loss edited+2 Newton", "edit recovery of Δ test loss",
-                  "edit+2 Newton recovery of Δ test loss", "Δ val loss retrained", "Δ val loss edited",
-                  "Δ val loss edited+2 Newton", "score s", "× faster than all-task LOO"]
+        timing = (
+            f", timed on 8 task retrainings, {common.converged_count(loo['timing_grad_norms'], tol)} converged"
+            if "timing_grad_norms" in loo
+            else ""
+        )
+        removal_norms = [
+            r["retrain_grad_norm"] for r in res["rows"] if r["method"] != "LOO oracle" or loo.get("oracle", True)
+        ]
+        text += (
+            heading(name, s)
+            + f"Before removal: test accuracy {fmt(b['test_accuracy'], 4)}, test loss {fmt(b['test_loss'], 4)}"
+            f"{', validation loss ' + fmt(b['val_loss'], 4) if 'val_loss' in b else ''}. "
+            f"All-task LOO retraining ≈ {fmt(loo_all, 1)} s ({kind}{timing}); {oracle}. "
+            f"Removal retrainings converged to ‖∇F‖ ≤ {fmt(tol)}: {common.converged_count(removal_norms, tol)}. "
+            f"I_λ of every datum {fmt(res['influence_params_seconds'])} s.\n\n"
+        )
+        header = [
+            "level",
+            "ranking",
+            "acc retrained",
+            "retrained ‖∇F‖",
+            "retrained ‖λ − λ*‖",
+            "acc edited",
+            "acc edited+2 Newton",
+            "acc unlearned",
+            "edit − retrain (points)",
+            "edit+2 Newton − retrain (points)",
+            "Δ test loss retrained",
+            "Δ test loss edited",
+            "Δ test loss edited+2 Newton",
+            "edit recovery of Δ test loss",
+            "edit+2 Newton recovery of Δ test loss",
+            "Δ val loss retrained",
+            "Δ val loss edited",
+            "Δ val loss edited+2 Newton",
+            "score s",
+            "× faster than all-task LOO",
+        ]
         rows = []
         for r in res["rows"]:
-            rows.append([r["level"], r["method"], r["retrained"]["test_accuracy"], r["retrain_grad_norm"], r.get("retrain_moved"),
-                         r["edited"]["test_accuracy"], r["edited+2 Newton"]["test_accuracy"], r["unlearned"]["test_accuracy"],
-                         r["edit_gap_points"], r["edit2_gap_points"],
-                         *(r[k]["test_loss"] - b["test_loss"] for k in ("retrained", "edited", "edited+2 Newton")),
-                         r["edit_recovery"], r["edit2_recovery"],
-                         *(r[k]["val_loss"] - b["val_loss"] if "val_loss" in b else None for k in ("retrained", "edited", "edited+2 Newton")),
-                         r["score_seconds"] if r["method"] != "LOO oracle" else loo_all,
-                         loo_all / r["score_seconds"] if r["method"] != "LOO oracle" else 1.0])
+            rows.append(
+                [
+                    r["level"],
+                    r["method"],
+                    r["retrained"]["test_accuracy"],
+                    r["retrain_grad_norm"],
+                    r.get("retrain_moved"),
+                    r["edited"]["test_accuracy"],
+                    r["edited+2 Newton"]["test_accuracy"],
+                    r["unlearned"]["test_accuracy"],
+                    r["edit_gap_points"],
+                    r["edit2_gap_points"],
+                    *(r[k]["test_loss"] - b["test_loss"] for k in ("retrained", "edited", "edited+2 Newton")),
+                    r["edit_recovery"],
+                    r["edit2_recovery"],
+                    *(
+                        r[k]["val_loss"] - b["val_loss"] if "val_loss" in b else None
+                        for k in ("retrained", "edited", "edited+2 Newton")
+                    ),
+                    r["score_seconds"] if r["method"] != "LOO oracle" else loo_all,
+                    loo_all / r["score_seconds"] if r["method"] != "LOO oracle" else 1.0,
+                ]
+            )
         text += common.markdown_table(header, rows)
     return text
 
@@ -221,7 +329,9 @@ def main():
 
 def write(results: dict, folder) -> None:
     """The markdown table and the figure of the datasets done so far."""
-    (folder / "removal.md").write_text(f"# Removal and editing (command: `{' '.join(['.venv/bin/python'] + sys.argv)}`)\n" + table(results))
+    (folder / "removal.md").write_text(
+        f"# Removal and editing (command: `{' '.join(['.venv/bin/python'] + sys.argv)}`)\n" + table(results)
+    )
     figure(results, folder)
 
 

@@ -20,7 +20,18 @@ except _metadata.PackageNotFoundError:  # imported from a source tree that was n
     __version__ = "0+unknown"
 
 # Public submodules: reachable as attributes after `import metaif`.
-_SUBMODULES = ("core", "curvature", "data", "evaluation", "explain", "models", "parallel", "problems", "solvers", "training")
+_SUBMODULES = (
+    "core",
+    "curvature",
+    "data",
+    "evaluation",
+    "explain",
+    "models",
+    "parallel",
+    "problems",
+    "solvers",
+    "training",
+)
 
 # Public name -> the module (relative to metaif) that defines it.
 _EXPORTS = {
@@ -72,8 +83,10 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'metaif' has no attribute {name!r}. Public names: see metaif.__all__ "
-                         f"and the submodules {', '.join(_SUBMODULES)}.")
+    raise AttributeError(
+        f"module 'metaif' has no attribute {name!r}. Public names: see metaif.__all__ "
+        f"and the submodules {', '.join(_SUBMODULES)}."
+    )
 
 
 def __dir__() -> list[str]:

@@ -30,7 +30,9 @@ Loss = Callable[[PyTree, PyTree, PyTree], jax.Array]
 INNER_SOLVES = ("cg", "dense", "ekfac")
 
 
-def weighted_mean_loss(loss: Loss, params: PyTree, meta_params: PyTree, examples: PyTree, weights: jax.Array) -> jax.Array:
+def weighted_mean_loss(
+    loss: Loss, params: PyTree, meta_params: PyTree, examples: PyTree, weights: jax.Array
+) -> jax.Array:
     """(1/k) Σ_j w_j ℓ(θ, λ; z_j) over one task's examples (leaves [k, ...]) with weights [k]:
     a fixed-denominator mean, so weight 0 removes an example."""
     losses = jax.vmap(loss, in_axes=(None, None, 0))(params, meta_params, examples)
@@ -42,7 +44,9 @@ class Adaptation(abc.ABC):
     fields such as `lr` and `reg` are leaves, so a new value does not recompile."""
 
     @abc.abstractmethod
-    def objective(self, inner_loss: Loss, params: PyTree, meta_params: PyTree, support: PyTree, weights: jax.Array) -> jax.Array:
+    def objective(
+        self, inner_loss: Loss, params: PyTree, meta_params: PyTree, support: PyTree, weights: jax.Array
+    ) -> jax.Array:
         """The inner objective L_I(θ, λ; a) whose gradient steps adapt θ."""
 
     @abc.abstractmethod
@@ -67,8 +71,11 @@ class Unrolled(Adaptation):
     lr: float
 
     def __post_init__(self):
-        _validate.set_fields(self, steps=_validate.positive_int("Unrolled.steps", self.steps),
-                             lr=_validate.positive("Unrolled.lr", self.lr))
+        _validate.set_fields(
+            self,
+            steps=_validate.positive_int("Unrolled.steps", self.steps),
+            lr=_validate.positive("Unrolled.lr", self.lr),
+        )
 
     def objective(self, inner_loss, params, meta_params, support, weights):
         return weighted_mean_loss(inner_loss, params, meta_params, support, weights)
@@ -112,10 +119,14 @@ class Proximal(Adaptation):
 
     def __post_init__(self):
         if not isinstance(self.line_search, bool):
-            raise ValueError(f"Proximal.line_search must be True or False; received {_validate.describe(self.line_search)}.")
+            raise ValueError(
+                f"Proximal.line_search must be True or False; received {_validate.describe(self.line_search)}."
+            )
         if self.inner_solve not in INNER_SOLVES:
-            raise ValueError(f"Proximal.inner_solve must be one of {', '.join(map(repr, INNER_SOLVES))}; "
-                             f"received {self.inner_solve!r}.")
+            raise ValueError(
+                f"Proximal.inner_solve must be one of {', '.join(map(repr, INNER_SOLVES))}; "
+                f"received {self.inner_solve!r}."
+            )
         _validate.set_fields(
             self,
             reg=_validate.positive("Proximal.reg", self.reg),
@@ -132,12 +143,16 @@ class Proximal(Adaptation):
     def _linear_solve(self, inner_loss, theta, meta_params, support, weights):
         """`solve(matvec, b)` ≈ (∇²_θθ L_I)⁻¹ b at θ for `lax.custom_linear_solve`."""
         if self.inner_solve == "dense":
+
             def dense(matvec, b):
                 flat_b, unravel = _tree.ravel(b)
                 return unravel(_linalg.dense_solve(_linalg.dense_matrix(matvec, b), flat_b))
+
             return dense
         if self.inner_solve == "cg":
-            return lambda matvec, b: _linalg.conjugate_gradient(matvec, b, tol=self.inner_tol, maxiter=self.inner_maxiter)[0]
+            return lambda matvec, b: _linalg.conjugate_gradient(
+                matvec, b, tol=self.inner_tol, maxiter=self.inner_maxiter
+            )[0]
         predict, output_loss = _split_loss(inner_loss)
         m = jax.tree.leaves(support)[0].shape[0]
         factors = _ekfac.factor(predict, output_loss, theta, meta_params, support, weights / m)
@@ -151,7 +166,9 @@ class Proximal(Adaptation):
         step stops short of the line minimum; for a quadratic this is s ≤ gᵀg / gᵀHg). The slope
         test keeps converging below the precision of objective values (√eps). Once ‖g‖ falls to
         rounding level (64·eps·‖g(λ)‖) a rejected trial is not searched further."""
-        value_and_grad = jax.value_and_grad(lambda theta: self.objective(inner_loss, theta, meta_params, support, weights))
+        value_and_grad = jax.value_and_grad(
+            lambda theta: self.objective(inner_loss, theta, meta_params, support, weights)
+        )
         eps = jnp.finfo(_tree.float_dtype(meta_params)).eps
         max_halvings = 30
         value, grad = value_and_grad(meta_params)
@@ -168,7 +185,7 @@ class Proximal(Adaptation):
                 accepted = (new_value <= value - 1e-4 * size * sq_grad + slack) & (_tree.vdot(new_grad, grad) >= 0)
                 return size, point, new_value, new_grad, accepted, halvings
 
-            def rejected(state):   # no search once ‖g‖ is at rounding level: the tests are noise there
+            def rejected(state):  # no search once ‖g‖ is at rounding level: the tests are noise there
                 *_, accepted, halvings = state
                 return ~accepted & (halvings < max_halvings) & (sq_grad > floor**2)
 
@@ -177,7 +194,8 @@ class Proximal(Adaptation):
                 return trial(size / 2, halvings + 1)
 
             size, point, new_value, new_grad, accepted, _ = jax.lax.while_loop(
-                rejected, halve, trial(jnp.minimum(2 * size, self.lr), 0))
+                rejected, halve, trial(jnp.minimum(2 * size, self.lr), 0)
+            )
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accepted, a, b), new, old)
             return (keep(point, theta), keep(new_value, value), keep(new_grad, grad), size), None
 
@@ -224,7 +242,8 @@ def _split_loss(inner_loss):
             "Proximal(inner_solve='ekfac') needs the inner loss split into predict and output_loss: an object with "
             "attributes predict(params, meta_params, example) -> outputs and output_loss(outputs, example) -> scalar, "
             "such as metaif.models.ExampleLoss or PureModel.cross_entropy; received "
-            f"{_validate.describe(inner_loss)}. Use inner_solve='cg' for any other loss.")
+            f"{_validate.describe(inner_loss)}. Use inner_solve='cg' for any other loss."
+        )
     return predict, output_loss
 
 

@@ -48,7 +48,11 @@ def task_layout(data: PyTree) -> Layout | None:
     if not isinstance(sharding, NamedSharding) or not sharding.mesh.axis_names:
         return None
     mesh, spec = sharding.mesh, sharding.spec
-    if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and isinstance(leaf.sharding, NamedSharding):
+    if (
+        isinstance(leaf, jax.Array)
+        and not isinstance(leaf, jax.core.Tracer)
+        and isinstance(leaf.sharding, NamedSharding)
+    ):
         mesh = leaf.sharding.mesh  # a concrete array: its concrete mesh (eager reshard needs devices)
     entry = spec[0] if len(spec) else None
     explicit = entry is not None
@@ -125,7 +129,9 @@ def sum_chunks(fn: Callable, data: PyTree, chunk_size: int | None) -> PyTree:
     if chunking is None:
         return fn(data)
     rows, size, layout = chunking
-    as_tasks = (lambda chunk: chunk) if layout is None else (lambda chunk: jax.tree.map(lambda y: _tasks(y, layout), chunk))
+    as_tasks = (
+        (lambda chunk: chunk) if layout is None else (lambda chunk: jax.tree.map(lambda y: _tasks(y, layout), chunk))
+    )
     call = lambda chunk: fn(as_tasks(chunk))
     count, remainder = divmod(leading_size(rows), size)
     head = jax.tree.map(lambda x: x[: count * size].reshape((count, size) + x.shape[1:]), rows)
@@ -134,10 +140,12 @@ def sum_chunks(fn: Callable, data: PyTree, chunk_size: int | None) -> PyTree:
         return jax.tree.map(jnp.add, acc, call(chunk)), None
 
     # one call site for all full chunks (each call site of a costly fn is compiled again)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(call, jax.tree.map(lambda x: x[0], head)))
+    zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(call, jax.tree.map(lambda x: x[0], head))
+    )
     total, _ = jax.lax.scan(body, zeros, head)
     if remainder:
-        total = jax.tree.map(jnp.add, total, call(jax.tree.map(lambda x: x[count * size:], rows)))
+        total = jax.tree.map(jnp.add, total, call(jax.tree.map(lambda x: x[count * size :], rows)))
     return total
 
 
@@ -145,6 +153,7 @@ def take_tasks(data: PyTree, index) -> PyTree:
     """`leaf[index]` along the task axis for every leaf (index: an int or an int array). Leaves
     sharded over Explicit mesh axes are gathered replicated: an arbitrary selection of tasks has
     no task sharding, and JAX asks for the output sharding of such a gather."""
+
     def take(leaf):
         layout = task_layout(leaf)
         if layout is not None and layout.explicit:

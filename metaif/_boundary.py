@@ -97,14 +97,22 @@ class Flags(NamedTuple):
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def flags(meta_params: PyTree, scores: PyTree, target_grad: PyTree | None = None, task_scores: jax.Array | None = None) -> Flags:
+def flags(
+    meta_params: PyTree, scores: PyTree, target_grad: PyTree | None = None, task_scores: jax.Array | None = None
+) -> Flags:
     """The finiteness flags of a result (traceable)."""
     no_grad = target_grad is None
-    scale = jnp.full((), jnp.nan) if task_scores is None or jnp.ndim(task_scores) != 1 else jnp.max(jnp.abs(task_scores))
+    scale = (
+        jnp.full((), jnp.nan) if task_scores is None or jnp.ndim(task_scores) != 1 else jnp.max(jnp.abs(task_scores))
+    )
     return Flags(
         _all_finite(meta_params),
         jnp.asarray(True) if no_grad else _all_finite(target_grad),
@@ -114,7 +122,9 @@ def flags(meta_params: PyTree, scores: PyTree, target_grad: PyTree | None = None
     )
 
 
-def check_result(result, problem, meta_params, tasks, flag: Flags | None = None, *, target_name: str = "target") -> None:
+def check_result(
+    result, problem, meta_params, tasks, flag: Flags | None = None, *, target_name: str = "target"
+) -> None:
     """Raise on a non-finite result, naming the cause; warn on indefinite curvature, a constant
     target and a non-stationary λ. Skipped under tracing."""
     d = result.diagnostics
@@ -124,34 +134,60 @@ def check_result(result, problem, meta_params, tasks, flag: Flags | None = None,
     if flag is not None and not flag.meta_params_finite:
         _validate.finite_tree("meta_params", meta_params)  # names the leaf
     if not np.isfinite(objective):
-        check_finite_losses(problem, meta_params, tasks, unit_weights(meta_params, tasks), f"The meta-objective at meta_params is {float(objective)}")
-        raise ValueError(f"The meta-objective at meta_params is {float(objective)} although every task loss is finite: check meta_params.")
+        check_finite_losses(
+            problem,
+            meta_params,
+            tasks,
+            unit_weights(meta_params, tasks),
+            f"The meta-objective at meta_params is {float(objective)}",
+        )
+        raise ValueError(
+            f"The meta-objective at meta_params is {float(objective)} although every task loss is finite: check meta_params."
+        )
     if target is not None and not np.isfinite(target):
-        raise ValueError(f"{target_name}(meta_params) is {float(target)}: the target must be finite at meta_params "
-                         "(check it for log(0), overflow or NaN in the data it reads).")
+        raise ValueError(
+            f"{target_name}(meta_params) is {float(target)}: the target must be finite at meta_params "
+            "(check it for log(0), overflow or NaN in the data it reads)."
+        )
     if flag is None:
         warn_if_indefinite(d.solve)
         return
     if not flag.gradient_finite:
         known = "" if target is None else f" although {target_name}(meta_params) = {float(target):.6g} is finite"
-        raise ValueError(f"the gradient of {target_name} at meta_params must be finite, but it holds NaN or inf values{known}: "
-                         "check the target for operations whose derivative overflows (sqrt or log at 0, division by 0).")
+        raise ValueError(
+            f"the gradient of {target_name} at meta_params must be finite, but it holds NaN or inf values{known}: "
+            "check the target for operations whose derivative overflows (sqrt or log at 0, division by 0)."
+        )
     if flag.gradient_zero:
-        warnings.warn(f"The gradient of {target_name} at meta_params is zero, so every influence score is zero: the target "
-                      "does not depend on meta_params (is it constant, or computed from stop_gradient values?).",
-                      ConstantTargetWarning, stacklevel=caller_level())
+        warnings.warn(
+            f"The gradient of {target_name} at meta_params is zero, so every influence score is zero: the target "
+            "does not depend on meta_params (is it constant, or computed from stop_gradient values?).",
+            ConstantTargetWarning,
+            stacklevel=caller_level(),
+        )
     if not flag.scores_finite:
         info = d.solve
-        residual = "" if info is None else f" (solve: relative residual {float(np.max(np.asarray(info.relative_residual))):.3g})"
+        residual = (
+            ""
+            if info is None
+            else f" (solve: relative residual {float(np.max(np.asarray(info.relative_residual))):.3g})"
+        )
         raise ValueError(
             f"The influence scores are not finite although the objective, the losses and the target are{residual}: the "
             "inverse-Hessian solve failed. With Dense(), H + δI is singular: pass a damping above |λ_min(H)| (for example "
-            "solver=metaif.solvers.Dense(damping=1e-3)); with an iterative solver, raise its damping.")
+            "solver=metaif.solvers.Dense(damping=1e-3)); with an iterative solver, raise its damping."
+        )
     if warn_if_indefinite(d.solve):
         return  # the more fundamental warning: no local minimum, so no stationarity to speak of
     # rounding floor: at a point polished to machine precision both numbers are noise
-    floor = 1e3 * np.finfo(np.asarray(objective).dtype).eps * max(1.0, abs(float(target)) if target is not None else 1.0)
-    if change is not None and np.isfinite(flag.task_score_scale) and abs(float(change)) > max(float(flag.task_score_scale), floor):
+    floor = (
+        1e3 * np.finfo(np.asarray(objective).dtype).eps * max(1.0, abs(float(target)) if target is not None else 1.0)
+    )
+    if (
+        change is not None
+        and np.isfinite(flag.task_score_scale)
+        and abs(float(change)) > max(float(flag.task_score_scale), floor)
+    ):
         delta = "" if d.solve is None else f" (δ = {float(np.max(np.asarray(d.solve.damping))):.3g})"
         warnings.warn(
             f"meta_params is not a stationary point of the meta-objective (‖∇F‖ = {float(d.grad_norm):.3g}): retraining with "
@@ -160,4 +196,7 @@ def check_result(result, problem, meta_params, tasks, flag: Flags | None = None,
             f"far as the damping allows{delta}, not retraining to convergence. Train further or polish with "
             "metaif.newton_refine (small models); or, if the proximal reading is what you want, silence this with "
             "warnings.simplefilter('ignore', metaif.NonStationaryWarning). Result.diagnostics.nonstationary_change holds "
-            "the number.", NonStationaryWarning, stacklevel=caller_level())
+            "the number.",
+            NonStationaryWarning,
+            stacklevel=caller_level(),
+        )

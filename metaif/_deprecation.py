@@ -20,8 +20,12 @@ def renamed(**old_to_new: str) -> Callable:
                 if old in kwargs:
                     if new in kwargs:
                         raise TypeError(f"{fn.__name__}() got both {old}= (deprecated) and {new}=; pass only {new}=.")
-                    warnings.warn(f"{fn.__name__}({old}=...) is deprecated and will be removed in the next release; "
-                                  f"write {new}=... (same meaning).", DeprecationWarning, stacklevel=caller_level())
+                    warnings.warn(
+                        f"{fn.__name__}({old}=...) is deprecated and will be removed in the next release; "
+                        f"write {new}=... (same meaning).",
+                        DeprecationWarning,
+                        stacklevel=caller_level(),
+                    )
                     kwargs[new] = kwargs.pop(old)
             return fn(*args, **kwargs)
 
@@ -40,15 +44,20 @@ def keyword_only(positional: int, names: tuple[str, ...]) -> Callable:
             if len(args) > positional:
                 extra = args[positional:]
                 if len(extra) > len(names):
-                    raise TypeError(f"{fn.__name__}() takes {positional} positional arguments (then keywords "
-                                    f"{', '.join(names)}=...); received {len(args)}.")
-                given = names[:len(extra)]
+                    raise TypeError(
+                        f"{fn.__name__}() takes {positional} positional arguments (then keywords "
+                        f"{', '.join(names)}=...); received {len(args)}."
+                    )
+                given = names[: len(extra)]
                 for name in given:
                     if name in kwargs:
                         raise TypeError(f"{fn.__name__}() got {name} both by position and by keyword.")
-                warnings.warn(f"passing {', '.join(given)} to {fn.__name__}() by position is deprecated and will be an error "
-                              f"in the next release; write {', '.join(f'{n}=...' for n in given)}.", DeprecationWarning,
-                              stacklevel=caller_level())
+                warnings.warn(
+                    f"passing {', '.join(given)} to {fn.__name__}() by position is deprecated and will be an error "
+                    f"in the next release; write {', '.join(f'{n}=...' for n in given)}.",
+                    DeprecationWarning,
+                    stacklevel=caller_level(),
+                )
                 kwargs.update(zip(given, extra))
                 args = args[:positional]
             return fn(*args, **kwargs)

@@ -42,13 +42,26 @@ class Diagnostics(NamedTuple):
     nonstationary_change: jax.Array | None = None
 
 
-def compute(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights, value: jax.Array, grad: PyTree, *,
-            chunk_size: int | None = None, solve: SolveInfo | None = None, v: PyTree | None = None,
-            target: jax.Array | None = None) -> Diagnostics:
+def compute(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    weights: Weights,
+    value: jax.Array,
+    grad: PyTree,
+    *,
+    chunk_size: int | None = None,
+    solve: SolveInfo | None = None,
+    v: PyTree | None = None,
+    target: jax.Array | None = None,
+) -> Diagnostics:
     """Diagnostics from F, ∇F (computed by the caller with the operator) and, with a target, the
     solved v and f(λ). Costs one adaptation per task (the inner residual)."""
     residual = _batching.map_tasks(
-        lambda data: adaptation_gradient(problem, meta_params, data[0], data[1]), (tasks.support, weights.support), chunk_size)
+        lambda data: adaptation_gradient(problem, meta_params, data[0], data[1]),
+        (tasks.support, weights.support),
+        chunk_size,
+    )
     change = None if v is None else -_tree.vdot(v, grad)
     return Diagnostics(solve, value, _tree.norm(grad), jnp.max(residual), target, change)
 
@@ -56,6 +69,7 @@ def compute(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weight
 def forward_attributes(cls: type) -> type:
     """Give a result class with a `diagnostics` field the attributes `solve`, `objective`,
     `grad_norm` and `adaptation_residual` (read from its diagnostics)."""
+
     def forwarded(name: str) -> property:
         def read(self: Any) -> Any:
             return getattr(self.diagnostics, name)

@@ -52,8 +52,9 @@ def _matrix_shape(shape: tuple) -> tuple[int, int]:
     return math.prod(shape[:-1]), shape[-1]
 
 
-def pseudo_gradients(predict: Callable, output_loss: Callable, params: PyTree, meta_params: PyTree,
-                     example: PyTree) -> PyTree:
+def pseudo_gradients(
+    predict: Callable, output_loss: Callable, params: PyTree, meta_params: PyTree, example: PyTree
+) -> PyTree:
     """g_k = J_θᵀ c_k for one example, with ∇²_z output_loss = Σ_k c_k c_kᵀ (symmetric square root,
     negative eigenvalues clipped to 0): a pytree like params with a leading axis K (outputs)."""
     outputs, pullback = jax.vjp(lambda p: predict(p, meta_params, example), params)
@@ -64,11 +65,13 @@ def pseudo_gradients(predict: Callable, output_loss: Callable, params: PyTree, m
     return jax.vmap(lambda c: pullback(c.reshape(outputs.shape))[0])(roots.T)
 
 
-def factor(predict: Callable, output_loss: Callable, params: PyTree, meta_params: PyTree, examples: PyTree,
-           weights: jax.Array) -> Factors:
+def factor(
+    predict: Callable, output_loss: Callable, params: PyTree, meta_params: PyTree, examples: PyTree, weights: jax.Array
+) -> Factors:
     """EK-FAC factors of G = Σ_j weights_j J_jᵀ ∇²ℓ_j J_j over examples (leaves [m, ...], weights [m])."""
     grads = jax.vmap(pseudo_gradients, in_axes=(None, None, None, None, 0))(
-        predict, output_loss, params, meta_params, examples)  # leaves [m, K, ...]
+        predict, output_loss, params, meta_params, examples
+    )  # leaves [m, K, ...]
     leaves, treedef = jax.tree.flatten(grads)
     shapes = tuple(leaf.shape for leaf in jax.tree.leaves(params))
     left, right, values = [], [], []
@@ -87,7 +90,9 @@ def factor(predict: Callable, output_loss: Callable, params: PyTree, meta_params
 
 def _map(factors: Factors, v: PyTree, scale: Callable[[jax.Array, jax.Array], jax.Array]) -> PyTree:
     out = []
-    for qa, qb, lam, leaf, shape in zip(factors.left, factors.right, factors.values, jax.tree.leaves(v), factors.shapes):
+    for qa, qb, lam, leaf, shape in zip(
+        factors.left, factors.right, factors.values, jax.tree.leaves(v), factors.shapes
+    ):
         rotated = qa.T @ leaf.reshape(_matrix_shape(shape)) @ qb
         out.append((qa @ scale(rotated, lam) @ qb.T).reshape(shape))
     return jax.tree.unflatten(factors.treedef, out)

@@ -34,10 +34,14 @@ def value_and_grad(problem, meta_params, tasks, weights=None, *, chunk_size: int
     n = tasks.n_tasks
     chunk = lambda data: jax.value_and_grad(task_sum, argnums=1)(problem, meta_params, *data)
     value, grad = _batching.sum_chunks(chunk, (tasks, weights), chunk_size)
-    return value / n + 0.5 * problem.meta_reg * _tree.sq_norm(meta_params), _scaled(n, grad, problem.meta_reg, meta_params)
+    return value / n + 0.5 * problem.meta_reg * _tree.sq_norm(meta_params), _scaled(
+        n, grad, problem.meta_reg, meta_params
+    )
 
 
-def operator(problem, meta_params, tasks, weights=None, curvature: Curvature | None = None, chunk_size: int | None = None):
+def operator(
+    problem, meta_params, tasks, weights=None, curvature: Curvature | None = None, chunk_size: int | None = None
+):
     """(F, ∇_λ F, Operator) at λ = meta_params for the chosen curvature (default `Exact()`, the
     total Hessian) and weights (default ones). Pure: the operator's products can be used inside
     the same trace (a solver's `prepare`/`solve`, a Lanczos run)."""
@@ -65,7 +69,9 @@ def operator(problem, meta_params, tasks, weights=None, curvature: Curvature | N
             _, summed_hvp = jax.linearize(jax.grad(surrogate), meta_params)
     else:
         value, grad = value_and_grad(problem, meta_params, tasks, weights, chunk_size=chunk_size)
-        shift = _batching.sum_chunks(lambda chunk: curvature.surrogate(problem, meta_params, *chunk)[1], data, chunk_size)
+        shift = _batching.sum_chunks(
+            lambda chunk: curvature.surrogate(problem, meta_params, *chunk)[1], data, chunk_size
+        )
         summed_hvp = lambda v: _batching.sum_chunks(lambda chunk: chunk_hvp(chunk, v), data, chunk_size)
 
     shift = shift / n
@@ -91,12 +97,15 @@ def _hvp(problem, curvature, chunk_size, meta_params, tasks, v):
 @functools.partial(jax.jit, static_argnames=("chunk_size", "batch"))
 def _sample_hvp(problem, curvature, chunk_size, meta_params, tasks, key, v, batch):
     weights = unit_weights(meta_params, tasks)
-    return operator(problem, meta_params, tasks, weights, curvature=curvature, chunk_size=chunk_size)[2].sample_hvp(key, v, batch)
+    return operator(problem, meta_params, tasks, weights, curvature=curvature, chunk_size=chunk_size)[2].sample_hvp(
+        key, v, batch
+    )
 
 
 @renamed(batch_size="chunk_size")
-def hessian_operator(problem, meta_params: PyTree, tasks, *, curvature: Curvature | None = None,
-                     chunk_size: int | None = None) -> Operator:
+def hessian_operator(
+    problem, meta_params: PyTree, tasks, *, curvature: Curvature | None = None, chunk_size: int | None = None
+) -> Operator:
     """The curvature of F at λ = meta_params as a `metaif.solvers.Operator` (jitted products).
 
     For example the smallest eigenvalues of the total Hessian, to check that λ is a minimum:

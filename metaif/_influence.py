@@ -103,40 +103,68 @@ class AdaptedInfluence(NamedTuple):
 # ----------------------------------------------------------------------------- pure cores
 
 
-def influence_from_gradient(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target_grad: PyTree, *,
-                            solver: Solver | None = None, curvature: Curvature | None = None, chunk_size: int | None = None,
-                            target_value: jax.Array | None = None) -> Influence:
+def influence_from_gradient(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    target_grad: PyTree,
+    *,
+    solver: Solver | None = None,
+    curvature: Curvature | None = None,
+    chunk_size: int | None = None,
+    target_value: jax.Array | None = None,
+) -> Influence:
     """Scores of every task, support and query weight on a target with gradient ∇f(λ) =
     `target_grad`: one solve v = (H + δI)⁻¹∇f and one reverse-over-forward pass per task. Pure
     (no checks, no host transfer): call it inside your own jit, vmap or grad."""
     solver = default_solver(meta_params) if solver is None else solver
     weights = unit_weights(meta_params, tasks)
-    value, grad, op = _hessian.operator(problem, meta_params, tasks, weights, curvature=curvature, chunk_size=chunk_size)
+    value, grad, op = _hessian.operator(
+        problem, meta_params, tasks, weights, curvature=curvature, chunk_size=chunk_size
+    )
     v, info = solver.solve_one(op, target_grad)
     scores = target_scores(problem, meta_params, tasks, v, weights, chunk_size=chunk_size)
-    diagnostics = _diagnostics.compute(problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size, solve=info,
-                                       v=v, target=target_value)
+    diagnostics = _diagnostics.compute(
+        problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size, solve=info, v=v, target=target_value
+    )
     return Influence(*scores, diagnostics)
 
 
-def influence_on_target(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable[[PyTree], jax.Array], *,
-                        solver: Solver | None = None, curvature: Curvature | None = None,
-                        chunk_size: int | None = None) -> Influence:
+def influence_on_target(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    target: Callable[[PyTree], jax.Array],
+    *,
+    solver: Solver | None = None,
+    curvature: Curvature | None = None,
+    chunk_size: int | None = None,
+) -> Influence:
     """`influence_from_gradient` with ∇f from `target` (`meta_params -> scalar`). Pure."""
     value, grad = jax.value_and_grad(target)(meta_params)
-    return influence_from_gradient(problem, meta_params, tasks, grad, solver=solver, curvature=curvature,
-                                   chunk_size=chunk_size, target_value=value)
+    return influence_from_gradient(
+        problem, meta_params, tasks, grad, solver=solver, curvature=curvature, chunk_size=chunk_size, target_value=value
+    )
 
 
-def influence_on_params(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, levels: tuple[str, ...] = LEVELS, *,
-                        solver: Solver | None = None, curvature: Curvature | None = None,
-                        chunk_size: int | None = None) -> Influence:
+def influence_on_params(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    levels: tuple[str, ...] = LEVELS,
+    *,
+    solver: Solver | None = None,
+    curvature: Curvature | None = None,
+    chunk_size: int | None = None,
+) -> Influence:
     """I_λ(ω) = −(H + δI)⁻¹ ∂_ω ∇_λ F for every weight of the requested levels: pytrees like
     meta_params with leading axes [n] or [n, m|q] (None for other levels). One factorisation
     (`solver.prepare`), one solve per weight, vmapped. Pure."""
     solver = default_solver(meta_params) if solver is None else solver
     weights = unit_weights(meta_params, tasks)
-    value, grad, op = _hessian.operator(problem, meta_params, tasks, weights, curvature=curvature, chunk_size=chunk_size)
+    value, grad, op = _hessian.operator(
+        problem, meta_params, tasks, weights, curvature=curvature, chunk_size=chunk_size
+    )
     state = solver.prepare(op)
 
     def neg_solve(b):
@@ -150,13 +178,23 @@ def influence_on_params(problem: BilevelProblem, meta_params: PyTree, tasks: Tas
         out[level], info = _batching.map_tasks(per_task, rhs, chunk_size)
         infos.append(jax.tree.map(jnp.ravel, info))
     info = _linalg.summarize(jax.tree.map(lambda *xs: jnp.concatenate(xs), *infos))
-    diagnostics = _diagnostics.compute(problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size, solve=info)
+    diagnostics = _diagnostics.compute(
+        problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size, solve=info
+    )
     return Influence(out.get("tasks"), out.get("support"), out.get("query"), diagnostics)
 
 
 def _with_flags(problem, solver, curvature, chunk_size, meta_params, tasks, target_grad, target_value):
-    result = influence_from_gradient(problem, meta_params, tasks, target_grad, solver=solver, curvature=curvature,
-                                     chunk_size=chunk_size, target_value=target_value)
+    result = influence_from_gradient(
+        problem,
+        meta_params,
+        tasks,
+        target_grad,
+        solver=solver,
+        curvature=curvature,
+        chunk_size=chunk_size,
+        target_value=target_value,
+    )
     return result, _boundary.flags(meta_params, result[:3], target_grad, result.tasks)
 
 
@@ -171,7 +209,9 @@ def _checked_target(problem, solver, curvature, chunk_size, meta_params, tasks, 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "levels"))
 def _checked_params(problem, solver, curvature, chunk_size, levels, meta_params, tasks):
-    result = influence_on_params(problem, meta_params, tasks, levels, solver=solver, curvature=curvature, chunk_size=chunk_size)
+    result = influence_on_params(
+        problem, meta_params, tasks, levels, solver=solver, curvature=curvature, chunk_size=chunk_size
+    )
     return result, _boundary.flags(meta_params, result[:3])
 
 
@@ -231,9 +271,16 @@ def _compute(problem, meta_params, tasks, target, levels: tuple[str, ...], solve
 
 @keyword_only(4, ("solver",))
 @renamed(batch_size="chunk_size")
-def influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None, *,
-              solver: Solver | None = None, curvature: Curvature | None = None,
-              chunk_size: int | None = None) -> Influence:
+def influence(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    target: Callable | None = None,
+    *,
+    solver: Solver | None = None,
+    curvature: Curvature | None = None,
+    chunk_size: int | None = None,
+) -> Influence:
     """Influence of every task, support example and query example, in one call.
 
     Args:
@@ -260,9 +307,17 @@ def influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, targ
 
 @keyword_only(4, ("solver",))
 @renamed(batch_size="chunk_size")
-def task_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None, *,
-                   solver: Solver | None = None, curvature: Curvature | None = None, chunk_size: int | None = None,
-                   return_info: bool = False):
+def task_influence(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    target: Callable | None = None,
+    *,
+    solver: Solver | None = None,
+    curvature: Curvature | None = None,
+    chunk_size: int | None = None,
+    return_info: bool = False,
+):
     """Task influence I(t_k) for every training task.
 
     Returns an array [n] of I_f(t_k) with a target `meta_params -> scalar`, else a pytree like
@@ -276,9 +331,16 @@ def task_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet,
 
 @keyword_only(4, ("solver",))
 @renamed(batch_size="chunk_size")
-def instance_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None, *,
-                       solver: Solver | None = None, curvature: Curvature | None = None,
-                       chunk_size: int | None = None) -> Influence:
+def instance_influence(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    target: Callable | None = None,
+    *,
+    solver: Solver | None = None,
+    curvature: Curvature | None = None,
+    chunk_size: int | None = None,
+) -> Influence:
     """Instance influence of every support example [n, m] and query example [n, q].
 
     Returns an `Influence` whose `.support` and `.query` hold I_f (arrays, with a target) or
@@ -290,9 +352,17 @@ def instance_influence(problem: BilevelProblem, meta_params: PyTree, tasks: Task
 
 @keyword_only(5, ("solver",))
 @renamed(batch_size="chunk_size")
-def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, task: int | PyTree,
-                      target: Callable | None = None, *, solver: Solver | None = None,
-                      curvature: Curvature | None = None, chunk_size: int | None = None) -> AdaptedInfluence:
+def adapted_influence(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    task: int | PyTree,
+    target: Callable | None = None,
+    *,
+    solver: Solver | None = None,
+    curvature: Curvature | None = None,
+    chunk_size: int | None = None,
+) -> AdaptedInfluence:
     """Influence of every training task and example on one task's adapted parameters θ.
 
     Args:
@@ -309,7 +379,11 @@ def adapted_influence(problem: BilevelProblem, meta_params: PyTree, tasks: TaskS
     options, meta_params = _boundary.check_options(problem, meta_params, tasks, solver, curvature, chunk_size)
     n = tasks.n_tasks
     is_index = isinstance(task, numbers.Integral) or (
-        hasattr(task, "dtype") and jnp.ndim(task) == 0 and jnp.issubdtype(task.dtype, jnp.integer) and _validate.is_concrete(task))
+        hasattr(task, "dtype")
+        and jnp.ndim(task) == 0
+        and jnp.issubdtype(task.dtype, jnp.integer)
+        and _validate.is_concrete(task)
+    )
     if is_index and not isinstance(task, (bool, np.bool_)):
         if not -n <= int(task) < n:
             raise ValueError(f"task must be a training-task index in [0, {n}) or a support pytree; received {task}.")

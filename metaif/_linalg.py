@@ -18,6 +18,7 @@ from . import _tree
 
 PyTree = Any
 
+
 class SolveInfo(NamedTuple):
     """Diagnostics of a linear solve (H + damping·I) x = b.
 
@@ -56,8 +57,17 @@ def _relative(residual: jax.Array, b_norm: jax.Array) -> jax.Array:
     return jnp.where(b_norm > 0, residual / jnp.where(b_norm > 0, b_norm, 1.0), 0.0)
 
 
-def solve_info(matvec: Callable[[PyTree], PyTree], x: PyTree, b: PyTree, *, iterations: Any, tol: float,
-               damping: Any, indefinite: Any = False, min_eigenvalue: Any = None) -> SolveInfo:
+def solve_info(
+    matvec: Callable[[PyTree], PyTree],
+    x: PyTree,
+    b: PyTree,
+    *,
+    iterations: Any,
+    tol: float,
+    damping: Any,
+    indefinite: Any = False,
+    min_eigenvalue: Any = None,
+) -> SolveInfo:
     """Diagnostics of an approximate solve A x ≈ b, with the residual recomputed by one product.
 
     `converged` is relative_residual <= tol (False for a non-finite x).
@@ -81,8 +91,13 @@ def solve_info(matvec: Callable[[PyTree], PyTree], x: PyTree, b: PyTree, *, iter
 
 
 def preconditioned_conjugate_gradient(
-    matvec: Callable[[PyTree], PyTree], b: PyTree, *, tol: float, maxiter: int,
-    preconditioner: Callable[[PyTree], PyTree] | None = None, damping: Any = 0.0,
+    matvec: Callable[[PyTree], PyTree],
+    b: PyTree,
+    *,
+    tol: float,
+    maxiter: int,
+    preconditioner: Callable[[PyTree], PyTree] | None = None,
+    damping: Any = 0.0,
 ) -> tuple[PyTree, SolveInfo]:
     """Solve A x = b for symmetric positive-definite A given only x ↦ A x.
 
@@ -139,7 +154,15 @@ def _cg_init(b, precondition):
     b_norm = _tree.norm(b)
     rs0 = _tree.sq_norm(b)
     z0, rz0 = precondition(b, rs0)
-    return (jnp.zeros_like(b_norm, dtype=jnp.int32), _tree.zeros_like(b), b, z0, rz0, rs0, jnp.zeros_like(b_norm, dtype=bool))
+    return (
+        jnp.zeros_like(b_norm, dtype=jnp.int32),
+        _tree.zeros_like(b),
+        b,
+        z0,
+        rz0,
+        rs0,
+        jnp.zeros_like(b_norm, dtype=bool),
+    )
 
 
 def _cg_info(state, residual, b_norm, threshold, damping, min_eigenvalue=None) -> SolveInfo:
@@ -165,8 +188,9 @@ def conjugate_gradient(
 # ----------------------------------------------------------------------------- Neumann series
 
 
-def neumann_series(matvec: Callable[[jax.Array, PyTree], PyTree], b: PyTree, scale: Any, steps: int
-                   ) -> tuple[PyTree, jax.Array]:
+def neumann_series(
+    matvec: Callable[[jax.Array, PyTree], PyTree], b: PyTree, scale: Any, steps: int
+) -> tuple[PyTree, jax.Array]:
     """x = η Σ_{j=0..J} r_j with r_0 = b, r_{j+1} = (I − η A_j) r_j, η = `scale`, J = `steps`.
 
     `matvec(j, v)` = A_j v may change with the step j (LiSSA's minibatch estimates); with one A it
@@ -264,8 +288,9 @@ def lanczos(matvec: Callable[[PyTree], PyTree], like: PyTree, steps: int, key: j
     too. `steps` must not exceed the dimension d. Memory: steps vectors; time: steps products +
     O(steps²·d).
     """
-    state = jax.lax.fori_loop(0, steps, lambda j, state: _lanczos_update(j, state, matvec(state[3])),
-                              _lanczos_init(like, steps, key))
+    state = jax.lax.fori_loop(
+        0, steps, lambda j, state: _lanczos_update(j, state, matvec(state[3])), _lanczos_init(like, steps, key)
+    )
     return _lanczos_result(state)
 
 
@@ -322,9 +347,17 @@ def _lanczos_result(state) -> Lanczos:
     return Lanczos(values, vectors, jnp.abs(betas[-1] * s[-1, :]))
 
 
-def fused_conjugate_gradient(hvp: Callable[[PyTree], PyTree], b: PyTree, *, tol: float, maxiter: int, damping: Any = None,
-                             estimate_steps: int = 0, key: jax.Array | None = None,
-                             damping_of: Callable[[jax.Array], jax.Array] | None = None) -> tuple[PyTree, SolveInfo]:
+def fused_conjugate_gradient(
+    hvp: Callable[[PyTree], PyTree],
+    b: PyTree,
+    *,
+    tol: float,
+    maxiter: int,
+    damping: Any = None,
+    estimate_steps: int = 0,
+    key: jax.Array | None = None,
+    damping_of: Callable[[jax.Array], jax.Array] | None = None,
+) -> tuple[PyTree, SolveInfo]:
     """CG on (H + δI) x = b in one `lax.while_loop` whose body holds the only call of `hvp`.
 
     With `damping` given, δ = damping; else δ = damping_of(largest Ritz value of `estimate_steps`
@@ -344,13 +377,16 @@ def fused_conjugate_gradient(hvp: Callable[[PyTree], PyTree], b: PyTree, *, tol:
         estimating = i < steps
         solving = ~estimating & _cg_running(cg, threshold, maxiter)
         if steps:
-            vector = jax.tree.map(lambda q, p, x: jnp.where(estimating, q, jnp.where(solving, p, x)), lanczos_state[3], cg[3], cg[1])
+            vector = jax.tree.map(
+                lambda q, p, x: jnp.where(estimating, q, jnp.where(solving, p, x)), lanczos_state[3], cg[3], cg[1]
+            )
         else:
             vector = jax.tree.map(lambda p, x: jnp.where(solving, p, x), cg[3], cg[1])
         w = hvp(vector)
         if steps:
-            lanczos_state = jax.lax.cond(estimating, lambda s: _lanczos_update(jnp.minimum(i, steps - 1), s, w), lambda s: s,
-                                         lanczos_state)
+            lanczos_state = jax.lax.cond(
+                estimating, lambda s: _lanczos_update(jnp.minimum(i, steps - 1), s, w), lambda s: s, lanczos_state
+            )
             delta = jnp.where(i == steps - 1, damping_of(_ritz_values(lanczos_state)[-1]), delta)
         applied = _tree.axpy(delta, vector, w)  # (H + δI) vector, as `_damping.damped` forms it
         cg = jax.lax.cond(solving, lambda c: _cg_update(c, applied, no_precondition), lambda c: c, cg)
@@ -360,8 +396,14 @@ def fused_conjugate_gradient(hvp: Callable[[PyTree], PyTree], b: PyTree, *, tol:
 
     lanczos_state = _lanczos_init(b, steps, key) if steps else None
     delta0 = jnp.zeros((), dtype) if damping is None else jnp.asarray(damping, dtype)
-    init = (jnp.zeros((), jnp.int32), lanczos_state, _cg_init(b, no_precondition), delta0, jnp.full((), jnp.nan, dtype),
-            jnp.zeros((), bool))
+    init = (
+        jnp.zeros((), jnp.int32),
+        lanczos_state,
+        _cg_init(b, no_precondition),
+        delta0,
+        jnp.full((), jnp.nan, dtype),
+        jnp.zeros((), bool),
+    )
     _, _, cg, delta, residual, _ = jax.lax.while_loop(lambda state: ~state[-1], body, init)
     return cg[1], _cg_info(cg, residual, b_norm, threshold, delta)
 

@@ -41,7 +41,9 @@ def options(cls: type[T]) -> type[T]:
         return [getattr(obj, name) for name in dynamic], tuple(getattr(obj, name) for name in structural)
 
     def flatten_with_keys(obj):
-        return [(key, getattr(obj, name)) for key, name in zip(keys, dynamic)], tuple(getattr(obj, name) for name in structural)
+        return [(key, getattr(obj, name)) for key, name in zip(keys, dynamic)], tuple(
+            getattr(obj, name) for name in structural
+        )
 
     def unflatten(aux, children):
         obj = object.__new__(cls)

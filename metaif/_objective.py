@@ -94,15 +94,26 @@ def adapt_one(problem: BilevelProblem, meta_params: PyTree, support: PyTree, wei
     return problem.adapt.solve(problem.inner_loss, meta_params, support, weights)
 
 
-def task_loss(problem: BilevelProblem, meta_params: PyTree, support: PyTree, query: PyTree,
-              support_weights: jax.Array, query_weights: jax.Array) -> jax.Array:
+def task_loss(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    support: PyTree,
+    query: PyTree,
+    support_weights: jax.Array,
+    query_weights: jax.Array,
+) -> jax.Array:
     """One task's weighted query loss after adaptation, L_O^i(λ; a_i, b_i)."""
     params = adapt_one(problem, meta_params, support, support_weights)
     return weighted_mean_loss(problem.outer_loss, params, meta_params, query, query_weights)
 
 
-def losses_per_task(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet,
-                    support_weights: jax.Array | None = None, query_weights: jax.Array | None = None) -> jax.Array:
+def losses_per_task(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    support_weights: jax.Array | None = None,
+    query_weights: jax.Array | None = None,
+) -> jax.Array:
     """[n] weighted query losses after adaptation (weights default to ones), vmapped over tasks."""
     if support_weights is None or query_weights is None:
         ones = unit_weights(meta_params, tasks)
@@ -114,13 +125,21 @@ def losses_per_task(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet
     return per_task(meta_params, tasks.support, tasks.query, support_weights, query_weights)
 
 
-def accuracies_per_task(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, predict, support_weights: jax.Array) -> jax.Array:
+def accuracies_per_task(
+    problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, predict, support_weights: jax.Array
+) -> jax.Array:
     """[n] query accuracy after adaptation: the share of query examples whose argmax of
     predict(θ_i, λ, example) equals example["y"]. Pure."""
-    theta = jax.vmap(functools.partial(adapt_one, problem), in_axes=(None, 0, 0))(meta_params, tasks.support, support_weights)
-    per_task = jax.vmap(jax.vmap(predict, in_axes=(None, None, 0)), in_axes=(0, None, 0))(theta, meta_params, tasks.query)
+    theta = jax.vmap(functools.partial(adapt_one, problem), in_axes=(None, 0, 0))(
+        meta_params, tasks.support, support_weights
+    )
+    per_task = jax.vmap(jax.vmap(predict, in_axes=(None, None, 0)), in_axes=(0, None, 0))(
+        theta, meta_params, tasks.query
+    )
     labels = tasks.query["y"]
-    return jnp.mean(jnp.argmax(per_task, -1).astype(jnp.int32) == labels.astype(jnp.int32), axis=-1).astype(_tree.float_dtype(meta_params))
+    return jnp.mean(jnp.argmax(per_task, -1).astype(jnp.int32) == labels.astype(jnp.int32), axis=-1).astype(
+        _tree.float_dtype(meta_params)
+    )
 
 
 def regularizer(problem: BilevelProblem, meta_params: PyTree) -> jax.Array:
@@ -150,7 +169,8 @@ _losses_jit = jax.jit(losses_per_task)
 def _per_task(fn):
     """fn(problem, λ, support, weights) vmapped over tasks, with problem bound outside vmap."""
     return lambda problem, meta_params, support, weights: jax.vmap(
-        functools.partial(fn, problem), in_axes=(None, 0, 0))(meta_params, support, weights)
+        functools.partial(fn, problem), in_axes=(None, 0, 0)
+    )(meta_params, support, weights)
 
 
 _accuracies_jit = jax.jit(accuracies_per_task, static_argnames=("predict",))
@@ -170,10 +190,14 @@ def full_weights(meta_params, tasks, task_weights=None, support_weights=None, qu
         if weights is not None and _validate.is_concrete(weights):
             bad = int(np.size(weights) - np.count_nonzero(np.isfinite(np.asarray(weights, np.float64))))
             if bad:
-                raise ValueError(f"{name} must be finite; it holds {bad} NaN or inf value(s) (first at index "
-                                 f"{tuple(int(i) for i in np.argwhere(~np.isfinite(np.asarray(weights, np.float64)))[0])}). "
-                                 "Weights are 1 (keep), 0 (remove) or values in between.")
-    return shard_like_tasks(Weights(*(o if w is None else jnp.asarray(w, o.dtype) for o, w in zip(ones, given))), tasks, meta_params)
+                raise ValueError(
+                    f"{name} must be finite; it holds {bad} NaN or inf value(s) (first at index "
+                    f"{tuple(int(i) for i in np.argwhere(~np.isfinite(np.asarray(weights, np.float64)))[0])}). "
+                    "Weights are 1 (keep), 0 (remove) or values in between."
+                )
+    return shard_like_tasks(
+        Weights(*(o if w is None else jnp.asarray(w, o.dtype) for o, w in zip(ones, given))), tasks, meta_params
+    )
 
 
 def _to_host(array: jax.Array) -> np.ndarray:
@@ -186,7 +210,9 @@ def _to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def check_finite_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights, context: str) -> None:
+def check_finite_losses(
+    problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights, context: str
+) -> None:
     """Raise a ValueError naming the tasks whose losses are not finite (skipped under tracing)."""
     if not _validate.is_concrete((meta_params, tasks)):
         return
@@ -208,7 +234,9 @@ def _finite_or_explained(value: jax.Array, problem, meta_params, tasks, weights:
         return value
     _validate.finite_tree("meta_params", meta_params)
     check_finite_losses(problem, meta_params, tasks, weights, f"{name} is not finite")
-    raise ValueError(f"{name} is not finite although meta_params and every task loss are; check the weights and meta_reg.")
+    raise ValueError(
+        f"{name} is not finite although meta_params and every task loss are; check the weights and meta_reg."
+    )
 
 
 def check_arguments(problem, meta_params, tasks) -> PyTree:
@@ -237,7 +265,11 @@ def adapt(problem: BilevelProblem, meta_params: PyTree, support: PyTree, weights
     batched = jax.tree.map(lambda x: jnp.asarray(x)[None], support)
     tasks = TaskSet(batched, batched)
     _problem.check_losses(problem, meta_params, tasks, which=("inner_loss",))
-    w = jnp.ones((m,), _tree.float_dtype(meta_params)) if weights is None else jnp.asarray(weights, _tree.float_dtype(meta_params))
+    w = (
+        jnp.ones((m,), _tree.float_dtype(meta_params))
+        if weights is None
+        else jnp.asarray(weights, _tree.float_dtype(meta_params))
+    )
     return _adapt_jit(problem, meta_params, support, w)
 
 
@@ -249,8 +281,14 @@ def adapt_tasks(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, su
     return _adapt_tasks_jit(problem, meta_params, tasks.support, w.support)
 
 
-def meta_objective(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, task_weights=None,
-                   support_weights=None, query_weights=None) -> jax.Array:
+def meta_objective(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    task_weights=None,
+    support_weights=None,
+    query_weights=None,
+) -> jax.Array:
     """F(λ; t, a, b) = (1/n) Σ_i t_i (1/q) Σ_j b_ij ℓ_out(θ_i(λ; a_i), λ; q_ij) + (meta_reg/2)‖λ‖².
 
     Weights shaped [n], [n, m], [n, q], default ones; denominators stay n, m, q, so a weight of 0
@@ -258,12 +296,14 @@ def meta_objective(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet,
     """
     meta_params = check_arguments(problem, meta_params, tasks)
     weights = full_weights(meta_params, tasks, task_weights, support_weights, query_weights)
-    return _finite_or_explained(_objective_jit(problem, meta_params, tasks, weights), problem, meta_params, tasks, weights,
-                                "meta_objective")
+    return _finite_or_explained(
+        _objective_jit(problem, meta_params, tasks, weights), problem, meta_params, tasks, weights, "meta_objective"
+    )
 
 
-def task_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, support_weights=None,
-                query_weights=None) -> jax.Array:
+def task_losses(
+    problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, support_weights=None, query_weights=None
+) -> jax.Array:
     """[n] query losses of each task after adaptation (weighted means; default weights 1).
 
     `lambda lam: metaif.task_losses(problem, lam, test_tasks).mean()` is the meta-test loss, the
@@ -271,8 +311,9 @@ def task_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, su
     """
     meta_params = check_arguments(problem, meta_params, tasks)
     w = full_weights(meta_params, tasks, None, support_weights, query_weights)
-    return _finite_or_explained(_losses_jit(problem, meta_params, tasks, w.support, w.query), problem, meta_params, tasks, w,
-                                "task_losses")
+    return _finite_or_explained(
+        _losses_jit(problem, meta_params, tasks, w.support, w.query), problem, meta_params, tasks, w, "task_losses"
+    )
 
 
 def task_accuracies(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, predict) -> jax.Array:
@@ -286,7 +327,9 @@ def task_accuracies(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet
     meta_params = check_arguments(problem, meta_params, tasks)
     _validate.callable_("predict", predict, "(params, meta_params, example) -> logits")
     if not isinstance(tasks.query, dict) or "y" not in tasks.query:
-        raise ValueError(f"task_accuracies reads labels from tasks.query['y']; tasks.query is {_validate.describe(tasks.query)}.")
+        raise ValueError(
+            f"task_accuracies reads labels from tasks.query['y']; tasks.query is {_validate.describe(tasks.query)}."
+        )
     return _accuracies_jit(problem, meta_params, tasks, predict, full_weights(meta_params, tasks).support)
 
 

@@ -66,8 +66,10 @@ class NewTaskInfluence(NamedTuple):
 
 def _contract(rows: PyTree, columns: PyTree) -> jax.Array:
     """Σ over leaves of rows [T, ...] · columns [k, ...]ᵀ → [T, k]."""
-    products = [r.reshape(r.shape[0], -1) @ c.reshape(c.shape[0], -1).T
-                for r, c in zip(jax.tree.leaves(rows), jax.tree.leaves(columns))]
+    products = [
+        r.reshape(r.shape[0], -1) @ c.reshape(c.shape[0], -1).T
+        for r, c in zip(jax.tree.leaves(rows), jax.tree.leaves(columns))
+    ]
     return sum(products[1:], products[0])
 
 
@@ -88,7 +90,9 @@ def _mixed_scores(problem, chunk_size, meta_params, tasks, weights, vectors):
 def _setup(problem, solver, curvature, chunk_size, meta_params, tasks):
     """(weights, F, ∇F, the solver's prepared state) at λ."""
     weights = unit_weights(meta_params, tasks)
-    value, grad, op = _hessian.operator(problem, meta_params, tasks, weights, curvature=curvature, chunk_size=chunk_size)
+    value, grad, op = _hessian.operator(
+        problem, meta_params, tasks, weights, curvature=curvature, chunk_size=chunk_size
+    )
     return weights, value, grad, solver.prepare(op)
 
 
@@ -101,8 +105,9 @@ def _pairwise_core(problem, solver, curvature, chunk_size, target_chunk_size, me
     else:
         per_target = lambda v: target_scores(problem, meta_params, tasks, v, weights, chunk_size=chunk_size)
         scores = _batching.map_tasks(per_target, vectors, target_chunk_size)
-    diagnostics = _diagnostics.compute(problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size,
-                                       solve=_linalg.summarize(info))
+    diagnostics = _diagnostics.compute(
+        problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size, solve=_linalg.summarize(info)
+    )
     return Influence(*scores, diagnostics), _boundary.flags(meta_params, scores, jacobian)
 
 
@@ -121,9 +126,12 @@ def _self_core(problem, solver, curvature, chunk_size, meta_params, tasks):
         direct_a = jax.grad(lambda a: loss(meta_params, a, b))(a)
         return -_tree.vdot(g, u) / n, direct_a - through_a / n, -through_b / n, info
 
-    t, a, b, info = _batching.map_tasks(one_task, (tasks.support, tasks.query, weights.support, weights.query), chunk_size)
-    diagnostics = _diagnostics.compute(problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size,
-                                       solve=_linalg.summarize(info))
+    t, a, b, info = _batching.map_tasks(
+        one_task, (tasks.support, tasks.query, weights.support, weights.query), chunk_size
+    )
+    diagnostics = _diagnostics.compute(
+        problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size, solve=_linalg.summarize(info)
+    )
     return Influence(t, a, b, diagnostics), _boundary.flags(meta_params, (t, a, b))
 
 
@@ -154,7 +162,9 @@ def _target_jacobian(targets, meta_params, target_data=None):
             raise ValueError(f"targets failed when called on (meta_params, target_data[0]): {error}") from error
         leaves = jax.tree.leaves(out)
         if len(leaves) != 1 or leaves[0].shape != ():
-            raise ValueError(f"targets must return a scalar for one item of target_data; it returned {jax.tree.map(lambda s: s.shape, out)}.")
+            raise ValueError(
+                f"targets must return a scalar for one item of target_data; it returned {jax.tree.map(lambda s: s.shape, out)}."
+            )
         jacobian = _mapped_jacobian(targets, meta_params, target_data)
         _validate.finite_tree("the gradients of targets at meta_params", jacobian)
         return jacobian
@@ -176,10 +186,19 @@ def _target_jacobian(targets, meta_params, target_data=None):
 
 @keyword_only(4, ("solver",))
 @renamed(batch_size="chunk_size", target_batch_size="target_chunk_size")
-def pairwise_influence(problem, meta_params: PyTree, tasks: TaskSet, targets: Callable, *, solver: Solver | None = None,
-                       target_data: PyTree | None = None, curvature: Curvature | None = None,
-                       chunk_size: int | None = None, target_chunk_size: int | None = None,
-                       method: Method = "auto") -> Influence:
+def pairwise_influence(
+    problem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    targets: Callable,
+    *,
+    solver: Solver | None = None,
+    target_data: PyTree | None = None,
+    curvature: Curvature | None = None,
+    chunk_size: int | None = None,
+    target_chunk_size: int | None = None,
+    method: Method = "auto",
+) -> Influence:
     """Influence of every task and example on each of T targets at once.
 
     Args:
@@ -215,8 +234,15 @@ def pairwise_influence(problem, meta_params: PyTree, tasks: TaskSet, targets: Ca
 
 @keyword_only(3, ("solver",))
 @renamed(batch_size="chunk_size")
-def self_influence(problem, meta_params: PyTree, tasks: TaskSet, *, solver: Solver | None = None,
-                   curvature: Curvature | None = None, chunk_size: int | None = None) -> Influence:
+def self_influence(
+    problem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    *,
+    solver: Solver | None = None,
+    curvature: Curvature | None = None,
+    chunk_size: int | None = None,
+) -> Influence:
     """Influence of each training datum on its own task's query loss L_O^k (no validation set).
 
     Target of task k and of its examples: L_O^k(λ; a_k) = (1/q) Σ_j ℓ_out(θ_k(λ; a_k), λ; q_kj), the
@@ -237,9 +263,19 @@ def self_influence(problem, meta_params: PyTree, tasks: TaskSet, *, solver: Solv
 
 @keyword_only(6, ("solver",))
 @renamed(batch_size="chunk_size", target_batch_size="target_chunk_size")
-def new_task_influence(problem, meta_params: PyTree, tasks: TaskSet, support: PyTree, predict: Callable, inputs: PyTree, *,
-                       solver: Solver | None = None, curvature: Curvature | None = None,
-                       chunk_size: int | None = None, target_chunk_size: int | None = None) -> NewTaskInfluence:
+def new_task_influence(
+    problem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    support: PyTree,
+    predict: Callable,
+    inputs: PyTree,
+    *,
+    solver: Solver | None = None,
+    curvature: Curvature | None = None,
+    chunk_size: int | None = None,
+    target_chunk_size: int | None = None,
+) -> NewTaskInfluence:
     """Adapt to a new task from its support set, predict on `inputs`, and attribute each
     prediction to every training task and example.
 

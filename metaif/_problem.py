@@ -86,7 +86,9 @@ def leading_axes(name: str, tree: PyTree, axes: tuple[str, ...]) -> tuple[int, .
     layout = f"[{', '.join(axes)}, ...]"
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     if not leaves:
-        raise ValueError(f"{name} must be a pytree of arrays with leading axes {layout}; received {_validate.describe(tree)}.")
+        raise ValueError(
+            f"{name} must be a pytree of arrays with leading axes {layout}; received {_validate.describe(tree)}."
+        )
     shapes = {}
     for path, leaf in leaves:
         shape = np.shape(leaf)
@@ -113,16 +115,22 @@ def check_tasks(tasks: Any, name: str = "tasks") -> tuple[int, int, int]:
             f"received {n_s} support tasks and {n_q} query tasks."
         )
     if n_s < 1 or m < 1 or q < 1:
-        raise ValueError(f"{name} must hold at least one task with one support and one query example; received shapes [{n_s}, {m}] and [{n_q}, {q}].")
+        raise ValueError(
+            f"{name} must hold at least one task with one support and one query example; received shapes [{n_s}, {m}] and [{n_q}, {q}]."
+        )
     return n_s, m, q
 
 
 def check_problem(problem: Any) -> None:
     if not isinstance(problem, BilevelProblem):
-        raise TypeError(f"problem must be a metaif.BilevelProblem(inner_loss, outer_loss, adapt); received {_validate.describe(problem)}.")
+        raise TypeError(
+            f"problem must be a metaif.BilevelProblem(inner_loss, outer_loss, adapt); received {_validate.describe(problem)}."
+        )
 
 
-def check_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, which: tuple[str, ...] = ("inner_loss", "outer_loss")) -> None:
+def check_losses(
+    problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, which: tuple[str, ...] = ("inner_loss", "outer_loss")
+) -> None:
     """Trace each loss on one example (no FLOPs) and require a scalar output."""
     data_of = {"inner_loss": tasks.support, "outer_loss": tasks.query}
     for name in which:
@@ -132,9 +140,7 @@ def check_losses(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, w
         try:
             out = jax.eval_shape(loss, meta_params, meta_params, example)
         except Exception as error:  # re-raised with the argument named
-            raise ValueError(
-                f"problem.{name} failed on (meta_params, meta_params, one example): {error}"
-            ) from error
+            raise ValueError(f"problem.{name} failed on (meta_params, meta_params, one example): {error}") from error
         leaves = jax.tree.leaves(out)
         if len(leaves) != 1 or leaves[0].shape != ():
             shown = jax.tree.map(lambda s: f"shape {s.shape}", out)
@@ -151,6 +157,10 @@ def check_weights(name: str, weights: Any, shape: tuple[int, ...]) -> None:
     if got != shape:
         raise ValueError(f"{name} must have shape {shape}; received {_validate.describe(weights)}.")
     dtype = weights.dtype if hasattr(weights, "dtype") else np.asarray(weights).dtype
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)):
-        shown = _validate.describe(weights) if hasattr(weights, "dtype") else f"{type(weights).__name__} of dtype {dtype}"
+    if not (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)
+    ):
+        shown = (
+            _validate.describe(weights) if hasattr(weights, "dtype") else f"{type(weights).__name__} of dtype {dtype}"
+        )
         raise TypeError(f"{name} must hold real numbers (float, int or bool); received {shown}.")

@@ -58,7 +58,9 @@ class TaskRemoval(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("maxiter", "chunk_size"))
-def _core(problem: BilevelProblem, maxiter: int, chunk_size: int | None, meta_params, tasks: TaskSet, amount, damping, tol):
+def _core(
+    problem: BilevelProblem, maxiter: int, chunk_size: int | None, meta_params, tasks: TaskSet, amount, damping, tol
+):
     n = tasks.n_tasks
     flat, unravel = _tree.ravel(meta_params)
     weights = unit_weights(meta_params, tasks)
@@ -77,12 +79,17 @@ def _core(problem: BilevelProblem, maxiter: int, chunk_size: int | None, meta_pa
         task_grad, task_hvp = jax.linearize(loss_grad, flat)
         matvec = lambda v: hessian @ v + damping * v - (amount / n) * task_hvp(v)
         rhs = -(full_grad - (amount / n) * task_grad)
-        step, info = _linalg.preconditioned_conjugate_gradient(matvec, rhs, tol=tol, maxiter=maxiter,
-                                                              preconditioner=precondition, damping=damping)
+        step, info = _linalg.preconditioned_conjugate_gradient(
+            matvec, rhs, tol=tol, maxiter=maxiter, preconditioner=precondition, damping=damping
+        )
         return step, info._replace(min_eigenvalue=factor.values[0])
 
-    steps, info = _batching.map_tasks(one_task, (tasks.support, tasks.query, weights.support, weights.query), chunk_size)
-    diagnostics = _diagnostics.compute(problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size, solve=info)
+    steps, info = _batching.map_tasks(
+        one_task, (tasks.support, tasks.query, weights.support, weights.query), chunk_size
+    )
+    diagnostics = _diagnostics.compute(
+        problem, meta_params, tasks, weights, value, grad, chunk_size=chunk_size, solve=info
+    )
     return jax.vmap(unravel)(steps), diagnostics, _boundary.flags(meta_params, steps)
 
 
@@ -93,9 +100,18 @@ def _target_changes(target: Callable, chunk_size: int | None, meta_params, delta
 
 
 @renamed(batch_size="chunk_size")
-def task_removal(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable | None = None, *,
-                 amount: float = 1.0, damping: float = 0.0, maxiter: int = 64, tol: float = 1e-10,
-                 chunk_size: int | None = None) -> TaskRemoval:
+def task_removal(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    target: Callable | None = None,
+    *,
+    amount: float = 1.0,
+    damping: float = 0.0,
+    maxiter: int = 64,
+    tol: float = 1e-10,
+    chunk_size: int | None = None,
+) -> TaskRemoval:
     """Predict removing each training task by one exact Newton step on the reduced objective.
 
     Second order in the removal: unlike influence (`task_influence`), it accounts for the change of
@@ -124,8 +140,10 @@ def task_removal(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, t
     _validate.finite_tree("meta_params", meta_params)
     d = _tree.size(meta_params)
     if d > DENSE_LIMIT:
-        raise ValueError(f"task_removal forms the dense d×d total Hessian, so d must be <= {DENSE_LIMIT}; meta_params has "
-                         f"d = {d}. Use the first-order metaif.task_influence for larger models.")
+        raise ValueError(
+            f"task_removal forms the dense d×d total Hessian, so d must be <= {DENSE_LIMIT}; meta_params has "
+            f"d = {d}. Use the first-order metaif.task_influence for larger models."
+        )
     amount = _validate.positive("amount", amount)
     if amount > 1.0:
         raise ValueError(f"amount must be in (0, 1] (the share of each task's weight removed); received {amount}.")
@@ -137,14 +155,24 @@ def task_removal(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, t
     if target is not None:
         _boundary.check_scalar_fn("target", target, meta_params, "meta_params")
     dtype = _tree.float_dtype(meta_params)
-    delta, diagnostics, flags = _core(problem, maxiter, chunk_size, meta_params, tasks, jnp.asarray(amount, dtype),
-                                      jnp.asarray(damping, dtype), jnp.asarray(tol, dtype))
+    delta, diagnostics, flags = _core(
+        problem,
+        maxiter,
+        chunk_size,
+        meta_params,
+        tasks,
+        jnp.asarray(amount, dtype),
+        jnp.asarray(damping, dtype),
+        jnp.asarray(tol, dtype),
+    )
     result = TaskRemoval(delta, None, diagnostics)
     _boundary.check_result(result, problem, meta_params, tasks, flags._replace(scores_finite=True))
     if target is not None:
         change = _target_changes(target, chunk_size, meta_params, delta)
         if _validate.is_concrete(change) and not np.all(np.isfinite(np.asarray(change))):
-            raise ValueError("target(meta_params + delta) is not finite for some tasks: their Newton steps left the region where "
-                             "target is defined (see .solve.indefinite); use damping > 0 or the first-order task_influence.")
+            raise ValueError(
+                "target(meta_params + delta) is not finite for some tasks: their Newton steps left the region where "
+                "target is defined (see .solve.indefinite); use damping > 0 or the first-order task_influence."
+            )
         result = result._replace(change=change)
     return result

@@ -41,8 +41,10 @@ def configure_cpu(*, devices: int | None = None, multi_thread_eigen: bool = Fals
     if all(flag in flags for flag in wanted):
         return " ".join(flags)  # already set (by this process or its parent): nothing to change
     if _backends_started():
-        raise RuntimeError("metaif.configure_cpu must run before the first JAX computation (XLA reads XLA_FLAGS once, "
-                           "when a backend starts); call it at the top of your script.")
+        raise RuntimeError(
+            "metaif.configure_cpu must run before the first JAX computation (XLA reads XLA_FLAGS once, "
+            "when a backend starts); call it at the top of your script."
+        )
     if devices is not None:
         flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count=")]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f for f in wanted if f not in flags])
@@ -62,7 +64,9 @@ def enable_compilation_cache(path: str | os.PathLike | None = None, *, min_compi
     """
     import jax
 
-    folder = Path(path or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "metaif" / "jax-compilation").expanduser()
+    folder = Path(
+        path or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "metaif" / "jax-compilation"
+    ).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))

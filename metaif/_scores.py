@@ -26,8 +26,16 @@ TaskLoss = Callable[[PyTree, PyTree, PyTree, jax.Array, jax.Array], jax.Array]
 LEVELS = ("tasks", "support", "query")
 
 
-def weight_scores(task_fn: TaskLoss, meta_params: PyTree, tasks: TaskSet, v: PyTree, weights: Weights | None = None, *,
-                  chunk_size: int | None = None, n_tasks: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def weight_scores(
+    task_fn: TaskLoss,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    v: PyTree,
+    weights: Weights | None = None,
+    *,
+    chunk_size: int | None = None,
+    n_tasks: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """−∂_ω [vᵀ ∇_λ G(λ; ω)] for G(λ; t, a, b) = (1/n) Σ_i t_i task_fn(λ, S_i, Q_i, a_i, b_i): arrays
     [n_chunk], [n_chunk, m], [n_chunk, q] for the tasks given.
 
@@ -55,15 +63,26 @@ def bilevel_task_loss(problem: BilevelProblem) -> TaskLoss:
     return lambda lam, support, query, a, b: task_loss(problem, lam, support, query, a, b)
 
 
-def target_scores(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, v: PyTree, weights: Weights | None = None, *,
-                  chunk_size: int | None = None, n_tasks: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def target_scores(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    v: PyTree,
+    weights: Weights | None = None,
+    *,
+    chunk_size: int | None = None,
+    n_tasks: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Influence scores −∂_ω [vᵀ ∇_λ F] of every task [n], support [n, m] and query [n, q] weight,
     given the solved vector v = (H + δI)⁻¹ ∇f (a pytree like meta_params)."""
-    return weight_scores(bilevel_task_loss(problem), meta_params, tasks, v, weights, chunk_size=chunk_size, n_tasks=n_tasks)
+    return weight_scores(
+        bilevel_task_loss(problem), meta_params, tasks, v, weights, chunk_size=chunk_size, n_tasks=n_tasks
+    )
 
 
-def task_mixed_gradients(problem: BilevelProblem, meta_params: PyTree, support: PyTree, query: PyTree, a: jax.Array,
-                         b: jax.Array, level: str) -> PyTree:
+def task_mixed_gradients(
+    problem: BilevelProblem, meta_params: PyTree, support: PyTree, query: PyTree, a: jax.Array, b: jax.Array, level: str
+) -> PyTree:
     """One task's ∂_ω ∇_λ L_O^i for its weights of one level (t_i enters as L_O^i itself): a pytree
     like meta_params ("tasks") or with a leading axis m ("support") or q ("query")."""
 
@@ -77,12 +96,21 @@ def task_mixed_gradients(problem: BilevelProblem, meta_params: PyTree, support: 
     return jax.vmap(lambda e: jax.jvp(along, (w,), (e,))[1])(jnp.eye(w.shape[0], dtype=w.dtype))
 
 
-def mixed_gradients(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, level: str, weights: Weights | None = None, *,
-                    chunk_size: int | None = None, n_tasks: int | None = None) -> PyTree:
+def mixed_gradients(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    level: str,
+    weights: Weights | None = None,
+    *,
+    chunk_size: int | None = None,
+    n_tasks: int | None = None,
+) -> PyTree:
     """∂_ω ∇_λ F for every weight ω of one level ("tasks", "support" or "query"): pytrees like
     meta_params with leading axes [n] or [n, m|q]. Influence on λ is −(H + δI)⁻¹ of each."""
     n = tasks.n_tasks if n_tasks is None else n_tasks
     weights = unit_weights(meta_params, tasks) if weights is None else weights
+
     def per_task(data):
         support, query, a, b = data
         return task_mixed_gradients(problem, meta_params, support, query, a, b, level)

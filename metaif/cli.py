@@ -71,7 +71,9 @@ and report options recompute nothing. One run at a time holds OUT/.metaif-lock (
 a second run in the same folder stops at once, naming the first one's pid.
 """
 
-RUN_HELP = PIPELINE_HELP + """
+RUN_HELP = (
+    PIPELINE_HELP
+    + """
 CONFIG is a TOML file with any of these sections (missing keys take the demo's defaults;
 unknown keys are an error that lists the valid ones):
   [data]      dataset = "digits" | "mnist" | "omniglot" | "mini-imagenet" | "fc100" | "npz",
@@ -97,8 +99,11 @@ examples:
   metaif run my.toml --check                               # validate + memory estimate only
   metaif run my.toml --out runs/x --fresh                  # delete the run's checkpoints, start over
 """
+)
 
-DEMO_HELP = PIPELINE_HELP + """
+DEMO_HELP = (
+    PIPELINE_HELP
+    + """
 The demo is `metaif run` with the built-in default config (configs/digits.toml holds the same
 values): scikit-learn's 1,797 bundled 8x8 digits (no download), 5-way 2-shot tasks, 50 training
 tasks of which 20% get random labels and 10% of support labels flipped, a tanh MLP on 12 PCA
@@ -110,9 +115,10 @@ examples:
   metaif demo --out /tmp/demo       # elsewhere
   metaif demo --fresh               # recompute everything
 """
+)
 
 BENCH_HELP = f"""\
-Runs the benchmark scripts of a source checkout (benchmarks/{{{','.join(BENCHMARKS)}}}.py), each in its
+Runs the benchmark scripts of a source checkout (benchmarks/{{{",".join(BENCHMARKS)}}}.py), each in its
 own process, streaming their tables. Without --quick the full runs take tens of minutes each on a
 CPU and write benchmarks/results/*.json; with --quick each takes a few minutes (core and pairwise
 only print; solvers and scaling write their *_quick results). See benchmarks/README.md.
@@ -125,13 +131,18 @@ examples:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
 
 
 def _job_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by the commands that run the whole job (demo, run)."""
-    parser.add_argument("--fresh", action="store_true",
-                        help="delete the checkpoints this folder's manifest.json records (nothing else) and start over")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete the checkpoints this folder's manifest.json records (nothing else) and start over",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress or summary on the terminal")
     _common(parser)
 
@@ -142,23 +153,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="{demo,run,bench}")
 
-    demo = sub.add_parser("demo", help="the whole job on the built-in digits default", description=DEMO_HELP, formatter_class=_FORMAT)
+    demo = sub.add_parser(
+        "demo", help="the whole job on the built-in digits default", description=DEMO_HELP, formatter_class=_FORMAT
+    )
     demo.add_argument("--out", default=None, help="output folder (default demo-out, or demo-out-quick with --quick)")
-    demo.add_argument("--quick", action="store_true", help="a first look: shorter meta-training, no leave-one-out check and "
-                                                           "no edit (the stages that retrain)")
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a first look: shorter meta-training, no leave-one-out check and no edit (the stages that retrain)",
+    )
     _job_options(demo)
     demo.set_defaults(func=_cmd_demo)
 
     run = sub.add_parser("run", help="the whole job on a TOML config", description=RUN_HELP, formatter_class=_FORMAT)
     run.add_argument("config", help="TOML config file (see configs/)")
     run.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
-    run.add_argument("--check", action="store_true",
-                     help="check everything the run checks before its heavy work (config, data, tasks, model file - which "
-                          "is executed -, memory estimate, output folder), then stop; writes nothing")
+    run.add_argument(
+        "--check",
+        action="store_true",
+        help="check everything the run checks before its heavy work (config, data, tasks, model file - which "
+        "is executed -, memory estimate, output folder), then stop; writes nothing",
+    )
     _job_options(run)
     run.set_defaults(func=_cmd_run)
 
-    bench = sub.add_parser("bench", help="run the benchmarks and print their tables", description=BENCH_HELP, formatter_class=_FORMAT)
+    bench = sub.add_parser(
+        "bench", help="run the benchmarks and print their tables", description=BENCH_HELP, formatter_class=_FORMAT
+    )
     bench.add_argument("--quick", action="store_true", help="the small versions (a few minutes each)")
     bench.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME", help=f"some of {', '.join(BENCHMARKS)}")
     bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
@@ -204,21 +225,31 @@ def _output_folder(out: Path) -> None:
     from ._run.config import ConfigError
 
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is an existing file, not a folder. Pass the name of a folder (it is created "
-                          "if missing; a finished or interrupted run's folder is reused), or move the file away.")
+        raise ConfigError(
+            f"--out {str(out)!r} is an existing file, not a folder. Pass the name of a folder (it is created "
+            "if missing; a finished or interrupted run's folder is reused), or move the file away."
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a parent that is a file, no permission, read-only file system
-        raise ConfigError(f"--out {str(out)!r}: cannot create the output folder ({error.strerror}: {error.filename!r}). "
-                          "Pass a folder in a place you can write to.") from None
+        raise ConfigError(
+            f"--out {str(out)!r}: cannot create the output folder ({error.strerror}: {error.filename!r}). "
+            "Pass a folder in a place you can write to."
+        ) from None
 
 
 def _cmd_demo(args) -> int:
     from ._run.config import DEMO, QUICK
 
     out = args.out or ("demo-out-quick" if args.quick else "demo-out")
-    return _execute(QUICK if args.quick else DEMO, Path(out), f"--out {out!r}", args.fresh, args.quiet,
-                    f"metaif demo{' --quick' if args.quick else ''} --out {out}")
+    return _execute(
+        QUICK if args.quick else DEMO,
+        Path(out),
+        f"--out {out!r}",
+        args.fresh,
+        args.quiet,
+        f"metaif demo{' --quick' if args.quick else ''} --out {out}",
+    )
 
 
 def _cmd_run(args) -> int:
@@ -246,17 +277,24 @@ def _check_only(config, path, out: Path, label: str) -> int:
 
     folder.check(out, label)
     pools = pipeline.load_pools(config)
-    pipeline.check_pools(config, pools)   # as the run does, before memory: a setting the data cannot supply is no memory problem
+    pipeline.check_pools(
+        config, pools
+    )  # as the run does, before memory: a setting the data cannot supply is no memory problem
     prepared = pipeline.setup(config, pipeline.build_data(config, pools))
     train, stages, t = prepared.train, prepared.estimate, config.tasks
-    gib = 1024 ** 3
-    print(f"{path}: valid. {pools.source}: {pools.train_labels.size:,} meta-training images of {np.unique(pools.train_labels).size:,} "
-          f"classes and {pools.held_labels.size:,} held-out images of {np.unique(pools.held_labels).size:,} classes "
-          f"(tasks need {t.ways} classes of {t.shots} + {t.queries} images); "
-          f"d = {prepared.model.n_params} meta-parameters; n = {train.n_tasks}, m = {train.n_support}, q = {train.n_query}. "
-          f"Output folder: {out}/.")
-    print("estimated peak memory: " + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in stages.items() if k != "peak")
-          + f"; peak {stages['peak'] / gib:.2f} GiB of {memory.available_bytes() / gib:.1f} GiB available.")
+    gib = 1024**3
+    print(
+        f"{path}: valid. {pools.source}: {pools.train_labels.size:,} meta-training images of {np.unique(pools.train_labels).size:,} "
+        f"classes and {pools.held_labels.size:,} held-out images of {np.unique(pools.held_labels).size:,} classes "
+        f"(tasks need {t.ways} classes of {t.shots} + {t.queries} images); "
+        f"d = {prepared.model.n_params} meta-parameters; n = {train.n_tasks}, m = {train.n_support}, q = {train.n_query}. "
+        f"Output folder: {out}/."
+    )
+    print(
+        "estimated peak memory: "
+        + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in stages.items() if k != "peak")
+        + f"; peak {stages['peak'] / gib:.2f} GiB of {memory.available_bytes() / gib:.1f} GiB available."
+    )
     return 0
 
 
@@ -273,9 +311,11 @@ def _cmd_bench(args) -> int:
     names = args.only or list(BENCHMARKS)
     wanted = list(BENCHMARKS) if args.list else names
     if not all((folder / f"{name}.py").is_file() for name in wanted):
-        raise FileNotFoundError(f"the benchmark scripts benchmarks/{{{','.join(wanted)}}}.py are not in {str(folder)!r}: "
-                                "`metaif bench` runs the scripts of a source checkout, which an installed wheel does not "
-                                "include. Clone the repository and install it with `pip install -e .`.")
+        raise FileNotFoundError(
+            f"the benchmark scripts benchmarks/{{{','.join(wanted)}}}.py are not in {str(folder)!r}: "
+            "`metaif bench` runs the scripts of a source checkout, which an installed wheel does not "
+            "include. Clone the repository and install it with `pip install -e .`."
+        )
     if args.list:
         for name in BENCHMARKS:
             print(f"{name:<9} benchmarks/{name}.py: {_describe(folder / f'{name}.py')}")
@@ -290,8 +330,10 @@ def _cmd_bench(args) -> int:
         if code:
             failed.append(name)
     if failed:
-        raise RuntimeError(f"benchmark(s) {', '.join(failed)} failed (their output is above). Rerun one alone with "
-                           f"`metaif bench --only {failed[0]}{' --quick' if args.quick else ''}` to see its error.")
+        raise RuntimeError(
+            f"benchmark(s) {', '.join(failed)} failed (their output is above). Rerun one alone with "
+            f"`metaif bench --only {failed[0]}{' --quick' if args.quick else ''}` to see its error."
+        )
     return 0
 
 
@@ -301,13 +343,19 @@ def _cmd_bench(args) -> int:
 def _paragraph(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     if "must return a scalar" in text:
-        text = ("the model's loss is not a scalar: " + text + " With [model] kind = \"python\", loss(params, meta_params, example) "
-                "gets ONE example and must return a single number.")
+        text = (
+            "the model's loss is not a scalar: "
+            + text
+            + ' With [model] kind = "python", loss(params, meta_params, example) '
+            "gets ONE example and must return a single number."
+        )
     elif "verify=False" in text:  # a loader's checksum error: the config's spelling of the escape hatch
         text = text.replace("Pass verify=False", "Set [data] verify = false in the config")
     elif isinstance(error, MemoryError):
-        text = ("the run ran out of memory: " + text + " Set [influence] batch_size and [check] batch_size smaller, or "
-                "reduce [tasks] train or the model size.")
+        text = (
+            "the run ran out of memory: " + text + " Set [influence] batch_size and [check] batch_size smaller, or "
+            "reduce [tasks] train or the model size."
+        )
     elif isinstance(error, ImportError):
         text = text + " (install the missing package into this environment)"
     return text

@@ -39,7 +39,24 @@ from ._scores import weight_scores as weight_scores
 from .training import train_steps as train_steps
 
 __all__ = [
-    "LEVELS", "Diagnostics", "Weights", "adapt", "adaptation_gradient", "bilevel_task_loss", "diagnostics",
-    "influence_from_gradient", "influence_on_params", "influence_on_target", "mixed_gradients", "objective", "operator",
-    "target_scores", "task_loss", "task_losses", "train_steps", "unit_weights", "value_and_grad", "weight_scores",
+    "LEVELS",
+    "Diagnostics",
+    "Weights",
+    "adapt",
+    "adaptation_gradient",
+    "bilevel_task_loss",
+    "diagnostics",
+    "influence_from_gradient",
+    "influence_on_params",
+    "influence_on_target",
+    "mixed_gradients",
+    "objective",
+    "operator",
+    "target_scores",
+    "task_loss",
+    "task_losses",
+    "train_steps",
+    "unit_weights",
+    "value_and_grad",
+    "weight_scores",
 ]

@@ -39,14 +39,18 @@ def task_sum(problem, meta_params, tasks, weights) -> jax.Array:
 
 def _adapted_linearization(problem, meta_params, tasks, weights):
     """θ_lin(λ) = θ(λ*) + (dθ/dλ)(λ − λ*) for every task of the chunk."""
-    adapt_all = lambda lam: jax.vmap(functools.partial(adapt_one, problem), in_axes=(None, 0, 0))(lam, tasks.support, weights.support)
+    adapt_all = lambda lam: jax.vmap(functools.partial(adapt_one, problem), in_axes=(None, 0, 0))(
+        lam, tasks.support, weights.support
+    )
     theta, jac = jax.linearize(adapt_all, meta_params)
     return lambda lam: jax.tree.map(jnp.add, theta, jac(_tree.sub(lam, meta_params)))
 
 
 def _query_sum(problem, theta, lam, tasks, weights) -> jax.Array:
     """Σ_i t_i (1/q) Σ_j b_ij ℓ_out(θ_i, λ; z_ij) with θ given per task."""
-    per_task = jax.vmap(functools.partial(weighted_mean_loss, problem.outer_loss), in_axes=(0, None, 0, 0))(theta, lam, tasks.query, weights.query)
+    per_task = jax.vmap(functools.partial(weighted_mean_loss, problem.outer_loss), in_axes=(0, None, 0, 0))(
+        theta, lam, tasks.query, weights.query
+    )
     return jnp.sum(weights.tasks * per_task)
 
 
@@ -55,8 +59,7 @@ class Curvature(abc.ABC):
     option's matrix is (1/n) Σ_chunks [∇²S̃(λ*) + shift·I] + meta_reg·I. Pytrees (`metaif._module.options`)."""
 
     @abc.abstractmethod
-    def surrogate(self, problem, meta_params, tasks, weights) -> tuple[Callable[[PyTree], jax.Array], jax.Array]:
-        ...
+    def surrogate(self, problem, meta_params, tasks, weights) -> tuple[Callable[[PyTree], jax.Array], jax.Array]: ...
 
     def check(self, problem, meta_params, tasks) -> None:
         """Validate against the problem (concrete inputs, before any jit). Default: nothing."""
@@ -76,7 +79,9 @@ class Truncated(Curvature):
 
     def surrogate(self, problem, meta_params, tasks, weights):
         theta_lin = _adapted_linearization(problem, meta_params, tasks, weights)
-        return (lambda lam: _query_sum(problem, theta_lin(lam), lam, tasks, weights)), jnp.zeros((), _tree.float_dtype(meta_params))
+        return (lambda lam: _query_sum(problem, theta_lin(lam), lam, tasks, weights)), jnp.zeros(
+            (), _tree.float_dtype(meta_params)
+        )
 
 
 @options
@@ -88,8 +93,9 @@ class Gamma(Curvature):
     def surrogate(self, problem, meta_params, tasks, weights):
         theta_lin = _adapted_linearization(problem, meta_params, tasks, weights)
         theta = theta_lin(meta_params)
-        grad_theta = jax.vmap(jax.grad(functools.partial(weighted_mean_loss, problem.outer_loss)), in_axes=(0, None, 0, 0))(
-            theta, meta_params, tasks.query, weights.query)
+        grad_theta = jax.vmap(
+            jax.grad(functools.partial(weighted_mean_loss, problem.outer_loss)), in_axes=(0, None, 0, 0)
+        )(theta, meta_params, tasks.query, weights.query)
         l1 = sum(jnp.sum(jnp.abs(leaf).reshape(leaf.shape[0], -1), axis=1) for leaf in jax.tree.leaves(grad_theta))
         shift = jnp.sum(weights.tasks * l1)
         return (lambda lam: _query_sum(problem, theta_lin(lam), lam, tasks, weights)), shift
@@ -132,12 +138,18 @@ class GaussNewton(Curvature):
 
     def check(self, problem, meta_params, tasks) -> None:
         first = jax.tree.map(lambda x: x[0], _batching.take_tasks(tasks.query, 0))
-        params = adapt_one(problem, meta_params, _batching.take_tasks(tasks.support, 0),
-                           jnp.ones((tasks.n_support,), _tree.float_dtype(meta_params)))
+        params = adapt_one(
+            problem,
+            meta_params,
+            _batching.take_tasks(tasks.support, 0),
+            jnp.ones((tasks.n_support,), _tree.float_dtype(meta_params)),
+        )
         try:
             split = self.output_loss(self.predict(params, meta_params, first), first)
         except Exception as error:
-            raise ValueError(f"GaussNewton: output_loss(predict(params, meta_params, example), example) failed: {error}") from error
+            raise ValueError(
+                f"GaussNewton: output_loss(predict(params, meta_params, example), example) failed: {error}"
+            ) from error
         whole = problem.outer_loss(params, meta_params, first)
         if jnp.shape(split) != () or not jnp.allclose(split, whole, rtol=1e-5, atol=1e-8):
             raise ValueError(

@@ -61,7 +61,9 @@ def top_k(scores: Any, k: int, level: str | None = None) -> Explanation:
             f"received {_validate.describe(scores)}."
         )
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"scores contain {int(np.sum(~np.isfinite(array)))} non-finite values; check the influence run's `solve` diagnostics.")
+        raise ValueError(
+            f"scores contain {int(np.sum(~np.isfinite(array)))} non-finite values; check the influence run's `solve` diagnostics."
+        )
     k = min(_validate.positive_int("k", k), array.size)
     flat = array.ravel()
     order = np.argsort(flat, kind="stable")
@@ -108,9 +110,14 @@ def plot_examples(explanation: Explanation, images: Any, k: int | None = None, t
 
 def task_table(explanation: Explanation) -> str:
     """A plain-text table of an explanation (rank, position, score) for logs and terminals."""
-    lines = [f"{explanation.level}  ({explanation.convention})", f"{'rank':>4}  {'proponent':>12} {'score':>11}   {'opponent':>12} {'score':>11}"]
+    lines = [
+        f"{explanation.level}  ({explanation.convention})",
+        f"{'rank':>4}  {'proponent':>12} {'score':>11}   {'opponent':>12} {'score':>11}",
+    ]
     for rank, (pi, ps, oi, os) in enumerate(zip(*explanation.proponents, *explanation.opponents), start=1):
-        lines.append(f"{rank:>4}  {str(tuple(int(x) for x in pi)):>12} {ps:>+11.3e}   {str(tuple(int(x) for x in oi)):>12} {os:>+11.3e}")
+        lines.append(
+            f"{rank:>4}  {str(tuple(int(x) for x in pi)):>12} {ps:>+11.3e}   {str(tuple(int(x) for x in oi)):>12} {os:>+11.3e}"
+        )
     return "\n".join(lines)
 
 

@@ -81,8 +81,12 @@ def task_mesh(devices: Sequence[jax.Device] | None = None, *, axis_type: AxisTyp
         )
     if devices is None:
         devices = jax.devices()
-    if isinstance(devices, (str, bytes)) or not isinstance(devices, (Sequence, np.ndarray)) or not all(
-            isinstance(d, jax.Device) for d in devices) or len(devices) == 0:
+    if (
+        isinstance(devices, (str, bytes))
+        or not isinstance(devices, (Sequence, np.ndarray))
+        or not all(isinstance(d, jax.Device) for d in devices)
+        or len(devices) == 0
+    ):
         raise TypeError(
             "devices must be None or a non-empty sequence of jax.Device objects such as "
             f"jax.devices()[:4]; received {_validate.describe(devices)}."
@@ -158,5 +162,7 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     that per-task values derived from them can carry the task sharding.
     """
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh such as metaif.parallel.task_mesh(); received {_describe(mesh)}.")
+        raise TypeError(
+            f"mesh must be a jax.sharding.Mesh such as metaif.parallel.task_mesh(); received {_describe(mesh)}."
+        )
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))

@@ -26,8 +26,17 @@ PyTree = Any
 # ----------------------------------------------------------------------------- task sets
 
 
-def regression_tasks(n_tasks: int, n_support: int, n_query: int, dim: int, noise: float = 0.1,
-                     spread: float = 0.5, seed: int = 0, family_seed: int = 0, dtype: DTypeLike = np.float64) -> tuple[TaskSet, np.ndarray]:
+def regression_tasks(
+    n_tasks: int,
+    n_support: int,
+    n_query: int,
+    dim: int,
+    noise: float = 0.1,
+    spread: float = 0.5,
+    seed: int = 0,
+    family_seed: int = 0,
+    dtype: DTypeLike = np.float64,
+) -> tuple[TaskSet, np.ndarray]:
     """Linear-regression tasks y = x·w_i + ε with w_i = w_0 + spread·N(0, I).
 
     `family_seed` draws the shared w_0 (the task distribution); `seed` draws the tasks, so task
@@ -46,8 +55,18 @@ def regression_tasks(n_tasks: int, n_support: int, n_query: int, dim: int, noise
     return TaskSet(sample(n_support), sample(n_query)), w
 
 
-def classification_tasks(n_tasks: int, n_support: int, n_query: int, dim: int, ways: int, spread: float = 0.5,
-                         scale: float = 2.0, seed: int = 0, family_seed: int = 0, dtype: DTypeLike = np.float64) -> TaskSet:
+def classification_tasks(
+    n_tasks: int,
+    n_support: int,
+    n_query: int,
+    dim: int,
+    ways: int,
+    spread: float = 0.5,
+    scale: float = 2.0,
+    seed: int = 0,
+    family_seed: int = 0,
+    dtype: DTypeLike = np.float64,
+) -> TaskSet:
     """Linear softmax tasks: inputs x ~ N(0, I); labels drawn from softmax(x·W_i) with
     W_i = scale·(W_0 + spread·N(0, I)), so tasks share structure that meta-learning can find.
 
@@ -69,8 +88,9 @@ def classification_tasks(n_tasks: int, n_support: int, n_query: int, dim: int, w
     return TaskSet(sample(n_support), sample(n_query))
 
 
-def corrupt_labels(tasks: TaskSet, ways: int, task_fraction: float = 0.0, support_fraction: float = 0.0,
-                   seed: int = 0) -> tuple[TaskSet, np.ndarray, np.ndarray]:
+def corrupt_labels(
+    tasks: TaskSet, ways: int, task_fraction: float = 0.0, support_fraction: float = 0.0, seed: int = 0
+) -> tuple[TaskSet, np.ndarray, np.ndarray]:
     """Corrupt classification tasks: a fraction of tasks gets random query labels (breaking the
     support-query link) and a fraction of support labels is flipped to another class.
 
@@ -83,8 +103,10 @@ def corrupt_labels(tasks: TaskSet, ways: int, task_fraction: float = 0.0, suppor
         outside = (y < 0) | (y >= ways)
         if outside.any():
             task, example = np.argwhere(outside)[0]
-            raise ValueError(f"corrupt_labels(tasks): {int(outside.sum())} {part} label(s) lie outside [0, ways={ways}), e.g. "
-                             f"{int(y[task, example])} in task {int(task)}. Pass the tasks' number of classes as ways.")
+            raise ValueError(
+                f"corrupt_labels(tasks): {int(outside.sum())} {part} label(s) lie outside [0, ways={ways}), e.g. "
+                f"{int(y[task, example])} in task {int(task)}. Pass the tasks' number of classes as ways."
+            )
     n, m = ys.shape
     task_mask = np.zeros(n, bool)
     task_mask[rng.choice(n, int(round(task_fraction * n)), replace=False)] = True
@@ -146,8 +168,10 @@ def cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
     """
     ways = jnp.shape(logits)[-1]
     if np.ndim(label) == 0 and _validate.is_concrete(label) and not 0 <= int(label) < ways:
-        raise ValueError(f"cross_entropy: label {int(label)} is outside [0, {ways}) for {ways} logits. Labels must be "
-                         f"class indices 0..{ways - 1} within the task (few_shot_tasks numbers them so).")
+        raise ValueError(
+            f"cross_entropy: label {int(label)} is outside [0, {ways}) for {ways} logits. Labels must be "
+            f"class indices 0..{ways - 1} within the task (few_shot_tasks numbers them so)."
+        )
     return jnp.where((label >= 0) & (label < ways), -jax.nn.log_softmax(logits)[label], jnp.nan)
 
 
@@ -161,13 +185,25 @@ def mlp_cross_entropy(params: PyTree, meta_params: PyTree, example: PyTree) -> j
     return cross_entropy(mlp_logits(params, example["x"]), example["y"])
 
 
-def accuracy(logits_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
+def accuracy(
+    logits_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree, x: jax.Array, y: jax.Array
+) -> jax.Array:
     """Fraction of inputs x [k, dim] whose argmax logit equals the label y [k]."""
     predicted = jnp.argmax(logits_fn(params, x), axis=-1)
     return jnp.mean((predicted == y.astype(predicted.dtype)).astype(x.dtype))
 
 
 __all__ = [
-    "accuracy", "classification_tasks", "corrupt_labels", "cross_entropy", "linear_cross_entropy", "linear_init", "linear_logits",
-    "mlp_cross_entropy", "mlp_init", "mlp_logits", "regression_tasks", "squared_loss",
+    "accuracy",
+    "classification_tasks",
+    "corrupt_labels",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "linear_init",
+    "linear_logits",
+    "mlp_cross_entropy",
+    "mlp_init",
+    "mlp_logits",
+    "regression_tasks",
+    "squared_loss",
 ]

@@ -21,7 +21,15 @@ import optax
 from . import _batching, _linalg, _tree, _validate
 from ._deprecation import renamed
 from ._adapt import Proximal
-from ._objective import Weights, full_weights, adaptation_residuals_jit, check_arguments, check_finite_losses, objective, unit_weights
+from ._objective import (
+    Weights,
+    full_weights,
+    adaptation_residuals_jit,
+    check_arguments,
+    check_finite_losses,
+    objective,
+    unit_weights,
+)
 from ._problem import BilevelProblem, TaskSet
 
 PyTree = Any
@@ -52,11 +60,15 @@ class TrainResult(NamedTuple):
     adaptation_residual: jax.Array | None = None
 
     def summary(self) -> str:
-        inner = "" if self.adaptation_residual is None else f", max inner residual {float(self.adaptation_residual):.2e}"
+        inner = (
+            "" if self.adaptation_residual is None else f", max inner residual {float(self.adaptation_residual):.2e}"
+        )
         return f"F = {float(self.objective):.6g}, ||grad F|| = {float(self.grad_norm):.3e}{inner} after {self.losses.shape[0]} steps"
 
 
-def _adaptation_residual(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights) -> jax.Array | None:
+def _adaptation_residual(
+    problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights
+) -> jax.Array | None:
     """Max inner-stationarity residual over tasks for Proximal adaptation, else None."""
     if not isinstance(problem.adapt, Proximal):
         return None
@@ -72,9 +84,18 @@ def _full_value_and_grad(problem, meta_params, tasks, weights):
     return value, _tree.norm(grad)
 
 
-def train_steps(problem: BilevelProblem, optimizer: optax.GradientTransformation, meta_params: PyTree, opt_state: Any,
-                tasks: TaskSet, weights: Weights | None = None, *, steps: int, key: jax.Array | None = None,
-                minibatch: int | None = None):
+def train_steps(
+    problem: BilevelProblem,
+    optimizer: optax.GradientTransformation,
+    meta_params: PyTree,
+    opt_state: Any,
+    tasks: TaskSet,
+    weights: Weights | None = None,
+    *,
+    steps: int,
+    key: jax.Array | None = None,
+    minibatch: int | None = None,
+):
     """`steps` optax steps on F(λ; w), on all tasks or on minibatches of `minibatch` tasks drawn
     with `key` (without replacement). Pure (one `lax.scan`): jit it, checkpoint between calls, or
     scan it further. Returns (λ, optimiser state, [steps] F history, [steps] ‖∇F‖ history)."""
@@ -102,9 +123,19 @@ _train_chunk = jax.jit(train_steps, static_argnames=("optimizer", "steps", "mini
 
 
 @renamed(batch_size="minibatch")
-def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, optimizer: optax.GradientTransformation | None = None,
-               steps: int = 1000, minibatch: int | None = None, seed: int = 0, log_every: int | None = None,
-               task_weights=None, support_weights=None, query_weights=None) -> TrainResult:
+def meta_train(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    optimizer: optax.GradientTransformation | None = None,
+    steps: int = 1000,
+    minibatch: int | None = None,
+    seed: int = 0,
+    log_every: int | None = None,
+    task_weights=None,
+    support_weights=None,
+    query_weights=None,
+) -> TrainResult:
     """Minimise F(λ; t, a, b) over the finite task set with an optax optimiser.
 
     Args:
@@ -125,13 +156,19 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
     _validate.finite_tree("meta_params", meta_params)
     steps = _validate.positive_int("steps", steps)
     n = tasks.n_tasks
-    if minibatch is not None and (isinstance(minibatch, bool) or not isinstance(minibatch, int) or not 1 <= minibatch <= n):
-        raise ValueError(f"minibatch must be None or an int in [1, n_tasks={n}]; received {_validate.describe(minibatch)}.")
+    if minibatch is not None and (
+        isinstance(minibatch, bool) or not isinstance(minibatch, int) or not 1 <= minibatch <= n
+    ):
+        raise ValueError(
+            f"minibatch must be None or an int in [1, n_tasks={n}]; received {_validate.describe(minibatch)}."
+        )
     if log_every is not None:
         log_every = _validate.positive_int("log_every", log_every)
     optimizer = optax.adam(1e-2) if optimizer is None else optimizer
     if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(f"optimizer must be an optax.GradientTransformation, e.g. optax.adam(1e-2); received {_validate.describe(optimizer)}.")
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation, e.g. optax.adam(1e-2); received {_validate.describe(optimizer)}."
+        )
     weights = full_weights(meta_params, tasks, task_weights, support_weights, query_weights)
     check_finite_losses(problem, meta_params, tasks, weights, "meta_train at the initial meta_params")
     with jax.numpy_dtype_promotion("standard"):
@@ -142,8 +179,9 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
     while done < steps:
         length = min(chunk, steps - done)
         key, sub = jax.random.split(key)
-        meta_params, opt_state, v, g = _train_chunk(problem, optimizer, meta_params, opt_state, tasks, weights, steps=length, key=sub,
-                                                     minibatch=minibatch)
+        meta_params, opt_state, v, g = _train_chunk(
+            problem, optimizer, meta_params, opt_state, tasks, weights, steps=length, key=sub, minibatch=minibatch
+        )
         values.append(v)
         norms.append(g)
         done += length
@@ -152,9 +190,17 @@ def meta_train(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, opt
     value, grad_norm = _full_value_and_grad(problem, meta_params, tasks, weights)
     if not bool(jnp.isfinite(value)):
         check_finite_losses(problem, meta_params, tasks, weights, "meta_train diverged")
-        raise ValueError(f"meta_train diverged: the objective is {float(value)}. Lower the optimiser's learning rate or the adaptation's lr.")
-    return TrainResult(meta_params, jnp.concatenate(values), jnp.concatenate(norms), value, grad_norm,
-                       _adaptation_residual(problem, meta_params, tasks, weights))
+        raise ValueError(
+            f"meta_train diverged: the objective is {float(value)}. Lower the optimiser's learning rate or the adaptation's lr."
+        )
+    return TrainResult(
+        meta_params,
+        jnp.concatenate(values),
+        jnp.concatenate(norms),
+        value,
+        grad_norm,
+        _adaptation_residual(problem, meta_params, tasks, weights),
+    )
 
 
 class NewtonResult(NamedTuple):
@@ -179,8 +225,9 @@ class NewtonResult(NamedTuple):
     converged: jax.Array
 
 
-def trust_region_step(values: jax.Array, vectors: jax.Array, gradient: jax.Array, radius: jax.Array,
-                      bisections: int = 100) -> tuple[jax.Array, jax.Array]:
+def trust_region_step(
+    values: jax.Array, vectors: jax.Array, gradient: jax.Array, radius: jax.Array, bisections: int = 100
+) -> tuple[jax.Array, jax.Array]:
     """The exact minimiser p of the model g·p + ½pᵀHp over ‖p‖ <= radius, H = V diag(values) Vᵀ
     (eigenvalues ascending, [d] and [d, d]; g [d]), and the model's decrease −(g·p + ½pᵀHp).
 
@@ -219,8 +266,18 @@ def trust_region_step(values: jax.Array, vectors: jax.Array, gradient: jax.Array
     return vectors @ p, decrease
 
 
-def newton_steps(problem: BilevelProblem, steps: int, shift, proximal, center: PyTree, start: PyTree, tasks: TaskSet,
-                 weights: Weights, tol=1e-10, radius=None) -> NewtonResult:
+def newton_steps(
+    problem: BilevelProblem,
+    steps: int,
+    shift,
+    proximal,
+    center: PyTree,
+    start: PyTree,
+    tasks: TaskSet,
+    weights: Weights,
+    tol=1e-10,
+    radius=None,
+) -> NewtonResult:
     """Trust-region Newton on F(λ; w) + (proximal/2)‖λ − center‖² from `start`, until the gradient
     norm is <= `tol` or `steps` Newton steps (Hessians) are spent.
 
@@ -300,15 +357,32 @@ def newton_steps(problem: BilevelProblem, steps: int, shift, proximal, center: P
 
 
 @functools.partial(jax.jit, static_argnames=("steps",))
-def newton_core(problem: BilevelProblem, steps: int, damping: float, tol: float, meta_params: PyTree, tasks: TaskSet,
-                weights: Weights) -> NewtonResult:
+def newton_core(
+    problem: BilevelProblem,
+    steps: int,
+    damping: float,
+    tol: float,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    weights: Weights,
+) -> NewtonResult:
     """Jitted `newton_steps` on F(λ; w) alone (no proximal term), from meta_params."""
     return newton_steps(problem, steps, damping, 0.0, meta_params, meta_params, tasks, weights, tol)
 
 
 @renamed(damping="shift")
-def newton_refine(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, steps: int = 50, shift: float = 0.0,
-                  task_weights=None, support_weights=None, query_weights=None, *, tol: float = 1e-10) -> TrainResult:
+def newton_refine(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    steps: int = 50,
+    shift: float = 0.0,
+    task_weights=None,
+    support_weights=None,
+    query_weights=None,
+    *,
+    tol: float = 1e-10,
+) -> TrainResult:
     """Polish λ to a stationary point with trust-region Newton steps on the exact total Hessian
     (`newton_steps`), stopping once ‖∇F‖ <= tol or after `steps` steps.
 
@@ -328,7 +402,15 @@ def newton_refine(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
     result = newton_core(problem, steps, shift, tol, meta_params, tasks, weights)
     if not bool(jnp.isfinite(result.objective)):
         check_finite_losses(problem, result.params, tasks, weights, "newton_refine diverged")
-        raise ValueError(f"newton_refine diverged (F = {float(result.objective)}): start closer to a minimum or pass shift > 0.")
+        raise ValueError(
+            f"newton_refine diverged (F = {float(result.objective)}): start closer to a minimum or pass shift > 0."
+        )
     taken = int(result.iterations)
-    return TrainResult(result.params, result.objectives[:taken], result.grad_norms[:taken], result.objective, result.grad_norm,
-                       _adaptation_residual(problem, result.params, tasks, weights))
+    return TrainResult(
+        result.params,
+        result.objectives[:taken],
+        result.grad_norms[:taken],
+        result.objective,
+        result.grad_norm,
+        _adaptation_residual(problem, result.params, tasks, weights),
+    )

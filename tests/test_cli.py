@@ -87,7 +87,17 @@ def test_help_is_complete_with_examples(capsys, command):
     out = capsys.readouterr().out
     assert "examples:" in out and "metaif" in out
     if command == ["run"]:
-        for section in ("[data]", "[tasks]", "[model]", "[train]", "[influence]", "[check]", "[edit]", "[report]", "[run]"):
+        for section in (
+            "[data]",
+            "[tasks]",
+            "[model]",
+            "[train]",
+            "[influence]",
+            "[check]",
+            "[edit]",
+            "[report]",
+            "[run]",
+        ):
             assert section in out
     if command in ([], ["demo"], ["run"]):
         assert "resum" in out
@@ -99,7 +109,9 @@ def test_no_command_prints_help_and_fails(capsys):
 
 
 def test_console_script_and_module_alias():
-    version = subprocess.run([str(Path(sys.executable).parent / "metaif"), "--version"], capture_output=True, text=True, timeout=120)
+    version = subprocess.run(
+        [str(Path(sys.executable).parent / "metaif"), "--version"], capture_output=True, text=True, timeout=120
+    )
     assert version.returncode == 0 and metaif.__version__ in version.stdout
     alias = subprocess.run([sys.executable, "-m", "metaif.demo", "--help"], capture_output=True, text=True, timeout=120)
     assert alias.returncode == 0 and "metaif demo" in alias.stdout
@@ -110,17 +122,19 @@ def test_bench_list(capsys):
     assert code == 0 and all(name in out for name in cli.BENCHMARKS)
     lines = out.splitlines()
     assert len(lines) == len(cli.BENCHMARKS)
-    for name, line in zip(cli.BENCHMARKS, lines):   # each with the first sentence of its script's docstring
+    for name, line in zip(cli.BENCHMARKS, lines):  # each with the first sentence of its script's docstring
         assert line.split()[0] == name and len(line) > 50 and "issue" not in line, line
     assert "time to compute every task, support and query score" in lines[0]
 
 
 def test_help_and_bench_list_do_not_import_jax():
     """The command's help and listings answer without loading JAX (seconds saved per call)."""
-    script = ("import sys\nfrom metaif import cli\n"
-              "for argv in (['--help'], ['run', '--help'], ['demo', '--help'], ['bench', '--list'], ['--version']):\n"
-              "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
-              "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax')))")
+    script = (
+        "import sys\nfrom metaif import cli\n"
+        "for argv in (['--help'], ['run', '--help'], ['demo', '--help'], ['bench', '--list'], ['--version']):\n"
+        "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+        "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax')))"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "LOADED []", done.stdout[-500:]
@@ -129,14 +143,23 @@ def test_help_and_bench_list_do_not_import_jax():
 # ----------------------------------------------------------------------------- config errors
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("[model]\nhiden = [8]\n", ["unknown key 'hiden' in section [model]", "Did you mean 'hidden'", "Valid keys of [model]", "features"]),
-    ("[modle]\nhidden = [8]\n", ["unknown section [modle]", "Did you mean 'model'", "[influence]"]),
-    ("[tasks]\nways = \"five\"\n", ["[tasks] ways must be an integer", "'five'"]),
-    ("[influence]\nsolver = \"dense2\"\n", ["[influence] solver must be one of 'dense', 'cg'", "Did you mean 'dense'"]),
-    ("[tasks]\ncorrupt_tasks = 1.5\n", ["corrupt_tasks is a fraction"]),
-    ("[tasks\n", ["is not valid TOML"]),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "[model]\nhiden = [8]\n",
+            ["unknown key 'hiden' in section [model]", "Did you mean 'hidden'", "Valid keys of [model]", "features"],
+        ),
+        ("[modle]\nhidden = [8]\n", ["unknown section [modle]", "Did you mean 'model'", "[influence]"]),
+        ('[tasks]\nways = "five"\n', ["[tasks] ways must be an integer", "'five'"]),
+        (
+            '[influence]\nsolver = "dense2"\n',
+            ["[influence] solver must be one of 'dense', 'cg'", "Did you mean 'dense'"],
+        ),
+        ("[tasks]\ncorrupt_tasks = 1.5\n", ["corrupt_tasks is a fraction"]),
+        ("[tasks\n", ["is not valid TOML"]),
+    ],
+)
 def test_bad_config_is_one_paragraph_and_exit_2(capsys, tmp_path, text, expected):
     code, _, err = run_main(capsys, "run", str(write(tmp_path / "bad.toml", text)), "--out", str(tmp_path / "out"))
     assert code == cli.EXIT_USAGE
@@ -151,18 +174,30 @@ def test_missing_config_file(capsys, tmp_path):
     assert code == cli.EXIT_USAGE and "does not exist" in err
 
 
-@pytest.mark.parametrize("tasks, expected", [
-    ("ways = 11", ["[tasks] ways = 11", "meta-training pool", "has 10 classes", "Set ways <= 10"]),
-    ("shots = 90\nqueries = 10", ["shots + queries = 90 + 10 = 100", "meta-training pool", "has 97 images",
-                                  "Set shots + queries <= 97"]),
-    ("shots = 50\nqueries = 10", ["= 60 images per class", "held-out pool (the [tasks] target and test tasks)", "has 57 images",
-                                  "Set shots + queries <= 57"]),
-    ("ways = 5000\nshots = 25", ["[tasks] ways = 5000", "has 10 classes"]),    # a data limit, not a memory problem
-])
+@pytest.mark.parametrize(
+    "tasks, expected",
+    [
+        ("ways = 11", ["[tasks] ways = 11", "meta-training pool", "has 10 classes", "Set ways <= 10"]),
+        (
+            "shots = 90\nqueries = 10",
+            ["shots + queries = 90 + 10 = 100", "meta-training pool", "has 97 images", "Set shots + queries <= 97"],
+        ),
+        (
+            "shots = 50\nqueries = 10",
+            [
+                "= 60 images per class",
+                "held-out pool (the [tasks] target and test tasks)",
+                "has 57 images",
+                "Set shots + queries <= 57",
+            ],
+        ),
+        ("ways = 5000\nshots = 25", ["[tasks] ways = 5000", "has 10 classes"]),  # a data limit, not a memory problem
+    ],
+)
 def test_check_compares_tasks_with_what_the_data_holds(capsys, tmp_path, tasks, expected):
     """digits: 10 classes in both pools; per class 97-123 meta-training and 57-84 held-out images."""
     config = write(tmp_path / "c.toml", f"[tasks]\n{tasks}\n")
-    for argv in (["--check"], ["--out", str(tmp_path / "out")]):   # --check, and a real run before any work
+    for argv in (["--check"], ["--out", str(tmp_path / "out")]):  # --check, and a real run before any work
         code, out, err = run_main(capsys, "run", str(config), *argv)
         assert code == cli.EXIT_USAGE and err.startswith("error: ") and err.count("\n") == 1, err
         for part in expected:
@@ -173,7 +208,12 @@ def test_check_compares_tasks_with_what_the_data_holds(capsys, tmp_path, tasks, 
 
 def test_check_reports_what_the_data_holds(capsys):
     code, out, _ = run_main(capsys, "run", str(ROOT / "configs" / "digits.toml"), "--check")
-    assert code == 0 and "valid" in out and "images of 10 classes" in out and "(tasks need 5 classes of 2 + 3 images)" in out
+    assert (
+        code == 0
+        and "valid" in out
+        and "images of 10 classes" in out
+        and "(tasks need 5 classes of 2 + 3 images)" in out
+    )
 
 
 @pytest.mark.skipif(not (DATA / "omniglot").is_dir(), reason=f"Omniglot archives not found in {DATA}/omniglot")
@@ -182,9 +222,11 @@ def test_check_names_omniglot_limits(capsys, monkeypatch):
     monkeypatch.setenv("METAIF_DATA", str(DATA))
     base = run_config.load(ROOT / "configs" / "omniglot.toml")
     pools = pipeline.load_pools(base)
-    for changes, expected in (({"shots": 18, "queries": 3}, ["= 21 images per class", "every class has 20 images"]),
-                              ({"ways": 1300}, ["[tasks] ways = 1300", "meta-training pool", "has 1,200 classes"]),
-                              ({"ways": 500}, ["[tasks] ways = 500", "held-out pool", "has 423 classes"])):
+    for changes, expected in (
+        ({"shots": 18, "queries": 3}, ["= 21 images per class", "every class has 20 images"]),
+        ({"ways": 1300}, ["[tasks] ways = 1300", "meta-training pool", "has 1,200 classes"]),
+        ({"ways": 500}, ["[tasks] ways = 500", "held-out pool", "has 423 classes"]),
+    ):
         config = dataclasses.replace(base, tasks=dataclasses.replace(base.tasks, **changes))
         with pytest.raises(run_config.ConfigError) as error:
             pipeline.check_pools(config, pools)
@@ -199,8 +241,10 @@ def test_every_example_config_is_valid():
     assert {"digits.toml", "omniglot.toml", "mnist.toml"} <= set(names)
     for path in (ROOT / "configs").glob("*.toml"):
         run_config.load(path)
-    assert run_config.load(ROOT / "configs" / "digits.toml").to_dict() == {**run_config.DEMO.to_dict(), "run": {
-        **run_config.DEMO.to_dict()["run"], "name": "digits"}}
+    assert run_config.load(ROOT / "configs" / "digits.toml").to_dict() == {
+        **run_config.DEMO.to_dict(),
+        "run": {**run_config.DEMO.to_dict()["run"], "name": "digits"},
+    }
 
 
 # ----------------------------------------------------------------------------- runtime errors
@@ -237,7 +281,9 @@ def test_dataset_file_that_fails_its_checksum(capsys, tmp_path):
 
 
 def test_loss_that_is_not_scalar(capsys, tmp_path):
-    module = write(tmp_path / "model.py", """\
+    module = write(
+        tmp_path / "model.py",
+        """\
         import jax, jax.numpy as jnp
 
         def init(key, n_inputs, ways):
@@ -245,7 +291,8 @@ def test_loss_that_is_not_scalar(capsys, tmp_path):
 
         def loss(params, meta_params, example):
             return (example["x"] @ params["w"]) ** 2      # a vector: forgot to reduce
-        """)
+        """,
+    )
     config = write(tmp_path / "c.toml", TINY.replace("[model]\n", f'[model]\nkind = "python"\nmodule = "{module}"\n'))
     code, _, err = run_main(capsys, "run", str(config), "--out", str(tmp_path / "out"))
     assert code == cli.EXIT_FAILED and "not a scalar" in err and "ONE example" in err and "Traceback" not in err
@@ -255,12 +302,16 @@ def test_run_that_would_not_fit_in_memory(capsys, tmp_path):
     config = write(tmp_path / "c.toml", TINY + "[run]\nmemory_limit_gb = 0.00001\n")
     code, _, err = run_main(capsys, "run", str(config), "--out", str(tmp_path / "out"))
     assert code == cli.EXIT_USAGE and "would not fit in memory" in err and "GiB" in err and "batch_size" in err
-    assert not (tmp_path / "out" / "checkpoints" / "train_adam.npz").exists()   # stopped before training
+    assert not (tmp_path / "out" / "checkpoints" / "train_adam.npz").exists()  # stopped before training
 
 
 def test_memory_estimate_and_batch_size_suggestion():
-    raw = {"tasks": {"train": 400}, "model": {"features": 64, "hidden": [64]}, "train": {"newton_steps": 0},
-           "check": {"tasks": 0, "support": 0, "query": 0}}
+    raw = {
+        "tasks": {"train": 400},
+        "model": {"features": 64, "hidden": [64]},
+        "train": {"newton_steps": 0},
+        "check": {"tasks": 0, "support": 0, "query": 0},
+    }
     config = run_config.from_dict(raw)
     chunked_config = run_config.from_dict({**raw, "influence": {"batch_size": 8}})
     full, chunked = (memory.estimate(c, 64, 5000, 400, 10, 15) for c in (config, chunked_config))
@@ -279,7 +330,7 @@ def test_fit_pca_whitens_and_maps_any_leading_axes():
     assert features.shape == (500, 6)
     np.testing.assert_allclose(features.mean(0), 0.0, atol=1e-10)
     np.testing.assert_allclose(features.std(0), 1.0, rtol=1e-10)
-    np.testing.assert_allclose(np.cov(features.T, bias=True), np.eye(6), atol=1e-10)   # decorrelated
+    np.testing.assert_allclose(np.cov(features.T, bias=True), np.eye(6), atol=1e-10)  # decorrelated
     np.testing.assert_allclose(pca(images.reshape(50, 10, 8, 8)), features.reshape(50, 10, 6))
     with pytest.raises(ValueError, match="fit_pca\\(k\\) = 100 exceeds"):
         metaif.data.fit_pca(images, 100)
@@ -301,15 +352,29 @@ def tiny_run(tmp_path_factory):
     config = write(folder / "tiny.toml", TINY)
     code = cli.main(["run", str(config), "--out", str(folder / "out"), "--quiet"])
     assert code == 0
-    shutil.copy(folder / "out" / "summary.json", folder / "first-summary.json")   # before any rerun
+    shutil.copy(folder / "out" / "summary.json", folder / "first-summary.json")  # before any rerun
     return folder, config, folder / "out"
 
 
 def test_run_writes_scores_plots_and_reports(tiny_run):
     _, _, out = tiny_run
-    for name in ("scores_tasks.csv", "scores_support.csv", "scores_query.csv", "scores.json", "summary.json", "report.md",
-                 "report.html", "config.toml", "log.jsonl", "training.png", "scores.png", "predicted_vs_actual.png",
-                 "detection.png", "examples.png", "editing.png"):
+    for name in (
+        "scores_tasks.csv",
+        "scores_support.csv",
+        "scores_query.csv",
+        "scores.json",
+        "summary.json",
+        "report.md",
+        "report.html",
+        "config.toml",
+        "log.jsonl",
+        "training.png",
+        "scores.png",
+        "predicted_vs_actual.png",
+        "detection.png",
+        "examples.png",
+        "editing.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
@@ -336,7 +401,7 @@ def test_score_csvs_share_one_documented_schema(tiny_run):
     tables = {level: _csv(out / f"scores_{level}.csv") for level in ("tasks", "support", "query")}
     for level in tables:
         assert (out / f"scores_{level}.csv").read_text().splitlines()[0] == header
-    assert [len(t) for t in tables.values()] == [8, 8 * 5, 8 * 5]          # TINY: 8 tasks, 5-way 1-shot, 1 query per class
+    assert [len(t) for t in tables.values()] == [8, 8 * 5, 8 * 5]  # TINY: 8 tasks, 5-way 1-shot, 1 query per class
     markdown = (out / "report.md").read_text()
     assert all(f"| `{name}` |" in markdown for name, _ in report.COLUMNS)  # every column documented in the report
     scores = json.loads((out / "scores.json").read_text())
@@ -345,7 +410,7 @@ def test_score_csvs_share_one_documented_schema(tiny_run):
         assert [float(r["influence"]) for r in rows] == np.ravel(scores[level]).tolist()
         assert all(float(r["predicted_change_if_removed"]) == -float(r["influence"]) for r in rows)
         retrained = [r for r in rows if r["actual_change_if_removed"]]
-        assert len(retrained) == 3                                          # TINY's leave-one-out sample per level
+        assert len(retrained) == 3  # TINY's leave-one-out sample per level
     examples = tables["support"] + tables["query"]
     classes = np.asarray(scores["classes"])
     for r in examples:
@@ -359,7 +424,7 @@ def test_score_csvs_share_one_documented_schema(tiny_run):
     assert any(r["task_corrupted"] == "1" and r["label_wrong"] == "1" and r["flipped"] == "0" for r in examples)
     assert "label_wrong can be 1 with flipped = 0" in markdown
     removed = {r["task"] for r in tables["tasks"] if r["removed_by_edit"] == "1"}
-    assert len(removed) == 2                                                # TINY: [edit] tasks = 0.25 of 8
+    assert len(removed) == 2  # TINY: [edit] tasks = 0.25 of 8
     assert all((r["removed_by_edit"] == "1") == (r["task"] in removed) for r in tables["query"])
     assert all(r["removed_by_edit"] == "1" for r in tables["support"] if r["task"] in removed)
 
@@ -380,19 +445,19 @@ def test_class_column_is_the_digit_of_the_image(tiny_run):
 
 def test_figures_show_classes_full_bars_and_newton_on_its_own_axis(tiny_run, tmp_path, monkeypatch):
     _, config_path, out = tiny_run
-    results = pipeline.run(run_config.load(config_path), out, pipeline.UI(quiet=True))   # every stage reused
+    results = pipeline.run(run_config.load(config_path), out, pipeline.UI(quiet=True))  # every stage reused
     summary = report.summarize(results)
     figures = {}
     monkeypatch.setattr(report, "_finish", lambda fig, path: figures.setdefault(path.name, fig))
     report.figures(tmp_path, results, summary, top_k=3)
     try:
         loss_axis, accuracy_axis = figures["editing.png"].axes[:2]
-        assert loss_axis.get_ylim()[0] == 0 and accuracy_axis.get_ylim() == (0, 1)     # bars are not truncated
-        assert not loss_axis.get_legend()                                              # no undamped "predicted" line
+        assert loss_axis.get_ylim()[0] == 0 and accuracy_axis.get_ylim() == (0, 1)  # bars are not truncated
+        assert not loss_axis.get_legend()  # no undamped "predicted" line
         adam_norms, newton_norms = figures["training.png"].axes[1], figures["training.png"].axes[2]
         steps = len(results["refined"]["grad_norms"])
         assert len(adam_norms.lines[0].get_xdata()) == 150 and len(newton_norms.lines[0].get_xdata()) == steps + 1
-        assert newton_norms.get_xlim()[1] < steps + 1                                  # Newton has its own axis
+        assert newton_norms.get_xlim()[1] < steps + 1  # Newton has its own axis
         titles = [ax.get_title() for ax in figures["examples.png"].axes if ax.get_title()]
         assert len(titles) == 6 and all(": class " in t for t in titles)
     finally:
@@ -404,7 +469,17 @@ def test_summary_says_what_each_stage_cost(tiny_run):
     folder, _, _ = tiny_run
     first = json.loads((folder / "first-summary.json").read_text())
     stages = first["stages"]
-    assert list(stages) == ["data", "train_adam", "train_newton", "evaluate", "solve", "scores", "baseline", "loo", "edit"]
+    assert list(stages) == [
+        "data",
+        "train_adam",
+        "train_newton",
+        "evaluate",
+        "solve",
+        "scores",
+        "baseline",
+        "loo",
+        "edit",
+    ]
     assert abs(sum(s["share"] for s in stages.values()) - 1) < 1e-9 and first["compute_s"] > 0
     assert all(s["seconds"] > 0 and s["peak_rss_gib"] > 0.05 and not s["reused"] for s in stages.values())
     assert not first["resumed"] and first["wall_s"] >= first["compute_s"] * 0.9
@@ -434,7 +509,7 @@ def test_resume_keeps_the_original_measurements_and_marks_reuse(tiny_run):
 def test_report_explains_the_edit_row(tiny_run):
     _, _, out = tiny_run
     summary = json.loads((out / "summary.json").read_text())
-    assert "target_predicted" not in summary["edit"]                   # the undamped first-order sum is not reported
+    assert "target_predicted" not in summary["edit"]  # the undamped first-order sum is not reported
     markdown = (out / "report.md").read_text()
     assert "held-out loss: before / predicted" not in markdown
     row = next(line for line in markdown.splitlines() if line.startswith("| held-out loss: before / edit / retrain |"))
@@ -443,14 +518,26 @@ def test_report_explains_the_edit_row(tiny_run):
 
 def test_demo_quick_is_the_demo_without_the_retraining_stages(monkeypatch):
     seen = []
-    monkeypatch.setattr(cli, "_execute", lambda config, out, label, fresh, quiet, command: seen.append((config, out, command)) or 0)
+    monkeypatch.setattr(
+        cli, "_execute", lambda config, out, label, fresh, quiet, command: seen.append((config, out, command)) or 0
+    )
     assert cli.main(["demo", "--quick"]) == 0 and cli.main(["demo"]) == 0
     (quick, quick_out, quick_command), (demo, demo_out, _) = seen
-    assert quick is run_config.QUICK and quick_out == Path("demo-out-quick") and quick_command.startswith("metaif demo --quick")
+    assert (
+        quick is run_config.QUICK
+        and quick_out == Path("demo-out-quick")
+        and quick_command.startswith("metaif demo --quick")
+    )
     assert demo is run_config.DEMO and demo_out == Path("demo-out")
-    for section in ("data", "tasks", "model", "train", "influence", "report"):   # the same problem and scores
+    for section in ("data", "tasks", "model", "train", "influence", "report"):  # the same problem and scores
         assert getattr(quick, section) == getattr(demo, section)
-    assert (quick.check.tasks, quick.check.support, quick.check.query, quick.edit.tasks, quick.edit.support) == (0, 0, 0, 0, 0)
+    assert (quick.check.tasks, quick.check.support, quick.check.query, quick.edit.tasks, quick.edit.support) == (
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
 
 
 def test_run_without_check_and_edit(tmp_path):
@@ -461,9 +548,15 @@ def test_run_without_check_and_edit(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert "loo" not in summary["stages"] and "edit" not in summary["stages"]
     assert summary["fidelity"]["tasks"]["n"] == 0
-    assert not (tmp_path / "out" / "editing.png").exists() and not (tmp_path / "out" / "predicted_vs_actual.png").exists()
+    assert (
+        not (tmp_path / "out" / "editing.png").exists() and not (tmp_path / "out" / "predicted_vs_actual.png").exists()
+    )
     table = report.rows(summary)
-    assert ("predicted vs actual", "not checked", "[check] tasks, support, query = 0 (e.g. metaif demo --quick)") in table
+    assert (
+        "predicted vs actual",
+        "not checked",
+        "[check] tasks, support, query = 0 (e.g. metaif demo --quick)",
+    ) in table
     assert ("edit", "not run", "[edit] tasks, support = 0 (e.g. metaif demo --quick)") in table
     assert not any(row and "n/a" in row[1] for row in table)
 
@@ -477,8 +570,10 @@ def test_chunked_scores_equal_one_influence_call(tiny_run):
     train, target_tasks = pipeline.task_set(data, "train"), pipeline.task_set(data, "target")
     model = pipeline.build_model(config.model, data["train_sx"].shape[-1], config.tasks.ways)
     newton = np.load(store.path("train_newton"))
-    lam = jax.tree.unflatten(jax.tree.structure(model.init(0)),
-                             [jnp.asarray(newton[f"p{i}"]) for i in range(len(jax.tree.leaves(model.init(0))))])
+    lam = jax.tree.unflatten(
+        jax.tree.structure(model.init(0)),
+        [jnp.asarray(newton[f"p{i}"]) for i in range(len(jax.tree.leaves(model.init(0))))],
+    )
     target = lambda p: jnp.mean(metaif.task_losses(model.problem, p, target_tasks))
     result = metaif.influence(model.problem, lam, train, target=target, solver=metaif.solvers.Dense())
     scores = json.loads((out / "scores.json").read_text())
@@ -490,11 +585,11 @@ def test_rerun_reuses_everything_and_a_changed_config_recomputes_only_its_stages
     folder, config, out = tiny_run
     before = (out / "log.jsonl").read_text().splitlines()
     assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 0
-    new = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()[len(before):]]
+    new = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()[len(before) :]]
     assert new and all(r["event"] == "reused" for r in new), new
     changed = write(folder / "tiny2.toml", TINY.replace("[report]\ntop_k = 3", "[report]\ntop_k = 2\nplots = false"))
-    assert cli.main(["run", str(changed), "--out", str(out), "--quiet"]) == 0   # report options: no stage recomputed
-    new = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()[len(before) + len(new):]]
+    assert cli.main(["run", str(changed), "--out", str(out), "--quiet"]) == 0  # report options: no stage recomputed
+    new = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()[len(before) + len(new) :]]
     assert all(r["event"] == "reused" for r in new)
 
 
@@ -502,10 +597,10 @@ def test_store_rejects_stale_and_unreadable_checkpoints(tmp_path):
     store = Store(tmp_path)
     store.save("x", fingerprint("a", 1), {"v": np.arange(3.0)})
     assert np.array_equal(store.load("x", fingerprint("a", 1))["v"], np.arange(3.0))
-    assert store.load("x", fingerprint("a", 2)) is None                      # config or code changed
+    assert store.load("x", fingerprint("a", 2)) is None  # config or code changed
     store.path("x").write_bytes(b"truncated")
-    assert store.load("x", fingerprint("a", 1)) is None                      # a torn file is recomputed
-    assert not list(tmp_path.glob("checkpoints/.*.tmp"))                     # atomic writes leave no temporaries
+    assert store.load("x", fingerprint("a", 1)) is None  # a torn file is recomputed
+    assert not list(tmp_path.glob("checkpoints/.*.tmp"))  # atomic writes leave no temporaries
 
 
 def test_adam_resumes_mid_training_exactly(tmp_path):
@@ -527,7 +622,9 @@ def test_adam_resumes_mid_training_exactly(tmp_path):
             def bar():
                 def advance(k=1):
                     raise Stop
+
                 yield advance
+
             return bar()
 
     def context(folder, ui):
@@ -560,7 +657,11 @@ def test_kill_9_then_restart_loses_nothing(tiny_run, tmp_path):
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=errors)
     log = out / "log.jsonl"
     deadline = time.time() + 240
-    while not (log.exists() and '"stage": "scores_0000"' in log.read_text()) and process.poll() is None and time.time() < deadline:
+    while (
+        not (log.exists() and '"stage": "scores_0000"' in log.read_text())
+        and process.poll() is None
+        and time.time() < deadline
+    ):
         time.sleep(0.05)
     alive = process.poll() is None
     process.send_signal(signal.SIGKILL)
@@ -574,12 +675,16 @@ def test_kill_9_then_restart_loses_nothing(tiny_run, tmp_path):
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    after = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()[len(before):]]
+    after = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()[len(before) :]]
     recomputed = {r["stage"] for r in after if r["event"] == "computed"}
     assert not finished & recomputed, finished & recomputed
     assert finished <= {r["stage"] for r in after if r["event"] == "reused"}
     ours, theirs = json.loads((out / "scores.json").read_text()), json.loads((reference / "scores.json").read_text())
     for level in ("tasks", "support", "query"):
         np.testing.assert_allclose(ours[level], theirs[level], rtol=1e-10, atol=1e-15)
-        np.testing.assert_allclose(ours["leave_one_out"][level]["actual_change"], theirs["leave_one_out"][level]["actual_change"],
-                                   rtol=1e-8, atol=1e-13)
+        np.testing.assert_allclose(
+            ours["leave_one_out"][level]["actual_change"],
+            theirs["leave_one_out"][level]["actual_change"],
+            rtol=1e-8,
+            atol=1e-13,
+        )

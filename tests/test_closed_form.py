@@ -119,8 +119,9 @@ def test_influence_on_meta_params(setup):
     _close(instance.query["w"], expected[2])
 
 
-@pytest.mark.parametrize("solver", [metaif.solvers.Dense(), metaif.solvers.CG(damping=0.0, tol=1e-12, maxiter=100)],
-                         ids=["dense", "cg"])
+@pytest.mark.parametrize(
+    "solver", [metaif.solvers.Dense(), metaif.solvers.CG(damping=0.0, tol=1e-12, maxiter=100)], ids=["dense", "cg"]
+)
 def test_influence_on_target(setup, solver):
     kind, problem, lam = setup
     target = lambda l: _test_loss(kind, l["w"])
@@ -159,7 +160,9 @@ def test_influence_on_adapted_params_of_training_task(setup):
 def test_influence_on_adapted_params_of_new_task(setup):
     kind, problem, lam = setup
     x, y = NEW_SUPPORT["x"], NEW_SUPPORT["y"]
-    jac = jax.jacfwd(lambda t, a, b: _adapted(kind, _closed_form(kind, t, a, b), x, y, jnp.ones(x.shape[0])), argnums=(0, 1, 2))(*ONES)
+    jac = jax.jacfwd(
+        lambda t, a, b: _adapted(kind, _closed_form(kind, t, a, b), x, y, jnp.ones(x.shape[0])), argnums=(0, 1, 2)
+    )(*ONES)
     expected = [jnp.moveaxis(j, 0, -1) for j in jac]
     result = metaif.adapted_influence(problem, lam, TASKS, NEW_SUPPORT)
     for got, want in zip((result.tasks, result.support, result.query), expected):

@@ -45,8 +45,12 @@ def test_pure_influence_equals_checked_and_vmaps_over_targets():
         np.testing.assert_allclose(a, b, rtol=1e-12)
     np.testing.assert_allclose(pure.diagnostics.grad_norm, checked.grad_norm, rtol=1e-12)
     rows = jax.jacrev(lambda lam: core.task_losses(PROBLEM, lam, TEST))(LAM)
-    mapped = jax.jit(jax.vmap(lambda g: core.influence_from_gradient(PROBLEM, LAM, TASKS, g, solver=SOLVER).tasks))(rows)
-    pairwise = metaif.pairwise_influence(PROBLEM, LAM, TASKS, lambda lam: core.task_losses(PROBLEM, lam, TEST), solver=SOLVER)
+    mapped = jax.jit(jax.vmap(lambda g: core.influence_from_gradient(PROBLEM, LAM, TASKS, g, solver=SOLVER).tasks))(
+        rows
+    )
+    pairwise = metaif.pairwise_influence(
+        PROBLEM, LAM, TASKS, lambda lam: core.task_losses(PROBLEM, lam, TEST), solver=SOLVER
+    )
     np.testing.assert_allclose(mapped, pairwise.tasks, rtol=1e-10, atol=1e-14)
 
 
@@ -69,7 +73,8 @@ def test_train_steps_is_meta_train():
     optimizer = optax.adam(0.05)
     state = optimizer.init(LAM)
     lam, _, values, _ = jax.jit(core.train_steps, static_argnames=("optimizer", "steps", "minibatch"))(
-        PROBLEM, optimizer, LAM, state, TASKS, steps=10, key=jax.random.split(jax.random.key(0))[1])
+        PROBLEM, optimizer, LAM, state, TASKS, steps=10, key=jax.random.split(jax.random.key(0))[1]
+    )
     trained = metaif.meta_train(PROBLEM, LAM, TASKS, optimizer, steps=10)
     np.testing.assert_allclose(values, trained.losses, rtol=1e-12)
     for a, b in zip(jax.tree.leaves(lam), jax.tree.leaves(trained.meta_params)):

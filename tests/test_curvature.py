@@ -51,7 +51,9 @@ def _oracles(FLAT):
     h_bar = jnp.einsum("iab,ibc,icd->ad", jac.transpose(0, 2, 1), tt, jac) + jnp.einsum("iba,ibc->ac", jac, tl)
     h_bar += jnp.einsum("iab,ibc->ac", lt, jac) + ll.sum(0)
     gamma = jnp.sum(jnp.abs(jax.vmap(jax.grad(_task_query_loss), in_axes=(0, None, 0))(theta, FLAT, TASKS.query)))
-    outputs = lambda x: jax.vmap(lambda th, query: jax.vmap(lambda z: predict(UNRAVEL(th), None, z))(query))(_adapted_flat(x), TASKS.query)
+    outputs = lambda x: jax.vmap(lambda th, query: jax.vmap(lambda z: predict(UNRAVEL(th), None, z))(query))(
+        _adapted_flat(x), TASKS.query
+    )
     j_out = jax.jacfwd(outputs)(FLAT)  # [n, q, ways, d]
     h_out = jax.vmap(jax.vmap(jax.hessian(output_loss)))(outputs(FLAT), TASKS.query)  # [n, q, ways, ways]
     gauss_newton = jnp.einsum("ijad,ijab,ijbe->de", j_out, h_out, j_out) / Q
@@ -74,21 +76,31 @@ def ORACLES(FLAT):
 
 @pytest.fixture(scope="module")
 def TASK_GRADS(FLAT):
-    return jax.vmap(lambda k: jax.grad(lambda x: metaif.meta_objective(
-        PROBLEM, UNRAVEL(x), TASKS, task_weights=jnp.zeros(N).at[k].set(1.0)))(FLAT) - PROBLEM.meta_reg * FLAT)(jnp.arange(N))
+    return jax.vmap(
+        lambda k: (
+            jax.grad(
+                lambda x: metaif.meta_objective(PROBLEM, UNRAVEL(x), TASKS, task_weights=jnp.zeros(N).at[k].set(1.0))
+            )(FLAT)
+            - PROBLEM.meta_reg * FLAT
+        )
+    )(jnp.arange(N))
 
 
 def _task_influence_flat(LAM, curvature, solver=None, chunk_size=None):
-    influence = metaif.task_influence(PROBLEM, LAM, TASKS, solver=solver or metaif.solvers.Dense(), curvature=curvature,
-                                      chunk_size=chunk_size)
+    influence = metaif.task_influence(
+        PROBLEM, LAM, TASKS, solver=solver or metaif.solvers.Dense(), curvature=curvature, chunk_size=chunk_size
+    )
     return jax.vmap(lambda tree: ravel(tree)[0])(influence)
 
 
-@pytest.mark.parametrize("curvature,matrix", [
-    (metaif.curvature.Truncated(), lambda h_bar, gamma, gauss_newton: h_bar),
-    (metaif.curvature.Gamma(), lambda h_bar, gamma, gauss_newton: h_bar + gamma * jnp.eye(D)),
-    (metaif.curvature.GaussNewton(predict, output_loss), lambda h_bar, gamma, gauss_newton: gauss_newton),
-])
+@pytest.mark.parametrize(
+    "curvature,matrix",
+    [
+        (metaif.curvature.Truncated(), lambda h_bar, gamma, gauss_newton: h_bar),
+        (metaif.curvature.Gamma(), lambda h_bar, gamma, gauss_newton: h_bar + gamma * jnp.eye(D)),
+        (metaif.curvature.GaussNewton(predict, output_loss), lambda h_bar, gamma, gauss_newton: gauss_newton),
+    ],
+)
 def test_curvature_equals_its_dense_twin(curvature, matrix, LAM, ORACLES, TASK_GRADS):
     expected = -jnp.linalg.solve(matrix(*ORACLES), TASK_GRADS.T).T
     got = _task_influence_flat(LAM, curvature)
@@ -113,7 +125,9 @@ def test_truncated_differs_from_exact_here_and_gauss_newton_is_psd(ORACLES, LAM,
 
 def test_truncated_equals_exact_when_adaptation_is_affine():
     tasks = problems.regression_tasks(N, M, Q, DIM, seed=4)[0]
-    problem = metaif.BilevelProblem(problems.squared_loss, problems.squared_loss, metaif.Proximal(2.0, steps=400, lr=0.2), meta_reg=0.1)
+    problem = metaif.BilevelProblem(
+        problems.squared_loss, problems.squared_loss, metaif.Proximal(2.0, steps=400, lr=0.2), meta_reg=0.1
+    )
     lam = metaif.newton_refine(problem, {"w": jnp.zeros(DIM)}, tasks, steps=4).meta_params
     target = lambda l: jnp.sum(l["w"] ** 2)
     exact = metaif.influence(problem, lam, tasks, target=target)
@@ -122,10 +136,13 @@ def test_truncated_equals_exact_when_adaptation_is_affine():
         np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-12)
 
 
-@pytest.mark.parametrize("adapt,solver,batch_sizes", [
-    (metaif.Unrolled(steps=2, lr=0.4), metaif.solvers.CG(tol=1e-13, maxiter=300, damping=0.05), (2,)),
-    (metaif.Proximal(2.0, steps=60, lr=0.3), metaif.solvers.Dense(damping=0.05), (4,)),
-])
+@pytest.mark.parametrize(
+    "adapt,solver,batch_sizes",
+    [
+        (metaif.Unrolled(steps=2, lr=0.4), metaif.solvers.CG(tol=1e-13, maxiter=300, damping=0.05), (2,)),
+        (metaif.Proximal(2.0, steps=60, lr=0.3), metaif.solvers.Dense(damping=0.05), (4,)),
+    ],
+)
 def test_chunked_equals_unchunked(adapt, solver, batch_sizes, LAM):
     problem = metaif.BilevelProblem(LOSS, LOSS, adapt, meta_reg=0.1)
     target = lambda lam: jnp.sum(lam[0]["w"] ** 2)
@@ -146,7 +163,9 @@ def test_first_order_adaptation_is_identity_in_lambda(LAM, FLAT):
     support = jax.tree.map(lambda x: x[0], TASKS.support)
     base, first = PROBLEM.adapt, metaif.FirstOrder(PROBLEM.adapt)
     problem_fo = metaif.BilevelProblem(LOSS, LOSS, first, meta_reg=0.1)
-    np.testing.assert_allclose(ravel(metaif.adapt(problem_fo, LAM, support))[0], ravel(metaif.adapt(PROBLEM, LAM, support))[0])
+    np.testing.assert_allclose(
+        ravel(metaif.adapt(problem_fo, LAM, support))[0], ravel(metaif.adapt(PROBLEM, LAM, support))[0]
+    )
     jac = jax.jacfwd(lambda x: ravel(_objective.adapt_one(problem_fo, UNRAVEL(x), support, jnp.ones(M)))[0])(FLAT)
     np.testing.assert_allclose(jac, jnp.eye(D), atol=0)
     along_a = lambda p: jax.jacfwd(lambda a: ravel(_objective.adapt_one(p, LAM, support, a))[0])(jnp.ones(M))

@@ -19,7 +19,9 @@ from metaif.data import _mnist, _omniglot
 
 from _paths import DATA  # $METAIF_DATA, else ../shared/data
 
-needs_omniglot = pytest.mark.skipif(not (DATA / "omniglot").is_dir(), reason=f"Omniglot archives not found in {DATA}/omniglot")
+needs_omniglot = pytest.mark.skipif(
+    not (DATA / "omniglot").is_dir(), reason=f"Omniglot archives not found in {DATA}/omniglot"
+)
 needs_mnist = pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason=f"MNIST IDX files not found in {DATA}/mnist")
 
 
@@ -39,7 +41,7 @@ def toy_images(n_classes=6, per_class=7, side=5):
     """Distinct images: image i is filled with i (so x identifies its example), labels class-major."""
     n = n_classes * per_class
     rng = np.random.default_rng(0)
-    images = (np.arange(n, dtype=np.float32)[:, None, None] + rng.random((n, side, side), dtype=np.float32) * 0.1)
+    images = np.arange(n, dtype=np.float32)[:, None, None] + rng.random((n, side, side), dtype=np.float32) * 0.1
     labels = np.repeat(np.arange(n_classes) * 10 + 3, per_class)  # non-contiguous class ids
     perm = rng.permutation(n)
     return images[perm], labels[perm]
@@ -79,7 +81,9 @@ def test_omniglot_split_and_rotated_tasks(omniglot):
     assert np.array_equal(np.sort(np.concatenate(shuffled)), np.arange(1623))
     assert not np.array_equal(shuffled.train, maml.train)
 
-    tasks = data.few_shot_tasks(omniglot.images, omniglot.labels, 40, 20, 1, 5, seed=0, classes=split.train, rotate=True)
+    tasks = data.few_shot_tasks(
+        omniglot.images, omniglot.labels, 40, 20, 1, 5, seed=0, classes=split.train, rotate=True
+    )
     index = data.few_shot_indices(omniglot.labels, 40, 20, 1, 5, seed=0, classes=split.train, rotate=True)
     assert tasks.support["x"].shape == (40, 20, 28, 28) and tasks.query["x"].shape == (40, 100, 28, 28)
     assert np.all(np.isin(index.classes, split.train)) and set(np.unique(index.rotations)) == {0, 1, 2, 3}
@@ -107,7 +111,7 @@ def _fake_omniglot(folder: Path, shift: int = 0) -> dict[str, np.ndarray]:
                     for d in range(1, 4):
                         ink = np.zeros((105, 105), bool)
                         k = len(masks) + shift
-                        ink[10 + k: 30 + k, 5 + 2 * d: 60] = True
+                        ink[10 + k : 30 + k, 5 + 2 * d : 60] = True
                         masks.append(ink)
                         archive.writestr(f"{part}/{alphabet}/character{c:02d}/0{c}{d}_{d:02d}.png", _png(ink))
     return np.stack(masks)
@@ -144,7 +148,9 @@ def test_omniglot_layout_cache_and_invalidation(tmp_path, monkeypatch):
     unzipped = tmp_path / "unzipped"
     for part in ("images_background", "images_evaluation"):
         zipfile.ZipFile(tmp_path / "data" / "omniglot" / f"{part}.zip").extractall(unzipped)
-    np.testing.assert_array_equal(data.load_omniglot(unzipped, size=105, verify=False, cache=False).images, changed.astype(np.float32))
+    np.testing.assert_array_equal(
+        data.load_omniglot(unzipped, size=105, verify=False, cache=False).images, changed.astype(np.float32)
+    )
 
 
 def test_omniglot_errors(tmp_path, monkeypatch):
@@ -190,7 +196,9 @@ def test_mnist_uncompressed_corrupt_and_missing(tmp_path):
     for name in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
         (tmp_path / name).symlink_to((source / name).resolve())
     # uncompressed files are accepted (the checksum is on the decompressed bytes)
-    (tmp_path / "train-labels-idx1-ubyte").write_bytes(gzip.decompress((source / "train-labels-idx1-ubyte.gz").read_bytes()))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(
+        gzip.decompress((source / "train-labels-idx1-ubyte.gz").read_bytes())
+    )
     labels = bytearray(gzip.decompress((source / "t10k-labels-idx1-ubyte.gz").read_bytes()))
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(labels)
     loaded = data.load_mnist(tmp_path)
@@ -262,9 +270,13 @@ def test_mini_imagenet_fixture(tmp_path, monkeypatch, layout):
     np.testing.assert_array_equal(d.split, np.repeat(["train", "val", "test"], 6))
     wnid_number = np.array([int(n[1:]) for n in d.class_names])[d.labels]
     expected = np.stack([wnid_number * 20, np.tile(np.arange(3) * 40, 6), np.full(18, 200)], axis=1) / 255
-    np.testing.assert_allclose(d.images.mean(axis=(1, 2)), expected, atol=4 / 255 if layout == "csv" else 1e-6)  # JPEG is lossy
+    np.testing.assert_allclose(
+        d.images.mean(axis=(1, 2)), expected, atol=4 / 255 if layout == "csv" else 1e-6
+    )  # JPEG is lossy
     assert len(list((tmp_path / "cache").glob("mini-imagenet-*.npz"))) == 1
-    np.testing.assert_array_equal(data.load_mini_imagenet(tmp_path, size=8, verify=False).images, d.images)  # from cache
+    np.testing.assert_array_equal(
+        data.load_mini_imagenet(tmp_path, size=8, verify=False).images, d.images
+    )  # from cache
     only_test = data.load_mini_imagenet(tmp_path / "mini-imagenet", splits=("test",), size=8, verify=False)
     assert only_test.class_names == ("n08", "n09") and only_test.images.shape == (6, 8, 8, 3)
     with pytest.raises(ValueError, match="64 classes of 600 images"):
@@ -284,10 +296,28 @@ def test_mini_imagenet_missing(tmp_path):
 
 # --------------------------------------------------------------------------------------------- FC100
 
-COARSE = ["aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables", "household_electrical_devices",
-          "household_furniture", "insects", "large_carnivores", "large_man-made_outdoor_things", "large_natural_outdoor_scenes",
-          "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates", "people", "reptiles", "small_mammals",
-          "trees", "vehicles_1", "vehicles_2"]
+COARSE = [
+    "aquatic_mammals",
+    "fish",
+    "flowers",
+    "food_containers",
+    "fruit_and_vegetables",
+    "household_electrical_devices",
+    "household_furniture",
+    "insects",
+    "large_carnivores",
+    "large_man-made_outdoor_things",
+    "large_natural_outdoor_scenes",
+    "large_omnivores_and_herbivores",
+    "medium_mammals",
+    "non-insect_invertebrates",
+    "people",
+    "reptiles",
+    "small_mammals",
+    "trees",
+    "vehicles_1",
+    "vehicles_2",
+]
 
 
 def _py2_style_pickle(content) -> bytes:
@@ -303,11 +333,19 @@ def _fake_cifar100(folder: Path, per_class: tuple[int, int] = (2, 1)) -> dict[st
     for name, k in zip(("train", "test"), per_class):
         fine = np.tile(np.arange(100), k)
         pixels = rng.integers(0, 256, (fine.size, 3072), dtype=np.uint8)
-        content = {b"batch_label": name.encode(), b"filenames": [b"x.png"] * fine.size, b"fine_labels": fine.tolist(),
-                   b"coarse_labels": (fine // 5).tolist(), b"data": pixels}
+        content = {
+            b"batch_label": name.encode(),
+            b"filenames": [b"x.png"] * fine.size,
+            b"fine_labels": fine.tolist(),
+            b"coarse_labels": (fine // 5).tolist(),
+            b"data": pixels,
+        }
         (folder / name).write_bytes(_py2_style_pickle(content))
         out[name] = (pixels, fine)
-    meta = {b"fine_label_names": [f"class{i:02d}".encode() for i in range(100)], b"coarse_label_names": [c.encode() for c in COARSE]}
+    meta = {
+        b"fine_label_names": [f"class{i:02d}".encode() for i in range(100)],
+        b"coarse_label_names": [c.encode() for c in COARSE],
+    }
     (folder / "meta").write_bytes(_py2_style_pickle(meta))
     return out
 
@@ -318,15 +356,26 @@ def test_fc100_fixture(tmp_path):
     assert d.images.shape == (300, 32, 32, 3) and d.images.dtype == np.float32
     pixels = np.concatenate([raw["train"][0], raw["test"][0]])
     np.testing.assert_array_equal(d.images[:, :, :, 0].reshape(300, -1) * 255, pixels[:, :1024])  # R plane first
-    np.testing.assert_array_equal(d.images[7, 2, 5], pixels[7, [2 * 32 + 5, 1024 + 2 * 32 + 5, 2048 + 2 * 32 + 5]] / np.float32(255))
+    np.testing.assert_array_equal(
+        d.images[7, 2, 5], pixels[7, [2 * 32 + 5, 1024 + 2 * 32 + 5, 2048 + 2 * 32 + 5]] / np.float32(255)
+    )
     np.testing.assert_array_equal(d.labels, np.concatenate([raw["train"][1], raw["test"][1]]))
     np.testing.assert_array_equal(d.superclasses, d.labels // 5)
     assert d.superclass_names == tuple(COARSE) and d.class_names[3] == "class03"
     counts = {s: np.unique(d.labels[d.split == s]).size for s in ("train", "val", "test")}
     assert counts == {"train": 60, "val": 20, "test": 20}
-    assert {d.superclass_names[c] for c in np.unique(d.superclasses[d.split == "test"])} == {"aquatic_mammals", "insects", "medium_mammals", "people"}
+    assert {d.superclass_names[c] for c in np.unique(d.superclasses[d.split == "test"])} == {
+        "aquatic_mammals",
+        "insects",
+        "medium_mammals",
+        "people",
+    }
     assert {d.superclass_names[c] for c in np.unique(d.superclasses[d.split == "val"])} == {
-        "large_carnivores", "large_omnivores_and_herbivores", "non-insect_invertebrates", "small_mammals"}
+        "large_carnivores",
+        "large_omnivores_and_herbivores",
+        "non-insect_invertebrates",
+        "small_mammals",
+    }
     test_only = data.load_fc100(tmp_path, splits=("test",), verify=False)
     np.testing.assert_array_equal(test_only.images, d.images[d.split == "test"])
     with pytest.raises(ValueError, match=r"checksum mismatch for .*cifar-100-python/train'.*16019d7e"):
@@ -494,15 +543,29 @@ def test_sinusoid_ground_truth():
     params = data.sinusoid_parameters(500, seed=3)
     assert tasks.support["x"].shape == (500, 5, 1) and tasks.query["y"].shape == (500, 7, 1)
     for part in (tasks.support, tasks.query):
-        np.testing.assert_allclose(part["y"], params.amplitude[:, None, None] * np.sin(part["x"] - params.phase[:, None, None]), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(
+            part["y"],
+            params.amplitude[:, None, None] * np.sin(part["x"] - params.phase[:, None, None]),
+            rtol=0,
+            atol=1e-12,
+        )
         assert part["x"].min() >= -5.0 and part["x"].max() <= 5.0
-    assert 0.1 <= params.amplitude.min() and params.amplitude.max() <= 5.0 and 0.0 <= params.phase.min() and params.phase.max() <= np.pi
+    assert (
+        0.1 <= params.amplitude.min()
+        and params.amplitude.max() <= 5.0
+        and 0.0 <= params.phase.min()
+        and params.phase.max() <= np.pi
+    )
     assert params.amplitude.max() > 4.5 and params.amplitude.min() < 0.6  # the whole range is used
     assert np.abs(tasks.support["y"]).max() <= 5.0
     default = data.sinusoid_tasks(4, 2, 3, seed=3)
     assert default.support["x"].dtype == np.float32
-    np.testing.assert_allclose(default.query["y"], data.sinusoid_tasks(4, 2, 3, seed=3, dtype=np.float64).query["y"], rtol=1e-6)
-    other = data.sinusoid_tasks(10, 3, 3, seed=0, amplitude=(1.0, 1.0), phase=(0.0, 0.0), x_range=(0.0, 1.0), dtype=np.float64)
+    np.testing.assert_allclose(
+        default.query["y"], data.sinusoid_tasks(4, 2, 3, seed=3, dtype=np.float64).query["y"], rtol=1e-6
+    )
+    other = data.sinusoid_tasks(
+        10, 3, 3, seed=0, amplitude=(1.0, 1.0), phase=(0.0, 0.0), x_range=(0.0, 1.0), dtype=np.float64
+    )
     np.testing.assert_allclose(other.query["y"], np.sin(other.query["x"]), atol=1e-12)
     with pytest.raises(ValueError, match=r"sinusoid_tasks\(amplitude\) must be a pair"):
         data.sinusoid_tasks(3, 2, 2, seed=0, amplitude=(5.0, 1.0))

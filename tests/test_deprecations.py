@@ -28,33 +28,82 @@ def _same(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-12)
 
 
-@pytest.mark.parametrize("name, old, new, message", [
-    ("influence", lambda: metaif.influence(PROBLEM, LAM, TASKS, target, SOLVER, chunk_size=2),
-     lambda: metaif.influence(PROBLEM, LAM, TASKS, target, solver=SOLVER, chunk_size=2), "solver=..."),
-    ("task_influence", lambda: metaif.task_influence(PROBLEM, LAM, TASKS, target, solver=SOLVER, batch_size=2),
-     lambda: metaif.task_influence(PROBLEM, LAM, TASKS, target, solver=SOLVER, chunk_size=2), "chunk_size=..."),
-    ("self_influence", lambda: metaif.self_influence(PROBLEM, LAM, TASKS, SOLVER),
-     lambda: metaif.self_influence(PROBLEM, LAM, TASKS, solver=SOLVER), "solver=..."),
-    ("pairwise_influence", lambda: metaif.pairwise_influence(PROBLEM, LAM, TASKS, lambda lam: metaif.task_losses(PROBLEM, lam, TEST),
-                                                             solver=SOLVER, target_batch_size=2),
-     lambda: metaif.pairwise_influence(PROBLEM, LAM, TASKS, lambda lam: metaif.task_losses(PROBLEM, lam, TEST),
-                                       solver=SOLVER, target_chunk_size=2), "target_chunk_size=..."),
-    ("hessian_operator", lambda: metaif.hessian_operator(PROBLEM, LAM, TASKS, batch_size=2).hvp(LAM),
-     lambda: metaif.hessian_operator(PROBLEM, LAM, TASKS, chunk_size=2).hvp(LAM), "chunk_size=..."),
-    ("meta_train", lambda: metaif.meta_train(PROBLEM, LAM, TASKS, optax.adam(0.1), steps=3, batch_size=2).meta_params,
-     lambda: metaif.meta_train(PROBLEM, LAM, TASKS, optax.adam(0.1), steps=3, minibatch=2).meta_params, "minibatch=..."),
-    ("newton_refine", lambda: metaif.newton_refine(PROBLEM, LAM, TASKS, steps=2, damping=0.5).meta_params,
-     lambda: metaif.newton_refine(PROBLEM, LAM, TASKS, steps=2, shift=0.5).meta_params, "shift=..."),
-    ("trak", lambda: evaluation.baselines.trak(PROBLEM, LAM, TASKS, target, damping=0.01),
-     lambda: evaluation.baselines.trak(PROBLEM, LAM, TASKS, target, ridge=0.01), "ridge=..."),
-])
+@pytest.mark.parametrize(
+    "name, old, new, message",
+    [
+        (
+            "influence",
+            lambda: metaif.influence(PROBLEM, LAM, TASKS, target, SOLVER, chunk_size=2),
+            lambda: metaif.influence(PROBLEM, LAM, TASKS, target, solver=SOLVER, chunk_size=2),
+            "solver=...",
+        ),
+        (
+            "task_influence",
+            lambda: metaif.task_influence(PROBLEM, LAM, TASKS, target, solver=SOLVER, batch_size=2),
+            lambda: metaif.task_influence(PROBLEM, LAM, TASKS, target, solver=SOLVER, chunk_size=2),
+            "chunk_size=...",
+        ),
+        (
+            "self_influence",
+            lambda: metaif.self_influence(PROBLEM, LAM, TASKS, SOLVER),
+            lambda: metaif.self_influence(PROBLEM, LAM, TASKS, solver=SOLVER),
+            "solver=...",
+        ),
+        (
+            "pairwise_influence",
+            lambda: metaif.pairwise_influence(
+                PROBLEM,
+                LAM,
+                TASKS,
+                lambda lam: metaif.task_losses(PROBLEM, lam, TEST),
+                solver=SOLVER,
+                target_batch_size=2,
+            ),
+            lambda: metaif.pairwise_influence(
+                PROBLEM,
+                LAM,
+                TASKS,
+                lambda lam: metaif.task_losses(PROBLEM, lam, TEST),
+                solver=SOLVER,
+                target_chunk_size=2,
+            ),
+            "target_chunk_size=...",
+        ),
+        (
+            "hessian_operator",
+            lambda: metaif.hessian_operator(PROBLEM, LAM, TASKS, batch_size=2).hvp(LAM),
+            lambda: metaif.hessian_operator(PROBLEM, LAM, TASKS, chunk_size=2).hvp(LAM),
+            "chunk_size=...",
+        ),
+        (
+            "meta_train",
+            lambda: metaif.meta_train(PROBLEM, LAM, TASKS, optax.adam(0.1), steps=3, batch_size=2).meta_params,
+            lambda: metaif.meta_train(PROBLEM, LAM, TASKS, optax.adam(0.1), steps=3, minibatch=2).meta_params,
+            "minibatch=...",
+        ),
+        (
+            "newton_refine",
+            lambda: metaif.newton_refine(PROBLEM, LAM, TASKS, steps=2, damping=0.5).meta_params,
+            lambda: metaif.newton_refine(PROBLEM, LAM, TASKS, steps=2, shift=0.5).meta_params,
+            "shift=...",
+        ),
+        (
+            "trak",
+            lambda: evaluation.baselines.trak(PROBLEM, LAM, TASKS, target, damping=0.01),
+            lambda: evaluation.baselines.trak(PROBLEM, LAM, TASKS, target, ridge=0.01),
+            "ridge=...",
+        ),
+    ],
+)
 def test_old_names_warn_and_mean_the_same(name, old, new, message):
     with pytest.warns(DeprecationWarning, match=message) as record:
         before = old()
     assert record[0].filename == __file__, "the warning points at the caller"
     assert "next release" in str(record[0].message)
-    _same(before[:3] if isinstance(before, tuple) and hasattr(before, "diagnostics") else before,
-          (lambda r: r[:3] if isinstance(r, tuple) and hasattr(r, "diagnostics") else r)(new()))
+    _same(
+        before[:3] if isinstance(before, tuple) and hasattr(before, "diagnostics") else before,
+        (lambda r: r[:3] if isinstance(r, tuple) and hasattr(r, "diagnostics") else r)(new()),
+    )
 
 
 def test_both_names_or_too_many_positions_are_errors():

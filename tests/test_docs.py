@@ -62,8 +62,14 @@ def test_site_builds_strict(tmp_path):
     """The docs site (API pages from the docstrings, guides, notebooks, generated results pages)
     builds with no warning: no broken link, no missing reference."""
     mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or "mkdocs"
-    done = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    done = subprocess.run(
+        [mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     core = (tmp_path / "site" / "reference" / "index.html").read_text()
     names = [name for name in metaif.__all__ if not inspect.ismodule(getattr(metaif, name))]  # modules: own pages
@@ -76,4 +82,6 @@ def test_site_builds_strict(tmp_path):
 def test_conventions_worked_example():
     output = _load(ROOT / "docs" / "examples" / "conventions.py", "conventions_example").main()  # asserts closed forms
     doc = (ROOT / "docs" / "conventions.md").read_text()
-    assert f"```text\n{output}\n```" in doc, "docs/conventions.md's example block differs from docs/examples/conventions.py"
+    assert f"```text\n{output}\n```" in doc, (
+        "docs/conventions.md's example block differs from docs/examples/conventions.py"
+    )

@@ -44,13 +44,17 @@ def test_exact_for_a_linear_model_under_squared_error():
     params = {"w": jnp.asarray(RNG.normal(size=(DIN, DOUT)))}
     factors = _ekfac.factor(LINEAR_LOSS.predict, LINEAR_LOSS.output_loss, params, None, EXAMPLES, WEIGHTS)
     exact = gauss_newton(LINEAR_LOSS, params, EXAMPLES, WEIGHTS)
-    hessian = jax.hessian(lambda x: jnp.sum(WEIGHTS * jax.vmap(LINEAR_LOSS, (None, None, 0))(
-        {"w": x.reshape(DIN, DOUT)}, None, EXAMPLES)))(params["w"].reshape(-1))
+    hessian = jax.hessian(
+        lambda x: jnp.sum(WEIGHTS * jax.vmap(LINEAR_LOSS, (None, None, 0))({"w": x.reshape(DIN, DOUT)}, None, EXAMPLES))
+    )(params["w"].reshape(-1))
     np.testing.assert_allclose(exact, hessian, atol=1e-12)  # Gauss–Newton = Hessian for a linear model
     np.testing.assert_allclose(_ekfac.dense_matrix(factors), exact, atol=1e-11)
     v = {"w": jnp.asarray(RNG.normal(size=(DIN, DOUT)))}
-    np.testing.assert_allclose(ravel_pytree(_ekfac.inverse(factors, 0.3, v))[0],
-                               np.linalg.solve(exact + 0.3 * np.eye(DIN * DOUT), ravel_pytree(v)[0]), rtol=1e-10)
+    np.testing.assert_allclose(
+        ravel_pytree(_ekfac.inverse(factors, 0.3, v))[0],
+        np.linalg.solve(exact + 0.3 * np.eye(DIN * DOUT), ravel_pytree(v)[0]),
+        rtol=1e-10,
+    )
 
 
 def test_proximal_with_ekfac_equals_dense_where_exact():
@@ -62,8 +66,9 @@ def test_proximal_with_ekfac_equals_dense_where_exact():
     target = lambda l: jnp.sum(l["w"] ** 2)
     scores = {}
     for inner in ("dense", "ekfac"):
-        problem = metaif.BilevelProblem(LINEAR_LOSS, LINEAR_LOSS, metaif.Proximal(1.0, steps=200, lr=0.1, inner_solve=inner),
-                                        meta_reg=0.1)
+        problem = metaif.BilevelProblem(
+            LINEAR_LOSS, LINEAR_LOSS, metaif.Proximal(1.0, steps=200, lr=0.1, inner_solve=inner), meta_reg=0.1
+        )
         scores[inner] = metaif.influence(problem, lam, tasks, target=target, solver=metaif.solvers.Dense())
     for a, b in zip(scores["dense"][:3], scores["ekfac"][:3]):
         np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12 * float(np.max(np.abs(a))))
@@ -74,8 +79,9 @@ def mlp_loss():
 
 
 def conv_loss():
-    return models.from_nnx(models.Conv4((6, 6), DOUT, filters=2, blocks=1, activation=jnp.tanh,
-                                        param_dtype=jnp.float64, rngs=nnx.Rngs(1)))
+    return models.from_nnx(
+        models.Conv4((6, 6), DOUT, filters=2, blocks=1, activation=jnp.tanh, param_dtype=jnp.float64, rngs=nnx.Rngs(1))
+    )
 
 
 def classification(shape):
@@ -93,9 +99,10 @@ def test_corrected_eigenvalues_are_the_diagonal_of_the_exact_blocks(make, shape)
     for qa, qb, values in zip(factors.left, factors.right, factors.values):
         q = np.kron(np.asarray(qa), np.asarray(qb))
         size = q.shape[0]
-        block = exact[start:start + size, start:start + size]
-        np.testing.assert_allclose(np.asarray(values).reshape(-1), np.diag(q.T @ block @ q), rtol=1e-9,
-                                   atol=1e-12 * np.max(np.abs(block)))
+        block = exact[start : start + size, start : start + size]
+        np.testing.assert_allclose(
+            np.asarray(values).reshape(-1), np.diag(q.T @ block @ q), rtol=1e-9, atol=1e-12 * np.max(np.abs(block))
+        )
         start += size
     assert start == exact.shape[0]
     # dense twin: matvec and inverse are the matrix and its inverse (with the ridge)
@@ -103,8 +110,9 @@ def test_corrected_eigenvalues_are_the_diagonal_of_the_exact_blocks(make, shape)
     flat, unravel = ravel_pytree(params)
     v = unravel(jnp.asarray(RNG.normal(size=start)))
     np.testing.assert_allclose(ravel_pytree(_ekfac.matvec(factors, 0.2, v))[0], dense @ ravel_pytree(v)[0], rtol=1e-10)
-    np.testing.assert_allclose(ravel_pytree(_ekfac.inverse(factors, 0.2, v))[0],
-                               np.linalg.solve(dense, ravel_pytree(v)[0]), rtol=1e-9)
+    np.testing.assert_allclose(
+        ravel_pytree(_ekfac.inverse(factors, 0.2, v))[0], np.linalg.solve(dense, ravel_pytree(v)[0]), rtol=1e-9
+    )
 
 
 def test_inner_solve_error_on_an_mlp_is_bounded():
@@ -121,7 +129,9 @@ def test_inner_solve_error_on_an_mlp_is_bounded():
     exact = np.asarray(gauss_newton(loss, params, examples, weights)) + reg * np.eye(flat.size)
     blocks, start = np.zeros_like(exact), 0
     for leaf in jax.tree.leaves(params):
-        blocks[start:start + leaf.size, start:start + leaf.size] = exact[start:start + leaf.size, start:start + leaf.size]
+        blocks[start : start + leaf.size, start : start + leaf.size] = exact[
+            start : start + leaf.size, start : start + leaf.size
+        ]
         start += leaf.size
     errors, block_errors = [], []
     for seed in range(5):
@@ -136,10 +146,18 @@ def test_inner_solve_error_on_an_mlp_is_bounded():
 
 def test_ekfac_needs_a_split_loss():
     tasks = problems.classification_tasks(3, 4, 4, DIN, DOUT, seed=0)
-    problem = metaif.BilevelProblem(problems.linear_cross_entropy, problems.linear_cross_entropy,
-                                    metaif.Proximal(1.0, steps=5, lr=0.1, inner_solve="ekfac"))
+    problem = metaif.BilevelProblem(
+        problems.linear_cross_entropy,
+        problems.linear_cross_entropy,
+        metaif.Proximal(1.0, steps=5, lr=0.1, inner_solve="ekfac"),
+    )
     lam = problems.linear_init(jax.random.key(0), DIN, DOUT)
-    with pytest.raises(ValueError, match=re.escape("Proximal(inner_solve='ekfac') needs the inner loss split into predict and output_loss")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("Proximal(inner_solve='ekfac') needs the inner loss split into predict and output_loss"),
+    ):
         metaif.influence(problem, lam, tasks, target=lambda l: jnp.sum(l["w"] ** 2), solver=metaif.solvers.Dense(1.0))
-    with pytest.raises(ValueError, match=re.escape("Proximal.inner_solve must be one of 'cg', 'dense', 'ekfac'; received 'kfac'")):
+    with pytest.raises(
+        ValueError, match=re.escape("Proximal.inner_solve must be one of 'cg', 'dense', 'ekfac'; received 'kfac'")
+    ):
         metaif.Proximal(1.0, steps=5, lr=0.1, inner_solve="kfac")

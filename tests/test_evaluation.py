@@ -44,7 +44,9 @@ def _logistic():
 # Linear regression (θ affine in λ, F quadratic): λ*(w) exactly by one Newton step.
 RN, RM, RQ, RP = 5, 6, 4, 3
 REG_TASKS, _ = problems.regression_tasks(RN, RM, RQ, RP, noise=0.3, seed=3)
-REG_PROBLEM = metaif.BilevelProblem(problems.squared_loss, problems.squared_loss, metaif.Unrolled(steps=3, lr=0.1), meta_reg=0.2)
+REG_PROBLEM = metaif.BilevelProblem(
+    problems.squared_loss, problems.squared_loss, metaif.Unrolled(steps=3, lr=0.1), meta_reg=0.2
+)
 
 
 def _reg_init(key):
@@ -67,6 +69,7 @@ def _flat(tree):
 def test_metrics_match_reference_implementations():
     import scipy.stats as scipy_stats  # scipy and scikit-learn are dependencies: no skip
     import sklearn.metrics as sklearn_metrics
+
     rng = np.random.default_rng(0)
     x = rng.integers(0, 6, 200).astype(float)  # many ties
     y = x + rng.integers(0, 4, 200)
@@ -75,7 +78,9 @@ def test_metrics_match_reference_implementations():
     np.testing.assert_allclose(metrics.spearman(x, y), scipy_stats.spearmanr(x, y)[0], rtol=1e-12)
     np.testing.assert_allclose(metrics.ranks(x), scipy_stats.rankdata(x), rtol=0)
     np.testing.assert_allclose(metrics.roc_auc(y, mask), sklearn_metrics.roc_auc_score(mask, y), rtol=1e-12)
-    np.testing.assert_allclose(metrics.spearman(x.reshape(20, 10), y.reshape(20, 10)), metrics.spearman(x, y))  # any shape
+    np.testing.assert_allclose(
+        metrics.spearman(x.reshape(20, 10), y.reshape(20, 10)), metrics.spearman(x, y)
+    )  # any shape
     # detection area = p/2 + (1 − p)·AUC, ties included (both curves linear across a tie)
     p = mask.mean()
     np.testing.assert_allclose(metrics.detection_area(y, mask), p / 2 + (1 - p) * metrics.roc_auc(y, mask), rtol=1e-12)
@@ -86,15 +91,21 @@ def test_metrics_match_reference_implementations():
     np.testing.assert_allclose(found, [0, 0.5, 0.75, 1.0, 1.0])  # the tie at 0.8 holds one of two flagged
     np.testing.assert_allclose(metrics.roc_auc(scores, flagged), (1 + 0.5 + 1 + 1) / 4)
     np.testing.assert_allclose(metrics.detection_area(np.ones(4), flagged), 0.5)  # uninformative
-    np.testing.assert_allclose(metrics.detection_area(np.array([2.0, 1, 0, 0]), np.array([True, True, False, False])), 1 - 0.5 / 2)
+    np.testing.assert_allclose(
+        metrics.detection_area(np.array([2.0, 1, 0, 0]), np.array([True, True, False, False])), 1 - 0.5 / 2
+    )
     assert metrics.top_k_overlap(np.arange(6.0), np.array([5.0, 4, 0, 3, 1, 2]), 3) == pytest.approx(1 / 3)
     assert np.isnan(metrics.pearson(np.ones(3), np.arange(3.0)))
 
     values = np.stack([y, y + 1e-3 * rng.normal(size=200), 2 * y])
     ceiling = evaluation.noise_ceiling(values)
     pairs = [(0, 1), (0, 2), (1, 2)]
-    np.testing.assert_allclose(ceiling.pearson, np.mean([scipy_stats.pearsonr(values[i], values[j])[0] for i, j in pairs]))
-    np.testing.assert_allclose(ceiling.spearman, np.mean([scipy_stats.spearmanr(values[i], values[j])[0] for i, j in pairs]))
+    np.testing.assert_allclose(
+        ceiling.pearson, np.mean([scipy_stats.pearsonr(values[i], values[j])[0] for i, j in pairs])
+    )
+    np.testing.assert_allclose(
+        ceiling.spearman, np.mean([scipy_stats.spearmanr(values[i], values[j])[0] for i, j in pairs])
+    )
 
 
 def test_metrics_reject_bad_input_with_named_arguments():
@@ -166,7 +177,9 @@ def test_proximal_retraining_converges_moves_less_and_matches_damped_influence()
     plain = evaluation.retrain(PROBLEM, lam, TASKS, weights, steps=6, chunk_size=None)
     prox = evaluation.retrain(PROBLEM, lam, TASKS, weights, steps=6, chunk_size=None, proximal=rho, tol=1e-14)
     assert float(jnp.max(prox.grad_norm)) < 1e-12
-    moved = lambda r: np.linalg.norm(np.stack([_flat(jax.tree.map(lambda x: x[k], r.meta_params)) for k in range(N)]) - _flat(lam), axis=1)
+    moved = lambda r: np.linalg.norm(
+        np.stack([_flat(jax.tree.map(lambda x: x[k], r.meta_params)) for k in range(N)]) - _flat(lam), axis=1
+    )
     assert np.all(moved(prox) < moved(plain))
     # the proximal optimum satisfies ∇F(λ; w) + ρ(λ − λ*) = 0
     first = jax.tree.map(lambda x: x[0], prox.meta_params)
@@ -175,14 +188,18 @@ def test_proximal_retraining_converges_moves_less_and_matches_damped_influence()
 
     # center= keeps the proximal centre at λ* while the start moves: the same optimum (a noise ceiling)
     start = jax.tree.map(lambda x: x + 0.05, lam)
-    moved_start = evaluation.retrain(PROBLEM, start, TASKS, weights, steps=20, chunk_size=None, proximal=rho, center=lam, tol=1e-14)
+    moved_start = evaluation.retrain(
+        PROBLEM, start, TASKS, weights, steps=20, chunk_size=None, proximal=rho, center=lam, tol=1e-14
+    )
     np.testing.assert_allclose(_flat(moved_start.meta_params), _flat(prox.meta_params), atol=1e-10)
     with pytest.raises(ValueError, match="center must be a pytree like meta_params"):
         evaluation.retrain(PROBLEM, lam, TASKS, weights, proximal=rho, center={"w": jnp.zeros(3)})
 
     damped = metaif.influence(PROBLEM, lam, TASKS, solver=metaif.solvers.Dense(damping=rho))
     changes = np.stack([_flat(jax.tree.map(lambda x: x[k], prox.meta_params)) for k in range(N)]) - _flat(lam)
-    error = lambda infl: np.linalg.norm(changes + np.stack([_flat(jax.tree.map(lambda x: x[k], infl.tasks)) for k in range(N)]))
+    error = lambda infl: np.linalg.norm(
+        changes + np.stack([_flat(jax.tree.map(lambda x: x[k], infl.tasks)) for k in range(N)])
+    )
     assert error(damped) < 0.1 * np.linalg.norm(changes) and error(damped) < error(params)
 
 
@@ -193,8 +210,17 @@ def test_cold_retraining_noise_ceiling_is_one_on_a_convex_problem():
     lam, _ = _regression()
     target = lambda l: jnp.sum(l["w"])
     weights = evaluation.removal_weights(RN, RM, RQ, "tasks", np.arange(RN))
-    cold = evaluation.retrain_cold(REG_PROBLEM, _reg_init, REG_TASKS, weights, seeds=(0, 1), optimizer=optax.adam(0.05),
-                                   steps=200, newton_steps=2, minibatch=2)
+    cold = evaluation.retrain_cold(
+        REG_PROBLEM,
+        _reg_init,
+        REG_TASKS,
+        weights,
+        seeds=(0, 1),
+        optimizer=optax.adam(0.05),
+        steps=200,
+        newton_steps=2,
+        minibatch=2,
+    )
     assert cold.grad_norm.shape == (2, RN) and float(jnp.max(cold.grad_norm)) < 1e-12
     values = evaluation.target_values(target, cold)
     ceiling = evaluation.noise_ceiling(values)
@@ -214,8 +240,11 @@ def test_edit_matches_retraining_to_first_order():
     eps = np.array([1e-1, 1e-2, 1e-3])
     errors = []
     for e in eps:
-        removed = {"tasks": np.eye(RN)[1] * e, "support": np.eye(RN * RM)[2].reshape(RN, RM) * e,
-                   "query": np.eye(RN * RQ)[7].reshape(RN, RQ) * e}
+        removed = {
+            "tasks": np.eye(RN)[1] * e,
+            "support": np.eye(RN * RM)[2].reshape(RN, RM) * e,
+            "query": np.eye(RN * RQ)[7].reshape(RN, RQ) * e,
+        }
         weights = evaluation.remaining_weights(REG_TASKS, removed)
         retrained = evaluation.retrain(REG_PROBLEM, lam, REG_TASKS, jax.tree.map(lambda w: w[None], weights), steps=2)
         exact = _flat(jax.tree.map(lambda x: x[0], retrained.meta_params))
@@ -242,14 +271,17 @@ def test_proximal_edit_matches_proximal_retraining():
     params = metaif.influence(REG_PROBLEM, lam, REG_TASKS, solver=metaif.solvers.Dense(damping=rho))
     removed = {"tasks": np.eye(RN, dtype=bool)[3]}
     weights = evaluation.remaining_weights(REG_TASKS, removed)
-    retrained = evaluation.retrain(REG_PROBLEM, lam, REG_TASKS, jax.tree.map(lambda w: w[None], weights), steps=3,
-                                   proximal=rho)
+    retrained = evaluation.retrain(
+        REG_PROBLEM, lam, REG_TASKS, jax.tree.map(lambda w: w[None], weights), steps=3, proximal=rho
+    )
     exact = _flat(jax.tree.map(lambda x: x[0], retrained.meta_params))
     edited = evaluation.edit(lam, params, removed, problem=REG_PROBLEM, tasks=REG_TASKS, proximal=rho)
-    proximal_objective = lambda x: (metaif.meta_objective(REG_PROBLEM, {"w": x}, REG_TASKS, *weights)
-                                    + 0.5 * rho * jnp.sum((x - _flat(lam)) ** 2))
-    np.testing.assert_allclose(float(edited.grad_norm),
-                               np.linalg.norm(jax.grad(proximal_objective)(_flat(edited.meta_params))), rtol=1e-10)
+    proximal_objective = lambda x: (
+        metaif.meta_objective(REG_PROBLEM, {"w": x}, REG_TASKS, *weights) + 0.5 * rho * jnp.sum((x - _flat(lam)) ** 2)
+    )
+    np.testing.assert_allclose(
+        float(edited.grad_norm), np.linalg.norm(jax.grad(proximal_objective)(_flat(edited.meta_params))), rtol=1e-10
+    )
     refined = evaluation.edit(lam, params, removed, problem=REG_PROBLEM, tasks=REG_TASKS, steps=1, proximal=rho)
     np.testing.assert_allclose(_flat(refined.meta_params), exact, rtol=0, atol=1e-12)
     plain = evaluation.edit(lam, params, removed, problem=REG_PROBLEM, tasks=REG_TASKS, steps=1)
@@ -270,7 +302,9 @@ def test_unlearning_ascent_starts_as_descent_on_the_reduced_objective():
     grad = jax.grad(reduced)(lam)
     np.testing.assert_allclose(_flat(result.meta_params), _flat(lam) - lr * _flat(grad), rtol=1e-10)
     assert reduced(result.meta_params) < reduced(lam)
-    np.testing.assert_allclose(result.grad_norm, np.linalg.norm(_flat(jax.grad(reduced)(result.meta_params))), rtol=1e-10)
+    np.testing.assert_allclose(
+        result.grad_norm, np.linalg.norm(_flat(jax.grad(reduced)(result.meta_params))), rtol=1e-10
+    )
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -290,7 +324,9 @@ def _bilevel(lam, tasks, t, a, b):
 
 def _pooled(lam, tasks, t, a, b):
     """G: no adaptation (θ = λ), support and query examples pooled per task."""
-    per_example = lambda data: jax.vmap(jax.vmap(LOSS, in_axes=(None, None, 0)), in_axes=(None, None, 0))(lam, lam, data)
+    per_example = lambda data: jax.vmap(jax.vmap(LOSS, in_axes=(None, None, 0)), in_axes=(None, None, 0))(
+        lam, lam, data
+    )
     total = (a * per_example(tasks.support)).sum(1) + (b * per_example(tasks.query)).sum(1)
     return jnp.mean(t * total / (M + Q)) + 0.5 * PROBLEM.meta_reg * jnp.sum(ravel(lam)[0] ** 2)
 
@@ -349,7 +385,9 @@ def test_baselines_shapes_signs_and_detection():
         assert float(s.tasks[0]) < 0, name  # a task lowers its own loss: helpful, negative
     for s in (baselines.raw_loss(PROBLEM, lam, TASKS), baselines.random_scores(TASKS, seed=1)):
         assert s.tasks.shape == (N,) and s.support.shape == (N, M) and s.query.shape == (N, Q)
-    np.testing.assert_array_equal(baselines.random_scores(TASKS, seed=1).support, baselines.random_scores(TASKS, seed=1).support)
+    np.testing.assert_array_equal(
+        baselines.random_scores(TASKS, seed=1).support, baselines.random_scores(TASKS, seed=1).support
+    )
     raw = baselines.raw_loss(PROBLEM, lam, TASKS)
     np.testing.assert_allclose(raw.tasks, metaif.task_losses(PROBLEM, lam, TASKS), rtol=1e-12)
     np.testing.assert_allclose(raw.query.mean(1), raw.tasks, rtol=1e-12)
@@ -375,9 +413,13 @@ def test_evaluation_rejects_bad_input_with_named_arguments():
     with pytest.raises(ValueError, match=r"weights.tasks must have shape \[B, 5\]"):
         evaluation.retrain(REG_PROBLEM, lam, REG_TASKS, metaif.Weights.ones(RN, RM, RQ, jnp.float64))
     with pytest.raises(ValueError, match="proximal must be a finite number >= 0"):
-        evaluation.retrain(REG_PROBLEM, lam, REG_TASKS, evaluation.removal_weights(RN, RM, RQ, "tasks", [0]), proximal=-1.0)
+        evaluation.retrain(
+            REG_PROBLEM, lam, REG_TASKS, evaluation.removal_weights(RN, RM, RQ, "tasks", [0]), proximal=-1.0
+        )
     with pytest.raises(ValueError, match="seeds must be a non-empty sequence of ints"):
-        evaluation.retrain_cold(REG_PROBLEM, _reg_init, REG_TASKS, evaluation.removal_weights(RN, RM, RQ, "tasks", [0]), seeds=[])
+        evaluation.retrain_cold(
+            REG_PROBLEM, _reg_init, REG_TASKS, evaluation.removal_weights(RN, RM, RQ, "tasks", [0]), seeds=[]
+        )
     with pytest.raises(TypeError, match="removed must be a non-empty mapping"):
         evaluation.edit(lam, params, {"examples": np.ones(RN, bool)})
     with pytest.raises(ValueError, match=r"removed\['support'\] must be a bool or float array of shape \(5, 6\)"):

@@ -27,8 +27,18 @@ import jax.numpy as jnp  # noqa: E402
 
 import metaif  # noqa: E402
 
-TINY = dataclasses.replace(common.CONFIGS["smoke"], n_train=6, n_val=4, n_test=6, features=4, hidden=2, queries=1,
-                           adam_steps=300, adam_lr=3e-2, newton_steps=12)
+TINY = dataclasses.replace(
+    common.CONFIGS["smoke"],
+    n_train=6,
+    n_val=4,
+    n_test=6,
+    features=4,
+    hidden=2,
+    queries=1,
+    adam_steps=300,
+    adam_lr=3e-2,
+    newton_steps=12,
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +68,10 @@ def train_once(trained, monkeypatch):
 @pytest.mark.slow
 def test_setup_shapes_and_stationarity(trained):
     setup, result = trained
-    assert setup.train.support["x"].shape == (6, 5, 4)          # 5-way 1-shot, 4 PCA features
+    assert setup.train.support["x"].shape == (6, 5, 4)  # 5-way 1-shot, 4 PCA features
     assert setup.train.query["x"].shape == (6, 5, 4)
     assert common.n_params(result.meta_params) == 4 * 2 + 2 + 2 * 5 + 5
-    assert result.grad_norm < 1e-8                               # Newton reached a stationary point
+    assert result.grad_norm < 1e-8  # Newton reached a stationary point
     assert np.all(np.isfinite(result.eigenvalues))
     assert 0.0 <= common.accuracy(setup, result.meta_params) <= 1.0
 
@@ -102,12 +112,37 @@ def test_fidelity_vs_n_sweep_saves_and_resumes(tmp_path, train_once):
     """The n-sweep on the tiny config: plain and proximal leave-one-task-out with both passes
     converged, the ε-check (ε = 1e-4, nearly linear) matching −ε·IF, the table and figure written;
     a rerun skips the saved n, and other settings are refused without --fresh."""
-    flags = ["--config", "smoke", "--n-val", "4", "--n-test", "6", "--features", "4", "--hidden", "2", "--queries", "1",
-             "--adam-steps", "300", "--adam-lr", "3e-2", "--ns", "6", "--task-sample", "3", "--gt-steps", "30",
-             "--epsilon", "1e-4", "--out", str(tmp_path)]
+    flags = [
+        "--config",
+        "smoke",
+        "--n-val",
+        "4",
+        "--n-test",
+        "6",
+        "--features",
+        "4",
+        "--hidden",
+        "2",
+        "--queries",
+        "1",
+        "--adam-steps",
+        "300",
+        "--adam-lr",
+        "3e-2",
+        "--ns",
+        "6",
+        "--task-sample",
+        "3",
+        "--gt-steps",
+        "30",
+        "--epsilon",
+        "1e-4",
+        "--out",
+        str(tmp_path),
+    ]
     results = fidelity_vs_n.main(flags)
     row = results["6"]
-    assert train_once == [TINY]                                              # trained once, by the fixture
+    assert train_once == [TINY]  # trained once, by the fixture
     assert row["setup"]["grad_norm"] < 1e-8
     for kind in ("plain", "proximal"):
         assert row[kind]["n_converged"] == row[kind]["n_sampled"] == 3
@@ -119,7 +154,7 @@ def test_fidelity_vs_n_sweep_saves_and_resumes(tmp_path, train_once):
     for name in ("fidelity_vs_n.json", "fidelity_vs_n.md", "fidelity_vs_n.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| 6 | proximal (ρ = 0.01) | 3/3 |" in (tmp_path / "fidelity_vs_n.md").read_text()
-    assert fidelity_vs_n.main(flags)["6"] == results["6"]                   # resumed: nothing recomputed
+    assert fidelity_vs_n.main(flags)["6"] == results["6"]  # resumed: nothing recomputed
     with pytest.raises(SystemExit, match="--fresh"):
         fidelity_vs_n.main([*flags[:-2], "--task-sample", "2", "--out", str(tmp_path)])
 
@@ -130,11 +165,36 @@ def test_edit_reach_rows_path_and_files(tmp_path, train_once):
     t* agrees with the sign of the reduced Hessian's smallest eigenvalue (t* >= 1 exactly when the
     full removal leaves H(λ*; 1 − removed) positive definite), the path starts at λ* and the table
     and figure are written."""
-    flags = ["--config", "smoke", "--datasets", "digits", "--n-train", "6", "--n-val", "4", "--n-test", "6",
-             "--features", "4", "--hidden", "2", "--queries", "1", "--adam-steps", "300", "--adam-lr", "3e-2",
-             "--fractions", "0.2,0.5", "--path-points", "4", "--out", str(tmp_path)]
+    flags = [
+        "--config",
+        "smoke",
+        "--datasets",
+        "digits",
+        "--n-train",
+        "6",
+        "--n-val",
+        "4",
+        "--n-test",
+        "6",
+        "--features",
+        "4",
+        "--hidden",
+        "2",
+        "--queries",
+        "1",
+        "--adam-steps",
+        "300",
+        "--adam-lr",
+        "3e-2",
+        "--fractions",
+        "0.2,0.5",
+        "--path-points",
+        "4",
+        "--out",
+        str(tmp_path),
+    ]
     res = edit_reach.main(flags)["digits"]
-    assert train_once == [TINY]                                              # trained once, by the fixture
+    assert train_once == [TINY]  # trained once, by the fixture
     rows = res["fractions"]
     assert [r["removed"] for r in rows] == [1, 3]
     for r in rows:
@@ -144,7 +204,7 @@ def test_edit_reach_rows_path_and_files(tmp_path, train_once):
     points = res["path"]["points"]
     assert [p["t"] for p in points] == pytest.approx([0, 1 / 3, 2 / 3, 1])
     assert points[0]["moved"] < 1e-6 and all(p["grad_norm"] < 1e-10 for p in points)
-    assert all(p["min_eigenvalue"] > 0 for p in points)             # converged points of the path are minima
+    assert all(p["min_eigenvalue"] > 0 for p in points)  # converged points of the path are minima
     assert res["path"]["end_to_direct"] >= 0 and np.isfinite(res["path"]["end_minus_direct_test_loss"])
     for name in ("edit_reach.json", "edit_reach.md", "edit_reach.png"):
         assert (tmp_path / name).stat().st_size > 0

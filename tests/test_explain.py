@@ -20,7 +20,9 @@ PROBLEM = metaif.BilevelProblem(LOSS, LOSS, metaif.Unrolled(steps=2, lr=0.5), me
 @pytest.fixture(scope="module")
 def LAM():
     """A stationary point, computed when the first test needs it (not at import)."""
-    return metaif.newton_refine(PROBLEM, problems.linear_init(jax.random.key(3), DIM, WAYS), TASKS, steps=10).meta_params
+    return metaif.newton_refine(
+        PROBLEM, problems.linear_init(jax.random.key(3), DIM, WAYS), TASKS, steps=10
+    ).meta_params
 
 
 def test_at_stationary_point(LAM):
@@ -35,14 +37,18 @@ def targets(lam):
     return jnp.concatenate([losses, logits - jnp.max(jax.lax.stop_gradient(logits))])
 
 
-@pytest.mark.parametrize("method,solver,batch_size,target_batch_size", [
-    ("per_target", None, None, None),
-    ("mixed", None, 4, 3),
-    ("auto", metaif.solvers.CG(tol=1e-13, maxiter=200), None, 5),
-])
+@pytest.mark.parametrize(
+    "method,solver,batch_size,target_batch_size",
+    [
+        ("per_target", None, None, None),
+        ("mixed", None, 4, 3),
+        ("auto", metaif.solvers.CG(tol=1e-13, maxiter=200), None, 5),
+    ],
+)
 def test_pairwise_equals_separate_single_target_calls(method, solver, batch_size, target_batch_size, LAM):
-    result = metaif.pairwise_influence(PROBLEM, LAM, TASKS, targets, solver, method=method, chunk_size=batch_size,
-                                       target_chunk_size=target_batch_size)
+    result = metaif.pairwise_influence(
+        PROBLEM, LAM, TASKS, targets, solver, method=method, chunk_size=batch_size, target_chunk_size=target_batch_size
+    )
     assert result.tasks.shape == (8, N) and result.support.shape == (8, N, M) and result.query.shape == (8, N, Q)
     for t in range(8):
         single = metaif.influence(PROBLEM, LAM, TASKS, target=lambda lam: targets(lam)[t], solver=solver)
@@ -71,8 +77,12 @@ def test_self_influence_equals_finite_differences(LAM):
     h = 1e-4
     ones = dict(task_weights=jnp.ones(N), support_weights=jnp.ones((N, M)), query_weights=jnp.ones((N, Q)))
     own_loss = lambda lam, k, a: metaif.task_losses(PROBLEM, lam, TASKS, support_weights=a)[k]
-    for name, index, score in [("task_weights", (2,), result.tasks[2]), ("support_weights", (1, 3), result.support[1, 3]),
-                               ("query_weights", (4, 0), result.query[4, 0])]:
+    for name, index, score in [
+        ("task_weights", (2,), result.tasks[2]),
+        ("support_weights", (1, 3), result.support[1, 3]),
+        ("query_weights", (4, 0), result.query[4, 0]),
+    ]:
+
         def value(delta):
             weights = dict(ones, **{name: ones[name].at[index].add(delta)})
             lam = metaif.newton_refine(PROBLEM, LAM, TASKS, steps=6, **weights).meta_params
@@ -81,7 +91,9 @@ def test_self_influence_equals_finite_differences(LAM):
         finite_difference = (value(h) - value(-h)) / (2 * h)
         np.testing.assert_allclose(score, finite_difference, rtol=1e-6, atol=1e-10)
     assert np.all(result.tasks < 0)  # −(1/n) gᵀ(H)⁻¹g with H positive definite here
-    chunked = metaif.self_influence(PROBLEM, LAM, TASKS, metaif.solvers.CG(damping=0.0, tol=1e-13, maxiter=100), chunk_size=4)
+    chunked = metaif.self_influence(
+        PROBLEM, LAM, TASKS, metaif.solvers.CG(damping=0.0, tol=1e-13, maxiter=100), chunk_size=4
+    )
     for a, b in zip(result[:3], chunked[:3]):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-13)
 
@@ -106,10 +118,12 @@ def test_new_task_influence_parts_add_up_and_match_finite_differences(LAM):
     np.testing.assert_allclose(result.through_adaptation[0][2, 1], adapted.tasks, rtol=1e-9, atol=1e-13)
     # total against finite differences of the re-solved meta-optimum
     h = 1e-4
+
     def prediction(delta):
         lam = metaif.newton_refine(PROBLEM, LAM, TASKS, steps=6, task_weights=jnp.ones(N).at[3].add(delta)).meta_params
         theta = metaif.adapt(PROBLEM, lam, support)
         return jax.vmap(mixed_predict, in_axes=(None, None, 0))(theta, lam, inputs)
+
     np.testing.assert_allclose(result.tasks[..., 3], (prediction(h) - prediction(-h)) / (2 * h), rtol=1e-6, atol=1e-10)
 
 
@@ -131,6 +145,7 @@ def test_top_k_agrees_with_a_full_sort(LAM):
 
 def test_plot_examples_draws_images():
     import matplotlib  # a dependency: no skip
+
     matplotlib.use("Agg")
     images = np.random.default_rng(0).random((N, M, 5, 5))
     scores = np.random.default_rng(1).normal(size=(N, M))
@@ -139,11 +154,14 @@ def test_plot_examples_draws_images():
     matplotlib.pyplot.close(fig)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda lam: jnp.sum(lam["w"]), "1-D array"),
-    (lambda lam: jnp.zeros((0,)), "non-empty"),
-    ("loss", "targets must be a function"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda lam: jnp.sum(lam["w"]), "1-D array"),
+        (lambda lam: jnp.zeros((0,)), "non-empty"),
+        ("loss", "targets must be a function"),
+    ],
+)
 def test_pairwise_rejects_bad_targets(bad, match, LAM):
     with pytest.raises((ValueError, TypeError), match=match):
         metaif.pairwise_influence(PROBLEM, LAM, TASKS, bad)

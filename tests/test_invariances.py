@@ -66,7 +66,9 @@ def classification(kind) -> Case:
     invariance, so the total Hessian is invertible."""
     tasks = problems.classification_tasks(N, M, Q, DIM + 1, WAYS, seed=0)
     test_tasks = problems.classification_tasks(2, M, Q, DIM + 1, WAYS, seed=100)
-    problem = metaif.BilevelProblem(problems.linear_cross_entropy, problems.linear_cross_entropy, ADAPTS[kind], meta_reg=0.1)
+    problem = metaif.BilevelProblem(
+        problems.linear_cross_entropy, problems.linear_cross_entropy, ADAPTS[kind], meta_reg=0.1
+    )
     meta = problems.linear_init(jax.random.key(0), DIM + 1, WAYS)
     shift = problems.linear_init(jax.random.key(1), DIM + 1, WAYS)
     meta = jax.tree.map(lambda leaf, s: leaf + 30.0 * s, meta, shift)  # away from the symmetric start
@@ -77,8 +79,10 @@ def classification(kind) -> Case:
 def classification_influence(kind) -> tuple[metaif.Influence, metaif.Influence]:
     """(influence on the meta-parameters, influence on the case's target), computed once."""
     case = classification(kind)
-    return (metaif.influence(case.problem, case.meta, case.tasks),
-            metaif.influence(case.problem, case.meta, case.tasks, target=case.target))
+    return (
+        metaif.influence(case.problem, case.meta, case.tasks),
+        metaif.influence(case.problem, case.meta, case.tasks, target=case.target),
+    )
 
 
 def flat(tree):
@@ -94,7 +98,10 @@ def assert_tree_close(actual, expected, rtol, atol):
 
 def contract(influence_tree, gradient, batch_ndim):
     """Σ over parameter leaves of ⟨I_λ[..., :], ∇f⟩ for pytrees with `batch_ndim` leading axes."""
-    parts = [jnp.tensordot(leaf, g, axes=g.ndim) for leaf, g in zip(jax.tree.leaves(influence_tree), jax.tree.leaves(gradient))]
+    parts = [
+        jnp.tensordot(leaf, g, axes=g.ndim)
+        for leaf, g in zip(jax.tree.leaves(influence_tree), jax.tree.leaves(gradient))
+    ]
     assert all(p.ndim == batch_ndim for p in parts)
     return sum(parts[1:], parts[0])
 
@@ -143,7 +150,7 @@ def test_task_influence_matches_per_task_loop(kind):
     hessian = np.asarray(jax.hessian(lambda x: metaif.meta_objective(problem, unravel(x), tasks))(flat_meta))
     np.testing.assert_allclose(hessian, hessian.T, rtol=1e-8, atol=1e-10)
     for k in range(n):
-        task_k = tasks[k:k + 1]
+        task_k = tasks[k : k + 1]
         loss_k = lambda x: metaif.task_losses(problem, unravel(x), task_k)[0]  # without meta_reg
         gradient_k = np.asarray(jax.grad(loss_k)(flat_meta))
         expected = -np.linalg.solve(hessian, gradient_k / n)
@@ -171,8 +178,9 @@ def test_target_scores_are_contractions_of_parameter_influence(kind):
     np.testing.assert_allclose(on_target.objective, on_params.objective, rtol=1e-13)
     np.testing.assert_allclose(on_target.grad_norm, on_params.grad_norm, rtol=1e-10)
     # Same compiled core, same numbers, through the other entry points.
-    np.testing.assert_allclose(metaif.task_influence(case.problem, case.meta, case.tasks, target=case.target),
-                               on_target.tasks, rtol=1e-12)
+    np.testing.assert_allclose(
+        metaif.task_influence(case.problem, case.meta, case.tasks, target=case.target), on_target.tasks, rtol=1e-12
+    )
     instances = metaif.instance_influence(case.problem, case.meta, case.tasks, target=case.target)
     np.testing.assert_allclose(instances.support, on_target.support, rtol=1e-12)
     np.testing.assert_allclose(instances.query, on_target.query, rtol=1e-12)
@@ -191,8 +199,9 @@ def test_no_recompile_for_same_shapes_and_equal_problem():
     problem, meta, tasks, target = case.problem, case.meta, case.tasks, case.target
     other_meta = jax.tree.map(lambda leaf: leaf + 0.25, meta)
     other_tasks = problems.classification_tasks(N, M, Q, DIM + 1, WAYS, seed=7)
-    rebuilt = metaif.BilevelProblem(problem.inner_loss, problem.outer_loss, metaif.Unrolled(steps=3, lr=0.2),
-                                    meta_reg=problem.meta_reg)
+    rebuilt = metaif.BilevelProblem(
+        problem.inner_loss, problem.outer_loss, metaif.Unrolled(steps=3, lr=0.2), meta_reg=problem.meta_reg
+    )
     assert rebuilt == problem and hash(rebuilt) == hash(problem) and rebuilt is not problem
     metaif.influence(problem, meta, tasks, target=target)
     metaif.influence(problem, other_meta, other_tasks)

@@ -27,7 +27,10 @@ WAYS = 3
 def few_shot_tasks(n, m, q, image, seed):
     """Random few-shot-shaped tasks: {"x": [n, k, *image] in [0, 1), "y": [n, k] int32}."""
     rng = np.random.default_rng(seed)
-    sample = lambda k: {"x": jnp.asarray(rng.uniform(size=(n, k, *image))), "y": jnp.asarray(rng.integers(0, WAYS, (n, k)), jnp.int32)}
+    sample = lambda k: {
+        "x": jnp.asarray(rng.uniform(size=(n, k, *image))),
+        "y": jnp.asarray(rng.integers(0, WAYS, (n, k)), jnp.int32),
+    }
     return metaif.TaskSet(sample(m), sample(q))
 
 
@@ -40,7 +43,9 @@ MLP = models.MLP((28, 28), (2,), WAYS, activation=jnp.tanh, param_dtype=F64, rng
 PURE_MLP = models.from_nnx(MLP)
 CONV = models.Conv4((28, 28), WAYS, filters=8, param_dtype=F64, rngs=nnx.Rngs(1))
 PURE_CONV = models.from_nnx(CONV)
-CONV_GROUP = models.Conv4((14, 14, 1), WAYS, filters=8, blocks=2, norm="group", groups=2, param_dtype=F64, rngs=nnx.Rngs(2))
+CONV_GROUP = models.Conv4(
+    (14, 14, 1), WAYS, filters=8, blocks=2, norm="group", groups=2, param_dtype=F64, rngs=nnx.Rngs(2)
+)
 PURE_CONV_GROUP = models.from_nnx(CONV_GROUP)
 X28 = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 28, 28)))
 X14 = jnp.asarray(np.random.default_rng(1).uniform(size=(3, 14, 14, 1)))
@@ -86,8 +91,17 @@ def assert_close(a, b, rtol=1e-12, atol=1e-12):
 
 @pytest.mark.parametrize("norm", [None, "layer", "group"])
 def test_apply_equals_calling_the_module(norm):
-    conv = models.Conv4((14, 14, 1), WAYS, filters=8, blocks=2, norm=norm, groups=2, pool_padding="SAME" if norm is None else "VALID",
-                         param_dtype=F64, rngs=nnx.Rngs(3))
+    conv = models.Conv4(
+        (14, 14, 1),
+        WAYS,
+        filters=8,
+        blocks=2,
+        norm=norm,
+        groups=2,
+        pool_padding="SAME" if norm is None else "VALID",
+        param_dtype=F64,
+        rngs=nnx.Rngs(3),
+    )
     for module, x in ((MLP, X28), (conv, X14)):
         pure = models.from_nnx(module)
         out = pure.apply(pure.params, x)
@@ -135,14 +149,26 @@ def test_losses_match_hand_written_and_compose_for_gauss_newton():
         assert_close(loss.predict(p, p, z), logits[i], rtol=1e-13)
         assert loss.output_loss(loss.predict(p, p, z), z) == loss(p, p, z)
         target = {"x": X28[i], "y": jnp.arange(WAYS, dtype=F64)}
-        np.testing.assert_allclose(PURE_MLP.squared_error(p, p, target), 0.5 * np.sum((np.asarray(logits[i]) - np.arange(WAYS)) ** 2), rtol=1e-13)
+        np.testing.assert_allclose(
+            PURE_MLP.squared_error(p, p, target),
+            0.5 * np.sum((np.asarray(logits[i]) - np.arange(WAYS)) ** 2),
+            rtol=1e-13,
+        )
     gn = loss.gauss_newton()
-    assert isinstance(gn, metaif.curvature.GaussNewton) and gn.predict == PURE_MLP.predict and gn.output_loss is models.softmax_cross_entropy
-    gn.check(metaif.BilevelProblem(loss, loss, metaif.Unrolled(steps=1, lr=LR)), p, TASKS)  # metaif's own split check passes
+    assert (
+        isinstance(gn, metaif.curvature.GaussNewton)
+        and gn.predict == PURE_MLP.predict
+        and gn.output_loss is models.softmax_cross_entropy
+    )
+    gn.check(
+        metaif.BilevelProblem(loss, loss, metaif.Unrolled(steps=1, lr=LR)), p, TASKS
+    )  # metaif's own split check passes
     # Static-friendly: fresh accesses are equal and hash equally, so problems rebuilt from them hit the jit cache.
     assert PURE_MLP.cross_entropy == loss and hash(PURE_MLP.cross_entropy) == hash(loss)
     assert PURE_MLP.cross_entropy != PURE_CONV.cross_entropy and PURE_MLP.cross_entropy != PURE_MLP.squared_error
-    make = lambda: metaif.BilevelProblem(PURE_MLP.cross_entropy, PURE_MLP.cross_entropy, metaif.Unrolled(steps=1, lr=0.1))
+    make = lambda: metaif.BilevelProblem(
+        PURE_MLP.cross_entropy, PURE_MLP.cross_entropy, metaif.Unrolled(steps=1, lr=0.1)
+    )
     assert make() == make() and hash(make()) == hash(make())
     # add_batch_axis: a module that only takes batches gets [1, ...] and its outputs lose the axis.
     batched = models.from_nnx(MLP, add_batch_axis=True)
@@ -166,6 +192,7 @@ def test_grad_and_hvp_under_jit_and_vmap():
             loss = lambda q: pure.cross_entropy(q, lam, z)
             value, grad = jax.value_and_grad(loss)(lam)
             return value, grad, jax.jvp(jax.grad(loss), (lam,), (u,))[1]
+
         return jax.vmap(one)(batch)
 
     shift = lambda s: jax.tree.map(lambda p, d: p + s * d, params, u)
@@ -194,7 +221,9 @@ def test_float32_parameters_under_strict_promotion():
     """float32 modules compute in float32 (inputs of either precision cast explicitly) and agree
     with the float64 ones on the same parameters; gradients stay float32 under jit."""
     mlp32 = models.from_nnx(models.MLP((28, 28), (2,), WAYS, activation=jnp.tanh, rngs=nnx.Rngs(0)))
-    conv32 = models.from_nnx(models.Conv4((14, 14, 1), WAYS, filters=8, blocks=2, norm="group", groups=2, rngs=nnx.Rngs(2)))
+    conv32 = models.from_nnx(
+        models.Conv4((14, 14, 1), WAYS, filters=8, blocks=2, norm="group", groups=2, rngs=nnx.Rngs(2))
+    )
     for pure32, pure64, x in ((mlp32, PURE_MLP, X28), (conv32, PURE_CONV_GROUP, X14)):
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(pure32.params))
         params32 = jax.tree.map(lambda p: p.astype(jnp.float32), pure64.params)
@@ -205,7 +234,9 @@ def test_float32_parameters_under_strict_promotion():
             np.testing.assert_allclose(out, logits64, rtol=1e-4, atol=1e-5)
     z = example(X28[0].astype(jnp.float32), 1)
     value, grads = jax.jit(jax.value_and_grad(mlp32.cross_entropy))(mlp32.params, mlp32.params, z)
-    assert value.dtype == jnp.float32 and all(leaf.dtype == jnp.float32 and np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(grads))
+    assert value.dtype == jnp.float32 and all(
+        leaf.dtype == jnp.float32 and np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(grads)
+    )
     logits = mlp32.apply(mlp32.params, z["x"])
     np.testing.assert_allclose(value, jax.nn.logsumexp(logits) - logits[1], rtol=1e-6)
 
@@ -221,7 +252,9 @@ def test_end_to_end_conv4_with_cg():
     value = metaif.meta_objective(problem, PURE_CONV.params, TASKS)
     assert np.isfinite(value) and value > 0
     target = lambda lam: jnp.sum(jnp.square(lam["head"]["kernel"]))
-    result = metaif.influence(problem, PURE_CONV.params, TASKS, target=target, solver=metaif.solvers.CG(damping=10.0, maxiter=8))
+    result = metaif.influence(
+        problem, PURE_CONV.params, TASKS, target=target, solver=metaif.solvers.CG(damping=10.0, maxiter=8)
+    )
     assert result.tasks.shape == (3,) and result.support.shape == (3, 2) and result.query.shape == (3, 2)
     for scores in (result.tasks, result.support, result.query):
         assert np.all(np.isfinite(scores)) and np.any(scores != 0)
@@ -237,14 +270,25 @@ def test_end_to_end_mlp_scores_equal_dense_oracle_and_finite_differences():
     problem = metaif.BilevelProblem(PURE_MLP.cross_entropy, PURE_MLP.cross_entropy, metaif.Unrolled(steps=1, lr=LR))
     value = metaif.meta_objective(problem, PURE_MLP.params, TASKS)
     target = lambda lam: metaif.task_losses(problem, lam, TEST).mean()
-    result = metaif.influence(problem, PURE_MLP.params, TASKS, target=target, solver=metaif.solvers.CG(damping=DAMPING, maxiter=100, tol=1e-12))
+    result = metaif.influence(
+        problem,
+        PURE_MLP.params,
+        TASKS,
+        target=target,
+        solver=metaif.solvers.CG(damping=DAMPING, maxiter=100, tol=1e-12),
+    )
     assert bool(result.solve.converged) and not bool(result.solve.indefinite)
 
     flat, unravel = ravel_pytree(PURE_MLP.params)
     ones = _ones(TASKS)
     F = lambda x, t, a, b: _oracle_objective(unravel(x), TASKS, t, a, b)
-    oracle_value, H, grad_f = jax.jit(lambda x: (
-        F(x, *ones), jax.hessian(F)(x, *ones), jax.grad(lambda y: _oracle_objective(unravel(y), TEST, *_ones(TEST)))(x)))(flat)
+    oracle_value, H, grad_f = jax.jit(
+        lambda x: (
+            F(x, *ones),
+            jax.hessian(F)(x, *ones),
+            jax.grad(lambda y: _oracle_objective(unravel(y), TEST, *_ones(TEST)))(x),
+        )
+    )(flat)
     np.testing.assert_allclose([value, result.objective], oracle_value, rtol=1e-13)
     factor = jax.jit(jnp.linalg.cholesky)(H + DAMPING * jnp.eye(flat.size))
     assert np.all(np.isfinite(factor))  # H + δI is positive definite
@@ -297,11 +341,9 @@ def test_bad_modules_are_refused():
 
 @dataclasses.dataclass
 class _LinenLike:
-    def init(self, *args):
-        ...
+    def init(self, *args): ...
 
-    def apply(self, *args):
-        ...
+    def apply(self, *args): ...
 
 
 def test_bad_model_arguments_are_refused():

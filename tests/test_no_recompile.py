@@ -73,7 +73,11 @@ def test_influence_sweep_compiles_once(adapt):
     for i, (lr, reg, meta_reg, damping, tol) in enumerate(settings):
         problem = _problem(make(lr, reg), meta_reg)
         with count_compiles() as compiled:
-            results.append(metaif.influence(problem, INIT, TASKS, target=target, solver=metaif.solvers.CG(damping=damping, tol=tol)))
+            results.append(
+                metaif.influence(
+                    problem, INIT, TASKS, target=target, solver=metaif.solvers.CG(damping=damping, tol=tol)
+                )
+            )
         if i > 0:
             assert compiled == [], f"setting {i} recompiled {compiled}"
     # The new values were used: every setting gives different scores.
@@ -147,9 +151,12 @@ def test_options_are_pytrees_with_numeric_leaves():
 
 def test_derivative_in_a_numeric_option():
     """Options are ordinary pytree arguments: d F / d reg by jax.grad equals finite differences."""
+
     def objective(reg):
         base = metaif.Proximal(reg=2.0, steps=200, lr=0.2, inner_tol=1e-12)
-        adapt = jax.tree_util.tree_map_with_path(lambda path, x: reg if jax.tree_util.keystr(path) == ".reg" else x, base)
+        adapt = jax.tree_util.tree_map_with_path(
+            lambda path, x: reg if jax.tree_util.keystr(path) == ".reg" else x, base
+        )
         return metaif.meta_objective(_problem(adapt, 1e-2), INIT, TASKS)
 
     grad = jax.grad(objective)(2.0)

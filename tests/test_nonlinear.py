@@ -31,7 +31,11 @@ def _solved(case):
     loss, adaptation = CASES[case]
     problem = metaif.BilevelProblem(loss, loss, adaptation, meta_reg=0.05)
     key = jax.random.key(1)
-    init = problems.linear_init(key, DIM, WAYS) if loss is problems.linear_cross_entropy else problems.mlp_init(key, (DIM, 4, WAYS))
+    init = (
+        problems.linear_init(key, DIM, WAYS)
+        if loss is problems.linear_cross_entropy
+        else problems.mlp_init(key, (DIM, 4, WAYS))
+    )
     trained = metaif.meta_train(problem, init, TASKS, optax.adam(0.05), steps=1000)
     lam = metaif.newton_refine(problem, trained.meta_params, TASKS, steps=8).meta_params
     target = lambda l: metaif.task_losses(problem, l, TEST).mean()
@@ -41,18 +45,23 @@ def _solved(case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_influence_equals_finite_differences_of_resolved_optima(case):
     problem, lam, target = _solved(case)
-    assert float(jnp.max(metaif.adaptation_residual(problem, lam, TASKS))) < 1e-9 or isinstance(problem.adapt, metaif.Unrolled)
+    assert float(jnp.max(metaif.adaptation_residual(problem, lam, TASKS))) < 1e-9 or isinstance(
+        problem.adapt, metaif.Unrolled
+    )
     result = metaif.influence(problem, lam, TASKS)
     assert result.grad_norm < 1e-10 and bool(result.solve.converged) and not bool(result.solve.indefinite)
     assert isinstance(problem.adapt, metaif.Unrolled) or result.adaptation_residual < 1e-9
     scores = metaif.influence(problem, lam, TASKS, target=target)
 
     ones = dict(task_weights=jnp.ones(N), support_weights=jnp.ones((N, M)), query_weights=jnp.ones((N, Q)))
-    checks = [("task_weights", (0,), result.tasks, scores.tasks),
-              ("support_weights", (1, 2), result.support, scores.support),
-              ("query_weights", (2, 3), result.query, scores.query)]
+    checks = [
+        ("task_weights", (0,), result.tasks, scores.tasks),
+        ("support_weights", (1, 2), result.support, scores.support),
+        ("query_weights", (2, 3), result.query, scores.query),
+    ]
     h = 1e-4
     for name, index, influence, target_scores in checks:
+
         def resolved(delta):
             weights = dict(ones, **{name: ones[name].at[index].add(delta)})
             return metaif.newton_refine(problem, lam, TASKS, steps=5, **weights).meta_params
@@ -101,7 +110,9 @@ def test_line_search_adapts_where_fixed_steps_diverge():
     loss = problems.mlp_cross_entropy
     lam = jax.tree.map(lambda x: 6.0 * x, problems.mlp_init(jax.random.key(4), (DIM, 4, WAYS)))
     fixed = metaif.BilevelProblem(loss, loss, metaif.Proximal(0.5, steps=300, lr=1.5))
-    searched = metaif.BilevelProblem(loss, loss, metaif.Proximal(0.5, steps=300, lr=1.5, line_search=True, inner_solve="dense"))
+    searched = metaif.BilevelProblem(
+        loss, loss, metaif.Proximal(0.5, steps=300, lr=1.5, line_search=True, inner_solve="dense")
+    )
     assert float(jnp.max(metaif.adaptation_residual(fixed, lam, TASKS))) > 1e-2
     assert float(jnp.max(metaif.adaptation_residual(searched, lam, TASKS))) < 1e-10
 

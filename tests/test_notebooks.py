@@ -29,8 +29,11 @@ def _runner():
 
 
 def test_all_notebooks_listed():
-    assert [p.name for p in NOTEBOOKS] == ["01_quickstart_digits.ipynb", "02_cleaning_omniglot.ipynb",
-                                           "03_choosing_a_solver.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_quickstart_digits.ipynb",
+        "02_cleaning_omniglot.ipynb",
+        "03_choosing_a_solver.ipynb",
+    ]
 
 
 @pytest.mark.slow

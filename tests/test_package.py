@@ -17,19 +17,27 @@ DOCUMENTED = ("curvature", "data", "evaluation", "explain", "models", "parallel"
 
 
 def _python(code: str, **env) -> str:
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env}, cwd=ROOT / "tests")
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+        cwd=ROOT / "tests",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
 def test_import_is_light_and_every_documented_submodule_is_reachable():
-    out = _python("import sys, metaif\n"
-                  "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'scipy', 'matplotlib', 'sklearn')))\n"
-                  f"print([type(getattr(metaif, name)).__name__ for name in {DOCUMENTED!r}])\n"
-                  "print(metaif.evaluation.retrain.__module__, metaif.influence.__module__)")
+    out = _python(
+        "import sys, metaif\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'scipy', 'matplotlib', 'sklearn')))\n"
+        f"print([type(getattr(metaif, name)).__name__ for name in {DOCUMENTED!r}])\n"
+        "print(metaif.evaluation.retrain.__module__, metaif.influence.__module__)"
+    )
     loaded, kinds, modules = out.splitlines()
-    assert loaded == "[]"                                      # nothing heavy until first use
+    assert loaded == "[]"  # nothing heavy until first use
     assert kinds == str(["module"] * len(DOCUMENTED))
     assert modules == "metaif.evaluation._retrain metaif._influence"
 
@@ -52,19 +60,24 @@ def test_readme_api_example_is_the_script_and_shows_its_output():
     """The README's example is docs/examples/quickstart.py verbatim, and the output block under it
     is what the script prints when run."""
     source = QUICKSTART.read_text()
-    code = source[source.index("import jax"):]
+    code = source[source.index("import jax") :]
     assert f"```python\n{code}```" in README, "README's API example differs from docs/examples/quickstart.py"
     done = subprocess.run([sys.executable, str(QUICKSTART)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = done.stdout.strip()
     assert len(printed.splitlines()) == 3 and "most harmful task" in printed
-    assert f"```text\n{printed}\n```" in README, f"README's output block differs from what the script prints:\n{printed}"
+    assert f"```text\n{printed}\n```" in README, (
+        f"README's output block differs from what the script prints:\n{printed}"
+    )
 
 
 def test_make_demo_installs_no_test_extras(tmp_path):
     """`make demo` builds an environment without the test extras; `make test` adds them."""
-    dry = lambda target: subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], capture_output=True, text=True,
-                                        cwd=ROOT, timeout=60).stdout
+    dry = lambda target: (
+        subprocess.run(
+            ["make", "-n", target, f"VENV={tmp_path / 'venv'}"], capture_output=True, text=True, cwd=ROOT, timeout=60
+        ).stdout
+    )
     demo, test = dry("demo"), dry("test")
     assert "pip install --quiet -e ." in demo and "[test]" not in demo and "metaif demo" in demo
     assert "pip install --quiet -e '.[test]'" in test
@@ -72,5 +85,9 @@ def test_make_demo_installs_no_test_extras(tmp_path):
 
 def test_tests_find_real_data_through_METAIF_DATA(tmp_path):
     assert _python("import _paths; print(_paths.DATA)", METAIF_DATA=str(tmp_path)).strip() == str(tmp_path)
-    hard_coded = [p.name for p in (ROOT / "tests").glob("*.py") if p.name not in ("_paths.py", Path(__file__).name) and '"shared"' in p.read_text()]
+    hard_coded = [
+        p.name
+        for p in (ROOT / "tests").glob("*.py")
+        if p.name not in ("_paths.py", Path(__file__).name) and '"shared"' in p.read_text()
+    ]
     assert not hard_coded, f"{hard_coded} build the data path themselves; import DATA from tests/_paths.py"

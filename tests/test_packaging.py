@@ -53,7 +53,9 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     assert code == 0, out[-4000:]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
 
-    code, out = _run([str(python), "-c", "import metaif; print(metaif.__file__); print(metaif.__version__)"], cwd=work, env=env)
+    code, out = _run(
+        [str(python), "-c", "import metaif; print(metaif.__file__); print(metaif.__version__)"], cwd=work, env=env
+    )
     where, version = out.split()[-2:]
     assert code == 0 and Path(where).is_relative_to(venv) and version == VERSION, out
     code, out = _run([str(command), "--version"], cwd=work, env=env)

@@ -83,7 +83,9 @@ def _close(actual, expected):
 
 
 def test_task_if(FLAT, H_PAPER, INFLUENCE):
-    paper = jnp.stack([-jnp.linalg.solve(H_PAPER, jax.jit(jax.grad(_query_loss), static_argnums=1)(FLAT, k)) for k in range(N)])
+    paper = jnp.stack(
+        [-jnp.linalg.solve(H_PAPER, jax.jit(jax.grad(_query_loss), static_argnums=1)(FLAT, k)) for k in range(N)]
+    )
     _close(_flat(INFLUENCE.tasks), paper)
 
 

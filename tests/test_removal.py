@@ -17,7 +17,9 @@ from metaif._tree import ravel
 # the reduced objective is its exact minimiser, while first-order influence is not.
 RN, RM, RQ, RP = 6, 5, 4, 3
 REG_TASKS, _ = problems.regression_tasks(RN, RM, RQ, RP, noise=0.3, spread=1.0, seed=5)
-REG_PROBLEM = metaif.BilevelProblem(problems.squared_loss, problems.squared_loss, metaif.Unrolled(steps=2, lr=0.1), meta_reg=0.05)
+REG_PROBLEM = metaif.BilevelProblem(
+    problems.squared_loss, problems.squared_loss, metaif.Unrolled(steps=2, lr=0.1), meta_reg=0.05
+)
 
 # Logistic regression, two unrolled steps: F is not quadratic.
 N, M, Q, DIM, WAYS = 8, 5, 5, 3, 3
@@ -94,7 +96,10 @@ def test_small_amount_recovers_first_order_influence_and_removal_beats_it():
     problem (relative errors measured 0.074 against 0.28)."""
     lam = _logistic()
     influence = _rows(metaif.task_influence(PROBLEM, lam, TASKS))
-    errors = [np.linalg.norm(_rows(metaif.task_removal(PROBLEM, lam, TASKS, amount=e).delta) / e + influence) for e in (1e-2, 1e-3)]
+    errors = [
+        np.linalg.norm(_rows(metaif.task_removal(PROBLEM, lam, TASKS, amount=e).delta) / e + influence)
+        for e in (1e-2, 1e-3)
+    ]
     assert errors[0] / errors[1] > 7, errors
     weights = evaluation.removal_weights(N, M, Q, "tasks", np.arange(N))
     retrained = evaluation.retrain(PROBLEM, lam, TASKS, weights, steps=30, chunk_size=None, tol=1e-12)

@@ -33,11 +33,28 @@ os.environ["METAIF_CODE_VERSION"] = "tests"
 
 # The tiny digits config of test_cli.py, with Adam long enough for an array over 4 KiB (see
 # test_npz_shape_field_bit_flip_is_caught) and no plots.
-TINY = CLI_TINY.replace("adam_steps = 150", "adam_steps = 600").replace("checkpoint_every = 50", "checkpoint_every = 200") \
+TINY = (
+    CLI_TINY.replace("adam_steps = 150", "adam_steps = 600")
+    .replace("checkpoint_every = 50", "checkpoint_every = 200")
     .replace("top_k = 3", "top_k = 3\nplots = false")
-assert all(part in TINY for part in ("adam_steps = 600", "checkpoint_every = 200", "plots = false", "features = 4")), TINY
-STAGES = {"data", "train_adam", "train_newton", "evaluate", "solve", "scores_0000", "scores_0001", "baseline",
-          "loo_tasks_0000", "loo_support_0000", "loo_query_0000", "edit"}
+)
+assert all(part in TINY for part in ("adam_steps = 600", "checkpoint_every = 200", "plots = false", "features = 4")), (
+    TINY
+)
+STAGES = {
+    "data",
+    "train_adam",
+    "train_newton",
+    "evaluate",
+    "solve",
+    "scores_0000",
+    "scores_0001",
+    "baseline",
+    "loo_tasks_0000",
+    "loo_support_0000",
+    "loo_query_0000",
+    "edit",
+}
 AFTER_NEWTON = STAGES - {"data", "train_adam"}
 
 
@@ -105,7 +122,7 @@ def damage_zip_header(path: Path) -> bytes:
     """Set the compression method of the first member in the zip's central directory to 99."""
     data = bytearray(path.read_bytes())
     at = data.index(b"PK\x01\x02") + 10
-    data[at:at + 2] = (99).to_bytes(2, "little")
+    data[at : at + 2] = (99).to_bytes(2, "little")
     path.write_bytes(bytes(data))
     return bytes(data)
 
@@ -114,7 +131,9 @@ def assert_rejected(err: str, out: Path, name: str, reason: str) -> None:
     """The warning names the file and the reason; the file now lies in rejected/."""
     assert f"warning: checkpoint {out / 'checkpoints' / name}.npz {reason}" in err, err
     assert "Moved it to" in err and "recomputing it and the stages that depend on it" in err
-    assert [p.name for p in (out / "rejected").iterdir() if p.name.startswith(name + ".")], list((out / "rejected").iterdir())
+    assert [p.name for p in (out / "rejected").iterdir() if p.name.startswith(name + ".")], list(
+        (out / "rejected").iterdir()
+    )
 
 
 # ----------------------------------------------------------------------------- checkpoints and their manifest
@@ -138,9 +157,9 @@ def test_bit_flip_is_named_moved_aside_and_recomputed_with_its_dependents(copy, 
     err, new = rerun(capsys, config, out)
     assert_rejected(err, out, "train_adam", "does not match the sha256 recorded in manifest.json")
     assert {r["stage"] for r in new if r["event"] == "rejected"} == {"train_adam"}
-    assert stages(new, "computed") == STAGES - {"data"}           # the file and everything after it
+    assert stages(new, "computed") == STAGES - {"data"}  # the file and everything after it
     assert_same_results(out, finished[1])
-    err, new = rerun(capsys, config, out)                         # and the folder is sound again
+    err, new = rerun(capsys, config, out)  # and the folder is sound again
     assert "warning" not in err and stages(new, "reused") == STAGES
 
 
@@ -154,7 +173,7 @@ def test_valid_but_edited_npz_is_recomputed(copy, finished, capsys):
     np.savez(path, **arrays)
     err, new = rerun(capsys, config, out)
     assert_rejected(err, out, "scores_0000", "does not match the sha256")
-    assert stages(new, "computed") == {"scores_0000", "edit"}      # the edit depends on every score
+    assert stages(new, "computed") == {"scores_0000", "edit"}  # the edit depends on every score
     assert_same_results(out, finished[1])
 
 
@@ -169,15 +188,17 @@ def test_foreign_checkpoints_are_not_used(copy, finished, capsys, tmp_path):
     other.save("loo_tasks_0000", fp, {**arrays, "change": arrays["change"] + 1.0})
     shutil.copy(other.path("loo_tasks_0000"), out / "checkpoints")
     manifest = json.loads((out / "manifest.json").read_text())
-    del manifest["checkpoints"]["loo_query_0000"]                 # as if this run had not got that far
+    del manifest["checkpoints"]["loo_query_0000"]  # as if this run had not got that far
     (out / "manifest.json").write_text(json.dumps(manifest))
     err, new = rerun(capsys, config, out)
     assert_rejected(err, out, "loo_tasks_0000", "does not match the sha256")
     assert_rejected(err, out, "loo_query_0000", "is not recorded in manifest.json (copied in from another run folder")
     assert stages(new, "computed") == {"loo_tasks_0000", "loo_query_0000"}
     assert_same_results(out, finished[1])
-    ours, reference = (json.loads((o / "scores.json").read_text())["leave_one_out"]["tasks"]["actual_change"]
-                       for o in (out, finished[1]))
+    ours, reference = (
+        json.loads((o / "scores.json").read_text())["leave_one_out"]["tasks"]["actual_change"]
+        for o in (out, finished[1])
+    )
     np.testing.assert_allclose(ours, reference, rtol=1e-10)
 
 
@@ -194,7 +215,7 @@ def test_damaged_zip_header_and_damaged_key_do_not_stick(copy, finished, capsys)
     assert stages(new, "computed") == {"loo_support_0000"}
 
     keyed = out / "checkpoints" / "train_newton.npz"
-    keyed.write_bytes(keyed.read_bytes().replace(b"p1.npy", b"q1.npy"))   # local header and directory
+    keyed.write_bytes(keyed.read_bytes().replace(b"p1.npy", b"q1.npy"))  # local header and directory
     with np.load(keyed) as entry:
         assert "p1" not in entry.files
     err, new = rerun(capsys, config, out)
@@ -212,9 +233,9 @@ def test_npz_shape_field_bit_flip_is_caught(copy, finished, capsys):
     path = out / "checkpoints" / "train_adam.npz"
     data = path.read_bytes()
     at = data.index(b"'shape': (600,)", data.index(b"grad_norms.npy")) + len(b"'shape': (")
-    flip_bit(path, at, 2)                                          # '6' (0x36) -> '2' (0x32)
+    flip_bit(path, at, 2)  # '6' (0x36) -> '2' (0x32)
     with np.load(path) as entry:
-        assert entry["grad_norms"].shape == (200,)                 # the silent hazard itself
+        assert entry["grad_norms"].shape == (200,)  # the silent hazard itself
     err, new = rerun(capsys, config, out)
     assert_rejected(err, out, "train_adam", "does not match the sha256")
     assert stages(new, "computed") == STAGES - {"data"}
@@ -280,7 +301,9 @@ def test_a_folder_metaif_did_not_create_is_left_alone(capsys, tmp_path):
     for extra in ([], ["--fresh"], ["--check"]):
         code, _, err = run(capsys, "run", config, "--out", theirs, *extra)
         assert code == cli.EXIT_USAGE and err.count("\n") == 1
-        assert f"--out {str(theirs)!r} is an existing folder that metaif did not create (it has no manifest.json)" in err
+        assert (
+            f"--out {str(theirs)!r} is an existing folder that metaif did not create (it has no manifest.json)" in err
+        )
         assert "it holds checkpoints/, config.toml" in err and "Give another --out" in err
     assert (theirs / "config.toml").read_text() == "mine\n" and (theirs / "checkpoints" / "notes.txt").is_file()
     assert sorted(p.name for p in theirs.iterdir()) == ["checkpoints", "config.toml"]
@@ -290,13 +313,15 @@ def test_an_empty_folder_is_adopted(tmp_path):
     (tmp_path / "empty").mkdir()
     with folder.claimed(tmp_path / "empty", "--out 'empty'"):
         assert json.loads((tmp_path / "empty" / "manifest.json").read_text())["checkpoints"] == {}
-    folder.check(tmp_path / "empty", "--out 'empty'")                 # now a metaif run folder
+    folder.check(tmp_path / "empty", "--out 'empty'")  # now a metaif run folder
 
 
 def test_fresh_deletes_only_what_the_manifest_records(copy, finished, capsys):
     config, out = copy
-    (out / "checkpoints" / "notes.txt").write_text("mine\n")                  # not metaif's: kept
-    (out / "checkpoints" / "solve.npz").write_bytes(b"not what metaif wrote")  # a recorded name, other bytes: moved aside
+    (out / "checkpoints" / "notes.txt").write_text("mine\n")  # not metaif's: kept
+    (out / "checkpoints" / "solve.npz").write_bytes(
+        b"not what metaif wrote"
+    )  # a recorded name, other bytes: moved aside
     since = n_events(out)
     code, _, err = run(capsys, "run", config, "--out", out, "--quiet", "--fresh")
     assert code == 0, err
@@ -326,7 +351,7 @@ def test_a_replaced_data_file_recomputes_and_a_moved_one_does_not(capsys, tmp_pa
 
     moved = tmp_path / "moved.npz"
     shutil.copy(npz, moved)
-    err, new = rerun(capsys, _npz_config(tmp_path, moved), out)    # same content elsewhere: nothing to redo
+    err, new = rerun(capsys, _npz_config(tmp_path, moved), out)  # same content elsewhere: nothing to redo
     assert stages(new, "reused") == STAGES and not stages(new, "computed")
     assert "moved.npz" in json.loads((out / "summary.json").read_text())["dataset"]
 
@@ -369,7 +394,9 @@ def test_training_is_keyed_on_the_model_file_content(tmp_path, monkeypatch):
     out = tmp_path / "out"
     for name, scale in (("model.py", "0.1"), ("model.py", "0.5"), ("copy.py", "0.5")):
         module = write(tmp_path / name, MODEL.replace("SCALE", scale))
-        config = run_config.from_dict(tomllib.loads(TINY.replace("[model]\n", f'[model]\nkind = "python"\nmodule = "{module}"\n')))
+        config = run_config.from_dict(
+            tomllib.loads(TINY.replace("[model]\n", f'[model]\nkind = "python"\nmodule = "{module}"\n'))
+        )
         with pytest.raises(Stop):
             pipeline.run(config, out, pipeline.UI(quiet=True))
     assert seen[0] != seen[1] == seen[2]
@@ -379,10 +406,13 @@ def test_training_is_keyed_on_the_model_file_content(tmp_path, monkeypatch):
 def test_settings_that_change_no_result_recompute_nothing(copy, finished, capsys):
     """Before, changing checkpoint_every recomputed all stages for an identical result."""
     config, out = copy
-    changed = write(out.parent / "changed.toml", TINY.replace("checkpoint_every = 200", "checkpoint_every = 7")
-                    .replace("[influence]\n", "[influence]\ncg_maxiter = 3\n")          # unused by the dense solver
-                    .replace("[model]\n", "[model]\nprox_reg = 9.0\n")                  # unused by MAML
-                    + "[run]\nmemory_limit_gb = 50.0\n")
+    changed = write(
+        out.parent / "changed.toml",
+        TINY.replace("checkpoint_every = 200", "checkpoint_every = 7")
+        .replace("[influence]\n", "[influence]\ncg_maxiter = 3\n")  # unused by the dense solver
+        .replace("[model]\n", "[model]\nprox_reg = 9.0\n")  # unused by MAML
+        + "[run]\nmemory_limit_gb = 50.0\n",
+    )
     err, new = rerun(capsys, changed, out)
     assert stages(new, "reused") == STAGES and not stages(new, "computed")
 
@@ -392,7 +422,9 @@ def test_checkpoint_every_does_not_change_training(tmp_path):
     bitwise at the same point."""
     ends = []
     for every in (70, 200):
-        config = run_config.from_dict(tomllib.loads(TINY.replace("checkpoint_every = 200", f"checkpoint_every = {every}")))
+        config = run_config.from_dict(
+            tomllib.loads(TINY.replace("checkpoint_every = 200", f"checkpoint_every = {every}"))
+        )
         data = pipeline.build_data(config)
         model = pipeline.build_model(config.model, data["train_sx"].shape[-1], config.tasks.ways)
         ctx = pipeline.Context(config, Store(tmp_path / str(every)), pipeline.UI(quiet=True), "code")
@@ -414,7 +446,7 @@ def _fake_omniglot(root: Path) -> None:
                 for c in (1, 2):
                     for d in (1, 2):
                         ink = np.zeros((105, 105), bool)
-                        ink[10 + 7 * a + c: 40 + d, 5 * d: 60] = True
+                        ink[10 + 7 * a + c : 40 + d, 5 * d : 60] = True
                         buffer = io.BytesIO()
                         Image.fromarray(~ink).convert("1").save(buffer, format="PNG")
                         archive.writestr(f"{part}/{alphabet}/character{c:02d}/0{c}{d}_{d:02d}.png", buffer.getvalue())
@@ -427,18 +459,20 @@ def test_load_omniglot_does_not_trust_an_edited_decoded_cache(tmp_path, monkeypa
 
     monkeypatch.setenv("METAIF_CACHE", str(tmp_path / "cache"))
     _fake_omniglot(tmp_path / "data")
-    decoded = {part: _omniglot._read_part("t", tmp_path / "data" / "omniglot" / f"{part}.zip", part, 105, False)
-               for part in _omniglot._PARTS}
+    decoded = {
+        part: _omniglot._read_part("t", tmp_path / "data" / "omniglot" / f"{part}.zip", part, 105, False)
+        for part in _omniglot._PARTS
+    }
     monkeypatch.setattr(_omniglot, "_COUNTS", {"images_background": (2, 4, 8), "images_evaluation": (1, 2, 4)})
     monkeypatch.setattr(_omniglot, "_CONTENT_SHA256", {p: str(a["content_sha256"]) for p, a in decoded.items()})
-    truth = metaif.data.load_omniglot(tmp_path / "data", size=105).images            # verified; writes the cache
+    truth = metaif.data.load_omniglot(tmp_path / "data", size=105).images  # verified; writes the cache
     (entry,) = (tmp_path / "cache").glob("omniglot-images_background-*.npz")
     with np.load(entry) as cached:
         arrays = dict(cached)
-    arrays["images"] = 255 - arrays["images"]                                          # edited, digest array kept
+    arrays["images"] = 255 - arrays["images"]  # edited, digest array kept
     np.savez(entry, **arrays)
     np.testing.assert_array_equal(metaif.data.load_omniglot(tmp_path / "data", size=105).images, truth)
-    with np.load(entry) as rebuilt:                                                    # and the entry was rebuilt
+    with np.load(entry) as rebuilt:  # and the entry was rebuilt
         np.testing.assert_array_equal(rebuilt["images"], 255 - arrays["images"])
 
 
@@ -458,9 +492,16 @@ def test_a_second_run_in_a_held_folder_fails_at_once(copy, capsys):
 def test_a_lock_left_by_a_killed_run_is_taken_over(copy, finished, capsys):
     config, out = copy
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from metaif._run import folder\n"
-         "with folder.claimed(sys.argv[1], 'x'):\n    print('held', flush=True); time.sleep(120)", str(out)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from metaif._run import folder\n"
+            "with folder.claimed(sys.argv[1], 'x'):\n    print('held', flush=True); time.sleep(120)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         code, _, err = run(capsys, "run", config, "--out", out, "--quiet")
@@ -470,9 +511,11 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(copy, finished, capsys):
         holder.wait()
         holder.stdout.close()
     err, new = rerun(capsys, config, out)
-    assert f"{out / '.metaif-lock'} was left by a run that stopped without releasing it (pid {holder.pid} on host" in err
+    assert (
+        f"{out / '.metaif-lock'} was left by a run that stopped without releasing it (pid {holder.pid} on host" in err
+    )
     assert "taking it over" in err and stages(new, "reused") == STAGES
-    assert (out / ".metaif-lock").read_text() == ""                 # released at the end
+    assert (out / ".metaif-lock").read_text() == ""  # released at the end
 
 
 # ----------------------------------------------------------------------------- --check
@@ -489,14 +532,29 @@ def loss(params, meta_params, example):
 """
 
 
-@pytest.mark.parametrize("case, edit, expected, code", [
-    ("non-scalar loss", lambda text, p: text.replace("[model]\n", f'[model]\nkind = "python"\nmodule = "{p}"\n'),
-     "not a scalar", cli.EXIT_FAILED),
-    ("more PCA features than pixels", lambda text, p: text.replace("features = 4", "features = 65"),
-     "fit_pca(k) = 65 exceeds", cli.EXIT_USAGE),  # a config problem: exit 2 (issue 16)
-    ("more ways than classes", lambda text, p: text.replace("[tasks]\n", "[tasks]\nways = 11\n"),
-     "ways", cli.EXIT_USAGE),  # a config problem the data cannot supply: exit 2 (issue 19)
-])
+@pytest.mark.parametrize(
+    "case, edit, expected, code",
+    [
+        (
+            "non-scalar loss",
+            lambda text, p: text.replace("[model]\n", f'[model]\nkind = "python"\nmodule = "{p}"\n'),
+            "not a scalar",
+            cli.EXIT_FAILED,
+        ),
+        (
+            "more PCA features than pixels",
+            lambda text, p: text.replace("features = 4", "features = 65"),
+            "fit_pca(k) = 65 exceeds",
+            cli.EXIT_USAGE,
+        ),  # a config problem: exit 2 (issue 16)
+        (
+            "more ways than classes",
+            lambda text, p: text.replace("[tasks]\n", "[tasks]\nways = 11\n"),
+            "ways",
+            cli.EXIT_USAGE,
+        ),  # a config problem the data cannot supply: exit 2 (issue 19)
+    ],
+)
 def test_check_rejects_what_the_run_rejects(capsys, tmp_path, case, edit, expected, code):
     """Before, --check said "valid" for each of these and the run then failed."""
     module = write(tmp_path / "model.py", NOT_SCALAR)
@@ -504,7 +562,7 @@ def test_check_rejects_what_the_run_rejects(capsys, tmp_path, case, edit, expect
     results_ = [run(capsys, "run", config, "--out", tmp_path / "out", *extra) for extra in (["--check"], ["--quiet"])]
     for got, _, err in results_:
         assert got == code and expected in err and "valid" not in err, (case, err)
-    assert results_[0][2] == results_[1][2]                          # the same message, before any work
+    assert results_[0][2] == results_[1][2]  # the same message, before any work
     assert not (tmp_path / "out" / "checkpoints" / "train_adam.npz").exists()
 
 

@@ -55,7 +55,9 @@ def _last_json(text: str) -> dict:
 @pytest.fixture(scope="module")
 def sharded_report() -> dict:
     script = ROOT / "tests" / "_sharded_scripts" / "sharded_check.py"
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=_environment(), cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=_environment(), cwd=ROOT
+    )
     assert done.returncode == 0, f"sharded_check.py failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return _last_json(done.stdout)
 
@@ -67,9 +69,11 @@ def test_sharded_scores_equal_single_device(sharded_report):
     assert len(cases) == 4
     # every (axis type x batch_size) and every (adaptation x target) pair is covered
     assert {tuple(k.split("/")[i] for i in (0, 3)) for k in cases} == {
-        (mode, batch) for mode in ("explicit", "auto") for batch in ("batch=None", "batch=8")}
+        (mode, batch) for mode in ("explicit", "auto") for batch in ("batch=None", "batch=8")
+    }
     assert {tuple(k.split("/")[1:3]) for k in cases} == {
-        (adapt, kind) for adapt in ("proximal", "unrolled") for kind in ("target", "params")}
+        (adapt, kind) for adapt in ("proximal", "unrolled") for kind in ("target", "params")
+    }
     for name, case in cases.items():
         for quantity, value in case.items():
             if quantity not in ("specs", "seconds"):
@@ -99,10 +103,32 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_equal_one_process():
     script = ROOT / "benchmarks" / "distributed_example.py"
-    base = [sys.executable, str(script), "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
-            "--local-devices", "2", "--tasks", "8", "--train-steps", "20", "--check"]
-    procs = [subprocess.Popen(base + ["--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_environment(), cwd=ROOT) for i in range(2)]
+    base = [
+        sys.executable,
+        str(script),
+        "--coordinator",
+        f"127.0.0.1:{_free_port()}",
+        "--num-processes",
+        "2",
+        "--local-devices",
+        "2",
+        "--tasks",
+        "8",
+        "--train-steps",
+        "20",
+        "--check",
+    ]
+    procs = [
+        subprocess.Popen(
+            base + ["--process-id", str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_environment(),
+            cwd=ROOT,
+        )
+        for i in range(2)
+    ]
     try:
         outputs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -110,7 +136,9 @@ def test_two_processes_equal_one_process():
             if p.poll() is None:
                 p.kill()
     failed = [(i, p.returncode, err) for i, (p, (_, err)) in enumerate(zip(procs, outputs)) if p.returncode]
-    if failed and any("gloo" in err.lower() and "not" in err.lower() and "support" in err.lower() for *_, err in failed):
+    if failed and any(
+        "gloo" in err.lower() and "not" in err.lower() and "support" in err.lower() for *_, err in failed
+    ):
         pytest.skip(f"CPU multi-process collectives unavailable in this JAX build: {failed[0][2][-1500:]}")
     assert not failed, "\n".join(f"process {i} exited with {code}:\n{err[-4000:]}" for i, code, err in failed)
     report = _last_json(outputs[0][0])
@@ -145,17 +173,20 @@ def test_one_device_layout_leaves_chunking_unchanged():
     data = jax.device_put(jnp.arange(10.0), parallel.task_sharding(mesh))
     assert _batching.task_layout(data).shards == 1
     assert _batching.task_layout(np.arange(10.0)) is None
-    total = _batching.sum_chunks(lambda chunk: jnp.sum(chunk ** 2), data, 3)
+    total = _batching.sum_chunks(lambda chunk: jnp.sum(chunk**2), data, 3)
     mapped = _batching.map_tasks(lambda x: 2.0 * x, data, 3)
     np.testing.assert_allclose(total, np.sum(np.arange(10.0) ** 2))
     np.testing.assert_allclose(mapped, 2.0 * np.arange(10.0))
 
 
-@pytest.mark.parametrize("devices, error, match", [
-    ("cpu", TypeError, "sequence of jax.Device"),
-    ([], TypeError, "non-empty sequence"),
-    ([0, 1], TypeError, "received list"),
-])
+@pytest.mark.parametrize(
+    "devices, error, match",
+    [
+        ("cpu", TypeError, "sequence of jax.Device"),
+        ([], TypeError, "non-empty sequence"),
+        ([0, 1], TypeError, "received list"),
+    ],
+)
 def test_task_mesh_bad_devices(devices, error, match):
     with pytest.raises(error, match=match):
         parallel.task_mesh(devices)

@@ -34,16 +34,25 @@ def HESSIAN(FLAT, UNRAVEL):
 
 def test_dense_matches_explicit_inverse_with_damping(LAM, FLAT, UNRAVEL, HESSIAN):
     damping = 0.3
-    scores, info = metaif.task_influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.Dense(damping), return_info=True)
+    scores, info = metaif.task_influence(
+        PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.Dense(damping), return_info=True
+    )
     v = jnp.linalg.solve(HESSIAN + damping * jnp.eye(FLAT.size), ravel(jax.grad(TARGET)(LAM))[0])
-    task_grads = jnp.stack([
-        jax.grad(lambda x: metaif.meta_objective(PROBLEM, UNRAVEL(x), TASKS, task_weights=jnp.eye(N)[k] * N))(FLAT)
-        - 0.05 * FLAT for k in range(N)  # minus the gradient of (meta_reg/2)‖λ‖²
-    ]) / N
+    task_grads = (
+        jnp.stack(
+            [
+                jax.grad(lambda x: metaif.meta_objective(PROBLEM, UNRAVEL(x), TASKS, task_weights=jnp.eye(N)[k] * N))(
+                    FLAT
+                )
+                - 0.05 * FLAT
+                for k in range(N)  # minus the gradient of (meta_reg/2)‖λ‖²
+            ]
+        )
+        / N
+    )
     np.testing.assert_allclose(scores, -task_grads @ v, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(info.min_eigenvalue, np.linalg.eigvalsh(np.asarray(HESSIAN))[0], rtol=1e-9)
     assert bool(info.converged) and not bool(info.indefinite) and float(info.relative_residual) < 1e-12
-
 
 
 def test_cg_agrees_with_dense(LAM, FLAT, HESSIAN):
@@ -52,8 +61,11 @@ def test_cg_agrees_with_dense(LAM, FLAT, HESSIAN):
     cg = metaif.influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(tol=1e-12, maxiter=200))
     dense = metaif.influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.Dense(float(cg.solve.damping)))
     twin = metaif.influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.Dense(damping=None))
-    for a, b, c in zip((dense.tasks, dense.support, dense.query), (cg.tasks, cg.support, cg.query),
-                       (twin.tasks, twin.support, twin.query)):
+    for a, b, c in zip(
+        (dense.tasks, dense.support, dense.query),
+        (cg.tasks, cg.support, cg.query),
+        (twin.tasks, twin.support, twin.query),
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12 * np.max(np.abs(a)))
         np.testing.assert_allclose(c, b, rtol=1e-6)  # measured 1.6e-8: δ differs by 4.5e-5 relative
     assert bool(cg.solve.converged) and 0 < int(cg.solve.iterations) <= FLAT.size + 2
@@ -69,7 +81,9 @@ def test_cg_agrees_with_dense(LAM, FLAT, HESSIAN):
 
 
 def test_cg_reports_non_convergence(LAM):
-    scores, info = metaif.task_influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(maxiter=2, tol=1e-12), return_info=True)
+    scores, info = metaif.task_influence(
+        PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(maxiter=2, tol=1e-12), return_info=True
+    )
     assert not bool(info.converged) and int(info.iterations) == 2 and float(info.relative_residual) > 1e-6
     assert np.all(np.isfinite(scores))
     batched = metaif.instance_influence(PROBLEM, LAM, TASKS, solver=metaif.solvers.CG(maxiter=1))
@@ -115,7 +129,10 @@ def test_indefinite_curvature_warns(LAM, FLAT, UNRAVEL):
     hessian = jax.hessian(lambda x: metaif.meta_objective(problem, UNRAVEL(x), TASKS))(FLAT)
     smallest = float(np.linalg.eigvalsh(np.asarray(hessian))[0])
     assert smallest < 0
-    for solver, shown in ((metaif.solvers.CG(), "δ = "), (metaif.solvers.Dense(), f"smallest eigenvalue of H is {smallest:.3g}")):
+    for solver, shown in (
+        (metaif.solvers.CG(), "δ = "),
+        (metaif.solvers.Dense(), f"smallest eigenvalue of H is {smallest:.3g}"),
+    ):
         with pytest.warns(metaif.solvers.IndefiniteCurvatureWarning, match=re.escape(shown)) as record:
             result = metaif.influence(problem, LAM, TASKS, target=TARGET, solver=solver)
         assert bool(result.solve.indefinite)
@@ -124,7 +141,9 @@ def test_indefinite_curvature_warns(LAM, FLAT, UNRAVEL):
     with warnings.catch_warnings():
         warnings.simplefilter("error", metaif.solvers.IndefiniteCurvatureWarning)
         warnings.simplefilter("ignore", metaif.NonStationaryWarning)  # LAM is not this problem's minimum
-        ok = metaif.influence(problem, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(damping=2 * abs(smallest) + 0.1))
+        ok = metaif.influence(
+            problem, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(damping=2 * abs(smallest) + 0.1)
+        )
     assert not bool(ok.solve.indefinite)
 
 
@@ -161,5 +180,7 @@ def test_vmapped_dense_kernels_do_not_deadlock_on_cpu():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", _CONCURRENT_BATCHED_KERNELS], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _CONCURRENT_BATCHED_KERNELS], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

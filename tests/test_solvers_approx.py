@@ -105,8 +105,12 @@ def test_lanczos_eigenvalues_match_eigvalsh():
     true = np.linalg.eigvalsh(H)
     low = lanczos_eigenvalues(OP, k=3, which="smallest", iterations=D)
     # under jit too; a function and `like` instead of an Operator
-    high, partial = jax.jit(lambda: (lanczos_eigenvalues(OP.hvp, LIKE, 3, "largest", iterations=D),
-                                     lanczos_eigenvalues(OP, k=2, which="largest", iterations=8)))()
+    high, partial = jax.jit(
+        lambda: (
+            lanczos_eigenvalues(OP.hvp, LIKE, 3, "largest", iterations=D),
+            lanczos_eigenvalues(OP, k=2, which="largest", iterations=8),
+        )
+    )()
     np.testing.assert_allclose(low.values, true[:3], rtol=1e-10)
     np.testing.assert_allclose(high.values, true[::-1][:3], rtol=1e-10)
     # Ritz vectors: orthonormal eigenvectors, and the residual bounds are honest
@@ -117,7 +121,9 @@ def test_lanczos_eigenvalues_match_eigvalsh():
     # a partial run: extreme values converge first, every value lies within its residual of an eigenvalue
     gaps = np.min(np.abs(np.asarray(partial.values)[:, None] - true[None, :]), axis=1)
     assert np.all(gaps <= np.asarray(partial.residuals) + 1e-12)
-    assert np.all(np.asarray(partial.values) <= true[-1] + 1e-12) and abs(partial.values[0] - true[-1]) < 5e-3  # measured 1.7e-3
+    assert (
+        np.all(np.asarray(partial.values) <= true[-1] + 1e-12) and abs(partial.values[0] - true[-1]) < 5e-3
+    )  # measured 1.7e-3
 
 
 def test_lanczos_finds_repeated_eigenvalues_of_the_meta_hessian():
@@ -125,8 +131,12 @@ def test_lanczos_finds_repeated_eigenvalues_of_the_meta_hessian():
     # Lanczos breaks down on the invariant subspace and must restart to find every copy
     true = np.linalg.eigvalsh(HESSIAN)
     d = LAM_FLAT.size
-    low, high = jax.jit(lambda: (lanczos_eigenvalues(meta_operator(), k=5, which="smallest", iterations=d),
-                                 lanczos_eigenvalues(meta_operator(), k=2, which="largest")))()  # default: min(d, 2k + 20) = d
+    low, high = jax.jit(
+        lambda: (
+            lanczos_eigenvalues(meta_operator(), k=5, which="smallest", iterations=d),
+            lanczos_eigenvalues(meta_operator(), k=2, which="largest"),
+        )
+    )()  # default: min(d, 2k + 20) = d
     np.testing.assert_allclose(low.values, true[:5], rtol=1e-9)
     np.testing.assert_allclose(high.values, true[::-1][:2], rtol=1e-9)
     assert np.all(np.isfinite(np.asarray(low.residuals)))
@@ -229,8 +239,9 @@ def test_hutchinson_diagonal():
 def test_preconditioned_cg_kernel_reports_negative_curvature():
     matrix = jnp.diag(jnp.array([2.0, 1.0, -1.0]))
     inverse_diagonal = lambda r: r / jnp.array([2.0, 1.0, 1.0])
-    x, info = _linalg.preconditioned_conjugate_gradient(lambda v: matrix @ v, jnp.ones(3), tol=1e-12, maxiter=10,
-                                                        preconditioner=inverse_diagonal)
+    x, info = _linalg.preconditioned_conjugate_gradient(
+        lambda v: matrix @ v, jnp.ones(3), tol=1e-12, maxiter=10, preconditioner=inverse_diagonal
+    )
     assert bool(info.indefinite) and not bool(info.converged) and np.all(np.isfinite(x))
 
 
@@ -278,10 +289,16 @@ def test_float32_stays_float32():
     hvp = lambda v: jax.tree.map(lambda a, b: a.astype(b.dtype), UNRAVEL(matrix @ ravel_pytree(v)[0]), like)
     op = Operator(hvp, like, lambda key, v, batch: hvp(v), 1)
     b = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), B)
-    solvers = (Neumann(0.1, iterations=300), CG(0.1, maxiter=100, tol=1e-6, preconditioner="diagonal"), CG(tol=1e-6, maxiter=100))
+    solvers = (
+        Neumann(0.1, iterations=300),
+        CG(0.1, maxiter=100, tol=1e-6, preconditioner="diagonal"),
+        CG(tol=1e-6, maxiter=100),
+    )
     results = jax.jit(lambda rhs: [s.solve(s.prepare(op), rhs) for s in solvers])(b)
     for x, info in results:
-        assert {leaf.dtype for leaf in jax.tree.leaves((x, info.residual_norm, info.damping))} == {jnp.dtype(jnp.float32)}
+        assert {leaf.dtype for leaf in jax.tree.leaves((x, info.residual_norm, info.damping))} == {
+            jnp.dtype(jnp.float32)
+        }
         expected = dense_solve(H, float(info.damping))  # 0.1, or the default 1e-4·λ_max
         assert rel(np.asarray(ravel_pytree(x)[0], np.float64), expected) < 1e-5  # measured 2e-7 / 3e-7
 
@@ -308,8 +325,9 @@ def test_lissa_on_the_meta_hessian_with_full_batches():
 
 def test_influence_with_approximate_solvers():
     # target path: one solve, then every task score
-    scores, info = metaif.task_influence(PROBLEM, LAM, TASKS, target=TARGET, solver=Neumann(META_DAMPING, iterations=300),
-                                         return_info=True)
+    scores, info = metaif.task_influence(
+        PROBLEM, LAM, TASKS, target=TARGET, solver=Neumann(META_DAMPING, iterations=300), return_info=True
+    )
     np.testing.assert_allclose(scores, expected_task_scores(META_EXACT), rtol=1e-8, atol=1e-12)
     assert bool(info.converged) and int(info.iterations) == 300
     # no target: one vmapped solve per task
@@ -317,10 +335,15 @@ def test_influence_with_approximate_solvers():
     # default rank: min(20, d) = d, so exact
     params, info = metaif.task_influence(PROBLEM, LAM, TASKS, solver=LowRank(damping=META_DAMPING), return_info=True)
     flat = np.stack([ravel_pytree(jax.tree.map(lambda leaf: leaf[k], params))[0] for k in range(N)])
-    np.testing.assert_allclose(flat, -np.linalg.solve(HESSIAN + META_DAMPING * np.eye(d), TASK_GRADS.T).T, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(
+        flat, -np.linalg.solve(HESSIAN + META_DAMPING * np.eye(d), TASK_GRADS.T).T, rtol=1e-8, atol=1e-12
+    )
     assert bool(info.converged) and not bool(info.indefinite)
     np.testing.assert_allclose(info.min_eigenvalue, np.linalg.eigvalsh(HESSIAN)[0], rtol=1e-9)
-    with pytest.raises(ValueError, match=re.escape(f"LowRank.rank must be at most the number of meta-parameters d = {d}; received {d + 1}")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"LowRank.rank must be at most the number of meta-parameters d = {d}; received {d + 1}"),
+    ):
         metaif.task_influence(PROBLEM, LAM, TASKS, target=TARGET, solver=LowRank(rank=d + 1))
 
 
@@ -342,33 +365,59 @@ def test_defaults():
 def test_default_damping_is_relative_to_the_largest_eigenvalue():
     # d = 16 >= the 5 Lanczos steps of CG's estimate; Neumann, LiSSA and LowRank run 20 (= d: exact)
     delta = 1e-4 * SPECTRUM[-1]
-    for solver in (CG(tol=1e-13, maxiter=100), Neumann(iterations=2000), LiSSA(iterations=2000, batch=1),
-                   LowRank(rank=D), Dense(damping=None)):
+    for solver in (
+        CG(tol=1e-13, maxiter=100),
+        Neumann(iterations=2000),
+        LiSSA(iterations=2000, batch=1),
+        LowRank(rank=D),
+        Dense(damping=None),
+    ):
         x, info = run(solver, OP)
         rtol = 1e-2 if isinstance(solver, CG) else 1e-12  # CG: 5 Lanczos products (measured 4.7e-3); others: d
         np.testing.assert_allclose(info.damping, delta, rtol=rtol)
         np.testing.assert_allclose(x, dense_solve(H, float(info.damping)), rtol=1e-8)
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: Neumann(iterations=0), "Neumann.iterations must be an int >= 1; received int 0"),
-    (lambda: Neumann(scale=-1.0), "Neumann.scale must be None (choose automatically) or a finite number > 0; received float -1.0"),
-    (lambda: Neumann(damping=float("nan")),
-     "Neumann.damping must be None (default: 0.0001 × the largest eigenvalue of H) or a finite number >= 0; received float nan"),
-    (lambda: CG(damping=-1.0), "CG.damping must be None (default: 0.0001 × the largest eigenvalue of H) or a finite number >= 0"),
-    (lambda: Dense(damping="auto"), "Dense.damping must be None (default: 0.0001 × the largest eigenvalue of H)"),
-    (lambda: LiSSA(batch=0), "LiSSA.batch must be an int >= 1; received int 0"),
-    (lambda: LiSSA(repeats=2.5), "LiSSA.repeats must be an int >= 1; received float 2.5"),
-    (lambda: LiSSA(seed=-1), "LiSSA.seed must be an int >= 0; received int -1"),
-    (lambda: LowRank(damping=0.0), "LowRank.damping must be a finite number > 0; received float 0.0"),
-    (lambda: LowRank(rank=5, iterations=3), "LowRank.iterations must be at least LowRank.rank = 5; received 3"),
-    (lambda: Identity(damping=0), "Identity.damping must be a finite number > 0; received int 0"),
-    (lambda: CG(preconditioner="jacobi"), "CG.preconditioner must be one of None, 'diagonal', 'lowrank'; received str 'jacobi'"),
-    (lambda: CG(probes=0), "CG.probes must be an int >= 1; received int 0"),
-    (lambda: lanczos_eigenvalues(OP, k=D + 1), f"k must be at most the number of meta-parameters d = {D}; received {D + 1}"),
-    (lambda: lanczos_eigenvalues(OP, k=2, which="middle"), "which must be one of 'smallest', 'largest'; received str 'middle'"),
-    (lambda: lanczos_eigenvalues(OP, k=3, iterations=2), "iterations must be at least k = 3; received 2"),
-    (lambda: lanczos_eigenvalues(OP.hvp, k=1), "like must be given"),
-])
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Neumann(iterations=0), "Neumann.iterations must be an int >= 1; received int 0"),
+        (
+            lambda: Neumann(scale=-1.0),
+            "Neumann.scale must be None (choose automatically) or a finite number > 0; received float -1.0",
+        ),
+        (
+            lambda: Neumann(damping=float("nan")),
+            "Neumann.damping must be None (default: 0.0001 × the largest eigenvalue of H) or a finite number >= 0; received float nan",
+        ),
+        (
+            lambda: CG(damping=-1.0),
+            "CG.damping must be None (default: 0.0001 × the largest eigenvalue of H) or a finite number >= 0",
+        ),
+        (lambda: Dense(damping="auto"), "Dense.damping must be None (default: 0.0001 × the largest eigenvalue of H)"),
+        (lambda: LiSSA(batch=0), "LiSSA.batch must be an int >= 1; received int 0"),
+        (lambda: LiSSA(repeats=2.5), "LiSSA.repeats must be an int >= 1; received float 2.5"),
+        (lambda: LiSSA(seed=-1), "LiSSA.seed must be an int >= 0; received int -1"),
+        (lambda: LowRank(damping=0.0), "LowRank.damping must be a finite number > 0; received float 0.0"),
+        (lambda: LowRank(rank=5, iterations=3), "LowRank.iterations must be at least LowRank.rank = 5; received 3"),
+        (lambda: Identity(damping=0), "Identity.damping must be a finite number > 0; received int 0"),
+        (
+            lambda: CG(preconditioner="jacobi"),
+            "CG.preconditioner must be one of None, 'diagonal', 'lowrank'; received str 'jacobi'",
+        ),
+        (lambda: CG(probes=0), "CG.probes must be an int >= 1; received int 0"),
+        (
+            lambda: lanczos_eigenvalues(OP, k=D + 1),
+            f"k must be at most the number of meta-parameters d = {D}; received {D + 1}",
+        ),
+        (
+            lambda: lanczos_eigenvalues(OP, k=2, which="middle"),
+            "which must be one of 'smallest', 'largest'; received str 'middle'",
+        ),
+        (lambda: lanczos_eigenvalues(OP, k=3, iterations=2), "iterations must be at least k = 3; received 2"),
+        (lambda: lanczos_eigenvalues(OP.hvp, k=1), "like must be given"),
+    ],
+)
 def test_bad_arguments_are_named(make, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         make()

@@ -27,7 +27,9 @@ def test_full_batch_training_reaches_stationarity(caplog):
     grad = jax.grad(lambda lam: metaif.meta_objective(PROBLEM, lam, TASKS))(result.meta_params)
     np.testing.assert_allclose(result.grad_norm, np.sqrt(sum(np.sum(g**2) for g in jax.tree.leaves(grad))), rtol=1e-10)
     assert result.grad_norm < 1e-6
-    assert [r.getMessage().startswith("meta_train step") for r in caplog.records].count(True) == 3  # logged, not printed
+    assert [r.getMessage().startswith("meta_train step") for r in caplog.records].count(
+        True
+    ) == 3  # logged, not printed
     assert "||grad F||" in result.summary()
 
 
@@ -43,7 +45,9 @@ def test_minibatch_training_and_newton_polish():
 def test_weights_remove_data_in_training_and_retraining():
     lam = metaif.newton_refine(PROBLEM, INIT, TASKS, steps=10).meta_params
     weights = evaluation.removal_weights(N, M, Q, "tasks", [2, 5])
-    assert weights.tasks.shape == (2, N) and float(weights.tasks[0, 2]) == 0.0 and float(weights.tasks.sum()) == 2 * N - 2
+    assert (
+        weights.tasks.shape == (2, N) and float(weights.tasks[0, 2]) == 0.0 and float(weights.tasks.sum()) == 2 * N - 2
+    )
     retrained = evaluation.retrain(PROBLEM, lam, TASKS, weights, steps=8)
     keep = np.array([k for k in range(N) if k != 2])
     # removing task 2 with weight 0 (denominator n) = training on the other tasks with
@@ -64,8 +68,13 @@ def test_trust_region_step_solves_the_subproblem():
     rng = np.random.default_rng(0)
     d = 6
     basis = np.linalg.qr(rng.normal(size=(d, d)))[0]
-    cases = [(np.linspace(0.5, 3, d), 10.0), (np.linspace(0.5, 3, d), 0.1), (np.linspace(-2, 3, d), 1.0),
-             (np.linspace(-2, 3, d), 100.0), ("hard", 5.0)]
+    cases = [
+        (np.linspace(0.5, 3, d), 10.0),
+        (np.linspace(0.5, 3, d), 0.1),
+        (np.linspace(-2, 3, d), 1.0),
+        (np.linspace(-2, 3, d), 100.0),
+        ("hard", 5.0),
+    ]
     for values, radius in cases:
         g = rng.normal(size=d)
         if isinstance(values, str):
@@ -92,8 +101,9 @@ def _stalling_problem():
     removals of tasks 2, 4 and 6."""
     n, m, q, dim, ways = 8, 4, 4, 3, 3
     tasks = problems.classification_tasks(n, m, q, dim, ways, seed=2, scale=3.0)
-    problem = metaif.BilevelProblem(problems.mlp_cross_entropy, problems.mlp_cross_entropy, metaif.Unrolled(steps=1, lr=0.5),
-                                    meta_reg=1e-3)
+    problem = metaif.BilevelProblem(
+        problems.mlp_cross_entropy, problems.mlp_cross_entropy, metaif.Unrolled(steps=1, lr=0.5), meta_reg=1e-3
+    )
     init = problems.mlp_init(jax.random.key(2), (dim, 4, ways))
     with jax.numpy_dtype_promotion("standard"):
         adam = metaif.meta_train(problem, init, tasks, optax.adam(0.02), steps=300)
@@ -103,7 +113,9 @@ def _stalling_problem():
 def test_trust_region_newton_converges_where_damped_newton_stalled():
     problem, tasks, trained = _stalling_problem()
     assert trained.grad_norm < 1e-13
-    assert trained.losses.shape[0] < 50 and np.all(np.diff(np.asarray(trained.losses)) <= 1e-15)  # steps taken; F never rises
+    assert trained.losses.shape[0] < 50 and np.all(
+        np.diff(np.asarray(trained.losses)) <= 1e-15
+    )  # steps taken; F never rises
     n, m, q = tasks.n_tasks, tasks.n_support, tasks.n_query
     weights = evaluation.removal_weights(n, m, q, "tasks", [2, 4, 6])
     retrained = evaluation.retrain(problem, trained.meta_params, tasks, weights, steps=40, chunk_size=None, tol=1e-10)
@@ -111,9 +123,12 @@ def test_trust_region_newton_converges_where_damped_newton_stalled():
     assert int(jnp.max(retrained.iterations)) < 40  # measured 20, 13, 27
     unravel = jax.flatten_util.ravel_pytree(trained.meta_params)[1]
     flat = jax.vmap(lambda lam: jax.flatten_util.ravel_pytree(lam)[0])(retrained.meta_params)
-    hessians = jax.jit(jax.vmap(jax.hessian(lambda x, w: metaif.meta_objective(problem, unravel(x), tasks, task_weights=w))))(
-        flat, weights.tasks)
-    assert np.linalg.eigvalsh(np.asarray(hessians))[:, 0].min() > -1e-8  # local minima of the reduced objectives, not saddles
+    hessians = jax.jit(
+        jax.vmap(jax.hessian(lambda x, w: metaif.meta_objective(problem, unravel(x), tasks, task_weights=w)))
+    )(flat, weights.tasks)
+    assert (
+        np.linalg.eigvalsh(np.asarray(hessians))[:, 0].min() > -1e-8
+    )  # local minima of the reduced objectives, not saddles
 
 
 def test_meta_objective_is_traceable():

@@ -88,8 +88,9 @@ def test_leaf_without_example_axis(name):
 
 
 @pytest.mark.parametrize("name", list(CALLS))
-@pytest.mark.parametrize("bad", [(TASKS.support, TASKS.query), {"support": TASKS.support, "query": TASKS.query}],
-                         ids=["tuple", "dict"])
+@pytest.mark.parametrize(
+    "bad", [(TASKS.support, TASKS.query), {"support": TASKS.support, "query": TASKS.query}], ids=["tuple", "dict"]
+)
 def test_tasks_not_a_taskset(name, bad):
     with pytest.raises(TypeError, match=r"tasks must be a metaif\.TaskSet") as error:
         call(name, tasks=bad)
@@ -215,8 +216,14 @@ def test_empty_meta_params(name):
 
 @pytest.mark.parametrize(
     "argument, shape, expected",
-    [("task_weights", (3,), (N,)), ("task_weights", (N, 1), (N,)), ("support_weights", (N, 2), (N, M)),
-     ("support_weights", (M,), (N, M)), ("query_weights", (3, Q), (N, Q)), ("query_weights", (N, Q, 1), (N, Q))],
+    [
+        ("task_weights", (3,), (N,)),
+        ("task_weights", (N, 1), (N,)),
+        ("support_weights", (N, 2), (N, M)),
+        ("support_weights", (M,), (N, M)),
+        ("query_weights", (3, Q), (N, Q)),
+        ("query_weights", (N, Q, 1), (N, Q)),
+    ],
 )
 @pytest.mark.parametrize("fn", ["meta_objective", "meta_train", "newton_refine"])
 def test_weights_of_the_wrong_shape(fn, argument, shape, expected):
@@ -255,7 +262,9 @@ def test_adapt_support_without_example_axis():
 @pytest.mark.parametrize("cls", [metaif.solvers.Dense, metaif.solvers.CG])
 @pytest.mark.parametrize("damping", [-0.5, float("nan"), float("inf")])
 def test_bad_damping(cls, damping):
-    with pytest.raises(ValueError, match=rf"{cls.__name__}\.damping must be None \(default: .*\) or a finite number >= 0") as error:
+    with pytest.raises(
+        ValueError, match=rf"{cls.__name__}\.damping must be None \(default: .*\) or a finite number >= 0"
+    ) as error:
         cls(damping=damping)
     assert f"received float {damping}" in str(error.value)
 
@@ -292,8 +301,11 @@ def test_solver_of_the_wrong_type(name, solver):
 # ----------------------------------------------------------------------------- adaptation and problem
 
 
-@pytest.mark.parametrize("adapt", ["proximal", {"reg": 1.0, "steps": 5, "lr": 0.1}, None, metaif.Proximal],
-                         ids=["str", "dict", "none", "class"])
+@pytest.mark.parametrize(
+    "adapt",
+    ["proximal", {"reg": 1.0, "steps": 5, "lr": 0.1}, None, metaif.Proximal],
+    ids=["str", "dict", "none", "class"],
+)
 def test_adapt_of_the_wrong_type(adapt):
     with pytest.raises(TypeError, match=r"BilevelProblem\.adapt must be an adaptation strategy") as error:
         metaif.BilevelProblem(problems.squared_loss, problems.squared_loss, adapt)

@@ -9,7 +9,6 @@ closed forms in docs/conventions.md (asserted below; tests/test_docs.py runs thi
 compares its output with the block in the doc).
 """
 
-
 import metaif  # noqa: E402
 
 metaif.configure_cpu()  # before the first JAX computation: single-threaded Eigen kernels on CPU
@@ -34,20 +33,20 @@ def _list(x) -> list:
 
 
 def main() -> str:
-    s = jnp.array([[0.0], [2.0], [4.0]])   # support targets [n=3, m=1]
-    y = jnp.array([[1.0], [3.0], [8.0]])   # query targets   [n=3, q=1]; task 2 is the odd one out
+    s = jnp.array([[0.0], [2.0], [4.0]])  # support targets [n=3, m=1]
+    y = jnp.array([[1.0], [3.0], [8.0]])  # query targets   [n=3, q=1]; task 2 is the odd one out
     tasks = metaif.TaskSet({"y": s}, {"y": y})
     problem = metaif.BilevelProblem(loss, loss, metaif.Unrolled(steps=1, lr=0.5), meta_reg=0.25)
-    lam = metaif.newton_refine(problem, jnp.array(0.0), tasks, steps=3).meta_params   # F is quadratic
-    test = metaif.TaskSet({"y": jnp.array([[1.0]])}, {"y": jnp.array([[3.0]])})        # one test task
-    target = lambda lam: metaif.task_losses(problem, lam, test).mean()                  # f(λ)
+    lam = metaif.newton_refine(problem, jnp.array(0.0), tasks, steps=3).meta_params  # F is quadratic
+    test = metaif.TaskSet({"y": jnp.array([[1.0]])}, {"y": jnp.array([[3.0]])})  # one test task
+    target = lambda lam: metaif.task_losses(problem, lam, test).mean()  # f(λ)
 
-    on_lam = metaif.influence(problem, lam, tasks)                  # I_λ: dλ*/dω, leading axes [3], [3, 1]
-    on_f = metaif.influence(problem, lam, tasks, target=target)     # I_f = f'(λ*) · I_λ
+    on_lam = metaif.influence(problem, lam, tasks)  # I_λ: dλ*/dω, leading axes [3], [3, 1]
+    on_f = metaif.influence(problem, lam, tasks, target=target)  # I_f = f'(λ*) · I_λ
     retrained, _ = evaluation.leave_one_out(problem, lam, tasks, "tasks", None, lambda l: l, steps=3)
     f_change, _ = evaluation.leave_one_out(problem, lam, tasks, "tasks", None, target, steps=3)
 
-    eps = 1e-6   # up-weighting task 2 by ε moves λ* by ≈ ε · I_λ(t_2)
+    eps = 1e-6  # up-weighting task 2 by ε moves λ* by ≈ ε · I_λ(t_2)
     up = metaif.newton_refine(problem, lam, tasks, steps=3, task_weights=jnp.array([1.0, 1.0, 1.0 + eps])).meta_params
 
     lines = [

@@ -8,7 +8,6 @@ metaif.hessian_operator), the solver's diagnostics and the Spearman correlation 
 predicted change of the meta-test loss when each task is removed (−I_f) and actual retraining.
 """
 
-
 import metaif  # noqa: E402
 
 metaif.configure_cpu()  # before the first JAX computation: single-threaded Eigen kernels on CPU
@@ -54,17 +53,20 @@ def row(name, problem, lam, tasks, target, solver, proximal):
     info = scores.solve
     corrected, naive, retrained_gn = ground_truth(problem, lam, tasks, target, proximal)
     predicted = -np.asarray(scores.tasks)
-    print(f"{name:36s} {float(scores.grad_norm):9.1e} {float(low.values[0]):+10.2e} {type(solver).__name__:>6s} "
-          f"{str(bool(info.indefinite)):>10s} {str(bool(info.converged)):>9s} {metrics.spearman(predicted, corrected):+8.3f} "
-          f"{relative_error(predicted, corrected):9.2f} {relative_error(predicted, naive):9.2f} {retrained_gn:9.1e}"
-          + ("  warned" if caught else ""))
+    print(
+        f"{name:36s} {float(scores.grad_norm):9.1e} {float(low.values[0]):+10.2e} {type(solver).__name__:>6s} "
+        f"{str(bool(info.indefinite)):>10s} {str(bool(info.converged)):>9s} {metrics.spearman(predicted, corrected):+8.3f} "
+        f"{relative_error(predicted, corrected):9.2f} {relative_error(predicted, naive):9.2f} {retrained_gn:9.1e}"
+        + ("  warned" if caught else "")
+    )
 
 
 def main():
     tasks = problems.classification_tasks(N, M, Q, DIM, WAYS, seed=0)
     test = problems.classification_tasks(50, M, Q, DIM, WAYS, seed=1)
-    problem = metaif.BilevelProblem(problems.mlp_cross_entropy, problems.mlp_cross_entropy,
-                                    metaif.Unrolled(steps=1, lr=0.5), meta_reg=1e-3)
+    problem = metaif.BilevelProblem(
+        problems.mlp_cross_entropy, problems.mlp_cross_entropy, metaif.Unrolled(steps=1, lr=0.5), meta_reg=1e-3
+    )
     target = lambda lam: metaif.task_losses(problem, lam, test).mean()
     init = problems.mlp_init(jax.random.key(0), (DIM, 8, WAYS))
     with jax.numpy_dtype_promotion("standard"):
@@ -73,18 +75,24 @@ def main():
     print("after 60 Adam steps:", early.summary())
     print("after newton_refine:", refined.summary())
     lam0, lam1 = early.meta_params, refined.meta_params
-    low = float(solvers.lanczos_eigenvalues(metaif.hessian_operator(problem, lam0, tasks), k=1, iterations=60).values[0])
+    low = float(
+        solvers.lanczos_eigenvalues(metaif.hessian_operator(problem, lam0, tasks), k=1, iterations=60).values[0]
+    )
     delta = round(2 * max(-low, 1e-3), 3)
     print(f"damping for the early lambda: delta = 2 |lambda_min| = {delta}\n")
-    print(f"{'lambda, damping, ground truth':36s} {'||grad F||':>9s} {'lambda_min':>10s} {'solver':>6s} {'indefinite':>10s} "
-          f"{'converged':>9s} {'Spearman':>8s} {'rel.err':>9s} {'rel.err*':>9s} {'retrain gn':>9s}")
+    print(
+        f"{'lambda, damping, ground truth':36s} {'||grad F||':>9s} {'lambda_min':>10s} {'solver':>6s} {'indefinite':>10s} "
+        f"{'converged':>9s} {'Spearman':>8s} {'rel.err':>9s} {'rel.err*':>9s} {'retrain gn':>9s}"
+    )
     row("early, delta=0, plain retrain", problem, lam0, tasks, target, solvers.Dense(), 0.0)
     row("early, delta=0, plain retrain", problem, lam0, tasks, target, solvers.CG(damping=0.0, maxiter=64), 0.0)
     row(f"early, delta={delta}, proximal retrain", problem, lam0, tasks, target, solvers.Dense(damping=delta), delta)
     row("refined, delta=0, plain retrain", problem, lam1, tasks, target, solvers.Dense(), 0.0)
     row(f"refined, delta={delta}, proximal retrain", problem, lam1, tasks, target, solvers.Dense(damping=delta), delta)
-    print("\nSpearman and rel.err: -I_f against f(lambda_w) - f(lambda_1) (drift-free); rel.err*: against "
-          "f(lambda_w) - f(lambda) (drift included); retrain gn: largest ||grad|| of the re-solved objectives.")
+    print(
+        "\nSpearman and rel.err: -I_f against f(lambda_w) - f(lambda_1) (drift-free); rel.err*: against "
+        "f(lambda_w) - f(lambda) (drift included); retrain gn: largest ||grad|| of the re-solved objectives."
+    )
 
 
 if __name__ == "__main__":

@@ -20,75 +20,77 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-    dataset: str = "digits"          # digits | mnist | omniglot | mini-imagenet | fc100 | npz
-    root: str = ""                   # data folder (default $METAIF_DATA); not needed for digits
-    path: str = ""                   # npz: file with images [N, H, W(, C)] and labels [N]
-    sha256: str = ""                 # npz: expected sha256 of the file (checked when given)
-    image_size: int = 0              # omniglot / mini-imagenet resize (0: the loader's default)
-    verify: bool = True              # check the dataset files' checksums
-    held_out: str = "auto"           # auto | classes | images: how held-out tasks are kept apart
-    held_fraction: float = 0.4       # fraction of classes or images held out (when not official)
+    dataset: str = "digits"  # digits | mnist | omniglot | mini-imagenet | fc100 | npz
+    root: str = ""  # data folder (default $METAIF_DATA); not needed for digits
+    path: str = ""  # npz: file with images [N, H, W(, C)] and labels [N]
+    sha256: str = ""  # npz: expected sha256 of the file (checked when given)
+    image_size: int = 0  # omniglot / mini-imagenet resize (0: the loader's default)
+    verify: bool = True  # check the dataset files' checksums
+    held_out: str = "auto"  # auto | classes | images: how held-out tasks are kept apart
+    held_fraction: float = 0.4  # fraction of classes or images held out (when not official)
 
 
 @dataclasses.dataclass(frozen=True)
 class Tasks:
     ways: int = 5
-    shots: int = 2                   # support examples per class
-    queries: int = 3                 # query examples per class
-    train: int = 50                  # meta-training tasks (their influence is computed)
-    target: int = 50                 # held-out tasks whose mean query loss is the influence target
-    test: int = 100                  # separate held-out tasks for reported accuracy
-    corrupt_tasks: float = 0.2       # fraction of training tasks whose labels are randomised
-    flip_support: float = 0.1        # fraction of support labels flipped to another class
+    shots: int = 2  # support examples per class
+    queries: int = 3  # query examples per class
+    train: int = 50  # meta-training tasks (their influence is computed)
+    target: int = 50  # held-out tasks whose mean query loss is the influence target
+    test: int = 100  # separate held-out tasks for reported accuracy
+    corrupt_tasks: float = 0.2  # fraction of training tasks whose labels are randomised
+    flip_support: float = 0.1  # fraction of support labels flipped to another class
     seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    kind: str = "mlp"                # mlp | python
-    features: int = 12               # whitened PCA components of the pixels (0: raw pixels)
-    hidden: tuple = (6,)             # tanh MLP hidden widths ([] : linear softmax)
-    module: str = ""                 # python: a .py file with init(key, n_inputs, ways), loss(params, meta_params, example), logits(params, x)
-    adapt: str = "maml"              # maml (Unrolled) | imaml (Proximal)
+    kind: str = "mlp"  # mlp | python
+    features: int = 12  # whitened PCA components of the pixels (0: raw pixels)
+    hidden: tuple = (6,)  # tanh MLP hidden widths ([] : linear softmax)
+    module: str = (
+        ""  # python: a .py file with init(key, n_inputs, ways), loss(params, meta_params, example), logits(params, x)
+    )
+    adapt: str = "maml"  # maml (Unrolled) | imaml (Proximal)
     inner_steps: int = 1
     inner_lr: float = 0.5
-    prox_reg: float = 2.0            # imaml proximal strength
-    meta_reg: float = 1e-2           # (meta_reg/2)·‖λ‖² in the meta-objective
+    prox_reg: float = 2.0  # imaml proximal strength
+    meta_reg: float = 1e-2  # (meta_reg/2)·‖λ‖² in the meta-objective
 
 
 @dataclasses.dataclass(frozen=True)
 class Train:
     adam_steps: int = 1000
     adam_lr: float = 1e-2
-    newton_steps: int = 20           # exact Newton polish to a stationary point (0: skip)
-    checkpoint_every: int = 250      # Adam steps between checkpoints
+    newton_steps: int = 20  # exact Newton polish to a stationary point (0: skip)
+    checkpoint_every: int = 250  # Adam steps between checkpoints
     seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Influence:
-    solver: str = "dense"            # dense | cg
+    solver: str = "dense"  # dense | cg
     damping: float = 0.0
-    batch_size: int = 0              # tasks per vmapped batch inside a computation (0: all at once)
-    chunk: int = 25                  # tasks per saved chunk of scores
+    batch_size: int = 0  # tasks per vmapped batch inside a computation (0: all at once)
+    chunk: int = 25  # tasks per saved chunk of scores
     cg_maxiter: int = 200
 
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    tasks: int = 12                  # leave-one-out retrainings per level (random sample)
+    tasks: int = 12  # leave-one-out retrainings per level (random sample)
     support: int = 12
     query: int = 12
-    retrain_steps: int = 40          # most warm-started trust-region Newton steps per retraining (stops at ‖∇F‖ ≤ 1e-10)
-    chunk: int = 12                  # retrainings per saved chunk
-    batch_size: int = 12             # retrainings vmapped at a time
+    retrain_steps: int = 40  # most warm-started trust-region Newton steps per retraining (stops at ‖∇F‖ ≤ 1e-10)
+    chunk: int = 12  # retrainings per saved chunk
+    batch_size: int = 12  # retrainings vmapped at a time
 
 
 @dataclasses.dataclass(frozen=True)
 class Edit:
-    tasks: float = 0.1               # fraction of training tasks removed (the highest task-IF)
-    support: float = 0.02            # fraction of support examples removed (highest instance-IF)
-    damping: float = 0.1             # solver damping δ of the edit's I_λ (undamped edits overshoot along flat directions)
+    tasks: float = 0.1  # fraction of training tasks removed (the highest task-IF)
+    support: float = 0.02  # fraction of support examples removed (highest instance-IF)
+    damping: float = 0.1  # solver damping δ of the edit's I_λ (undamped edits overshoot along flat directions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +101,8 @@ class Report:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    memory_limit_gb: float = 0.0     # 0: the memory available now
-    name: str = "demo"               # the run folder runs/<name> when there is no --out (one folder name)
+    memory_limit_gb: float = 0.0  # 0: the memory available now
+    name: str = "demo"  # the run folder runs/<name> when there is no --out (one folder name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,20 +127,34 @@ class Config:
 DEMO = Config()
 # `metaif demo --quick`: the demo without the two stages that retrain (the leave-one-out check and the
 # edit), which take most of its time; the scores are the demo's.
-QUICK = dataclasses.replace(DEMO, check=dataclasses.replace(DEMO.check, tasks=0, support=0, query=0),
-                            edit=dataclasses.replace(DEMO.edit, tasks=0.0, support=0.0),
-                            run=dataclasses.replace(DEMO.run, name="demo-quick"))
+QUICK = dataclasses.replace(
+    DEMO,
+    check=dataclasses.replace(DEMO.check, tasks=0, support=0, query=0),
+    edit=dataclasses.replace(DEMO.edit, tasks=0.0, support=0.0),
+    run=dataclasses.replace(DEMO.run, name="demo-quick"),
+)
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _CLASSES = {f.name: type(getattr(DEMO, f.name)) for f in dataclasses.fields(Config)}
-CHOICES = {("data", "dataset"): DATASETS, ("data", "held_out"): ("auto", "classes", "images"),
-           ("model", "kind"): ("mlp", "python"), ("model", "adapt"): ("maml", "imaml"),
-           ("influence", "solver"): ("dense", "cg")}
+CHOICES = {
+    ("data", "dataset"): DATASETS,
+    ("data", "held_out"): ("auto", "classes", "images"),
+    ("model", "kind"): ("mlp", "python"),
+    ("model", "adapt"): ("maml", "imaml"),
+    ("influence", "solver"): ("dense", "cg"),
+}
 # Step sizes and strengths that must be > 0, with what a value <= 0 would do.
-POSITIVE = {("train", "adam_lr"): "A learning rate <= 0 trains by gradient ascent or not at all.",
-            ("model", "inner_lr"): "The inner step size must be > 0 for adaptation to descend the support loss.",
-            ("model", "prox_reg"): "The proximal strength must be > 0 for the imaml inner problem to have a unique minimiser."}
-FRACTIONS = {("tasks", "corrupt_tasks"), ("tasks", "flip_support"), ("data", "held_fraction"), ("edit", "tasks"),
-             ("edit", "support")}
+POSITIVE = {
+    ("train", "adam_lr"): "A learning rate <= 0 trains by gradient ascent or not at all.",
+    ("model", "inner_lr"): "The inner step size must be > 0 for adaptation to descend the support loss.",
+    ("model", "prox_reg"): "The proximal strength must be > 0 for the imaml inner problem to have a unique minimiser.",
+}
+FRACTIONS = {
+    ("tasks", "corrupt_tasks"),
+    ("tasks", "flip_support"),
+    ("data", "held_fraction"),
+    ("edit", "tasks"),
+    ("edit", "support"),
+}
 
 
 def _valid_keys(section: str) -> str:
@@ -173,10 +189,17 @@ def _coerce(where: str, key: str, value: Any, default: Any) -> Any:
     else:  # pragma: no cover
         ok = True
     if not ok:
-        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-                    tuple: "a list of positive integers, e.g. [16, 8]"}[type(default)]
-        raise ConfigError(f"{where}: [{key.split('.')[0]}] {key.split('.')[1]} must be {expected}; "
-                          f"received {value!r} ({type(value).__name__}).")
+        expected = {
+            bool: "true or false",
+            int: "an integer",
+            float: "a number",
+            str: "a string",
+            tuple: "a list of positive integers, e.g. [16, 8]",
+        }[type(default)]
+        raise ConfigError(
+            f"{where}: [{key.split('.')[0]}] {key.split('.')[1]} must be {expected}; "
+            f"received {value!r} ({type(value).__name__})."
+        )
     return value
 
 
@@ -188,16 +211,25 @@ def _check_values(where: str, config: Config) -> None:
     for (section, key), options in CHOICES.items():
         value = getattr(getattr(config, section), key)
         if value not in options:
-            raise ConfigError(f"{where}: [{section}] {key} must be one of {', '.join(map(repr, options))}; "
-                              f"received {value!r}.{_suggest(str(value), options)}")
+            raise ConfigError(
+                f"{where}: [{section}] {key} must be one of {', '.join(map(repr, options))}; "
+                f"received {value!r}.{_suggest(str(value), options)}"
+            )
     for section, key in FRACTIONS:
         value = getattr(getattr(config, section), key)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{where}: [{section}] {key} is a fraction and must lie in [0, 1]; received {value!r}.")
-    positive = [("tasks", k) for k in ("ways", "shots", "queries", "train", "target", "test")] + \
-               [("train", "checkpoint_every"), ("influence", "chunk"), ("influence", "cg_maxiter"), ("check", "chunk"),
-                ("check", "batch_size"), ("check", "retrain_steps"), ("report", "top_k"),
-                ("model", "inner_steps"), ("train", "adam_steps")]
+    positive = [("tasks", k) for k in ("ways", "shots", "queries", "train", "target", "test")] + [
+        ("train", "checkpoint_every"),
+        ("influence", "chunk"),
+        ("influence", "cg_maxiter"),
+        ("check", "chunk"),
+        ("check", "batch_size"),
+        ("check", "retrain_steps"),
+        ("report", "top_k"),
+        ("model", "inner_steps"),
+        ("train", "adam_steps"),
+    ]
     for section, key in positive:
         value = getattr(getattr(config, section), key)
         if value < 1:
@@ -206,9 +238,21 @@ def _check_values(where: str, config: Config) -> None:
         value = getattr(getattr(config, section), key)
         if value <= 0:
             raise ConfigError(f"{where}: [{section}] {key} must be > 0; received {value!r}. {POSITIVE[section, key]}")
-    non_negative = [("model", "features"), ("train", "newton_steps"), ("influence", "batch_size"), ("influence", "damping"),
-                    ("check", "tasks"), ("check", "support"), ("check", "query"), ("model", "meta_reg"), ("edit", "damping"),
-                    ("run", "memory_limit_gb"), ("data", "image_size"), ("tasks", "seed"), ("train", "seed")]
+    non_negative = [
+        ("model", "features"),
+        ("train", "newton_steps"),
+        ("influence", "batch_size"),
+        ("influence", "damping"),
+        ("check", "tasks"),
+        ("check", "support"),
+        ("check", "query"),
+        ("model", "meta_reg"),
+        ("edit", "damping"),
+        ("run", "memory_limit_gb"),
+        ("data", "image_size"),
+        ("tasks", "seed"),
+        ("train", "seed"),
+    ]
     for section, key in non_negative:
         value = getattr(getattr(config, section), key)
         if value < 0:
@@ -216,18 +260,26 @@ def _check_values(where: str, config: Config) -> None:
     if config.tasks.ways < 2:
         raise ConfigError(f"{where}: [tasks] ways must be >= 2 for classification; received {config.tasks.ways}.")
     if config.tasks.train < 4:
-        raise ConfigError(f"{where}: [tasks] train must be >= 4 (influence ranks training tasks); received {config.tasks.train}.")
+        raise ConfigError(
+            f"{where}: [tasks] train must be >= 4 (influence ranks training tasks); received {config.tasks.train}."
+        )
     if config.data.dataset == "npz" and not config.data.path:
-        raise ConfigError(f"{where}: [data] dataset = \"npz\" needs path = \"/path/to/file.npz\" (a file with arrays "
-                          "images [N, H, W] or [N, H, W, C] and integer labels [N]).")
+        raise ConfigError(
+            f'{where}: [data] dataset = "npz" needs path = "/path/to/file.npz" (a file with arrays '
+            "images [N, H, W] or [N, H, W, C] and integer labels [N])."
+        )
     name = config.run.name
     if name in ("", ".", "..") or any(c in name for c in "/\\") or not name.isprintable():
-        raise ConfigError(f"{where}: [run] name must be a single folder name: it names the run folder runs/<name> when "
-                          f"there is no --out; received {name!r}. Use a name without '/', '\\' or control characters "
-                          "that is not '.' or '..'; to write anywhere else, pass --out PATH.")
+        raise ConfigError(
+            f"{where}: [run] name must be a single folder name: it names the run folder runs/<name> when "
+            f"there is no --out; received {name!r}. Use a name without '/', '\\' or control characters "
+            "that is not '.' or '..'; to write anywhere else, pass --out PATH."
+        )
     if config.model.kind == "python" and not config.model.module:
-        raise ConfigError(f"{where}: [model] kind = \"python\" needs module = \"/path/to/model.py\" defining "
-                          "init(key, n_inputs, ways), loss(params, meta_params, example) and optionally logits(params, x).")
+        raise ConfigError(
+            f'{where}: [model] kind = "python" needs module = "/path/to/model.py" defining '
+            "init(key, n_inputs, ways), loss(params, meta_params, example) and optionally logits(params, x)."
+        )
 
 
 def from_dict(raw: dict, where: str = "config") -> Config:
@@ -237,19 +289,25 @@ def from_dict(raw: dict, where: str = "config") -> Config:
     sections = {}
     for name, values in raw.items():
         if name not in _CLASSES:
-            raise ConfigError(f"{where}: unknown section [{name}].{_suggest(name, _CLASSES)} Valid sections: "
-                              f"{', '.join('[' + s + ']' for s in _CLASSES)}. Remove or rename it (see configs/ for examples).")
+            raise ConfigError(
+                f"{where}: unknown section [{name}].{_suggest(name, _CLASSES)} Valid sections: "
+                f"{', '.join('[' + s + ']' for s in _CLASSES)}. Remove or rename it (see configs/ for examples)."
+            )
         if not isinstance(values, dict):
-            raise ConfigError(f"{where}: [{name}] must be a table of keys (a [{name}] header followed by key = value lines); "
-                              f"received {values!r}.")
+            raise ConfigError(
+                f"{where}: [{name}] must be a table of keys (a [{name}] header followed by key = value lines); "
+                f"received {values!r}."
+            )
         cls = _CLASSES[name]
         defaults = cls()
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = [k for k in values if k not in fields]
         if unknown:
-            raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(repr(k) for k in unknown)} in section [{name}].{_suggest(unknown[0], fields)} "
-                              f"Valid keys of [{name}]: {_valid_keys(name)}. Fix or remove the key and run the command again.")
+            raise ConfigError(
+                f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(repr(k) for k in unknown)} in section [{name}].{_suggest(unknown[0], fields)} "
+                f"Valid keys of [{name}]: {_valid_keys(name)}. Fix or remove the key and run the command again."
+            )
         sections[name] = cls(**{k: _coerce(where, f"{name}.{k}", v, getattr(defaults, k)) for k, v in values.items()})
     config = dataclasses.replace(DEMO, **sections)
     _check_values(where, config)
@@ -260,13 +318,17 @@ def load(path: str | Path) -> Config:
     """Read and validate a TOML run configuration."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist. Pass the path of a TOML file such as "
-                          "configs/digits.toml (run `metaif run --help` for the format).")
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist. Pass the path of a TOML file such as "
+            "configs/digits.toml (run `metaif run --help` for the format)."
+        )
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{str(path)!r} is not valid TOML: {error}. Check the line it names "
-                          "(strings need quotes, lists use [a, b]).") from None
+        raise ConfigError(
+            f"{str(path)!r} is not valid TOML: {error}. Check the line it names "
+            "(strings need quotes, lists use [a, b])."
+        ) from None
     if isinstance(raw.get("run", {}), dict) and "name" not in raw.get("run", {}):
         raw = {**raw, "run": {**raw.get("run", {}), "name": path.stem}}  # the default name: the file's
     return from_dict(raw, str(path))

@@ -40,10 +40,12 @@ def _check_owner(out: Path, label: str) -> None:
         entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != LOCK)
         if entries:
             shown = ", ".join(entries[:6]) + (f" and {len(entries) - 6} more" if len(entries) > 6 else "")
-            raise ConfigError(f"{label} is an existing folder that metaif did not create (it has no {MANIFEST}) and it is "
-                              f"not empty: it holds {shown}. metaif writes results only into a new or empty folder or one "
-                              "of its own run folders, so that it never overwrites or deletes your files. Give another "
-                              "--out (or move those files away; a run folder of an older metaif version can be deleted).")
+            raise ConfigError(
+                f"{label} is an existing folder that metaif did not create (it has no {MANIFEST}) and it is "
+                f"not empty: it holds {shown}. metaif writes results only into a new or empty folder or one "
+                "of its own run folders, so that it never overwrites or deletes your files. Give another "
+                "--out (or move those files away; a run folder of an older metaif version can be deleted)."
+            )
 
 
 @contextlib.contextmanager
@@ -65,8 +67,10 @@ def claimed(out: Path, label: str, fresh: bool = False, warn=None):
         if fresh:
             moved = Store(out, warn).clear()
             if moved:
-                warn(f"--fresh deleted the checkpoints metaif recorded in {out / MANIFEST}; {', '.join(moved)} no longer "
-                     f"matched what metaif wrote and were moved to {out / REJECTED} instead of being deleted.")
+                warn(
+                    f"--fresh deleted the checkpoints metaif recorded in {out / MANIFEST}; {', '.join(moved)} no longer "
+                    f"matched what metaif wrote and were moved to {out / REJECTED} instead of being deleted."
+                )
         yield out
 
 
@@ -84,18 +88,26 @@ def _locked(out: Path, label: str, warn=None, probe: bool = False):
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"{label} is in use by another metaif run ({_holder(handle.read())}); two runs in one folder "
-                              "would mix their checkpoints. Wait for that run to finish or stop it, or give this run "
-                              "another --out.") from None
+            raise ConfigError(
+                f"{label} is in use by another metaif run ({_holder(handle.read())}); two runs in one folder "
+                "would mix their checkpoints. Wait for that run to finish or stop it, or give this run "
+                "another --out."
+            ) from None
         if probe:
             yield
             return
         previous = handle.read().strip()
         if previous:
-            warn(f"{path} was left by a run that stopped without releasing it ({_holder(previous)}, no longer running); "
-                 "taking it over.")
-        _rewrite(handle, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                     "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}))
+            warn(
+                f"{path} was left by a run that stopped without releasing it ({_holder(previous)}, no longer running); "
+                "taking it over."
+            )
+        _rewrite(
+            handle,
+            json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+            ),
+        )
         try:
             yield
         finally:

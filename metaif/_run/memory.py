@@ -16,9 +16,9 @@ import os
 
 from .config import Config, ConfigError
 
-BYTES = 8          # float64
-SLACK = 3.0        # intermediate copies per stored activation (calibrated on the demo)
-GiB = 1024 ** 3
+BYTES = 8  # float64
+SLACK = 3.0  # intermediate copies per stored activation (calibrated on the demo)
+GiB = 1024**3
 
 
 def _per_gradient(config: Config, n_inputs: int, tasks: int, m: int, q: int) -> float:
@@ -65,7 +65,9 @@ def available_bytes() -> float:
         return float("inf")
 
 
-def check(config: Config, n_inputs: int, d: int, n: int, m: int, q: int, limit: float | None = None) -> dict[str, float]:
+def check(
+    config: Config, n_inputs: int, d: int, n: int, m: int, q: int, limit: float | None = None
+) -> dict[str, float]:
     """The estimate (see `estimate`); raises a ConfigError (one paragraph, with a suggested batch_size) when the estimate exceeds
     the limit: `limit` bytes, else [run] memory_limit_gb, else the memory available now."""
     stages = estimate(config, n_inputs, d, n, m, q)
@@ -76,18 +78,37 @@ def check(config: Config, n_inputs: int, d: int, n: int, m: int, q: int, limit: 
     worst = max((k for k in stages if k != "peak"), key=lambda k: stages[k])
     advice = []
     if worst in ("solve", "scores", "edit"):
-        fits = lambda b: estimate(dataclasses.replace(config, influence=dataclasses.replace(config.influence, batch_size=b)),
-                                  n_inputs, d, n, m, q)
-        batch = next((b for b in (64, 32, 16, 8, 4, 2, 1) if b < n and max(fits(b)[k] for k in ("solve", "scores", "edit")) <= limit), None)
-        advice.append(f"set [influence] batch_size = {batch}" if batch else
-                      "use [influence] solver = \"cg\" and fewer [model] features or hidden units")
+        fits = lambda b: estimate(
+            dataclasses.replace(config, influence=dataclasses.replace(config.influence, batch_size=b)),
+            n_inputs,
+            d,
+            n,
+            m,
+            q,
+        )
+        batch = next(
+            (
+                b
+                for b in (64, 32, 16, 8, 4, 2, 1)
+                if b < n and max(fits(b)[k] for k in ("solve", "scores", "edit")) <= limit
+            ),
+            None,
+        )
+        advice.append(
+            f"set [influence] batch_size = {batch}"
+            if batch
+            else 'use [influence] solver = "cg" and fewer [model] features or hidden units'
+        )
     if worst == "check":
         advice.append("set [check] batch_size = 1 (retrainings one at a time) or [check] chunk smaller")
     if worst in ("newton", "check", "adam"):
-        advice.append("reduce [tasks] train or the model size ([model] features, hidden), or skip the exact polish with "
-                      "[train] newton_steps = 0 (then influence assumes a less stationary point)")
+        advice.append(
+            "reduce [tasks] train or the model size ([model] features, hidden), or skip the exact polish with "
+            "[train] newton_steps = 0 (then influence assumes a less stationary point)"
+        )
     raise ConfigError(
         f"this run would not fit in memory: the estimated peak is {stages['peak'] / GiB:.2f} GiB (in the {worst} stage) "
         f"but {limit / GiB:.2f} GiB is available{' ([run] memory_limit_gb)' if config.run.memory_limit_gb else ''}. "
         f"To fit, {'; or '.join(advice)}. The estimate counts float64 activations of every task's support and query "
-        "examples through adaptation, d at a time for exact Hessians; raise [run] memory_limit_gb if you know it fits.")
+        "examples through adaptation, d at a time for exact Hessians; raise [run] memory_limit_gb if you know it fits."
+    )

@@ -81,7 +81,11 @@ def read_manifest(out: Path) -> tuple[dict, str | None]:
         if not isinstance(manifest, dict) or not isinstance(manifest.get("checkpoints"), dict):
             raise ValueError("it lacks the table 'checkpoints'")
         for name, entry in manifest["checkpoints"].items():
-            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("fingerprint"), str)):
+            if not (
+                isinstance(entry, dict)
+                and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("fingerprint"), str)
+            ):
                 raise ValueError(f"its entry for {name!r} lacks sha256 or fingerprint")
     except (OSError, ValueError) as error:
         return empty, f"{MANIFEST} cannot be read ({error})"
@@ -107,8 +111,10 @@ class Store:
         self.manifest, problem = read_manifest(self.out)
         if problem:
             self._move_aside(self.out / MANIFEST, "manifest")
-            self.warn(f"{self.out / MANIFEST}: {problem}; it was moved to {REJECTED}/ and every checkpoint will be "
-                      "checked as unrecorded (and recomputed).")
+            self.warn(
+                f"{self.out / MANIFEST}: {problem}; it was moved to {REJECTED}/ and every checkpoint will be "
+                "checked as unrecorded (and recomputed)."
+            )
             write_manifest(self.out, self.manifest)
 
     def path(self, name: str) -> Path:
@@ -126,14 +132,20 @@ class Store:
         if not path.is_file():
             return None
         if entry is None:
-            return self._reject(name, f"is not recorded in {MANIFEST} (copied in from another run folder, or saved by a "
-                                      "run that was killed before it could record it)")
+            return self._reject(
+                name,
+                f"is not recorded in {MANIFEST} (copied in from another run folder, or saved by a "
+                "run that was killed before it could record it)",
+            )
         if entry.get("fingerprint") != fp:
             return None  # stale: another config or code; overwritten when recomputed
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-            return self._reject(name, f"does not match the sha256 recorded in {MANIFEST} when metaif wrote it "
-                                      f"({len(data)} bytes now, {entry.get('bytes')} then): the file was edited, damaged or replaced")
+            return self._reject(
+                name,
+                f"does not match the sha256 recorded in {MANIFEST} when metaif wrote it "
+                f"({len(data)} bytes now, {entry.get('bytes')} then): the file was edited, damaged or replaced",
+            )
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as entry_:
                 arrays = {key: entry_[key] for key in entry_.files}
@@ -148,7 +160,11 @@ class Store:
         np.savez(buffer, __fingerprint__=np.asarray(fp), **{k: np.asarray(v) for k, v in arrays.items()})
         data = buffer.getvalue()
         atomic_write(self.path(name), data)
-        self.manifest["checkpoints"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "fingerprint": fp, "bytes": len(data)}
+        self.manifest["checkpoints"][name] = {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "fingerprint": fp,
+            "bytes": len(data),
+        }
         write_manifest(self.out, self.manifest)
 
     def clear(self) -> list[str]:
@@ -186,8 +202,10 @@ class Store:
         if self.manifest["checkpoints"].pop(name, None) is not None:
             write_manifest(self.out, self.manifest)
         self.log("rejected", name, reason=reason, moved_to=moved)
-        self.warn(f"checkpoint {self.path(name)} {reason}. Moved it to {self.out / moved} (not deleted); recomputing it "
-                  "and the stages that depend on it.")
+        self.warn(
+            f"checkpoint {self.path(name)} {reason}. Moved it to {self.out / moved} (not deleted); recomputing it "
+            "and the stages that depend on it."
+        )
         return None
 
     def log(self, event: str, name: str, **fields: Any) -> None:

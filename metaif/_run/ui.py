@@ -32,7 +32,13 @@ class UI:
         if self.quiet or not self.bars.is_terminal:
             yield lambda k=1: None
         else:
-            columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+            columns = [
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            ]
             if total is None:
                 columns = [SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()]
             with Progress(*columns, console=self.bars, transient=True) as bar:

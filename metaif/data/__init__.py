@@ -28,7 +28,25 @@ from ._sinusoid import sinusoid_parameters as sinusoid_parameters
 from ._sinusoid import sinusoid_tasks as sinusoid_tasks
 
 __all__ = [
-    "ClassSplit", "Digits", "FC100", "FewShotIndices", "MNIST", "MiniImageNet", "Omniglot", "PCA", "SinusoidParameters",
-    "corrupt", "few_shot_indices", "fit_pca", "few_shot_tasks", "load_digits", "load_fc100", "load_mini_imagenet", "load_mnist",
-    "load_omniglot", "omniglot_split", "sinusoid_parameters", "sinusoid_tasks",
+    "ClassSplit",
+    "Digits",
+    "FC100",
+    "FewShotIndices",
+    "MNIST",
+    "MiniImageNet",
+    "Omniglot",
+    "PCA",
+    "SinusoidParameters",
+    "corrupt",
+    "few_shot_indices",
+    "fit_pca",
+    "few_shot_tasks",
+    "load_digits",
+    "load_fc100",
+    "load_mini_imagenet",
+    "load_mnist",
+    "load_omniglot",
+    "omniglot_split",
+    "sinusoid_parameters",
+    "sinusoid_tasks",
 ]

@@ -13,7 +13,9 @@ from .. import _validate
 def seed(name: str, value) -> int:
     """A reproducible seed: an int >= 0."""
     if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0 (a seed for numpy.random.default_rng); received {_validate.describe(value)}.")
+        raise ValueError(
+            f"{name} must be an int >= 0 (a seed for numpy.random.default_rng); received {_validate.describe(value)}."
+        )
     return int(value)
 
 
@@ -35,7 +37,9 @@ def interval(name: str, value) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair (low, high) of numbers; received {_validate.describe(value)}.") from None
+        raise ValueError(
+            f"{name} must be a pair (low, high) of numbers; received {_validate.describe(value)}."
+        ) from None
     if not (np.isfinite(low) and np.isfinite(high) and low <= high):
         raise ValueError(f"{name} must be a pair (low, high) of finite numbers with low <= high; received {value!r}.")
     return low, high
@@ -52,7 +56,11 @@ def non_finite(values: np.ndarray) -> tuple[int, np.ndarray]:
     """(number of NaN or inf entries, indices along axis 0 of the items that hold any); (0, [])
     for non-float arrays. Two reductions and no copy when every entry is finite."""
     values = np.asarray(values)
-    if not np.issubdtype(values.dtype, np.floating) or values.size == 0 or (np.isfinite(values.min()) and np.isfinite(values.max())):
+    if (
+        not np.issubdtype(values.dtype, np.floating)
+        or values.size == 0
+        or (np.isfinite(values.min()) and np.isfinite(values.max()))
+    ):
         return 0, np.zeros(0, np.int64)
     bad = ~np.isfinite(values.reshape(values.shape[0], -1))
     return int(bad.sum()), np.flatnonzero(bad.any(axis=1))

@@ -16,15 +16,20 @@ LEVELS = ("task", "support", "query")
 def _labels(tasks: TaskSet, part: str, key: str) -> np.ndarray:
     data = getattr(tasks, part)
     if not isinstance(data, Mapping) or key not in data:
-        raise TypeError(f"corrupt(tasks).{part} must be a mapping with integer labels under key={key!r}; received {_validate.describe(data)}.")
+        raise TypeError(
+            f"corrupt(tasks).{part} must be a mapping with integer labels under key={key!r}; received {_validate.describe(data)}."
+        )
     labels = np.asarray(data[key])
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"corrupt(tasks).{part}[{key!r}] must be an integer array [n_tasks, n_{part}]; received {_validate.describe(labels)}.")
+        raise TypeError(
+            f"corrupt(tasks).{part}[{key!r}] must be an integer array [n_tasks, n_{part}]; received {_validate.describe(labels)}."
+        )
     return labels
 
 
-def corrupt(tasks: TaskSet, fraction: float, level: str, seed: int, *, n_classes: int | None = None,
-            key: str = "y") -> tuple[TaskSet, np.ndarray]:
+def corrupt(
+    tasks: TaskSet, fraction: float, level: str, seed: int, *, n_classes: int | None = None, key: str = "y"
+) -> tuple[TaskSet, np.ndarray]:
     """Corrupt the labels of round(fraction · count) tasks or examples, chosen uniformly.
 
     Args:
@@ -55,7 +60,9 @@ def corrupt(tasks: TaskSet, fraction: float, level: str, seed: int, *, n_classes
         raise ValueError(f"corrupt(tasks) labels must be class ids >= 0; found {low}.")
     n_classes = _validate.positive_int("corrupt(n_classes)", top if n_classes is None else n_classes)
     if n_classes < 2 or n_classes < top:
-        raise ValueError(f"corrupt(n_classes) must be >= 2 and cover the labels 0..{top - 1} in tasks; received n_classes={n_classes}.")
+        raise ValueError(
+            f"corrupt(n_classes) must be >= 2 and cover the labels 0..{top - 1} in tasks; received n_classes={n_classes}."
+        )
     new = {part: getattr(tasks, part)[key] for part in labels}
     new.update({part: labels[part].copy() for part in (("support", "query") if level == "task" else (level,))})
     if level == "task":

@@ -20,16 +20,32 @@ import numpy as np
 
 from . import _source
 
-_SOURCE = ("Download cifar-100-python.tar.gz (python version) from https://www.cs.toronto.edu/~kriz/cifar.html "
-           "and extract it into <root> (giving <root>/cifar-100-python/{train,test,meta}).")
+_SOURCE = (
+    "Download cifar-100-python.tar.gz (python version) from https://www.cs.toronto.edu/~kriz/cifar.html "
+    "and extract it into <root> (giving <root>/cifar-100-python/{train,test,meta})."
+)
 # md5 of the official files (as published with torchvision's CIFAR100).
-_MD5 = {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
-        "meta": "7973b15100ade9c7d40fb424638fde48"}
+_MD5 = {
+    "train": "16019d7e3df5f24257cddd939b257f8d",
+    "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    "meta": "7973b15100ade9c7d40fb424638fde48",
+}
 # The FC100 superclass split (Oreshkin et al. 2018), by CIFAR-100 coarse label name.
 SUPERCLASSES = {
-    "train": ("fish", "flowers", "food_containers", "fruit_and_vegetables", "household_electrical_devices",
-              "household_furniture", "large_man-made_outdoor_things", "large_natural_outdoor_scenes", "reptiles",
-              "trees", "vehicles_1", "vehicles_2"),
+    "train": (
+        "fish",
+        "flowers",
+        "food_containers",
+        "fruit_and_vegetables",
+        "household_electrical_devices",
+        "household_furniture",
+        "large_man-made_outdoor_things",
+        "large_natural_outdoor_scenes",
+        "reptiles",
+        "trees",
+        "vehicles_1",
+        "vehicles_2",
+    ),
     "val": ("large_carnivores", "large_omnivores_and_herbivores", "non-insect_invertebrates", "small_mammals"),
     "test": ("aquatic_mammals", "insects", "medium_mammals", "people"),
 }
@@ -42,8 +58,11 @@ except ImportError:  # numpy 1.x
     from numpy.core import numeric as _numeric  # type: ignore[no-redef]
 # What pickled numpy arrays need, under numpy 1.x and 2.x module names, and nothing else.
 _ALLOWED = {
-    **{(module, name): getattr(_multiarray, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-       for name in ("_reconstruct", "scalar")},
+    **{
+        (module, name): getattr(_multiarray, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    },
     **{(module, "_frombuffer"): _numeric._frombuffer for module in ("numpy.core.numeric", "numpy._core.numeric")},
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
@@ -53,11 +72,11 @@ _ALLOWED = {
 
 class FC100(NamedTuple):
     """Attributes:
-      images: [N, 32, 32, 3] float32 RGB in [0, 1] (N = 60,000 for all splits).
-      labels: [N] int32 CIFAR-100 fine class ids 0..99 (select a split's classes with `split`).
-      superclasses: [N] int32 CIFAR-100 coarse class ids 0..19.
-      split: [N] str, "train", "val" or "test" (the FC100 superclass split).
-      class_names: the 100 fine class names; superclass_names: the 20 coarse names.
+    images: [N, 32, 32, 3] float32 RGB in [0, 1] (N = 60,000 for all splits).
+    labels: [N] int32 CIFAR-100 fine class ids 0..99 (select a split's classes with `split`).
+    superclasses: [N] int32 CIFAR-100 coarse class ids 0..19.
+    split: [N] str, "train", "val" or "test" (the FC100 superclass split).
+    class_names: the 100 fine class names; superclass_names: the 20 coarse names.
     """
 
     images: np.ndarray
@@ -75,7 +94,9 @@ class _Unpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-100 file holds only lists, dicts and numpy arrays")
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: a CIFAR-100 file holds only lists, dicts and numpy arrays"
+        )
 
 
 def _unpickle(loader: str, path: Path) -> dict[str, object]:
@@ -83,7 +104,9 @@ def _unpickle(loader: str, path: Path) -> dict[str, object]:
         with open(path, "rb") as handle:
             content = _Unpickler(handle, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
-        raise ValueError(f"{loader}: {str(path)!r} is not a CIFAR-100 python-version file ({error}). {_SOURCE}") from None
+        raise ValueError(
+            f"{loader}: {str(path)!r} is not a CIFAR-100 python-version file ({error}). {_SOURCE}"
+        ) from None
     if not isinstance(content, dict):
         raise ValueError(f"{loader}: {str(path)!r} holds a {type(content).__name__}, expected a dict. {_SOURCE}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}
@@ -110,9 +133,16 @@ def load_fc100(root: str | os.PathLike | None = None, *, splits: Sequence[str] =
     """
     loader = "load_fc100"
     if isinstance(splits, str) or not splits or any(s not in SPLITS for s in splits) or len(set(splits)) != len(splits):
-        raise ValueError(f"load_fc100(splits) must be a non-empty sequence of distinct names from {SPLITS}; received {splits!r}.")
-    folders = _source.candidates(_source.data_root(loader, root), ("cifar-100-python", "fc100/cifar-100-python", "fc100", "cifar100"))
-    paths = {name: _source.find(loader, folders, (name,), f"the CIFAR-100 file {name!r}", _SOURCE) for name in ("train", "test", "meta")}
+        raise ValueError(
+            f"load_fc100(splits) must be a non-empty sequence of distinct names from {SPLITS}; received {splits!r}."
+        )
+    folders = _source.candidates(
+        _source.data_root(loader, root), ("cifar-100-python", "fc100/cifar-100-python", "fc100", "cifar100")
+    )
+    paths = {
+        name: _source.find(loader, folders, (name,), f"the CIFAR-100 file {name!r}", _SOURCE)
+        for name in ("train", "test", "meta")
+    }
     if verify:
         for name, path in paths.items():
             _source.check_digest(loader, path, _MD5[name], _source.file_digest(path, "md5"), "md5", _SOURCE)
@@ -127,13 +157,17 @@ def load_fc100(root: str | os.PathLike | None = None, *, splits: Sequence[str] =
         content = _unpickle(loader, paths[name])
         data = np.asarray(_field(loader, paths[name], content, "data"), np.uint8)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{loader}: {str(paths[name])!r} field 'data' has shape {data.shape}, expected [N, 3072]. {_SOURCE}")
+            raise ValueError(
+                f"{loader}: {str(paths[name])!r} field 'data' has shape {data.shape}, expected [N, 3072]. {_SOURCE}"
+            )
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(np.asarray(_field(loader, paths[name], content, "fine_labels"), np.int32))
         coarse.append(np.asarray(_field(loader, paths[name], content, "coarse_labels"), np.int32))
     images, labels, coarse = np.concatenate(images), np.concatenate(labels), np.concatenate(coarse)
     if not images.shape[0] == labels.shape[0] == coarse.shape[0]:
-        raise ValueError(f"{loader}: {images.shape[0]} images but {labels.shape[0]} fine and {coarse.shape[0]} coarse labels. {_SOURCE}")
+        raise ValueError(
+            f"{loader}: {images.shape[0]} images but {labels.shape[0]} fine and {coarse.shape[0]} coarse labels. {_SOURCE}"
+        )
     split_of = np.empty(len(superclass_names), dtype="<U5")
     for split, names in SUPERCLASSES.items():
         split_of[[superclass_names.index(n) for n in names]] = split

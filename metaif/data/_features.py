@@ -49,7 +49,9 @@ def fit_pca(images, k: int, limit: int = 20000, seed: int = 0) -> PCA:
     """Fit a whitened k-component PCA on images [N, H, W(, C)] (at most `limit` random images)."""
     images = np.asarray(images)
     if images.ndim < 2 or images.shape[0] < 2:
-        raise ValueError(f"fit_pca(images) must be an array [N, ...] of N >= 2 images; received {_validate.describe(images)}.")
+        raise ValueError(
+            f"fit_pca(images) must be an array [N, ...] of N >= 2 images; received {_validate.describe(images)}."
+        )
     flat = images.reshape(images.shape[0], -1).astype(np.float64)
     k = _validate.positive_int("fit_pca(k)", k)
     if k > min(flat.shape):
@@ -62,15 +64,21 @@ def fit_pca(images, k: int, limit: int = 20000, seed: int = 0) -> PCA:
             mean = flat.mean(0)
             _, s, vt = np.linalg.svd(flat - mean, full_matrices=False)
     except (FloatingPointError, np.linalg.LinAlgError) as error:  # finite input, but so large that sums overflow
-        raise ValueError(f"fit_pca(images): the PCA of the images failed ({error}); their values span "
-                         f"[{flat.min():.3g}, {flat.max():.3g}]. Rescale the images to [0, 1].") from None
+        raise ValueError(
+            f"fit_pca(images): the PCA of the images failed ({error}); their values span "
+            f"[{flat.min():.3g}, {flat.max():.3g}]. Rescale the images to [0, 1]."
+        ) from None
     rank = int(np.sum(s > RANK_TOL * s[0])) if s[0] > 0 else 0
     if rank == 0:
-        raise ValueError(f"fit_pca(images): all {flat.shape[0]} images are identical, so there is no direction of variation "
-                         "to keep. Check that the images were loaded correctly.")
+        raise ValueError(
+            f"fit_pca(images): all {flat.shape[0]} images are identical, so there is no direction of variation "
+            "to keep. Check that the images were loaded correctly."
+        )
     if rank < k:
-        raise ValueError(f"fit_pca(images) vary along only {rank} direction(s) ({flat.shape[0]} images of {flat.shape[1]} "
-                         f"values), fewer than the {k} components asked for: whitening the others would divide by ~0. "
-                         f"Ask for at most {rank} component(s), or use more varied images.")
+        raise ValueError(
+            f"fit_pca(images) vary along only {rank} direction(s) ({flat.shape[0]} images of {flat.shape[1]} "
+            f"values), fewer than the {k} components asked for: whitening the others would divide by ~0. "
+            f"Ask for at most {rank} component(s), or use more varied images."
+        )
     scale = s[:k] / np.sqrt(flat.shape[0])
     return PCA(mean, vt[:k].T, scale)

@@ -51,8 +51,9 @@ def distinct(rng: np.random.Generator, counts: np.ndarray, k: int) -> np.ndarray
     return np.take_along_axis(out, np.argsort(rng.random(out.shape), axis=1), axis=1)
 
 
-def few_shot_indices(labels, n_tasks: int, ways: int, shots: int, queries: int, seed: int, classes=None, *,
-                     rotate: bool = False) -> FewShotIndices:
+def few_shot_indices(
+    labels, n_tasks: int, ways: int, shots: int, queries: int, seed: int, classes=None, *, rotate: bool = False
+) -> FewShotIndices:
     """Sample n_tasks N-way K-shot tasks as example indices; `few_shot_tasks` with the same
     arguments gathers exactly these tasks."""
     return _sample("few_shot_indices", labels, n_tasks, ways, shots, queries, seed, classes, rotate)
@@ -73,7 +74,9 @@ def _sample(caller, labels, n_tasks, ways, shots, queries, seed, classes, rotate
         pool = _args.integer_array(f"{caller}(classes)", classes, 1)
         absent, duplicates = np.setdiff1d(pool, present), pool.size - np.unique(pool).size
         if absent.size or duplicates or pool.size == 0:
-            problems = [f"{duplicates} duplicate(s)"] * bool(duplicates) + [f"ids absent from labels {absent[:10].tolist()}"] * bool(absent.size)
+            problems = [f"{duplicates} duplicate(s)"] * bool(duplicates) + [
+                f"ids absent from labels {absent[:10].tolist()}"
+            ] * bool(absent.size)
             raise ValueError(
                 f"{caller}(classes) must list distinct class ids present in labels; received {pool.size} id(s)"
                 + (f" with {' and '.join(problems)}." if problems else ".")
@@ -88,7 +91,9 @@ def _sample(caller, labels, n_tasks, ways, shots, queries, seed, classes, rotate
         )
     n_pool = pool.size * (4 if rotate else 1)
     if ways > n_pool:
-        raise ValueError(f"{caller}(ways) = {ways} exceeds the {n_pool} available classes{' (with rotations)' if rotate else ''}.")
+        raise ValueError(
+            f"{caller}(ways) = {ways} exceeds the {n_pool} available classes{' (with rotations)' if rotate else ''}."
+        )
     chosen = distinct(rng, np.full(n_tasks, n_pool), ways)  # [n, ways] ids in the (rotated) pool
     slots = slot[chosen % pool.size]
     picks = distinct(rng, count[slots].ravel(), need).reshape(n_tasks, ways, need)
@@ -110,8 +115,9 @@ def _gather(images: np.ndarray, index: np.ndarray, turns: np.ndarray) -> np.ndar
     return x
 
 
-def few_shot_tasks(images, labels, n_tasks: int, ways: int, shots: int, queries: int, seed: int, classes=None, *,
-                   rotate: bool = False) -> TaskSet:
+def few_shot_tasks(
+    images, labels, n_tasks: int, ways: int, shots: int, queries: int, seed: int, classes=None, *, rotate: bool = False
+) -> TaskSet:
     """Sample n_tasks N-way K-shot classification tasks.
 
     Args:
@@ -128,22 +134,39 @@ def few_shot_tasks(images, labels, n_tasks: int, ways: int, shots: int, queries:
       `few_shot_indices` (same arguments) gives the example indices and source classes.
     """
     images = np.asarray(images)
-    if images.ndim not in (3, 4) or not (np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer)):
-        raise TypeError(f"few_shot_tasks(images) must be a real [N, H, W] or [N, H, W, C] array; received {_validate.describe(images)}.")
+    if images.ndim not in (3, 4) or not (
+        np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer)
+    ):
+        raise TypeError(
+            f"few_shot_tasks(images) must be a real [N, H, W] or [N, H, W, C] array; received {_validate.describe(images)}."
+        )
     labels_array = np.asarray(labels)
     if labels_array.shape != images.shape[:1]:
-        raise ValueError(f"few_shot_tasks(labels) must have shape ({images.shape[0]},), one label per image; received {_validate.describe(labels_array)}.")
+        raise ValueError(
+            f"few_shot_tasks(labels) must have shape ({images.shape[0]},), one label per image; received {_validate.describe(labels_array)}."
+        )
     if rotate and images.shape[1] != images.shape[2]:
         raise ValueError(f"few_shot_tasks(rotate=True) needs square images; received images of shape {images.shape}.")
     index = _sample("few_shot_tasks", labels_array, n_tasks, ways, shots, queries, seed, classes, rotate)
     if np.issubdtype(images.dtype, np.floating):
         used = np.unique(np.concatenate([index.support.ravel(), index.query.ravel()]))
-        _args.check_finite("few_shot_tasks(images)", images[used], "images drawn into the tasks",
-                           "Drop or repair those images first (np.isfinite(images).all(axis=(1, 2)) marks the good ones).", used)
+        _args.check_finite(
+            "few_shot_tasks(images)",
+            images[used],
+            "images drawn into the tasks",
+            "Drop or repair those images first (np.isfinite(images).all(axis=(1, 2)) marks the good ones).",
+            used,
+        )
     label = np.arange(ways, dtype=np.int32)
     s_turns = np.repeat(index.rotations, shots, axis=1)
     q_turns = np.repeat(index.rotations, queries, axis=1)
     return TaskSet(
-        support={"x": _gather(images, index.support, s_turns), "y": np.broadcast_to(np.repeat(label, shots), index.support.shape).copy()},
-        query={"x": _gather(images, index.query, q_turns), "y": np.broadcast_to(np.repeat(label, queries), index.query.shape).copy()},
+        support={
+            "x": _gather(images, index.support, s_turns),
+            "y": np.broadcast_to(np.repeat(label, shots), index.support.shape).copy(),
+        },
+        query={
+            "x": _gather(images, index.query, q_turns),
+            "y": np.broadcast_to(np.repeat(label, queries), index.query.shape).copy(),
+        },
     )

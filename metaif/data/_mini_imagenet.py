@@ -23,10 +23,12 @@ import numpy as np
 from .. import _validate
 from . import _cache, _images, _source
 
-_SOURCE = ("Mini-ImageNet is not redistributable: get the split files train.csv/val.csv/test.csv of "
-           "Ravi & Larochelle (github.com/twitter/meta-learning-lstm, data/miniImagenet) and the images from "
-           "ImageNet (image-net.org), laid out as <root>/mini-imagenet/{train,val,test}.csv + images/, or as "
-           "<root>/mini-imagenet/{train,val,test}/<wnid>/*.jpg.")
+_SOURCE = (
+    "Mini-ImageNet is not redistributable: get the split files train.csv/val.csv/test.csv of "
+    "Ravi & Larochelle (github.com/twitter/meta-learning-lstm, data/miniImagenet) and the images from "
+    "ImageNet (image-net.org), laid out as <root>/mini-imagenet/{train,val,test}.csv + images/, or as "
+    "<root>/mini-imagenet/{train,val,test}/<wnid>/*.jpg."
+)
 SPLITS = ("train", "val", "test")
 _STANDARD = {"train": 64, "val": 16, "test": 20}
 _PER_CLASS = 600
@@ -36,11 +38,11 @@ _CACHE_VERSION = 1
 
 class MiniImageNet(NamedTuple):
     """Attributes:
-      images: [N, size, size, 3] float32 RGB in [0, 1] (N = 60,000 for all splits: 5 GB at 84×84).
-      labels: [N] int32 class ids (train classes first, then val, then test; see the module doc);
-        examples are ordered by class id, then file name.
-      split: [N] str, "train", "val" or "test".
-      class_names: the wnids, indexed by class id.
+    images: [N, size, size, 3] float32 RGB in [0, 1] (N = 60,000 for all splits: 5 GB at 84×84).
+    labels: [N] int32 class ids (train classes first, then val, then test; see the module doc);
+      examples are ordered by class id, then file name.
+    split: [N] str, "train", "val" or "test".
+    class_names: the wnids, indexed by class id.
     """
 
     images: np.ndarray
@@ -59,19 +61,26 @@ def _listing(loader: str, base: Path, splits: tuple[str, ...]) -> list[tuple[str
                 reader = csv.reader(handle)
                 header = next(reader, None)
                 if header is None or [h.strip() for h in header[:2]] != ["filename", "label"]:
-                    raise ValueError(f"{loader}: {str(base / f'{split}.csv')!r} must start with the header 'filename,label'; found {header!r}.")
+                    raise ValueError(
+                        f"{loader}: {str(base / f'{split}.csv')!r} must start with the header 'filename,label'; found {header!r}."
+                    )
                 rows += [(split, row[1].strip(), images / row[0].strip()) for row in reader if len(row) >= 2]
         missing = [str(p) for _, _, p in rows if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"{loader}: {len(missing)} image(s) listed in the csv files are missing from {str(images)!r}, "
-                                    f"e.g. {missing[0]!r}. {_SOURCE}")
+            raise FileNotFoundError(
+                f"{loader}: {len(missing)} image(s) listed in the csv files are missing from {str(images)!r}, "
+                f"e.g. {missing[0]!r}. {_SOURCE}"
+            )
         return rows
     rows = []
     for split in splits:
         folder = base / split
         for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-            rows += [(split, class_dir.name, p) for p in sorted(class_dir.iterdir())
-                     if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+            rows += [
+                (split, class_dir.name, p)
+                for p in sorted(class_dir.iterdir())
+                if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+            ]
     return rows
 
 
@@ -80,7 +89,9 @@ def _base(loader: str, root: Path, splits: tuple[str, ...]) -> Path:
         if all((base / f"{s}.csv").is_file() for s in splits) or all((base / s).is_dir() for s in splits):
             return base
     looked = ", ".join(repr(str(b)) for b in _source.candidates(root, _SUBDIRS))
-    wanted = " and ".join(f"{s}.csv" for s in splits) + " (+ images/), or the folders " + ", ".join(f"{s}/" for s in splits)
+    wanted = (
+        " and ".join(f"{s}.csv" for s in splits) + " (+ images/), or the folders " + ", ".join(f"{s}/" for s in splits)
+    )
     raise FileNotFoundError(f"{loader}: Mini-ImageNet not found; looked for {wanted} in {looked}. {_SOURCE}")
 
 
@@ -95,7 +106,14 @@ def _check_structure(loader: str, base: Path, rows: list[tuple[str, str, Path]],
             )
 
 
-def load_mini_imagenet(root: str | os.PathLike | None = None, *, splits: Sequence[str] = SPLITS, size: int = 84, verify: bool = True, cache: bool = True) -> MiniImageNet:
+def load_mini_imagenet(
+    root: str | os.PathLike | None = None,
+    *,
+    splits: Sequence[str] = SPLITS,
+    size: int = 84,
+    verify: bool = True,
+    cache: bool = True,
+) -> MiniImageNet:
     """Mini-ImageNet images resized to size×size (Lanczos, as in MAML), from either standard layout.
 
     Args:
@@ -109,7 +127,9 @@ def load_mini_imagenet(root: str | os.PathLike | None = None, *, splits: Sequenc
     loader = "load_mini_imagenet"
     size = _validate.positive_int("load_mini_imagenet(size)", size)
     if isinstance(splits, str) or not splits or any(s not in SPLITS for s in splits) or len(set(splits)) != len(splits):
-        raise ValueError(f"load_mini_imagenet(splits) must be a non-empty sequence of distinct names from {SPLITS}; received {splits!r}.")
+        raise ValueError(
+            f"load_mini_imagenet(splits) must be a non-empty sequence of distinct names from {SPLITS}; received {splits!r}."
+        )
     splits = tuple(s for s in SPLITS if s in splits)
     base = _base(loader, _source.data_root(loader, root), splits)
     rows = sorted(_listing(loader, base, splits), key=lambda r: (SPLITS.index(r[0]), r[1], r[2].name))

@@ -11,8 +11,10 @@ import numpy as np
 
 from . import _source
 
-_SOURCE = ("Download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
-           "t10k-labels-idx1-ubyte.gz from https://yann.lecun.com/exdb/mnist/ (or a mirror) into <root>/mnist.")
+_SOURCE = (
+    "Download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
+    "t10k-labels-idx1-ubyte.gz from https://yann.lecun.com/exdb/mnist/ (or a mirror) into <root>/mnist."
+)
 # sha256 of the decompressed IDX files: the same for the official .gz downloads, their
 # re-compressions and the uncompressed files.
 _SHA256 = {
@@ -40,12 +42,16 @@ class MNIST(NamedTuple):
 def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     """An IDX file's uint8 array: magic 0x0000 08 <ndim>, big-endian uint32 sizes, then the data."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or data[3] < 1:
-        raise ValueError(f"{name} is not an IDX file of unsigned bytes: its magic number is {data[:4].hex() or 'missing'}, expected 0000080N.")
+        raise ValueError(
+            f"{name} is not an IDX file of unsigned bytes: its magic number is {data[:4].hex() or 'missing'}, expected 0000080N."
+        )
     ndim = data[3]
     header = 4 + 4 * ndim
     shape = tuple(int(s) for s in np.frombuffer(data[4:header], ">u4"))
     if len(shape) != ndim or len(data) != header + int(np.prod(shape)):
-        raise ValueError(f"{name}: the IDX header announces shape {shape} but the file holds {len(data) - header} data bytes.")
+        raise ValueError(
+            f"{name}: the IDX header announces shape {shape} but the file holds {len(data) - header} data bytes."
+        )
     return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
 
@@ -58,7 +64,9 @@ def _read(loader: str, folders: list[Path], base: str, verify: bool) -> np.ndarr
         except (OSError, EOFError) as error:
             raise ValueError(f"{loader}: {str(path)!r} is not a valid gzip file ({error}). {_SOURCE}") from None
     if verify:
-        _source.check_digest(loader, path, _SHA256[base], _source.sha256_bytes(raw), "sha256 of the decompressed IDX data", _SOURCE)
+        _source.check_digest(
+            loader, path, _SHA256[base], _source.sha256_bytes(raw), "sha256 of the decompressed IDX data", _SOURCE
+        )
     return parse_idx(raw, repr(str(path)))
 
 

@@ -21,8 +21,10 @@ import numpy as np
 from .. import _validate
 from . import _args, _cache, _source
 
-_SOURCE = ("Download images_background.zip and images_evaluation.zip from "
-           "https://github.com/brendenlake/omniglot (folder python/) into <root>/omniglot.")
+_SOURCE = (
+    "Download images_background.zip and images_evaluation.zip from "
+    "https://github.com/brendenlake/omniglot (folder python/) into <root>/omniglot."
+)
 _PARTS = ("images_background", "images_evaluation")
 # (alphabets, characters, images) of each part of the official release.
 _COUNTS = {"images_background": (30, 964, 19280), "images_evaluation": (20, 659, 13180)}
@@ -34,7 +36,10 @@ _CONTENT_SHA256 = {
     "images_evaluation": "afef37ece44e0f352bffd5c3d717cb4addf5c7bb77a729e3764d7c37711c1359",
 }
 # md5 of the official zips of github.com/brendenlake/omniglot (as published with torchvision's Omniglot).
-_RELEASE_MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718", "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
+_RELEASE_MD5 = {
+    "images_background": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
+}
 _CACHE_VERSION = 1
 N_CLASSES = 1623
 N_BACKGROUND = 964
@@ -88,7 +93,10 @@ def _members(loader: str, source: Path, part: str) -> list[tuple[str, bytes]]:
             raise _damaged(loader, source, part, error) from None
     else:
         members = [(p.relative_to(source.parent).as_posix(), p.read_bytes()) for p in sorted(source.rglob("*.png"))]
-    good = sorted(((n, b) for n, b in members if len(n.split("/")) == 4 and n.split("/")[0] == part), key=lambda m: m[0].split("/"))
+    good = sorted(
+        ((n, b) for n, b in members if len(n.split("/")) == 4 and n.split("/")[0] == part),
+        key=lambda m: m[0].split("/"),
+    )
     if not good:
         raise ValueError(
             f"{loader}: {str(source)!r} holds no images laid out as {part}/<alphabet>/<character>/<image>.png. {_SOURCE}"
@@ -106,10 +114,15 @@ def _decode(loader: str, source: Path, members: list[tuple[str, bytes]], size: i
             with image_module.open(io.BytesIO(data)) as image:
                 ink = 255 - np.asarray(image.convert("L"))
         except OSError as error:  # PIL.UnidentifiedImageError included
-            raise ValueError(f"{loader}: cannot decode the image {name!r} of {str(source)!r} ({error}); it is damaged. "
-                             f"{_SOURCE}") from None
+            raise ValueError(
+                f"{loader}: cannot decode the image {name!r} of {str(source)!r} ({error}); it is damaged. {_SOURCE}"
+            ) from None
         digest.update(name.encode() + b"\0" + np.asarray(ink.shape, ">u4").tobytes() + np.packbits(ink > 127).tobytes())
-        small = image_module.fromarray(ink) if ink.shape == (size, size) else image_module.fromarray(ink).resize((size, size), image_module.Resampling.LANCZOS)
+        small = (
+            image_module.fromarray(ink)
+            if ink.shape == (size, size)
+            else image_module.fromarray(ink).resize((size, size), image_module.Resampling.LANCZOS)
+        )
         out[i] = np.asarray(small)
     return out, digest.hexdigest()
 
@@ -147,12 +160,20 @@ def _part(loader: str, root: Path, part: str, size: int, verify: bool, cache: bo
         if cache:
             _cache.save(name, arrays)
     if verify:
-        _source.check_digest(loader, source, _CONTENT_SHA256[part], str(arrays["content_sha256"]),
-                             "sha256 of the decoded images", _SOURCE)
+        _source.check_digest(
+            loader,
+            source,
+            _CONTENT_SHA256[part],
+            str(arrays["content_sha256"]),
+            "sha256 of the decoded images",
+            _SOURCE,
+        )
     return arrays
 
 
-def load_omniglot(root: str | os.PathLike | None = None, *, size: int = 28, verify: bool = True, cache: bool = True) -> Omniglot:
+def load_omniglot(
+    root: str | os.PathLike | None = None, *, size: int = 28, verify: bool = True, cache: bool = True
+) -> Omniglot:
     """All 32,460 Omniglot images with class, alphabet and background/evaluation labels.
 
     Args:
@@ -199,5 +220,4 @@ def omniglot_split(n_train: int = 1200, n_val: int = 0, *, seed: int | None = No
     order = np.arange(N_CLASSES, dtype=np.int64)
     if seed is not None:
         order = np.random.default_rng(_args.seed("omniglot_split(seed)", seed)).permutation(order)
-    return ClassSplit(order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:])
-
+    return ClassSplit(order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :])

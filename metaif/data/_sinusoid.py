@@ -36,8 +36,17 @@ def sinusoid_parameters(n_tasks: int, seed: int, *, amplitude=(0.1, 5.0), phase=
     return _parameters(_streams(seed, "sinusoid_parameters")[0], n_tasks, amplitude, phase, "sinusoid_parameters")
 
 
-def sinusoid_tasks(n_tasks: int, shots: int, queries: int, seed: int, *, amplitude=(0.1, 5.0), phase=(0.0, np.pi),
-                   x_range=(-5.0, 5.0), dtype=np.float32) -> TaskSet:
+def sinusoid_tasks(
+    n_tasks: int,
+    shots: int,
+    queries: int,
+    seed: int,
+    *,
+    amplitude=(0.1, 5.0),
+    phase=(0.0, np.pi),
+    x_range=(-5.0, 5.0),
+    dtype=np.float32,
+) -> TaskSet:
     """n_tasks sinusoid regression tasks: A ~ U(amplitude), φ ~ U(phase), x ~ U(x_range), y = A·sin(x − φ).
 
     Defaults are MAML's (A ∈ [0.1, 5], φ ∈ [0, π], x ∈ [−5, 5], noiseless). Returns a TaskSet with

@@ -18,8 +18,9 @@ from .. import _validate
 ENV = "METAIF_DATA"
 
 
-def data_root(loader: str, root, *, name: str = "root", unset: str = "root is None",
-              how: str = "pass root='/path/to/data'") -> Path:
+def data_root(
+    loader: str, root, *, name: str = "root", unset: str = "root is None", how: str = "pass root='/path/to/data'"
+) -> Path:
     """The data root: `root`, else $METAIF_DATA; must be an existing folder. `name`, `unset` and
     `how` word the errors (the command says `[data] root` where the API says `root=`)."""
     if root is None:
@@ -33,11 +34,15 @@ def data_root(loader: str, root, *, name: str = "root", unset: str = "root is No
     else:
         origin = name
     if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"{loader}: root must be a path (str or os.PathLike) or None; received {_validate.describe(root)}.")
+        raise TypeError(
+            f"{loader}: root must be a path (str or os.PathLike) or None; received {_validate.describe(root)}."
+        )
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"{loader}: the data root {str(path)!r} (from {origin}) is not an existing folder; "
-                                f"{how} or set {ENV} to the folder that holds the dataset.")
+        raise FileNotFoundError(
+            f"{loader}: the data root {str(path)!r} (from {origin}) is not an existing folder; "
+            f"{how} or set {ENV} to the folder that holds the dataset."
+        )
     return path
 
 

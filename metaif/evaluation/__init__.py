@@ -37,7 +37,25 @@ from .metrics import Agreement as Agreement
 from .metrics import noise_ceiling as noise_ceiling
 
 __all__ = [
-    "Agreement", "Edited", "Reach", "Retrained", "Scores", "baselines", "edit", "lds", "leave_one_out", "metrics", "noise_ceiling",
-    "remaining_weights", "removal_reach", "removal_weights", "retrain", "retrain_cold", "subset_masks", "subset_predictions",
-    "subset_weights", "target_values", "unlearn",
+    "Agreement",
+    "Edited",
+    "Reach",
+    "Retrained",
+    "Scores",
+    "baselines",
+    "edit",
+    "lds",
+    "leave_one_out",
+    "metrics",
+    "noise_ceiling",
+    "remaining_weights",
+    "removal_reach",
+    "removal_weights",
+    "retrain",
+    "retrain_cold",
+    "subset_masks",
+    "subset_predictions",
+    "subset_weights",
+    "target_values",
+    "unlearn",
 ]

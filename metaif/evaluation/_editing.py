@@ -36,8 +36,10 @@ class Edited(NamedTuple):
 def _amounts(removed: Any, shapes: Mapping[str, tuple[int, ...]], dtype) -> dict[str, jax.Array]:
     """Validated removal amounts per level (levels not in `removed`: zeros of the level's shape)."""
     if not isinstance(removed, Mapping) or not removed or not set(removed) <= set(LEVELS):
-        raise TypeError("removed must be a non-empty mapping from 'tasks', 'support' or 'query' to masks shaped [n], "
-                        f"[n, m] or [n, q]; received {_validate.describe(removed)}.")
+        raise TypeError(
+            "removed must be a non-empty mapping from 'tasks', 'support' or 'query' to masks shaped [n], "
+            f"[n, m] or [n, q]; received {_validate.describe(removed)}."
+        )
     out = {}
     for level, shape in shapes.items():
         if level not in removed:
@@ -45,9 +47,13 @@ def _amounts(removed: Any, shapes: Mapping[str, tuple[int, ...]], dtype) -> dict
             continue
         value = np.asarray(removed[level])
         if value.shape != shape or not (value.dtype == np.bool_ or np.issubdtype(value.dtype, np.floating)):
-            raise ValueError(f"removed[{level!r}] must be a bool or float array of shape {shape}; received {_validate.describe(value)}.")
+            raise ValueError(
+                f"removed[{level!r}] must be a bool or float array of shape {shape}; received {_validate.describe(value)}."
+            )
         if not np.all(np.isfinite(value)):
-            raise ValueError(f"removed[{level!r}] must be finite; received {_validate.describe(value)} with NaN or inf.")
+            raise ValueError(
+                f"removed[{level!r}] must be finite; received {_validate.describe(value)} with NaN or inf."
+            )
         out[level] = jnp.asarray(value, dtype)
     return out
 
@@ -72,8 +78,10 @@ def _reduced_grad_norm(problem, meta_params, tasks, weights, proximal, center):
 def _influence_shapes(influence_params: Any, meta_params: PyTree) -> dict[str, tuple[int, ...]]:
     """The leading (per-datum) shape of each level's I_λ pytree, validated against meta_params."""
     if not all(hasattr(influence_params, level) for level in LEVELS):
-        raise TypeError("influence_params must be a metaif.Influence of I_λ pytrees (metaif.influence without a target); "
-                        f"received {_validate.describe(influence_params)}.")
+        raise TypeError(
+            "influence_params must be a metaif.Influence of I_λ pytrees (metaif.influence without a target); "
+            f"received {_validate.describe(influence_params)}."
+        )
     structure, likes = jax.tree.structure(meta_params), jax.tree.leaves(meta_params)
     shapes = {}
     for level in LEVELS:
@@ -81,21 +89,36 @@ def _influence_shapes(influence_params: Any, meta_params: PyTree) -> dict[str, t
         if scores is None:
             continue
         if jax.tree.structure(scores) != structure:
-            raise ValueError(f"influence_params.{level} must be a pytree like meta_params with leading per-datum axes "
-                             f"(I_λ, no target); received {_validate.describe(scores)}.")
-        leading = {leaf.shape[:leaf.ndim - like.ndim] for leaf, like in zip(jax.tree.leaves(scores), likes)
-                   if leaf.shape[leaf.ndim - like.ndim:] == like.shape}
+            raise ValueError(
+                f"influence_params.{level} must be a pytree like meta_params with leading per-datum axes "
+                f"(I_λ, no target); received {_validate.describe(scores)}."
+            )
+        leading = {
+            leaf.shape[: leaf.ndim - like.ndim]
+            for leaf, like in zip(jax.tree.leaves(scores), likes)
+            if leaf.shape[leaf.ndim - like.ndim :] == like.shape
+        }
         if len(leading) != 1 or len(next(iter(leading))) != (1 if level == "tasks" else 2):
-            raise ValueError(f"influence_params.{level} leaves must have shapes [n{'' if level == 'tasks' else ', k'}, "
-                             f"*meta_params leaf shape]; received {[l.shape for l in jax.tree.leaves(scores)]}.")
+            raise ValueError(
+                f"influence_params.{level} leaves must have shapes [n{'' if level == 'tasks' else ', k'}, "
+                f"*meta_params leaf shape]; received {[l.shape for l in jax.tree.leaves(scores)]}."
+            )
         shapes[level] = next(iter(leading))
     if not shapes:
         raise ValueError("influence_params holds no level (tasks, support and query are all None).")
     return shapes
 
 
-def edit(meta_params: PyTree, influence_params: Any, removed: Mapping[str, Any], *, problem: BilevelProblem | None = None,
-         tasks: TaskSet | None = None, steps: int = 0, proximal: float = 0.0) -> Edited:
+def edit(
+    meta_params: PyTree,
+    influence_params: Any,
+    removed: Mapping[str, Any],
+    *,
+    problem: BilevelProblem | None = None,
+    tasks: TaskSet | None = None,
+    steps: int = 0,
+    proximal: float = 0.0,
+) -> Edited:
     """First-order removal without retraining: λ_edit = λ* − Σ_{ω removed} amount(ω) · I_λ(ω).
 
     Args:
@@ -118,19 +141,25 @@ def edit(meta_params: PyTree, influence_params: Any, removed: Mapping[str, Any],
         raise ValueError(f"steps must be an int >= 0; received {_validate.describe(steps)}.")
     proximal = _validate.non_negative("proximal", proximal)
     if (problem is None) != (tasks is None) or (steps > 0 and problem is None):
-        raise ValueError("problem and tasks must be given together (and are required when steps > 0); received "
-                         f"problem={_validate.describe(problem)}, tasks={_validate.describe(tasks)}.")
+        raise ValueError(
+            "problem and tasks must be given together (and are required when steps > 0); received "
+            f"problem={_validate.describe(problem)}, tasks={_validate.describe(tasks)}."
+        )
     if tasks is not None:
         meta_params = check_arguments(problem, meta_params, tasks)
         for level, shape in shapes.items():
             if shape != _task_shapes(tasks)[level]:
-                raise ValueError(f"influence_params.{level} has per-datum shape {shape} but tasks have {_task_shapes(tasks)[level]}.")
+                raise ValueError(
+                    f"influence_params.{level} has per-datum shape {shape} but tasks have {_task_shapes(tasks)[level]}."
+                )
     dtype = _tree.float_dtype(meta_params)
     amounts = _amounts(removed, shapes, dtype)
     for level in removed:
         if level not in shapes:
-            raise ValueError(f"removed[{level!r}] removes data but influence_params.{level} is None: compute it with "
-                             "metaif.influence(problem, meta_params, tasks) (no target).")
+            raise ValueError(
+                f"removed[{level!r}] removes data but influence_params.{level} is None: compute it with "
+                "metaif.influence(problem, meta_params, tasks) (no target)."
+            )
     edited = meta_params
     for level, mask in amounts.items():  # at most three static levels, not a loop over data
         scores = getattr(influence_params, level)
@@ -139,10 +168,20 @@ def edit(meta_params: PyTree, influence_params: Any, removed: Mapping[str, Any],
         return Edited(edited, None)
     weights = remaining_weights(tasks, removed, dtype)
     if steps > 0:
-        result = retrain(problem, edited, tasks, Weights(*(w[None] for w in weights)), steps=int(steps), chunk_size=None,
-                         proximal=proximal, center=meta_params)
+        result = retrain(
+            problem,
+            edited,
+            tasks,
+            Weights(*(w[None] for w in weights)),
+            steps=int(steps),
+            chunk_size=None,
+            proximal=proximal,
+            center=meta_params,
+        )
         return Edited(jax.tree.map(lambda x: x[0], result.meta_params), result.grad_norm[0])
-    return Edited(edited, _reduced_grad_norm(problem, edited, tasks, weights, jnp.asarray(proximal, dtype), meta_params))
+    return Edited(
+        edited, _reduced_grad_norm(problem, edited, tasks, weights, jnp.asarray(proximal, dtype), meta_params)
+    )
 
 
 class Reach(NamedTuple):
@@ -165,8 +204,9 @@ class Reach(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
 def _reach(problem, chunk_size, meta_params, tasks, weights, damping):
-    dense = lambda w: _linalg.dense_matrix(_hessian.operator(problem, meta_params, tasks, w, chunk_size=chunk_size)[2].hvp,
-                                           meta_params)
+    dense = lambda w: _linalg.dense_matrix(
+        _hessian.operator(problem, meta_params, tasks, w, chunk_size=chunk_size)[2].hvp, meta_params
+    )
     full, reduced = dense(unit_weights(meta_params, tasks)), dense(weights)
     eye = jnp.eye(full.shape[0], dtype=full.dtype)
     factor = _linalg.eigh(full + damping * eye)
@@ -180,8 +220,15 @@ def _reach(problem, chunk_size, meta_params, tasks, weights, damping):
 
 
 @renamed(batch_size="chunk_size")
-def removal_reach(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, removed: Mapping[str, Any], *,
-                  damping: float = 0.0, chunk_size: int | None = None) -> Reach:
+def removal_reach(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    removed: Mapping[str, Any],
+    *,
+    damping: float = 0.0,
+    chunk_size: int | None = None,
+) -> Reach:
     """How much of a removal local predictions can follow: t* = 1 / λ_max((H + δI)⁻¹ H_removed).
 
     Removing an amount t of the data in `removed` leaves the Hessian H(λ*; 1 − t·removed) =
@@ -205,11 +252,15 @@ def removal_reach(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
     meta_params = check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
     if isinstance(removed, Mapping) and "support" in removed:
-        raise ValueError("removed['support'] is not supported by removal_reach: support weights enter the inner adaptation "
-                         "nonlinearly, so the reduced Hessian is not linear in the removed amount. Pass 'tasks' and/or 'query'.")
+        raise ValueError(
+            "removed['support'] is not supported by removal_reach: support weights enter the inner adaptation "
+            "nonlinearly, so the reduced Hessian is not linear in the removed amount. Pass 'tasks' and/or 'query'."
+        )
     d = _tree.size(meta_params)
     if d > DENSE_LIMIT:
-        raise ValueError(f"removal_reach forms dense d×d Hessians, so d must be <= {DENSE_LIMIT}; meta_params has d = {d}.")
+        raise ValueError(
+            f"removal_reach forms dense d×d Hessians, so d must be <= {DENSE_LIMIT}; meta_params has d = {d}."
+        )
     damping = _validate.non_negative("damping", damping)
     if chunk_size is not None:
         chunk_size = _validate.positive_int("chunk_size", chunk_size)
@@ -231,8 +282,14 @@ def _ascent(problem, steps, lr, meta_params, tasks, weights):
     return lam, _tree.norm(jax.grad(objective, argnums=1)(problem, lam, tasks, weights))
 
 
-def unlearn(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, removed: Mapping[str, Any], steps: int = 5,
-            lr: float = 0.1) -> Edited:
+def unlearn(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    removed: Mapping[str, Any],
+    steps: int = 5,
+    lr: float = 0.1,
+) -> Edited:
     """Gradient-ascent unlearning baseline: `steps` steps λ ← λ + lr ∇D(λ) on the removed data's
     share of the objective, D(λ) = F(λ; 1) − F(λ; 1 − removed) (for removed tasks and query
     examples, their weighted loss; for support examples, the change they cause through adaptation).

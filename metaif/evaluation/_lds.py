@@ -31,8 +31,9 @@ def subset_masks(shape: tuple[int, ...], fraction: float = 0.5, count: int = 32,
     fraction = _validate.positive("fraction", fraction)
     kept = int(round(fraction * size))
     if not 1 <= kept <= size - 1:
-        raise ValueError(f"fraction must keep between 1 and {size - 1} of the {size} data; received {fraction!r} "
-                         f"(keeps {kept}).")
+        raise ValueError(
+            f"fraction must keep between 1 and {size - 1} of the {size} data; received {fraction!r} (keeps {kept})."
+        )
     rng = np.random.default_rng(seed)
     keys = rng.random((count, size))
     order = np.argsort(keys, axis=1)
@@ -41,8 +42,9 @@ def subset_masks(shape: tuple[int, ...], fraction: float = 0.5, count: int = 32,
     return masks.reshape((count, *shape))
 
 
-def subset_weights(n: int, m: int, q: int, level: Level, fraction: float = 0.5, count: int = 32, seed: int = 0,
-                   dtype=jnp.float64) -> tuple[Weights, np.ndarray]:
+def subset_weights(
+    n: int, m: int, q: int, level: Level, fraction: float = 0.5, count: int = 32, seed: int = 0, dtype=jnp.float64
+) -> tuple[Weights, np.ndarray]:
     """Random-subset weights for LDS at one level.
 
     Returns (`Weights` with leaves [count, n], [count, n, m], [count, n, q] where the level's
@@ -61,8 +63,10 @@ def subset_predictions(scores: Any, masks: Any, value: float = 0.0) -> np.ndarra
     s = np.asarray(scores, dtype=np.float64)
     kept = np.asarray(masks)
     if kept.dtype != np.bool_ or kept.shape[1:] != s.shape or kept.ndim != s.ndim + 1:
-        raise ValueError(f"masks must be boolean [count, *scores.shape] = [count, {', '.join(map(str, s.shape))}]; "
-                         f"received {_validate.describe(kept)}.")
+        raise ValueError(
+            f"masks must be boolean [count, *scores.shape] = [count, {', '.join(map(str, s.shape))}]; "
+            f"received {_validate.describe(kept)}."
+        )
     removed = (~kept).reshape(kept.shape[0], -1)
     return value - removed.astype(np.float64) @ s.ravel()
 
@@ -74,5 +78,7 @@ def lds(predicted_scores: Any, masks: Any, retrained_values: Any) -> float:
     predicted = subset_predictions(predicted_scores, masks)
     actual = np.asarray(retrained_values, dtype=np.float64)
     if actual.shape != predicted.shape:
-        raise ValueError(f"retrained_values must have shape [count] = {predicted.shape}, one per mask; received {_validate.describe(actual)}.")
+        raise ValueError(
+            f"retrained_values must have shape [count] = {predicted.shape}, one per mask; received {_validate.describe(actual)}."
+        )
     return metrics.spearman(predicted, actual)

@@ -64,11 +64,15 @@ def removal_weights(n: int, m: int, q: int, level: Level, indices, dtype=jnp.flo
     ok_shape = indices.ndim == 1 if level == "tasks" else (indices.ndim == 2 and indices.shape[1] == 2)
     if not ok_shape or not np.issubdtype(indices.dtype, np.integer):
         layout = "[B] task indices" if level == "tasks" else "[B, 2] (task, example) index pairs"
-        raise ValueError(f"indices for level {level!r} must be integer {layout}; received {_validate.describe(indices)}.")
+        raise ValueError(
+            f"indices for level {level!r} must be integer {layout}; received {_validate.describe(indices)}."
+        )
     columns = indices.reshape(indices.shape[0], -1)
     if np.any(columns < 0) or np.any(columns >= np.asarray(shape)):
-        raise ValueError(f"indices for level {level!r} must lie in [0, {shape}) per column; received values in "
-                         f"[{columns.min()}, {columns.max()}].")
+        raise ValueError(
+            f"indices for level {level!r} must lie in [0, {shape}) per column; received values in "
+            f"[{columns.min()}, {columns.max()}]."
+        )
     ones = Weights.ones(n, m, q, dtype)
     batch = indices.shape[0]
     tiled = Weights(*(jnp.broadcast_to(w, (batch, *w.shape)) for w in ones))
@@ -84,15 +88,19 @@ def check_batched_weights(weights: Any, tasks: TaskSet, name: str = "weights") -
     """Validate a `Weights` whose leaves have a common leading batch axis B; returns B."""
     n, m, q = tasks.n_tasks, tasks.n_support, tasks.n_query
     if not isinstance(weights, Weights):
-        raise TypeError(f"{name} must be a metaif.Weights(tasks [B, n], support [B, n, m], query [B, n, q]); "
-                        f"received {_validate.describe(weights)}.")
+        raise TypeError(
+            f"{name} must be a metaif.Weights(tasks [B, n], support [B, n, m], query [B, n, q]); "
+            f"received {_validate.describe(weights)}."
+        )
     batch = np.shape(weights.tasks)[:1]
     for field, tail in zip(Weights._fields, ((n,), (n, m), (n, q))):
         shape = np.shape(getattr(weights, field))
         if len(batch) != 1 or shape != batch + tail:
-            raise ValueError(f"{name}.{field} must have shape [B, {', '.join(map(str, tail))}] with one batch size B "
-                             f"for all three fields; received shapes {[np.shape(w) for w in weights]} "
-                             "(use metaif.evaluation.removal_weights or subset_weights).")
+            raise ValueError(
+                f"{name}.{field} must have shape [B, {', '.join(map(str, tail))}] with one batch size B "
+                f"for all three fields; received shapes {[np.shape(w) for w in weights]} "
+                "(use metaif.evaluation.removal_weights or subset_weights)."
+            )
     return batch[0]
 
 
@@ -121,9 +129,19 @@ def _chunk_size(value, weights: Weights, repeats: int = 1):
 
 
 @renamed(damping="shift", batch_size="chunk_size")
-def retrain(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weights: Weights, steps: int = 50,
-            shift: float = 0.0, chunk_size: int | None = 8, *, proximal: float = 0.0, center: PyTree | None = None,
-            tol: float = 1e-10) -> Retrained:
+def retrain(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    weights: Weights,
+    steps: int = 50,
+    shift: float = 0.0,
+    chunk_size: int | None = 8,
+    *,
+    proximal: float = 0.0,
+    center: PyTree | None = None,
+    tol: float = 1e-10,
+) -> Retrained:
     """Re-solve the objective for each weight setting in `weights` (leaves [B, n], [B, n, m],
     [B, n, q]), warm-started at meta_params, by trust-region Newton steps until the gradient
     norm is <= tol or `steps` steps are spent.
@@ -158,16 +176,19 @@ def retrain(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, weight
         _validate.finite_tree("center", center)
         _check_like("center", center, meta_params)
     weights = Weights(*(jnp.asarray(w, _tree.float_dtype(meta_params)) for w in weights))
-    return _retrain(problem, steps, shift, proximal, tol, _chunk_size(chunk_size, weights), meta_params, center, tasks,
-                    weights)
+    return _retrain(
+        problem, steps, shift, proximal, tol, _chunk_size(chunk_size, weights), meta_params, center, tasks, weights
+    )
 
 
 def _check_like(name: str, value: PyTree, like: PyTree) -> None:
     """A ValueError unless `value` has the structure and leaf shapes of `like` (meta_params)."""
     shapes = lambda t: jax.tree.map(np.shape, t)
     if jax.tree.structure(value) != jax.tree.structure(like) or shapes(value) != shapes(like):
-        raise ValueError(f"{name} must be a pytree like meta_params (structure and shapes {shapes(like)}); "
-                         f"received {_validate.describe(value)} with shapes {shapes(value)}.")
+        raise ValueError(
+            f"{name} must be a pytree like meta_params (structure and shapes {shapes(like)}); "
+            f"received {_validate.describe(value)} with shapes {shapes(value)}."
+        )
 
 
 # ----------------------------------------------------------------------------- cold start
@@ -181,7 +202,9 @@ def _adam(problem, optimizer, steps, minibatch, params, key, tasks, weights):
 
 
 @functools.partial(jax.jit, static_argnames=("init", "optimizer", "steps", "newton_steps", "minibatch", "chunk_size"))
-def _retrain_cold(problem, init, optimizer, steps, newton_steps, tol, minibatch, chunk_size, start, seeds, tasks, weights):
+def _retrain_cold(
+    problem, init, optimizer, steps, newton_steps, tol, minibatch, chunk_size, start, seeds, tasks, weights
+):
     def one(pair):
         seed, w = pair
         init_key, order_key = jax.random.split(jax.random.key(seed))
@@ -198,10 +221,20 @@ def _retrain_cold(problem, init, optimizer, steps, newton_steps, tol, minibatch,
 
 
 @renamed(batch_size="chunk_size", task_batch="minibatch")
-def retrain_cold(problem: BilevelProblem, init: Callable[[jax.Array], PyTree] | PyTree, tasks: TaskSet, weights: Weights,
-                 seeds=(0, 1), optimizer: optax.GradientTransformation | None = None, steps: int = 500,
-                 newton_steps: int = 30, minibatch: int | None = None, chunk_size: int | None = 8, *,
-                 tol: float = 1e-10) -> Retrained:
+def retrain_cold(
+    problem: BilevelProblem,
+    init: Callable[[jax.Array], PyTree] | PyTree,
+    tasks: TaskSet,
+    weights: Weights,
+    seeds=(0, 1),
+    optimizer: optax.GradientTransformation | None = None,
+    steps: int = 500,
+    newton_steps: int = 30,
+    minibatch: int | None = None,
+    chunk_size: int | None = 8,
+    *,
+    tol: float = 1e-10,
+) -> Retrained:
     """Retrain from scratch for every weight setting and seed: `steps` optimiser steps from a fresh
     initialisation, then up to `newton_steps` trust-region Newton steps (until ‖∇F‖ <= tol), all
     in one jitted call.
@@ -227,18 +260,36 @@ def retrain_cold(problem: BilevelProblem, init: Callable[[jax.Array], PyTree] | 
         raise ValueError(f"seeds must be a non-empty sequence of ints; received {_validate.describe(seeds)}.")
     optimizer = optax.adam(1e-2) if optimizer is None else optimizer
     if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(f"optimizer must be an optax.GradientTransformation, e.g. optax.adam(1e-2); received {_validate.describe(optimizer)}.")
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation, e.g. optax.adam(1e-2); received {_validate.describe(optimizer)}."
+        )
     start = init(jax.random.split(jax.random.key(int(seeds[0])))[0]) if callable(init) else init
     start = check_arguments(problem, start, tasks)
     _validate.finite_tree("init", start)
     check_batched_weights(weights, tasks)
     n = tasks.n_tasks
-    if minibatch is not None and (isinstance(minibatch, bool) or not isinstance(minibatch, int) or not 1 <= minibatch <= n):
-        raise ValueError(f"minibatch must be None or an int in [1, n_tasks={n}]; received {_validate.describe(minibatch)}.")
+    if minibatch is not None and (
+        isinstance(minibatch, bool) or not isinstance(minibatch, int) or not 1 <= minibatch <= n
+    ):
+        raise ValueError(
+            f"minibatch must be None or an int in [1, n_tasks={n}]; received {_validate.describe(minibatch)}."
+        )
     weights = Weights(*(jnp.asarray(w, _tree.float_dtype(start)) for w in weights))
     fn = init if callable(init) else None
-    return _retrain_cold(problem, fn, optimizer, steps, newton_steps, tol, minibatch, _chunk_size(chunk_size, weights, seeds.size),
-                         None if callable(init) else start, jnp.asarray(seeds), tasks, weights)
+    return _retrain_cold(
+        problem,
+        fn,
+        optimizer,
+        steps,
+        newton_steps,
+        tol,
+        minibatch,
+        _chunk_size(chunk_size, weights, seeds.size),
+        None if callable(init) else start,
+        jnp.asarray(seeds),
+        tasks,
+        weights,
+    )
 
 
 # ----------------------------------------------------------------------------- targets and LOO
@@ -267,9 +318,19 @@ def all_indices(level: str, n: int, m: int, q: int) -> np.ndarray:
 
 
 @renamed(batch_size="chunk_size")
-def leave_one_out(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, level: Level, indices,
-                  target: Callable[[PyTree], jax.Array], steps: int = 50, chunk_size: int | None = 8, *,
-                  proximal: float = 0.0, tol: float = 1e-10):
+def leave_one_out(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    level: Level,
+    indices,
+    target: Callable[[PyTree], jax.Array],
+    steps: int = 50,
+    chunk_size: int | None = 8,
+    *,
+    proximal: float = 0.0,
+    tol: float = 1e-10,
+):
     """Actual change of `target` when each datum in `indices` is removed and F is re-solved.
 
     Args:
@@ -285,7 +346,9 @@ def leave_one_out(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, 
     full = indices is None
     indices = all_indices(level, n, m, q) if full else indices
     weights = removal_weights(n, m, q, level, indices, _tree.float_dtype(meta_params))
-    result = retrain(problem, meta_params, tasks, weights, steps=steps, chunk_size=chunk_size, proximal=proximal, tol=tol)
+    result = retrain(
+        problem, meta_params, tasks, weights, steps=steps, chunk_size=chunk_size, proximal=proximal, tol=tol
+    )
     changes = target_values(target, result) - target(meta_params)
     if full:
         shape = level_shape(level, n, m, q)

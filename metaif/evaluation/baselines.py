@@ -58,8 +58,14 @@ def _grad_dot_core(problem, chunk_size, meta_params, tasks, target_grad):
 
 
 @renamed(batch_size="chunk_size")
-def grad_dot(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable[[PyTree], jax.Array], *,
-             chunk_size: int | None = None) -> Scores:
+def grad_dot(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    target: Callable[[PyTree], jax.Array],
+    *,
+    chunk_size: int | None = None,
+) -> Scores:
     """TracIn-style gradient similarity at λ*: score(ω) = −∇f(λ*)ᵀ ∂_ω ∇_λ F(λ*), i.e. influence
     with the Hessian replaced by the identity. No Hessian is formed: one jvp and one grad per task.
 
@@ -68,7 +74,9 @@ def grad_dot(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, targe
       chunk_size: tasks processed at a time (memory bound); None: all at once.
     """
     chunk_size = _check(problem, meta_params, tasks, chunk_size)
-    return Scores(*_grad_dot_core(problem, chunk_size, meta_params, tasks, _boundary.target_gradient(target, meta_params)))
+    return Scores(
+        *_grad_dot_core(problem, chunk_size, meta_params, tasks, _boundary.target_gradient(target, meta_params))
+    )
 
 
 # ----------------------------------------------------------------------------- TRAK
@@ -81,8 +89,9 @@ def trak_projection(meta_params: PyTree, dim: int, seed: int = 0) -> PyTree:
     leaves, treedef = jax.tree.flatten(meta_params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     scale = float(1.0 / np.sqrt(dim))
-    return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, (dim, *jnp.shape(x)), jnp.result_type(x))
-                                        for k, x in zip(keys, leaves)])
+    return jax.tree.unflatten(
+        treedef, [scale * jax.random.normal(k, (dim, *jnp.shape(x)), jnp.result_type(x)) for k, x in zip(keys, leaves)]
+    )
 
 
 def _project(projection, tree):
@@ -104,8 +113,17 @@ def _trak_core(problem, chunk_size, ridge, projection, meta_params, tasks, targe
 
 
 @renamed(damping="ridge", batch_size="chunk_size")
-def trak(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable[[PyTree], jax.Array],
-         dim: int = 32, ridge: float = 1e-3, seed: int = 0, *, chunk_size: int | None = None) -> Scores:
+def trak(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    target: Callable[[PyTree], jax.Array],
+    dim: int = 32,
+    ridge: float = 1e-3,
+    seed: int = 0,
+    *,
+    chunk_size: int | None = None,
+) -> Scores:
     """TRAK-style scores: score(ω) = −φ_fᵀ (ΦᵀΦ + δI)⁻¹ φ_ω, with φ = P·gradient for the random
     Gaussian projection P = `trak_projection(meta_params, dim, seed)`: φ_f = P ∇f(λ*), φ_ω =
     P ∂_ω ∇_λ F(λ*) (per-task and per-example total gradients, exact), and Φ [n, dim] the rows
@@ -118,8 +136,11 @@ def trak(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: C
     chunk_size = _check(problem, meta_params, tasks, chunk_size)
     ridge = _validate.positive("ridge", ridge)
     projection = trak_projection(meta_params, dim, seed)
-    return Scores(*_trak_core(problem, chunk_size, ridge, projection, meta_params, tasks,
-                              _boundary.target_gradient(target, meta_params)))
+    return Scores(
+        *_trak_core(
+            problem, chunk_size, ridge, projection, meta_params, tasks, _boundary.target_gradient(target, meta_params)
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- single level
@@ -143,7 +164,9 @@ class _Pooled(Curvature):
 
     def surrogate(self, problem, meta_params, tasks, weights):
         pooled = jax.vmap(_pooled_task_loss(problem), in_axes=(None, 0, 0, 0, 0))
-        task_sum = lambda lam: jnp.sum(weights.tasks * pooled(lam, tasks.support, tasks.query, weights.support, weights.query))
+        task_sum = lambda lam: jnp.sum(
+            weights.tasks * pooled(lam, tasks.support, tasks.query, weights.support, weights.query)
+        )
         return task_sum, jnp.zeros((), _tree.float_dtype(meta_params))
 
 
@@ -157,8 +180,15 @@ def _single_level_core(problem, solver, chunk_size, meta_params, tasks, target_g
 
 @keyword_only(4, ("solver",))
 @renamed(batch_size="chunk_size")
-def single_level(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable[[PyTree], jax.Array], *,
-                 solver: Solver | None = None, chunk_size: int | None = None) -> Scores:
+def single_level(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    target: Callable[[PyTree], jax.Array],
+    *,
+    solver: Solver | None = None,
+    chunk_size: int | None = None,
+) -> Scores:
     """Classical (Koh & Liang) influence on the flattened problem, ignoring the bilevel structure:
     no adaptation (θ = λ), and one-level ERM over all support and query examples pooled,
 
@@ -174,8 +204,12 @@ def single_level(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, t
     if solver is None:
         solver = default_solver(meta_params)
     elif not isinstance(solver, Solver):
-        raise TypeError(f"solver must be a metaif.solvers.Solver such as metaif.solvers.Dense(); received {_validate.describe(solver)}.")
-    scores, info = _single_level_core(problem, solver, chunk_size, meta_params, tasks, _boundary.target_gradient(target, meta_params))
+        raise TypeError(
+            f"solver must be a metaif.solvers.Solver such as metaif.solvers.Dense(); received {_validate.describe(solver)}."
+        )
+    scores, info = _single_level_core(
+        problem, solver, chunk_size, meta_params, tasks, _boundary.target_gradient(target, meta_params)
+    )
     return Scores(*scores, info)
 
 
@@ -184,14 +218,29 @@ def single_level(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, t
 
 @keyword_only(4, ("solver",))
 @renamed(batch_size="chunk_size")
-def direct_if(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet, target: Callable[[PyTree], jax.Array], *,
-              solver: Solver | None = None, curvature: Curvature | None = None, chunk_size: int | None = None) -> Scores:
+def direct_if(
+    problem: BilevelProblem,
+    meta_params: PyTree,
+    tasks: TaskSet,
+    target: Callable[[PyTree], jax.Array],
+    *,
+    solver: Solver | None = None,
+    curvature: Curvature | None = None,
+    chunk_size: int | None = None,
+) -> Scores:
     """The paper's Direct-IF: `metaif.influence` on the same problem with `FirstOrder` adaptation
     (dθ/dλ replaced by the identity, "ignores θ(λ)"), for the Hessian and the mixed derivatives."""
     _check(problem, meta_params, tasks, chunk_size)
     adapt = problem.adapt if isinstance(problem.adapt, FirstOrder) else FirstOrder(problem.adapt)
-    result = influence(dataclasses.replace(problem, adapt=adapt), meta_params, tasks, target, solver=solver,
-                       curvature=curvature, chunk_size=chunk_size)
+    result = influence(
+        dataclasses.replace(problem, adapt=adapt),
+        meta_params,
+        tasks,
+        target,
+        solver=solver,
+        curvature=curvature,
+        chunk_size=chunk_size,
+    )
     return Scores(result.tasks, result.support, result.query, result.solve)
 
 

@@ -29,23 +29,28 @@ def _vector(name: str, x: Any) -> np.ndarray:
     if array.size < 2:
         raise ValueError(f"{name} must hold at least 2 values; received {_validate.describe(array)}.")
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} must be finite; received {_validate.describe(array)} with "
-                         f"{int(array.size - np.count_nonzero(np.isfinite(array)))} NaN or inf value(s).")
+        raise ValueError(
+            f"{name} must be finite; received {_validate.describe(array)} with "
+            f"{int(array.size - np.count_nonzero(np.isfinite(array)))} NaN or inf value(s)."
+        )
     return array.ravel()
 
 
 def _pair(x: Any, y: Any, names=("x", "y")) -> tuple[np.ndarray, np.ndarray]:
     a, b = _vector(names[0], x), _vector(names[1], y)
     if a.shape != b.shape:
-        raise ValueError(f"{names[0]} and {names[1]} must hold the same number of values; received "
-                         f"{np.shape(x)} and {np.shape(y)}.")
+        raise ValueError(
+            f"{names[0]} and {names[1]} must hold the same number of values; received {np.shape(x)} and {np.shape(y)}."
+        )
     return a, b
 
 
 def _mask(name: str, mask: Any, size: int) -> np.ndarray:
     array = np.asarray(mask)
     if array.dtype != np.bool_ or array.size != size:
-        raise ValueError(f"{name} must be a boolean array with one entry per score ({size}); received {_validate.describe(array)}.")
+        raise ValueError(
+            f"{name} must be a boolean array with one entry per score ({size}); received {_validate.describe(array)}."
+        )
     return array.ravel()
 
 
@@ -87,7 +92,9 @@ def roc_auc(scores: Any, mask: Any) -> float:
     positives = int(flagged.sum())
     negatives = s.size - positives
     if positives == 0 or negatives == 0:
-        raise ValueError(f"mask must flag at least one datum and leave at least one unflagged; received {positives} of {s.size} flagged.")
+        raise ValueError(
+            f"mask must flag at least one datum and leave at least one unflagged; received {positives} of {s.size} flagged."
+        )
     rank_sum = ranks(s)[flagged].sum()
     return float((rank_sum - positives * (positives + 1) / 2) / (positives * negatives))
 
@@ -141,8 +148,12 @@ def noise_ceiling(values: Any) -> Agreement:
     """
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 2 or array.shape[0] < 2 or array.shape[1] < 2:
-        raise ValueError(f"values must have shape [S, B] with S >= 2 retrainings of B >= 2 settings; received {_validate.describe(array)}.")
+        raise ValueError(
+            f"values must have shape [S, B] with S >= 2 retrainings of B >= 2 settings; received {_validate.describe(array)}."
+        )
     _vector("values", array)
     pairs = [(i, j) for i in range(array.shape[0]) for j in range(i + 1, array.shape[0])]
-    return Agreement(float(np.mean([pearson(array[i], array[j]) for i, j in pairs])),
-                     float(np.mean([spearman(array[i], array[j]) for i, j in pairs])))
+    return Agreement(
+        float(np.mean([pearson(array[i], array[j]) for i, j in pairs])),
+        float(np.mean([spearman(array[i], array[j]) for i, j in pairs])),
+    )

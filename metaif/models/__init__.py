@@ -46,6 +46,13 @@ from ._pure import PureModel as PureModel
 from ._pure import from_nnx as from_nnx
 
 __all__ = [
-    "Conv4", "ExampleLoss", "GroupNorm", "MLP", "Predict", "PureModel", "from_nnx", "softmax_cross_entropy",
+    "Conv4",
+    "ExampleLoss",
+    "GroupNorm",
+    "MLP",
+    "Predict",
+    "PureModel",
+    "from_nnx",
+    "softmax_cross_entropy",
     "squared_error",
 ]

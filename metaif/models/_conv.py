@@ -31,7 +31,9 @@ class GroupNorm(nnx.Module):
         features = _validate.positive_int("GroupNorm.features", features)
         groups = _validate.positive_int("GroupNorm.groups", groups)
         if features % groups:
-            raise ValueError(f"GroupNorm.groups must divide the number of channels {features}; received groups={groups}.")
+            raise ValueError(
+                f"GroupNorm.groups must divide the number of channels {features}; received groups={groups}."
+            )
         self.groups = groups
         self.epsilon = _validate.positive("GroupNorm.epsilon", epsilon)
         self.dtype = jnp.dtype(param_dtype if dtype is None else dtype)
@@ -75,11 +77,21 @@ class Conv4(nnx.Module):
     Call: x [..., H, W, C] (or [..., H, W] when C = 1) with any batch axes -> logits [..., ways].
     """
 
-    def __init__(self, image_shape: Sequence[int], ways: int, *, filters: int = 64, blocks: int = 4,
-                 norm: Literal["layer", "group"] | None = None, groups: int = 4,
-                 pool_padding: Literal["VALID", "SAME"] = "VALID",
-                 activation: Callable[[jax.Array], jax.Array] = jax.nn.relu, param_dtype=jnp.float32, dtype=None,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        ways: int,
+        *,
+        filters: int = 64,
+        blocks: int = 4,
+        norm: Literal["layer", "group"] | None = None,
+        groups: int = 4,
+        pool_padding: Literal["VALID", "SAME"] = "VALID",
+        activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
+        param_dtype=jnp.float32,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
         shape = _inputs.example_shape("Conv4.image_shape", image_shape)
         if len(shape) not in (2, 3):
             raise ValueError(f"Conv4.image_shape must be (H, W) or (H, W, C); received {image_shape!r}.")
@@ -88,7 +100,9 @@ class Conv4(nnx.Module):
         filters = _validate.positive_int("Conv4.filters", filters)
         blocks = _validate.positive_int("Conv4.blocks", blocks)
         if norm not in (None, "layer", "group"):
-            raise ValueError(f"Conv4.norm must be None, 'layer' or 'group' (batch norm is not supported: it is stateful); received {norm!r}.")
+            raise ValueError(
+                f"Conv4.norm must be None, 'layer' or 'group' (batch norm is not supported: it is stateful); received {norm!r}."
+            )
         if pool_padding not in ("VALID", "SAME"):
             raise ValueError(f"Conv4.pool_padding must be 'VALID' or 'SAME'; received {pool_padding!r}.")
         _validate.callable_("Conv4.activation", activation, "array -> array (elementwise)")
@@ -107,9 +121,12 @@ class Conv4(nnx.Module):
         if count is not None and filters % count:
             raise ValueError(f"Conv4.groups must divide filters={filters} for norm='group'; received groups={groups}.")
         kw = dict(dtype=self.dtype, param_dtype=param_dtype)
-        self.convs = nnx.List([
-            nnx.Conv(channels if i == 0 else filters, filters, (3, 3), padding="SAME", rngs=rngs, **kw) for i in range(blocks)
-        ])
+        self.convs = nnx.List(
+            [
+                nnx.Conv(channels if i == 0 else filters, filters, (3, 3), padding="SAME", rngs=rngs, **kw)
+                for i in range(blocks)
+            ]
+        )
         self.norms = None if count is None else nnx.List([GroupNorm(filters, count, **kw) for _ in range(blocks)])
         self.head = nnx.Linear(height * width * filters, ways, rngs=rngs, **kw)
 

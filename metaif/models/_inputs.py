@@ -28,7 +28,7 @@ def leading_axes(name: str, x: jax.Array, shape: tuple[int, ...]) -> tuple[int, 
     got = tuple(getattr(x, "shape", ()))
     for candidate in (core + (1,), core):
         k = len(candidate)
-        if len(got) >= k and got[len(got) - k:] == candidate:
+        if len(got) >= k and got[len(got) - k :] == candidate:
             return got[: len(got) - k]
     dims = ", ".join(map(str, core))
     shown = f"[..., {dims}] or [..., {dims}, 1]"

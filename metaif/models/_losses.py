@@ -48,7 +48,9 @@ def softmax_cross_entropy(outputs: jax.Array, example: PyTree) -> jax.Array:
             "If the module only takes batches, use from_nnx(module, add_batch_axis=True)."
         )
     if jnp.ndim(y) != 0 or not np.issubdtype(np.dtype(y.dtype), np.integer):
-        raise TypeError(f"softmax_cross_entropy: example['y'] must be one integer class label (shape []); received {_validate.describe(y)}.")
+        raise TypeError(
+            f"softmax_cross_entropy: example['y'] must be one integer class label (shape []); received {_validate.describe(y)}."
+        )
     return _problems.cross_entropy(outputs, jnp.asarray(y))
 
 

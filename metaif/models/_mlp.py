@@ -32,21 +32,36 @@ class MLP(nnx.Module):
     Call: x [..., *in_shape] -> outputs [..., out].
     """
 
-    def __init__(self, in_shape: int | Sequence[int], hidden: Sequence[int], out: int, *,
-                 activation: Callable[[jax.Array], jax.Array] = jax.nn.relu, param_dtype=jnp.float32,
-                 dtype=None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_shape: int | Sequence[int],
+        hidden: Sequence[int],
+        out: int,
+        *,
+        activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
+        param_dtype=jnp.float32,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
         self.in_shape = _inputs.example_shape("MLP.in_shape", in_shape)
         hidden = tuple(hidden) if isinstance(hidden, (tuple, list)) else hidden
-        if not isinstance(hidden, tuple) or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
-            raise ValueError(f"MLP.hidden must be a sequence of ints >= 1 (may be empty); received {_validate.describe(hidden)}.")
+        if not isinstance(hidden, tuple) or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
+        ):
+            raise ValueError(
+                f"MLP.hidden must be a sequence of ints >= 1 (may be empty); received {_validate.describe(hidden)}."
+            )
         out = _validate.positive_int("MLP.out", out)
         _validate.callable_("MLP.activation", activation, "array -> array (elementwise)")
         self.dtype = jnp.dtype(param_dtype if dtype is None else dtype)
         self.activation = activation
         sizes = (math.prod(self.in_shape), *hidden, out)
-        self.layers = nnx.List([
-            nnx.Linear(a, b, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])
-        ])
+        self.layers = nnx.List(
+            [
+                nnx.Linear(a, b, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+                for a, b in zip(sizes[:-1], sizes[1:])
+            ]
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         leading = _inputs.leading_axes("MLP input x", x, self.in_shape)

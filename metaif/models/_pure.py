@@ -109,7 +109,11 @@ def from_nnx(module: nnx.Module, *, add_batch_axis: bool = False) -> PureModel:
       per-example losses `cross_entropy` and `squared_error` for `metaif.BilevelProblem`.
     """
     if not isinstance(module, nnx.Module):
-        hint = " (a flax.linen module: convert it with flax.nnx.bridge.ToNNX, or write it with flax.nnx)" if hasattr(module, "init") and hasattr(module, "apply") else ""
+        hint = (
+            " (a flax.linen module: convert it with flax.nnx.bridge.ToNNX, or write it with flax.nnx)"
+            if hasattr(module, "init") and hasattr(module, "apply")
+            else ""
+        )
         raise TypeError(f"module must be a flax.nnx.Module{hint}; received {_validate.describe(module)}.")
     if not isinstance(add_batch_axis, (bool, np.bool_)):
         raise TypeError(f"add_batch_axis must be True or False; received {_validate.describe(add_batch_axis)}.")
@@ -124,6 +128,8 @@ def from_nnx(module: nnx.Module, *, add_batch_axis: bool = False) -> PureModel:
     graphdef, param_state, rest = nnx.split(module, nnx.Param, ...)  # type: ignore[misc]
     params = nnx.to_pure_dict(param_state)
     if not jax.tree.leaves(params):
-        raise ValueError(f"module must hold at least one nnx.Param; received {type(module).__name__} without parameters.")
+        raise ValueError(
+            f"module must hold at least one nnx.Param; received {type(module).__name__} without parameters."
+        )
     _validate.floating_tree(f"the nnx.Param variables of {type(module).__name__}", params)
     return PureModel(graphdef, params, rest, bool(add_batch_axis), param_state)

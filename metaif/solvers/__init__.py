@@ -27,6 +27,19 @@ from ._spectrum import Eigenpairs as Eigenpairs
 from ._spectrum import lanczos_eigenvalues as lanczos_eigenvalues
 
 __all__ = [
-    "CG", "DENSE_LIMIT", "Dense", "Eigenpairs", "Identity", "IndefiniteCurvatureWarning", "LiSSA", "LowRank", "Neumann", "Operator",
-    "RELATIVE_DAMPING", "SolveInfo", "Solver", "default_solver", "lanczos_eigenvalues",
+    "CG",
+    "DENSE_LIMIT",
+    "Dense",
+    "Eigenpairs",
+    "Identity",
+    "IndefiniteCurvatureWarning",
+    "LiSSA",
+    "LowRank",
+    "Neumann",
+    "Operator",
+    "RELATIVE_DAMPING",
+    "SolveInfo",
+    "Solver",
+    "default_solver",
+    "lanczos_eigenvalues",
 ]

@@ -47,12 +47,10 @@ class Solver(abc.ABC):
     damping: float | None
 
     @abc.abstractmethod
-    def prepare(self, operator: Operator) -> Any:
-        ...
+    def prepare(self, operator: Operator) -> Any: ...
 
     @abc.abstractmethod
-    def solve(self, state: Any, b: PyTree) -> tuple[PyTree, SolveInfo]:
-        ...
+    def solve(self, state: Any, b: PyTree) -> tuple[PyTree, SolveInfo]: ...
 
     def solve_one(self, operator: Operator, b: PyTree) -> tuple[PyTree, SolveInfo]:
         """`solve(prepare(operator), b)` for a single right-hand side; solvers whose `prepare`

@@ -91,11 +91,19 @@ class CG(Solver):
         if self.preconditioner is not None:
             return super().solve_one(operator, b)
         steps = min(_damping.ESTIMATE_STEPS, _tree.size(operator.like))
-        return _linalg.fused_conjugate_gradient(operator.hvp, b, tol=self.tol, maxiter=self.maxiter, damping=self.damping,
-                                                estimate_steps=steps, key=jax.random.key(self.seed),
-                                                damping_of=_damping.relative)
+        return _linalg.fused_conjugate_gradient(
+            operator.hvp,
+            b,
+            tol=self.tol,
+            maxiter=self.maxiter,
+            damping=self.damping,
+            estimate_steps=steps,
+            key=jax.random.key(self.seed),
+            damping_of=_damping.relative,
+        )
 
     def solve(self, state, b):
         matvec, preconditioner, delta = state
-        return _linalg.preconditioned_conjugate_gradient(matvec, b, tol=self.tol, maxiter=self.maxiter,
-                                                         preconditioner=preconditioner, damping=delta)
+        return _linalg.preconditioned_conjugate_gradient(
+            matvec, b, tol=self.tol, maxiter=self.maxiter, preconditioner=preconditioner, damping=delta
+        )

@@ -22,8 +22,9 @@ def optional_positive(name: str, value: Any) -> float | None:
     if value is None:
         return None
     if not _validate._real(value) or value <= 0:
-        raise ValueError(f"{name} must be None (choose automatically) or a finite number > 0; "
-                         f"received {_validate.describe(value)}.")
+        raise ValueError(
+            f"{name} must be None (choose automatically) or a finite number > 0; received {_validate.describe(value)}."
+        )
     return float(value)
 
 
@@ -32,8 +33,9 @@ def optional_positive_int(name: str, value: Any) -> int | None:
     if value is None:
         return None
     if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)) or value < 1:
-        raise ValueError(f"{name} must be None (choose automatically) or an int >= 1; "
-                         f"received {_validate.describe(value)}.")
+        raise ValueError(
+            f"{name} must be None (choose automatically) or an int >= 1; received {_validate.describe(value)}."
+        )
     return int(value)
 
 
@@ -47,5 +49,6 @@ def choice(name: str, value: Any, options: tuple) -> Any:
 def at_most_dimension(name: str, value: int, dimension: int) -> None:
     """Raised from `prepare`, when the number d of meta-parameters is known."""
     if value > dimension:
-        raise ValueError(f"{name} must be at most the number of meta-parameters d = {dimension}; "
-                         f"received {value}. Lower it.")
+        raise ValueError(
+            f"{name} must be at most the number of meta-parameters d = {dimension}; received {value}. Lower it."
+        )

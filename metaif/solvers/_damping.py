@@ -39,8 +39,10 @@ def optional_non_negative(name: str, value: Any) -> float | None:
     if value is None:
         return None
     if not _validate._real(value) or value < 0:
-        raise ValueError(f"{name} must be None (default: {RELATIVE_DAMPING:g} × the largest eigenvalue of H) or a "
-                         f"finite number >= 0; received {_validate.describe(value)}.")
+        raise ValueError(
+            f"{name} must be None (default: {RELATIVE_DAMPING:g} × the largest eigenvalue of H) or a "
+            f"finite number >= 0; received {_validate.describe(value)}."
+        )
     return float(value)
 
 
@@ -99,5 +101,7 @@ def warn_if_indefinite(info: _linalg.SolveInfo) -> bool:
         f"Pass a damping {advice} (for example solver=metaif.solvers.CG(damping=...)), estimating λ_min(H) with "
         f"metaif.solvers.lanczos_eigenvalues(metaif.hessian_operator(problem, meta_params, tasks), which='smallest'); "
         f"or train further (metaif.newton_refine).",
-        IndefiniteCurvatureWarning, stacklevel=caller_level())
+        IndefiniteCurvatureWarning,
+        stacklevel=caller_level(),
+    )
     return True

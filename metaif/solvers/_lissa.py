@@ -80,5 +80,6 @@ class LiSSA(Solver):
 
         runs = jax.vmap(run)(jnp.arange(self.repeats))
         x = jax.tree.map(lambda leaf: jnp.mean(leaf, axis=0), runs)
-        return x, _linalg.solve_info(matvec, x, b, iterations=self.iterations * self.repeats, tol=self.tol,
-                                     damping=delta, indefinite=flagged)
+        return x, _linalg.solve_info(
+            matvec, x, b, iterations=self.iterations * self.repeats, tol=self.tol, damping=delta, indefinite=flagged
+        )

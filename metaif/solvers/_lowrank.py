@@ -50,8 +50,9 @@ class LowRank(Solver):
             seed=_checks.non_negative_int("LowRank.seed", self.seed),
         )
         if self.iterations is not None and self.rank is not None and self.iterations < self.rank:
-            raise ValueError(f"LowRank.iterations must be at least LowRank.rank = {self.rank}; "
-                             f"received {self.iterations}.")
+            raise ValueError(
+                f"LowRank.iterations must be at least LowRank.rank = {self.rank}; received {self.iterations}."
+            )
 
     def prepare(self, operator):
         dimension = _tree.size(operator.like)
@@ -72,8 +73,16 @@ class LowRank(Solver):
     def solve(self, state, b):
         matvec, pairs, smallest, delta = state
         x = low_rank_inverse(pairs, delta, delta, b)
-        return x, _linalg.solve_info(matvec, x, b, iterations=0, tol=self.tol, damping=delta,
-                                     indefinite=~(smallest + delta > 0), min_eigenvalue=smallest)
+        return x, _linalg.solve_info(
+            matvec,
+            x,
+            b,
+            iterations=0,
+            tol=self.tol,
+            damping=delta,
+            indefinite=~(smallest + delta > 0),
+            min_eigenvalue=smallest,
+        )
 
 
 def low_rank_inverse(pairs: _spectrum.Eigenpairs, damping, rest, b):

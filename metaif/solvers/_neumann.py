@@ -60,8 +60,9 @@ class Neumann(Solver):
     def solve(self, state, b):
         matvec, eta, delta, flagged = state
         x, bad = _linalg.neumann_series(lambda j, v: matvec(v), b, eta, self.iterations)
-        return x, _linalg.solve_info(matvec, x, b, iterations=self.iterations, tol=self.tol, damping=delta,
-                                     indefinite=flagged | bad)
+        return x, _linalg.solve_info(
+            matvec, x, b, iterations=self.iterations, tol=self.tol, damping=delta, indefinite=flagged | bad
+        )
 
 
 def series_setup(solver, operator):

@@ -40,8 +40,9 @@ def default_steps(k: int, dimension: int) -> int:
     return min(dimension, 2 * k + 20)
 
 
-def extreme_pairs(hvp: Callable[[PyTree], PyTree], like: PyTree, k: int, which: str, steps: int, seed: int
-                  ) -> tuple[Eigenpairs, jax.Array]:
+def extreme_pairs(
+    hvp: Callable[[PyTree], PyTree], like: PyTree, k: int, which: str, steps: int, seed: int
+) -> tuple[Eigenpairs, jax.Array]:
     """(k extreme Ritz pairs, the smallest Ritz value of the whole run); no argument checks."""
     run = _linalg.lanczos(hvp, like, steps, jax.random.key(seed))
     index = jnp.arange(k) if which == "smallest" else jnp.arange(steps - 1, steps - 1 - k, -1)
@@ -56,8 +57,15 @@ def neumann_scale(largest: jax.Array, damping: jax.Array) -> jax.Array:
     return 1.0 / (SCALE_MARGIN * jnp.maximum(top, jnp.finfo(top.dtype).tiny))
 
 
-def lanczos_eigenvalues(operator: Operator | Callable[[PyTree], PyTree], like: PyTree | None = None, k: int = 1,
-                        which: str = "smallest", *, iterations: int | None = None, seed: int = 0) -> Eigenpairs:
+def lanczos_eigenvalues(
+    operator: Operator | Callable[[PyTree], PyTree],
+    like: PyTree | None = None,
+    k: int = 1,
+    which: str = "smallest",
+    *,
+    iterations: int | None = None,
+    seed: int = 0,
+) -> Eigenpairs:
     """The k smallest or largest eigenvalues of a symmetric curvature H, matrix-free.
 
     Use it to check that λ is a minimum (the smallest eigenvalues of the total Hessian should be
@@ -82,7 +90,9 @@ def lanczos_eigenvalues(operator: Operator | Callable[[PyTree], PyTree], like: P
         hvp = operator.hvp
         like = operator.like if like is None else like
     else:
-        _validate.callable_("operator", operator, "v -> H v on pytrees shaped like `like`, or a metaif.solvers.Operator")
+        _validate.callable_(
+            "operator", operator, "v -> H v on pytrees shaped like `like`, or a metaif.solvers.Operator"
+        )
         hvp = operator
         if like is None:
             raise ValueError("like must be given (the meta-parameters) when operator is a function; received None.")

@@ -52,7 +52,9 @@ CASES = {
 tasks, _ = problems.regression_tasks(N, M, Q, DIM, seed=0)
 test_tasks, _ = problems.regression_tasks(2, M, Q, DIM, seed=100)
 meta = {"w": jnp.asarray([0.3, -0.2]), "b": jnp.asarray(0.1)}
-PROBLEMS = {name: metaif.BilevelProblem(affine_loss, affine_loss, adapt, meta_reg=0.1) for name, adapt in ADAPTS.items()}
+PROBLEMS = {
+    name: metaif.BilevelProblem(affine_loss, affine_loss, adapt, meta_reg=0.1) for name, adapt in ADAPTS.items()
+}
 TARGETS = {name: (lambda lam, p=p: metaif.task_losses(p, lam, test_tasks).mean()) for name, p in PROBLEMS.items()}
 
 
@@ -63,8 +65,13 @@ def max_diff(a, b) -> float:
 
 def task_specs(tree) -> list[str]:
     """The sharding specs of the leaves with a leading task axis of size N."""
-    return sorted({str(leaf.sharding.spec[0] if leaf.sharding.spec else None)
-                   for leaf in jax.tree.leaves(tree) if leaf.ndim and leaf.shape[0] == N})
+    return sorted(
+        {
+            str(leaf.sharding.spec[0] if leaf.sharding.spec else None)
+            for leaf in jax.tree.leaves(tree)
+            if leaf.ndim and leaf.shape[0] == N
+        }
+    )
 
 
 def scores(result: metaif.Influence):
@@ -92,21 +99,29 @@ for mode, cases in CASES.items():
             ref = reference[name, with_target]
             case = {
                 "influence": max_diff(scores(result), scores(ref)),
-                "diagnostics": max_diff((result.objective, result.grad_norm, result.adaptation_residual),
-                                        (ref.objective, ref.grad_norm, ref.adaptation_residual)),
+                "diagnostics": max_diff(
+                    (result.objective, result.grad_norm, result.adaptation_residual),
+                    (ref.objective, ref.grad_norm, ref.adaptation_residual),
+                ),
                 "specs": task_specs(scores(result)),
             }
             # The thin wrappers share the compiled core of the call above.
             if with_target:
                 case["task_influence"] = max_diff(
-                    metaif.task_influence(problem, sharded_meta, sharded_tasks, target, chunk_size=batch_size), ref.tasks)
-                instance = metaif.instance_influence(problem, sharded_meta, sharded_tasks, target, chunk_size=batch_size)
+                    metaif.task_influence(problem, sharded_meta, sharded_tasks, target, chunk_size=batch_size),
+                    ref.tasks,
+                )
+                instance = metaif.instance_influence(
+                    problem, sharded_meta, sharded_tasks, target, chunk_size=batch_size
+                )
                 case["instance_influence"] = max_diff((instance.support, instance.query), (ref.support, ref.query))
             else:
                 losses = metaif.task_losses(problem, sharded_meta, sharded_tasks)
                 case["task_losses"] = max_diff(losses, reference_losses[name])
                 case["specs"] = sorted(set(case["specs"]) | set(task_specs(losses)))
-                case["meta_objective"] = max_diff(metaif.meta_objective(problem, sharded_meta, sharded_tasks), reference_objective[name])
+                case["meta_objective"] = max_diff(
+                    metaif.meta_objective(problem, sharded_meta, sharded_tasks), reference_objective[name]
+                )
             case["seconds"] = time.perf_counter() - tic
             report["cases"][f"{mode}/{name}/{'target' if with_target else 'params'}/batch={batch_size}"] = case
 
@@ -123,9 +138,13 @@ with jax.set_mesh(mesh):
     one_device = jax.device_put(meta, jax.devices()[0])
     sharded = parallel.shard_tasks(tasks, mesh)
     report["unreplicated"] = {
-        "task_losses": max_diff(metaif.task_losses(PROBLEMS["unrolled"], one_device, sharded), reference_losses["unrolled"]),
-        "influence": max_diff(scores(metaif.influence(PROBLEMS["unrolled"], one_device, sharded, TARGETS["unrolled"])),
-                              scores(reference["unrolled", True])),
+        "task_losses": max_diff(
+            metaif.task_losses(PROBLEMS["unrolled"], one_device, sharded), reference_losses["unrolled"]
+        ),
+        "influence": max_diff(
+            scores(metaif.influence(PROBLEMS["unrolled"], one_device, sharded, TARGETS["unrolled"])),
+            scores(reference["unrolled", True]),
+        ),
     }
 report["errors"] = errors
 report["total_s"] = time.perf_counter() - start
