@@ -111,7 +111,7 @@ def main():
         for count in counts:
             subset = test[:count]
             first, warm, result = timed(
-                lambda: metaif.pairwise_influence(problem, lam, tasks, target, solver, target_data=subset)
+                lambda: metaif.pairwise_influence(problem, lam, tasks, target, solver=solver, target_data=subset)
             )
             jacobian = jax.vmap(jax.grad(target), in_axes=(None, 0))(lam, subset)
             singles = []

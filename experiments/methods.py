@@ -69,7 +69,7 @@ def _from_baseline(result) -> Scores:
 
 def _influence(solver=None, curvature=None) -> Callable:
     def run(setup: Setup, lam, target):
-        return _from_influence(metaif.influence(setup.problem, lam, setup.train, target, solver, curvature=curvature))
+        return _from_influence(metaif.influence(setup.problem, lam, setup.train, target, solver=solver, curvature=curvature))
 
     return run
 
@@ -119,7 +119,7 @@ def baseline_methods(damping: float = 0.0) -> dict[str, Callable]:
             baselines.direct_if(s.problem, lam, s.train, f, solver=metaif.solvers.Dense(damping=damping))
         ),
         "single-level IF": lambda s, lam, f: _from_baseline(
-            baselines.single_level(s.problem, lam, s.train, f, metaif.solvers.Dense(damping=1e-3))
+            baselines.single_level(s.problem, lam, s.train, f, solver=metaif.solvers.Dense(damping=1e-3))
         ),
         "TracIn (grad dot)": lambda s, lam, f: _from_baseline(baselines.grad_dot(s.problem, lam, s.train, f)),
         "TRAK (k=32)": lambda s, lam, f: _from_baseline(baselines.trak(s.problem, lam, s.train, f, dim=32)),

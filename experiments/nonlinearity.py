@@ -78,7 +78,7 @@ def main():
     target = common.mean_loss(setup, setup.val)
     n, m, q = setup.train.n_tasks, setup.train.n_support, setup.train.n_query
     gt = res["ground_truth"]
-    influence = metaif.influence(setup.problem, lam, setup.train, target, metaif.solvers.Dense(damping=rho))
+    influence = metaif.influence(setup.problem, lam, setup.train, target, solver=metaif.solvers.Dense(damping=rho))
     params_if = metaif.influence(setup.problem, lam, setup.train, solver=metaif.solvers.Dense(damping=rho)).tasks
     flat_if = np.asarray(jax.vmap(lambda p: jax.flatten_util.ravel_pytree(p)[0])(params_if))  # [n, d]
     flat, unravel = jax.flatten_util.ravel_pytree(lam)

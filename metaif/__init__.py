@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 from importlib import metadata as _metadata
+from typing import TYPE_CHECKING
 
 try:  # the single source is pyproject.toml's version, read from the installed package's metadata
     __version__: str = _metadata.version("metaif")
@@ -72,7 +73,37 @@ _EXPORTS = {
     "newton_refine": "training",
 }
 
-__all__ = sorted([*_EXPORTS, "core", "curvature", "data", "explain", "models", "parallel", "solvers"])
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+if TYPE_CHECKING:  # the same names, for type checkers, IDEs and the API reference (static analysis)
+    from ._adapt import Adaptation, FirstOrder, Proximal, Unrolled
+    from ._boundary import ConstantTargetWarning, NonStationaryWarning
+    from ._diagnostics import Diagnostics
+    from ._hessian import hessian_operator
+    from ._influence import (
+        AdaptedInfluence,
+        Influence,
+        Scores,
+        adapted_influence,
+        influence,
+        instance_influence,
+        task_influence,
+    )
+    from ._objective import (
+        Weights,
+        adapt,
+        adapt_tasks,
+        adaptation_residual,
+        meta_objective,
+        task_accuracies,
+        task_losses,
+    )
+    from ._pairwise import NewTaskInfluence, new_task_influence, pairwise_influence, self_influence
+    from ._problem import BilevelProblem, TaskSet
+    from ._removal import TaskRemoval, task_removal
+    from ._runtime import configure_cpu, enable_compilation_cache
+    from .training import TrainResult, meta_train, newton_refine
+    from . import core, curvature, data, evaluation, explain, models, parallel, problems, solvers, training
 
 
 def __getattr__(name: str):

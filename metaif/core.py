@@ -13,8 +13,9 @@ Typical composition (a slice of tasks scored against a solved vector, all inside
 
     value, grad, op = core.operator(problem, lam, tasks, chunk_size=8)
     solver = metaif.solvers.CG(damping=1e-2)
-    v, info = solver.solve(solver.prepare(op), jax.grad(target)(lam))
-    scores = core.target_scores(problem, lam, tasks[:16], v, n_tasks=tasks.n_tasks)
+    v, info = solver.solve_one(op, jax.grad(target)(lam))  # v = (H + δI)⁻¹ ∇f
+    rows = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, 16), tasks)
+    scores = core.target_scores(problem, lam, rows, v, n_tasks=tasks.n_tasks)  # 16 tasks' rows
 """
 
 from ._diagnostics import Diagnostics as Diagnostics

@@ -203,5 +203,5 @@ def test_bad_curvature_options_are_named(LAM):
     wrong = metaif.curvature.GaussNewton(predict, lambda o, z: 2.0 * output_loss(o, z))
     with pytest.raises(ValueError, match="must equal the problem's"):
         metaif.influence(PROBLEM, LAM, TASKS, curvature=wrong)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="chunk_size"):
         metaif.influence(PROBLEM, LAM, TASKS, chunk_size=0)

@@ -47,7 +47,7 @@ def targets(lam):
 )
 def test_pairwise_equals_separate_single_target_calls(method, solver, batch_size, target_batch_size, LAM):
     result = metaif.pairwise_influence(
-        PROBLEM, LAM, TASKS, targets, solver, method=method, chunk_size=batch_size, target_chunk_size=target_batch_size
+        PROBLEM, LAM, TASKS, targets, solver=solver, method=method, chunk_size=batch_size, target_chunk_size=target_batch_size
     )
     assert result.tasks.shape == (8, N) and result.support.shape == (8, N, M) and result.query.shape == (8, N, Q)
     for t in range(8):
@@ -92,7 +92,7 @@ def test_self_influence_equals_finite_differences(LAM):
         np.testing.assert_allclose(score, finite_difference, rtol=1e-6, atol=1e-10)
     assert np.all(result.tasks < 0)  # −(1/n) gᵀ(H)⁻¹g with H positive definite here
     chunked = metaif.self_influence(
-        PROBLEM, LAM, TASKS, metaif.solvers.CG(damping=0.0, tol=1e-13, maxiter=100), chunk_size=4
+        PROBLEM, LAM, TASKS, solver=metaif.solvers.CG(damping=0.0, tol=1e-13, maxiter=100), chunk_size=4
     )
     for a, b in zip(result[:3], chunked[:3]):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-13)
@@ -170,7 +170,7 @@ def test_pairwise_rejects_bad_targets(bad, match, LAM):
 def test_bad_arguments_are_named(LAM):
     with pytest.raises(ValueError, match="method"):
         metaif.pairwise_influence(PROBLEM, LAM, TASKS, targets, method="fast")
-    with pytest.raises(ValueError, match="target_batch_size"):
+    with pytest.raises(ValueError, match="target_chunk_size"):
         metaif.pairwise_influence(PROBLEM, LAM, TASKS, targets, target_chunk_size=0)
     with pytest.raises(ValueError, match="scores must be"):
         metaif.explain.top_k(np.zeros((2, 2, 2)), 1)

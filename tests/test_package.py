@@ -52,6 +52,22 @@ def test_public_names_resolve_and_unknown_names_fail_clearly():
         metaif.influense  # noqa: B018
 
 
+def test_type_checking_imports_restate_the_lazy_exports():
+    """The `if TYPE_CHECKING:` block (read by type checkers and the API reference) names exactly
+    the lazily exported names and submodules, each from the module that defines it."""
+    import ast
+
+    tree = ast.parse((ROOT / "metaif" / "__init__.py").read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
+    stated = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom) and node.level == 1, ast.dump(node)
+        for alias in node.names:
+            stated[alias.name] = node.module or alias.name
+    expected = {**metaif._EXPORTS, **{name: name for name in metaif._SUBMODULES}}
+    assert stated == expected
+
+
 README = (ROOT / "README.md").read_text()
 QUICKSTART = ROOT / "docs" / "examples" / "quickstart.py"
 

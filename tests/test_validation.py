@@ -412,8 +412,8 @@ def test_adapted_influence_new_task_with_the_wrong_structure():
 
 
 @pytest.mark.parametrize("batch_size", [0, N + 1, 2.0])
-def test_meta_train_bad_batch_size(batch_size):
-    with pytest.raises(ValueError, match=rf"batch_size must be None or an int in \[1, n_tasks={N}\]") as error:
+def test_meta_train_bad_minibatch(batch_size):
+    with pytest.raises(ValueError, match=rf"minibatch must be None or an int in \[1, n_tasks={N}\]") as error:
         metaif.meta_train(PROBLEM, META, TASKS, steps=2, minibatch=batch_size)
     assert f"received {type(batch_size).__name__} {batch_size!r}" in str(error.value)
 
