@@ -25,7 +25,9 @@ demo: $(VENV)/.runtime
 
 # Two lanes, each one pytest run over two worker processes (a file stays in one worker) with one
 # summary line. JAX's persistent compilation cache: ~/.cache/metaif/jax-tests (tests/conftest.py).
-PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+# --max-worker-restart=0: a worker that crashes ends the run with an error (a restarted worker under
+# --dist loadfile can leave the controller waiting forever).
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --max-worker-restart=0
 
 # The fast lane: every test not marked slow.
 test: $(VENV)/.installed

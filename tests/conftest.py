@@ -1,6 +1,7 @@
 """Strict numerics for every test (float64, strict dtype promotion, rank-promotion errors), the
 suite's persistent compilation cache and the fixtures shared by the test files."""
 
+import gc
 import os
 from pathlib import Path
 
@@ -54,3 +55,14 @@ def FLAT(LAM):
 def UNRAVEL(LAM):
     """Flat vector -> pytree shaped like the file's LAM."""
     return ravel_pytree(LAM)[1]
+
+
+# Each compiled XLA:CPU program keeps memory mappings: tests/test_explain.py alone leaves 27,606 in
+# its process, and a worker that ran several heavy files went past Linux's vm.max_map_count (65,530),
+# so XLA crashed with a segmentation fault while compiling. Dropping the compiled programs after each
+# file brings a worker back to about 800 mappings (the session fixtures hold arrays, not programs).
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    yield
+    jax.clear_caches()
+    gc.collect()
