@@ -47,6 +47,12 @@ def test_reference_pages_cover_every_public_module():
     assert [p for p in pages if p not in nav] == [], "every page under docs/ is in mkdocs.yml's nav"
 
 
+def test_top_level_reference_lists_every_exported_name():
+    page = (ROOT / "docs" / "reference" / "index.md").read_text()
+    listed = set(re.findall(r"^::: metaif\.(\w+)$", page, flags=re.M))
+    assert listed == set(metaif._EXPORTS), sorted(listed ^ set(metaif._EXPORTS))
+
+
 def test_every_public_name_has_a_docstring():
     undocumented = []
     for name in _public_modules():

@@ -95,8 +95,9 @@ def test_make_demo_installs_no_test_extras(tmp_path):
         ).stdout
     )
     demo, test = dry("demo"), dry("test")
-    assert "pip install --quiet -e ." in demo and "[test]" not in demo and "metaif demo" in demo
-    assert "pip install --quiet -e '.[test]'" in test
+    assert "pip install --quiet -e '.[cli]'" in demo and "metaif demo" in demo
+    assert "[dev]" not in demo and "[test]" not in demo
+    assert "pip install --quiet -e '.[dev]'" in test
 
 
 def test_tests_find_real_data_through_METAIF_DATA(tmp_path):
