@@ -45,13 +45,13 @@ def _newton_changes(problem, target, lam, tasks, weights, rho):
         )[0]
         g = grad(flat)
         h = jax.jacfwd(grad)(flat) + rho * jnp.eye(flat.size, dtype=flat.dtype)
-        values, vectors = jnp.linalg.eigh(
-            h
-        )  # one decomposition for the solve and the lowest eigenvalue (no batched LU:
-        delta = -vectors @ ((vectors.T @ g) / values)  # vmapped LU hung the XLA CPU runtime here at n = 256)
+        # one decomposition for the solve and the lowest eigenvalue (no batched LU: vmapped LU hung
+        # the XLA CPU runtime here at n = 256)
+        values, vectors = jnp.linalg.eigh(h)
+        delta = -vectors @ ((vectors.T @ g) / values)
         return target(unravel(flat + delta)), jnp.linalg.norm(delta), values[0]
 
-    values, norms, lowest = jax.lax.map(one, weights, chunk_size=8)
+    values, norms, lowest = jax.lax.map(one, weights, batch_size=8)
     return values - target(lam), norms, lowest
 
 
