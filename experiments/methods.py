@@ -69,7 +69,9 @@ def _from_baseline(result) -> Scores:
 
 def _influence(solver=None, curvature=None) -> Callable:
     def run(setup: Setup, lam, target):
-        return _from_influence(metaif.influence(setup.problem, lam, setup.train, target, solver=solver, curvature=curvature))
+        return _from_influence(
+            metaif.influence(setup.problem, lam, setup.train, target, solver=solver, curvature=curvature)
+        )
 
     return run
 

@@ -47,7 +47,14 @@ def targets(lam):
 )
 def test_pairwise_equals_separate_single_target_calls(method, solver, batch_size, target_batch_size, LAM):
     result = metaif.pairwise_influence(
-        PROBLEM, LAM, TASKS, targets, solver=solver, method=method, chunk_size=batch_size, target_chunk_size=target_batch_size
+        PROBLEM,
+        LAM,
+        TASKS,
+        targets,
+        solver=solver,
+        method=method,
+        chunk_size=batch_size,
+        target_chunk_size=target_batch_size,
     )
     assert result.tasks.shape == (8, N) and result.support.shape == (8, N, M) and result.query.shape == (8, N, Q)
     for t in range(8):
