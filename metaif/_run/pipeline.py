@@ -190,6 +190,11 @@ def _npz(data) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int32)
 
 
+def _size(data) -> dict[str, Any]:
+    """The loaders' `size` keyword when the config sets an image size (their default otherwise)."""
+    return {"size": data.image_size} if data.image_size else {}
+
+
 def load_pools(config: Config) -> Pools:
     """The two image pools of the configured dataset (official class splits where they exist)."""
     data = config.data
@@ -218,9 +223,7 @@ def load_pools(config: Config) -> Pools:
             )
         return _split(d.images, d.labels, mode, data.held_fraction, seed, "MNIST")
     if data.dataset == "omniglot":
-        d = metaif.data.load_omniglot(
-            root, verify=data.verify, **({"size": data.image_size} if data.image_size else {})
-        )  # type: ignore[arg-type]
+        d = metaif.data.load_omniglot(root, verify=data.verify, **_size(data))
         if mode == "auto":
             split = metaif.data.omniglot_split()
             train = np.isin(d.labels, split.train)
@@ -233,9 +236,7 @@ def load_pools(config: Config) -> Pools:
             )
         return _split(d.images, d.labels, mode, data.held_fraction, seed, "Omniglot")
     if data.dataset == "mini-imagenet":
-        d = metaif.data.load_mini_imagenet(
-            root, splits=("train", "test"), verify=data.verify, **({"size": data.image_size} if data.image_size else {})
-        )  # type: ignore[arg-type]
+        d = metaif.data.load_mini_imagenet(root, splits=("train", "test"), verify=data.verify, **_size(data))
         train = d.split == "train"
         return Pools(
             d.images[train], d.labels[train], d.images[~train], d.labels[~train], "Mini-ImageNet (train / test classes)"
