@@ -41,6 +41,11 @@ TINY = dataclasses.replace(
 )
 
 
+def tiny_flags(*fields: str) -> list[str]:
+    """TINY's settings as the experiments' command-line flags (`n_val` -> `--n-val 4`)."""
+    return [item for name in fields for item in (f"--{name.replace('_', '-')}", str(getattr(TINY, name)))]
+
+
 @pytest.fixture(scope="module")
 def trained():
     setup = common.build(TINY)
@@ -115,20 +120,7 @@ def test_fidelity_vs_n_sweep_saves_and_resumes(tmp_path, train_once):
     flags = [
         "--config",
         "smoke",
-        "--n-val",
-        "4",
-        "--n-test",
-        "6",
-        "--features",
-        "4",
-        "--hidden",
-        "2",
-        "--queries",
-        "1",
-        "--adam-steps",
-        "300",
-        "--adam-lr",
-        "3e-2",
+        *tiny_flags("n_val", "n_test", "features", "hidden", "queries", "adam_steps", "adam_lr"),
         "--ns",
         "6",
         "--task-sample",
@@ -170,22 +162,7 @@ def test_edit_reach_rows_path_and_files(tmp_path, train_once):
         "smoke",
         "--datasets",
         "digits",
-        "--n-train",
-        "6",
-        "--n-val",
-        "4",
-        "--n-test",
-        "6",
-        "--features",
-        "4",
-        "--hidden",
-        "2",
-        "--queries",
-        "1",
-        "--adam-steps",
-        "300",
-        "--adam-lr",
-        "3e-2",
+        *tiny_flags("n_train", "n_val", "n_test", "features", "hidden", "queries", "adam_steps", "adam_lr"),
         "--fractions",
         "0.2,0.5",
         "--path-points",
