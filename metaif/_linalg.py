@@ -38,7 +38,9 @@ class SolveInfo(NamedTuple):
         False means none was detected, not that none exists.
       min_eigenvalue: smallest eigenvalue of H (without damping) for dense solves; for LowRank the
         smallest Ritz value of its Lanczos run (an upper bound, exact when the run spans the whole
-        space); NaN otherwise.
+        space); for CG with the default damping the smallest curvature it saw (the smallest Ritz
+        value of its estimate, or the direction that made it raise δ: an upper bound); NaN
+        otherwise.
       damping: the δ the solve used (the default relative one resolved to a number).
 
     Batched solves (one per right-hand side) carry a leading batch axis on every field.
@@ -357,23 +359,31 @@ def fused_conjugate_gradient(
     estimate_steps: int = 0,
     key: jax.Array | None = None,
     damping_of: Callable[[jax.Array], jax.Array] | None = None,
+    raise_damping: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    restarts: int = 0,
 ) -> tuple[PyTree, SolveInfo]:
     """CG on (H + δI) x = b in one `lax.while_loop` whose body holds the only call of `hvp`.
 
-    With `damping` given, δ = damping; else δ = damping_of(largest Ritz value of `estimate_steps`
-    Lanczos products on H from a random start with `key`). Same products, numbers and SolveInfo
-    as `lanczos` followed by `conjugate_gradient` on v ↦ H v + δ v with its residual check, but
-    the Lanczos steps, the CG steps and the residual check share one compiled product: XLA's
-    compile time grows with the number of call sites of a costly `hvp` (an HVP through unrolled
-    adaptation compiles about as long as a meta-gradient)."""
+    With `damping` given, δ = damping; else δ = damping_of(ascending Ritz values of
+    `estimate_steps` Lanczos products on H from a random start with `key`), and when CG then
+    meets a direction p with pᵀ(H + δI)p <= 0 it sets δ = raise_damping(δ, pᵀHp/‖p‖²) and
+    restarts from 0, at most `restarts` times (each restart gets `maxiter` products). Same
+    products and numbers as `lanczos` followed by `conjugate_gradient` on v ↦ H v + δ v with its
+    residual check, but the Lanczos steps, the CG steps and the residual check share one compiled
+    product: XLA's compile time grows with the number of call sites of a costly `hvp` (an HVP
+    through unrolled adaptation compiles about as long as a meta-gradient). SolveInfo's
+    `iterations` counts CG products of the last restart; `min_eigenvalue` is the smallest
+    curvature seen (Ritz value or restart direction; NaN with a given damping)."""
     b_norm = _tree.norm(b)
     dtype = b_norm.dtype
     threshold = tol * b_norm
     no_precondition = lambda r, rs: (r, rs)
     steps = 0 if damping is not None else estimate_steps
+    restarts = restarts if steps else 0
+    nan = jnp.full((), jnp.nan, dtype)
 
     def body(state):
-        i, lanczos_state, cg, delta, residual, _ = state
+        i, lanczos_state, cg, delta, residual, _, restarted, smallest = state
         estimating = i < steps
         solving = ~estimating & _cg_running(cg, threshold, maxiter)
         if steps:
@@ -387,12 +397,21 @@ def fused_conjugate_gradient(
             lanczos_state = jax.lax.cond(
                 estimating, lambda s: _lanczos_update(jnp.minimum(i, steps - 1), s, w), lambda s: s, lanczos_state
             )
-            delta = jnp.where(i == steps - 1, damping_of(_ritz_values(lanczos_state)[-1]), delta)
+            ritz = _ritz_values(lanczos_state)
+            delta = jnp.where(i == steps - 1, damping_of(ritz), delta)
+            smallest = jnp.where(i == steps - 1, ritz[0], smallest)
         applied = _tree.axpy(delta, vector, w)  # (H + δI) vector, as `_damping.damped` forms it
         cg = jax.lax.cond(solving, lambda c: _cg_update(c, applied, no_precondition), lambda c: c, cg)
+        if restarts:
+            curvature = _tree.vdot(vector, w) / jnp.maximum(_tree.sq_norm(vector), jnp.finfo(dtype).tiny)
+            restart = solving & cg[-1] & (restarted < restarts)
+            smallest = jnp.where(solving & cg[-1], jnp.minimum(smallest, curvature), smallest)
+            delta = jnp.where(restart, raise_damping(delta, curvature), delta)
+            cg = jax.lax.cond(restart, lambda c: _cg_init(b, no_precondition), lambda c: c, cg)
+            restarted = restarted + restart.astype(jnp.int32)
         checked = ~estimating & ~solving
         residual = jnp.where(checked, _tree.norm(_tree.sub(applied, b)), residual)
-        return i + 1, lanczos_state, cg, delta, residual, checked
+        return i + 1, lanczos_state, cg, delta, residual, checked, restarted, smallest
 
     lanczos_state = _lanczos_init(b, steps, key) if steps else None
     delta0 = jnp.zeros((), dtype) if damping is None else jnp.asarray(damping, dtype)
@@ -401,11 +420,13 @@ def fused_conjugate_gradient(
         lanczos_state,
         _cg_init(b, no_precondition),
         delta0,
-        jnp.full((), jnp.nan, dtype),
+        nan,
         jnp.zeros((), bool),
+        jnp.zeros((), jnp.int32),
+        nan,
     )
-    _, _, cg, delta, residual, _ = jax.lax.while_loop(lambda state: ~state[-1], body, init)
-    return cg[1], _cg_info(cg, residual, b_norm, threshold, delta)
+    _, _, cg, delta, residual, _, _, smallest = jax.lax.while_loop(lambda state: ~state[5], body, init)
+    return cg[1], _cg_info(cg, residual, b_norm, threshold, delta, smallest)
 
 
 # ----------------------------------------------------------------------------- dense

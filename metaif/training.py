@@ -21,6 +21,7 @@ import optax
 from . import _batching, _linalg, _tree, _validate
 from ._deprecation import renamed
 from ._adapt import Proximal
+from ._hessian import value_and_grad as _chunked_value_and_grad
 from ._objective import (
     Weights,
     full_weights,
@@ -75,12 +76,9 @@ def _adaptation_residual(
     return jnp.max(adaptation_residuals_jit(problem, meta_params, tasks.support, weights.support))
 
 
-_value_and_grad = jax.value_and_grad(objective, argnums=1)
-
-
-@jax.jit
-def _full_value_and_grad(problem, meta_params, tasks, weights):
-    value, grad = _value_and_grad(problem, meta_params, tasks, weights)
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def _full_value_and_grad(problem, meta_params, tasks, weights, chunk_size=None):
+    value, grad = _chunked_value_and_grad(problem, meta_params, tasks, weights, chunk_size=chunk_size)
     return value, _tree.norm(grad)
 
 
@@ -95,10 +93,12 @@ def train_steps(
     steps: int,
     key: jax.Array | None = None,
     minibatch: int | None = None,
+    chunk_size: int | None = None,
 ):
     """`steps` optax steps on F(λ; w), on all tasks or on minibatches of `minibatch` tasks drawn
-    with `key` (without replacement). Pure (one `lax.scan`): jit it, checkpoint between calls, or
-    scan it further. Returns (λ, optimiser state, [steps] F history, [steps] ‖∇F‖ history)."""
+    with `key` (without replacement), each gradient summed `chunk_size` tasks at a time (None:
+    all at once). Pure (one `lax.scan`): jit it, checkpoint between calls, or scan it further.
+    Returns (λ, optimiser state, [steps] F history, [steps] ‖∇F‖ history)."""
     n = tasks.n_tasks
     weights = unit_weights(meta_params, tasks) if weights is None else weights
     keys = jax.random.split(jax.random.key(0) if key is None else key, steps)
@@ -110,7 +110,7 @@ def train_steps(
         else:
             index = jax.random.choice(step_key, n, (minibatch,), replace=False)
             batch, w = _batching.take_tasks((tasks, weights), index)
-        value, grad = _value_and_grad(problem, params, batch, w)
+        value, grad = _chunked_value_and_grad(problem, params, batch, w, chunk_size=chunk_size)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int counters
             updates, state = optimizer.update(grad, state, params)
         return (optax.apply_updates(params, updates), state), (value, _tree.norm(grad))
@@ -119,7 +119,7 @@ def train_steps(
     return meta_params, opt_state, values, norms
 
 
-_train_chunk = jax.jit(train_steps, static_argnames=("optimizer", "steps", "minibatch"))
+_train_chunk = jax.jit(train_steps, static_argnames=("optimizer", "steps", "minibatch", "chunk_size"))
 
 
 @renamed(batch_size="minibatch")
@@ -135,6 +135,8 @@ def meta_train(
     task_weights=None,
     support_weights=None,
     query_weights=None,
+    *,
+    chunk_size: int | None = None,
 ) -> TrainResult:
     """Minimise F(λ; t, a, b) over the finite task set with an optax optimiser.
 
@@ -148,6 +150,8 @@ def meta_train(
         `logging` logger "metaif" at INFO level (`logging.basicConfig(level=logging.INFO)` shows it).
       task_weights, support_weights, query_weights: train on a reweighted objective ([n], [n, m],
         [n, q]; 0 removes a datum), e.g. for leave-one-out retraining.
+      chunk_size: tasks per chunk of each gradient (`lax.map`; memory, and speed for conv nets on
+        CPU, where vmapping per-task weights makes grouped convolutions); None: all at once.
 
     Returns:
       `TrainResult` with the histories and the final full-batch objective and gradient norm.
@@ -164,6 +168,8 @@ def meta_train(
         )
     if log_every is not None:
         log_every = _validate.positive_int("log_every", log_every)
+    if chunk_size is not None:
+        chunk_size = _validate.positive_int("chunk_size", chunk_size)
     optimizer = optax.adam(1e-2) if optimizer is None else optimizer
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
@@ -180,14 +186,23 @@ def meta_train(
         length = min(chunk, steps - done)
         key, sub = jax.random.split(key)
         meta_params, opt_state, v, g = _train_chunk(
-            problem, optimizer, meta_params, opt_state, tasks, weights, steps=length, key=sub, minibatch=minibatch
+            problem,
+            optimizer,
+            meta_params,
+            opt_state,
+            tasks,
+            weights,
+            steps=length,
+            key=sub,
+            minibatch=minibatch,
+            chunk_size=chunk_size,
         )
         values.append(v)
         norms.append(g)
         done += length
         if log_every is not None:
             _LOG.info("meta_train step %d/%d: F = %.6g, ||grad|| = %.3e", done, steps, float(v[-1]), float(g[-1]))
-    value, grad_norm = _full_value_and_grad(problem, meta_params, tasks, weights)
+    value, grad_norm = _full_value_and_grad(problem, meta_params, tasks, weights, chunk_size)
     if not bool(jnp.isfinite(value)):
         check_finite_losses(problem, meta_params, tasks, weights, "meta_train diverged")
         raise ValueError(

@@ -56,7 +56,7 @@ def test_dense_matches_explicit_inverse_with_damping(LAM, FLAT, UNRAVEL, HESSIAN
 
 
 def test_cg_agrees_with_dense(LAM, FLAT, HESSIAN):
-    # the default damping of the matrix-free solvers, δ = 1e-4·λ_max(H) (5 Lanczos products):
+    # the default damping of the matrix-free solvers at a positive-definite H, δ = 1e-4·λ_max(H) (5 Lanczos products):
     # Dense with the δ that CG reports solves the same system; Dense(damping=None) uses the exact λ_max
     cg = metaif.influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(tol=1e-12, maxiter=200))
     dense = metaif.influence(PROBLEM, LAM, TASKS, target=TARGET, solver=metaif.solvers.Dense(float(cg.solve.damping)))
@@ -69,8 +69,10 @@ def test_cg_agrees_with_dense(LAM, FLAT, HESSIAN):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12 * np.max(np.abs(a)))
         np.testing.assert_allclose(c, b, rtol=1e-6)  # measured 1.6e-8: δ differs by 4.5e-5 relative
     assert bool(cg.solve.converged) and 0 < int(cg.solve.iterations) <= FLAT.size + 2
-    assert np.isnan(float(cg.solve.min_eigenvalue))
-    largest = np.linalg.eigvalsh(np.asarray(HESSIAN))[-1]
+    eigenvalues = np.linalg.eigvalsh(np.asarray(HESSIAN))
+    largest = eigenvalues[-1]
+    # the smallest Ritz value of the estimate: an upper bound of λ_min(H) (positive here: no restart)
+    assert eigenvalues[0] - 1e-12 <= float(cg.solve.min_eigenvalue) <= largest
     np.testing.assert_allclose(twin.solve.damping, 1e-4 * largest, rtol=1e-12)
     # a Ritz value: never above λ_max, within 4.5e-5 of it (measured) after 5 products
     assert 0.999 * 1e-4 * largest < float(cg.solve.damping) <= 1e-4 * largest * (1 + 1e-12)
@@ -130,7 +132,7 @@ def test_indefinite_curvature_warns(LAM, FLAT, UNRAVEL):
     smallest = float(np.linalg.eigvalsh(np.asarray(hessian))[0])
     assert smallest < 0
     for solver, shown in (
-        (metaif.solvers.CG(), "δ = "),
+        (metaif.solvers.CG(damping=1e-3), "δ = "),
         (metaif.solvers.Dense(), f"smallest eigenvalue of H is {smallest:.3g}"),
     ):
         with pytest.warns(metaif.solvers.IndefiniteCurvatureWarning, match=re.escape(shown)) as record:
@@ -144,7 +146,18 @@ def test_indefinite_curvature_warns(LAM, FLAT, UNRAVEL):
         ok = metaif.influence(
             problem, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(damping=2 * abs(smallest) + 0.1)
         )
+        # the defaults are curvature-aware: δ rises above |λ_min(H)| (CG by restarts), no warning
+        cg = metaif.influence(problem, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(tol=1e-12, maxiter=200))
+        twin = metaif.influence(problem, LAM, TASKS, target=TARGET, solver=metaif.solvers.Dense(damping=None))
+        # CG solved (H + δI) x = b for the δ it reports: the dense solve with that δ agrees
+        dense = metaif.influence(
+            problem, LAM, TASKS, target=TARGET, solver=metaif.solvers.Dense(damping=float(cg.solve.damping))
+        )
     assert not bool(ok.solve.indefinite)
+    np.testing.assert_allclose(twin.solve.damping, 2 * abs(smallest), rtol=1e-12)
+    assert float(cg.solve.damping) > abs(smallest) and bool(cg.solve.converged) and not bool(cg.solve.indefinite)
+    assert smallest - 1e-12 <= float(cg.solve.min_eigenvalue) < 0
+    np.testing.assert_allclose(cg.tasks, dense.tasks, rtol=1e-8, atol=1e-12 * float(np.max(np.abs(dense.tasks))))
 
 
 _CONCURRENT_BATCHED_KERNELS = """

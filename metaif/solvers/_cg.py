@@ -17,13 +17,18 @@ DEFAULT_RANK = 16
 class CG(Solver):
     """Conjugate gradients on v ↦ (H + damping·I) v; never materialises H.
 
-    Needs H + damping·I positive definite: on meeting non-positive curvature it stops and reports
-    `indefinite=True, converged=False` (raise `damping`; `metaif.influence` warns). `tol` is
-    relative to ‖b‖.
+    Needs H + damping·I positive definite. With a given `damping`, on meeting non-positive
+    curvature it stops and reports `indefinite=True, converged=False` (raise `damping`;
+    `metaif.influence` warns). With the default `damping=None`, δ is curvature-aware
+    (`metaif.solvers._damping`): max(1e-4·λ_max(H), 2·max(0, −λ_min(H))) from 5 Lanczos
+    products, and CG restarts with δ raised to twice the negative curvature it meets (at most 3
+    times), so an indefinite H (a λ from Adam) gives the damped, proximal influence instead of an
+    early stop; `SolveInfo.damping` is the δ used. `tol` is relative to ‖b‖.
 
     The defaults are a budgeted solve for ranking, chosen from benchmarks/solvers.py (mlp-maml,
-    docs/solvers.md): δ = 1e-4·λ_max(H) (5 Lanczos products, shared by every right-hand side) and
-    at most 16 CG products, so one target costs 22 products with the residual check. How well
+    docs/solvers.md) and benchmarks/scale.py (Conv4 at an Adam point): at most 16 CG products,
+    so one target costs 22 products with the Lanczos estimate and the residual check (16 more
+    per restart). How well
     they rank scores against the exact solve with the same δ (`Dense(damping=None)`), and how
     the error falls as `maxiter` grows, is measured in the docs' "Measured results" page (raise
     `maxiter` for accurate magnitudes). `converged` is False when `tol` was not met.
@@ -38,7 +43,8 @@ class CG(Solver):
         from CG's condition number, (λ_max + δ)/(λ_min + δ) becomes about (λ_rank + δ)/(λ_min + δ).
 
     Attributes (defaults in parentheses):
-      damping: δ >= 0, or None for 1e-4 × λ_max(H) (None; `Dense(damping=None)` is its dense twin).
+      damping: δ >= 0, or None for the curvature-aware default above (None; `Dense(damping=None)`
+        is its dense twin, with exact eigenvalues and no restarts).
       maxiter: most products per right-hand side (16).
       tol: relative residual to stop at (1e-8).
       preconditioner: None, "diagonal" or "lowrank" (None).
@@ -99,7 +105,9 @@ class CG(Solver):
             damping=self.damping,
             estimate_steps=steps,
             key=jax.random.key(self.seed),
-            damping_of=_damping.relative,
+            damping_of=_damping.of_ritz_values,
+            raise_damping=_damping.raised,
+            restarts=_damping.MAX_RESTARTS,
         )
 
     def solve(self, state, b):

@@ -1,14 +1,21 @@
-"""Damping δ of the solves (H + δI) x = b: the default, scale-aware choice, and the warning when
-H + δI is not positive definite.
+"""Damping δ of the solves (H + δI) x = b: the default, curvature-aware choice, and the warning
+when H + δI is not positive definite.
 
 Default (`damping=None` on every matrix-free solver; `Dense(damping=None)` is its dense twin):
-δ = RELATIVE_DAMPING · λ_max(H). Relative to the curvature scale, δ rescales with the loss (so
-scores do too), and it bounds the condition number of H + δI by about 1/RELATIVE_DAMPING for
-positive semi-definite H, so a fixed iteration budget means the same thing on every problem.
-λ_max comes from ESTIMATE_STEPS Lanczos products shared by every right-hand side (Dense uses the
-exact value). Evidence for 1e-4 (benchmarks/solvers.py, mlp-maml, docs/solvers.md "Damping"):
-at a realistic trained λ it lies above |λ_min(H)| and agrees best with a fixed-δ reference among
-the relative dampings tried (the sweep is in the docs' "Measured results" page).
+
+    δ = max(RELATIVE_DAMPING · λ_max(H),  NEGATIVE_MARGIN · max(0, −λ_min(H)))
+
+with λ_max and λ_min the extreme Ritz values of ESTIMATE_STEPS Lanczos products shared by every
+right-hand side (Dense uses the exact eigenvalues). Where H is positive semi-definite (a trained
+minimum) this is δ = 1e-4 · λ_max: relative to the curvature scale, so δ rescales with the loss and
+bounds the condition number of H + δI by about 10⁴ (evidence: benchmarks/solvers.py, mlp-maml,
+docs/solvers.md "Damping"). Where H is indefinite, as at a λ from Adam that is not a stationary
+point, δ is twice the most negative curvature seen, so H + δI is positive definite and influence
+is the response of proximal retraining (minimise F + (δ/2)‖λ − λ*‖², the PBRF view) rather than
+an ill-posed solve. A few Lanczos steps see only part of the negative spectrum: when CG then meets
+a direction p with pᵀ(H + δI)p <= 0, it raises δ to NEGATIVE_MARGIN times that direction's
+curvature |pᵀHp|/‖p‖² and restarts (at most MAX_RESTARTS times); `SolveInfo.damping` reports the
+δ used and `SolveInfo.min_eigenvalue` the most negative curvature seen.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from .. import _linalg, _tree, _validate
 PyTree = Any
 
 RELATIVE_DAMPING = 1e-4
+NEGATIVE_MARGIN = 2.0  # δ >= this × the most negative curvature seen
 ESTIMATE_STEPS = 5  # Lanczos products for λ_max (mlp-maml: 5 steps give λ_max to 1e-8 relative)
+MAX_RESTARTS = 3  # CG restarts with a raised δ after meeting non-positive curvature
 
 
 class IndefiniteCurvatureWarning(RuntimeWarning):
@@ -40,7 +49,8 @@ def optional_non_negative(name: str, value: Any) -> float | None:
         return None
     if not _validate._real(value) or value < 0:
         raise ValueError(
-            f"{name} must be None (default: {RELATIVE_DAMPING:g} × the largest eigenvalue of H) or a "
+            f"{name} must be None (default: {RELATIVE_DAMPING:g} × the largest eigenvalue of H, raised to "
+            f"{NEGATIVE_MARGIN:g} × |λ_min(H)| where H is indefinite) or a "
             f"finite number >= 0; received {_validate.describe(value)}."
         )
     return float(value)
@@ -51,6 +61,22 @@ def relative(largest: jax.Array) -> jax.Array:
     return RELATIVE_DAMPING * jnp.maximum(jnp.abs(largest), jnp.finfo(largest.dtype).tiny)
 
 
+def curvature_aware(smallest: jax.Array, largest: jax.Array) -> jax.Array:
+    """The default δ = max(RELATIVE_DAMPING · |λ_max|, NEGATIVE_MARGIN · max(0, −λ_min))."""
+    return jnp.maximum(relative(largest), NEGATIVE_MARGIN * jnp.maximum(-smallest, 0.0))
+
+
+def of_ritz_values(values: jax.Array) -> jax.Array:
+    """The default δ from ascending Ritz (or exact) eigenvalues."""
+    return curvature_aware(values[0], values[-1])
+
+
+def raised(damping: jax.Array, curvature: jax.Array) -> jax.Array:
+    """δ after CG met a direction of curvature pᵀHp/‖p‖² = `curvature` <= −δ: NEGATIVE_MARGIN ×
+    |curvature|, at least twice the old δ."""
+    return jnp.maximum(NEGATIVE_MARGIN * jnp.abs(curvature), 2.0 * damping)
+
+
 def ritz_range(hvp: Callable[[PyTree], PyTree], like: PyTree, steps: int, seed: int) -> tuple[jax.Array, jax.Array]:
     """(smallest, largest) Ritz value of min(steps, d) Lanczos products on H: the largest is at most
     λ_max(H) and converges first; the smallest bounds λ_min(H) from above."""
@@ -59,12 +85,12 @@ def ritz_range(hvp: Callable[[PyTree], PyTree], like: PyTree, steps: int, seed: 
 
 
 def resolve(damping: float | None, hvp: Callable[[PyTree], PyTree], like: PyTree, seed: int) -> jax.Array:
-    """The δ a solver uses: `damping` if given, else RELATIVE_DAMPING × λ_max(H) estimated by
-    ESTIMATE_STEPS Lanczos products."""
+    """The δ a solver uses: `damping` if given, else the default rule (`curvature_aware`) on the
+    extreme Ritz values of ESTIMATE_STEPS Lanczos products."""
     dtype = _tree.float_dtype(like)
     if damping is not None:
         return jnp.asarray(damping, dtype)
-    return relative(ritz_range(hvp, like, ESTIMATE_STEPS, seed)[1])
+    return curvature_aware(*ritz_range(hvp, like, ESTIMATE_STEPS, seed))
 
 
 def damped(hvp: Callable[[PyTree], PyTree], damping) -> Callable[[PyTree], PyTree]:

@@ -20,8 +20,9 @@ class Dense(Solver):
 
     Attributes (defaults in parentheses):
       damping: δ >= 0 (0.0: the exact, undamped oracle), or None for the matrix-free solvers'
-        default δ = 1e-4 × λ_max(H), with the exact λ_max: the dense twin of `CG()`, `Neumann()`,
-        `LiSSA()` and `LowRank()` (which estimate λ_max by Lanczos).
+        default δ = max(1e-4 × λ_max(H), 2 × max(0, −λ_min(H))) with the exact eigenvalues: the
+        dense twin of `CG()`, `Neumann()` and `LiSSA()` (which estimate them by Lanczos;
+        `LowRank()`, which sees only the top of the spectrum, uses 1e-4 × λ_max).
     """
 
     damping: float | None = 0.0
@@ -31,7 +32,7 @@ class Dense(Solver):
 
     def prepare(self, operator):
         factor = _linalg.eigh(_linalg.dense_matrix(operator.hvp, operator.like))
-        delta = _damping.relative(factor.values[-1]) if self.damping is None else self.damping
+        delta = _damping.of_ritz_values(factor.values) if self.damping is None else self.damping
         return factor, delta
 
     def solve(self, state, b):

@@ -27,7 +27,8 @@ class LiSSA(Solver):
     `scale` if small batches diverge (huge residual, converged=False).
 
     Attributes (defaults in parentheses):
-      damping: δ >= 0, or None for 1e-4 × λ_max(H) from the same Lanczos run (None).
+      damping: δ >= 0, or None for max(1e-4 × λ_max(H), 2 × max(0, −λ_min(H))) from the same
+        Lanczos run (None).
       iterations: J, steps per run (100).
       scale: η > 0, or None to estimate it (None).
       batch: tasks per minibatch product (8; any value, draws are with replacement).

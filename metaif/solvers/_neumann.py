@@ -27,7 +27,7 @@ class Neumann(Solver):
     flags H + δI as indefinite when its smallest Ritz value plus δ is <= 0.
 
     Attributes (defaults in parentheses):
-      damping: δ >= 0, or None for 1e-4 × λ_max(H) (None; `metaif.solvers.Dense(damping=None)`
+      damping: δ >= 0, or None for the default max(1e-4 × λ_max(H), 2 × max(0, −λ_min(H))) (None; `metaif.solvers.Dense(damping=None)`
         is the dense twin).
       iterations: J, terms after the first (100).
       scale: η > 0, or None to estimate it (None).
@@ -72,6 +72,10 @@ def series_setup(solver, operator):
         delta = jnp.asarray(solver.damping, _tree.float_dtype(operator.like))
         return _damping.damped(operator.hvp, solver.damping), solver.scale, delta, jnp.zeros((), bool)
     smallest, largest = _damping.ritz_range(operator.hvp, operator.like, solver.estimate_steps, solver.seed)
-    delta = _damping.relative(largest) if solver.damping is None else jnp.asarray(solver.damping, largest.dtype)
+    delta = (
+        _damping.curvature_aware(smallest, largest)
+        if solver.damping is None
+        else jnp.asarray(solver.damping, largest.dtype)
+    )
     eta = _spectrum.neumann_scale(largest, delta) if solver.scale is None else solver.scale
     return _damping.damped(operator.hvp, delta), eta, delta, ~(smallest + delta > 0)
