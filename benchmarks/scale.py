@@ -1,0 +1,461 @@
+"""Influence for Conv4 meta-learners on raw Omniglot: accuracy, cost and memory against the
+meta-gradient, the default solve against a converged reference, and proximal leave-one-out
+retraining as ground truth where the dense Hessian is out of reach.
+
+    .venv/bin/python benchmarks/scale.py                    # CPU size: 16 filters, n = 256, 5-way 1-shot
+    .venv/bin/python benchmarks/scale.py --size truth       # CPU ground truth: proximal leave-one-out, n = 32
+    .venv/bin/python benchmarks/scale.py --size gpu         # 64 filters, n = 2,000, 20-way 1-shot (one GPU)
+    .venv/bin/python benchmarks/scale.py --size tiny        # a smoke run of every stage (the tests run it)
+
+Needs Omniglot's official zips under $METAIF_DATA (default ../shared/data from the repository
+root). Writes results/scale-<size>/scale.json after every stage; the trained λ and Adam state are
+checkpointed every `log_every` steps, so a rerun resumes where it stopped (--fresh starts over).
+
+Stages (each a ratio measured in this one process, never a timed assertion):
+  train      Adam on n fixed training tasks (task minibatches, per-task gradient chunks), then
+             query accuracy on `test` held-out tasks (evaluation alphabets) with a 95% interval.
+  influence  the default `metaif.influence` call (CG, curvature-aware damping) for one target
+             (mean query loss of `target` held-out tasks): compile and warm seconds beside one
+             meta-gradient's, as a ratio, and the extra peak memory of each call.
+  reference  the same curvature and damping solved to tol 1e-6 (or `reference_maxiter`): the
+             Spearman of the default's task, support and query scores against it.
+  truth      proximal leave-one-out retraining (minimise F(λ; w) + (ρ/2)‖λ − λ*‖², ρ = the
+             default's δ, Newton–CG to a gradient tolerance) for `removals` tasks, support and
+             query examples; repeated from a perturbed start for the noise ceiling; every
+             method's Spearman against it (sizes with removals > 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import metaif
+
+metaif.configure_cpu()
+
+import jax  # noqa: E402
+import jax.flatten_util  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from metaif import core, evaluation  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = {
+    "tiny": dict(filters=4, n=8, ways=5, queries=1, steps=20, minibatch=4, log_every=10, test=20, target=8,
+                 chunk=1, reference_maxiter=40, removals=3, retrain_maxiter=60),
+    "cpu": dict(filters=16, n=256, ways=5, queries=1, steps=1500, minibatch=16, log_every=250, test=600,
+                target=64, chunk=1, reference_maxiter=60, removals=0, retrain_maxiter=0),
+    "truth": dict(filters=16, n=32, ways=5, queries=1, steps=1500, minibatch=16, log_every=250, test=600,
+                  target=64, chunk=1, reference_maxiter=60, removals=32, retrain_maxiter=100),
+    "gpu": dict(filters=64, n=2000, ways=20, queries=1, steps=2000, minibatch=32, log_every=500, test=600,
+                target=64, chunk=None, reference_maxiter=60, removals=0, retrain_maxiter=0),
+}  # fmt: skip
+SHOTS, INNER_STEPS, INNER_LR, ADAM_LR, META_REG = 1, 1, 0.4, 3e-3, 0.0
+STAGES = ("train", "influence", "reference", "truth")
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def data_root(given: str | None) -> str:
+    root = given or os.environ.get("METAIF_DATA") or str(ROOT.parent / "shared" / "data")
+    if not Path(root).exists():
+        sys.exit(f"scale.py: Omniglot not found: --data {root!r} does not exist. Pass --data or set METAIF_DATA.")
+    return root
+
+
+def build(size: dict, root: str):
+    """(model, problem, train tasks, target tasks, test tasks) for one size."""
+    omniglot = metaif.data.load_omniglot(root)
+    split = metaif.data.omniglot_split()
+    sample = lambda n, queries, seed, classes: metaif.data.few_shot_tasks(
+        omniglot.images, omniglot.labels, n, size["ways"], SHOTS, queries, seed=seed, classes=classes
+    )
+    tasks = sample(size["n"], size["queries"], 0, split.train)
+    target = sample(size["target"], 5, 1, split.test)
+    test = sample(size["test"], 5, 2, split.test)
+    module = metaif.models.Conv4((28, 28), size["ways"], filters=size["filters"], norm="group", rngs=nnx.Rngs(0))
+    model = metaif.models.from_nnx(module)
+    problem = metaif.BilevelProblem(
+        model.cross_entropy, model.cross_entropy, metaif.Unrolled(INNER_STEPS, INNER_LR), meta_reg=META_REG
+    )
+    to_device = lambda t: jax.tree.map(jnp.asarray, t)
+    return model, problem, to_device(tasks), to_device(target), to_device(test)
+
+
+def target_fn(problem, target_tasks, chunk):
+    """f(λ) = mean query loss of the held-out target tasks after adaptation."""
+    return lambda lam: core.objective(problem, lam, target_tasks, core.unit_weights(lam, target_tasks))
+
+
+class Peak:
+    """Extra peak memory of a call: device peak bytes on accelerators; on CPU the process's peak
+    resident set (VmHWM, reset through /proc/self/clear_refs) above its size before the call."""
+
+    def __init__(self):
+        self.device = jax.devices()[0]
+
+    def _now(self) -> tuple[int, int]:
+        stats = self.device.memory_stats() if self.device.platform != "cpu" else None
+        if stats:
+            return int(stats.get("bytes_in_use", 0)), int(stats.get("peak_bytes_in_use", 0))
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        kb = lambda key: int(fields[key].split()[0]) * 1024
+        return kb("VmRSS"), kb("VmHWM")
+
+    def measure(self, fn):
+        """(output, extra peak bytes of fn())."""
+        if self.device.platform == "cpu":
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+        before, _ = self._now()
+        out = jax.block_until_ready(fn())
+        _, peak = self._now()
+        return out, max(peak - before, 0)
+
+
+def timed(fn) -> tuple[float, float, object]:
+    """(first-call seconds, warm seconds, output)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return first, time.perf_counter() - start, out
+
+
+def ratio_row(first, warm, base_warm, base_compile) -> dict:
+    compile_s = max(first - warm, 0.0)
+    return {
+        "compile_s": compile_s,
+        "warm_s": warm,
+        "warm_ratio": warm / base_warm,
+        "compile_ratio": compile_s / base_compile if base_compile > 0 else None,
+    }
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_train(size, model, problem, tasks, test, folder: Path, log) -> dict:
+    """Adam on the fixed tasks, checkpointed every `log_every` steps; accuracy with a 95% interval."""
+    optimizer = optax.adam(ADAM_LR)
+    step = jax.jit(core.train_steps, static_argnames=("optimizer", "steps", "minibatch", "chunk_size"))
+    checkpoint = folder / "train_state.npz"
+    lam = model.params
+    with jax.numpy_dtype_promotion("standard"):
+        state = optimizer.init(lam)
+    flat_lam, unravel = jax.flatten_util.ravel_pytree((lam, state))
+    done, seconds, chunk_seconds, values = 0, 0.0, [], []
+    if checkpoint.exists():
+        saved = np.load(checkpoint)
+        flat_lam, done, seconds = jnp.asarray(saved["state"]), int(saved["done"]), float(saved["seconds"])
+        values = list(saved["values"])
+        log(f"train: resumed at step {done}/{size['steps']}")
+    lam, state = unravel(flat_lam)
+    key = jax.random.key(0)
+    while done < size["steps"]:
+        length = min(size["log_every"], size["steps"] - done)
+        start = time.perf_counter()
+        lam, state, v, g = step(
+            problem, optimizer, lam, state, tasks, steps=length, key=jax.random.fold_in(key, done),
+            minibatch=size["minibatch"], chunk_size=size["chunk"],
+        )  # fmt: skip
+        jax.block_until_ready(lam)
+        elapsed = time.perf_counter() - start
+        chunk_seconds.append(elapsed)
+        seconds += elapsed
+        done += length
+        values.extend(np.asarray(v).tolist())
+        np.savez(checkpoint, state=np.asarray(jax.flatten_util.ravel_pytree((lam, state))[0]), done=done,
+                 seconds=seconds, values=np.asarray(values))  # fmt: skip
+        log(f"train: step {done}/{size['steps']}, minibatch F = {float(np.mean(np.asarray(v))):.4f}, {elapsed:.1f} s")
+    grad = jax.jit(lambda p, l, t: core.value_and_grad(p, l, t, chunk_size=size["chunk"]))
+    objective, gradient = grad(problem, lam, tasks)
+    accuracy = accuracies(problem, model, lam, test)
+    train_accuracy = accuracies(problem, model, lam, tasks)
+    half = 1.96 * float(np.std(accuracy, ddof=1)) / np.sqrt(accuracy.size)
+    per_step = (chunk_seconds[-1] / size["log_every"]) if len(chunk_seconds) > 1 else None
+    return {
+        "steps": size["steps"],
+        "seconds": seconds,
+        "seconds_per_step_warm": per_step,
+        "compile_s": (chunk_seconds[0] - per_step * size["log_every"]) if per_step and done == size["steps"] else None,
+        "objective": float(objective),
+        "grad_norm": float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(gradient)))),
+        "test_accuracy": float(np.mean(accuracy)),
+        "test_accuracy_ci95": [float(np.mean(accuracy)) - half, float(np.mean(accuracy)) + half],
+        "test_tasks": int(accuracy.size),
+        "train_accuracy": float(np.mean(train_accuracy)),
+        "meta_params": _save_params(folder, lam),
+    }
+
+
+def accuracies(problem, model, lam, tasks, rows=50) -> np.ndarray:
+    """[n] query accuracies, `rows` tasks per call (one compiled shape, padded at the end)."""
+    n = tasks.n_tasks
+    out = []
+    for start in range(0, n, rows):
+        index = np.minimum(np.arange(start, start + rows), n - 1)
+        part = jax.tree.map(lambda x: x[index], tasks)
+        out.append(np.asarray(metaif.task_accuracies(problem, lam, part, model.predict))[: n - start])
+    return np.concatenate(out)
+
+
+def _save_params(folder: Path, lam) -> str:
+    path = folder / "meta_params.npz"
+    np.savez(path, flat=np.asarray(jax.flatten_util.ravel_pytree(lam)[0]))
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _load_params(folder: Path, like):
+    flat = jnp.asarray(np.load(folder / "meta_params.npz")["flat"])
+    return jax.flatten_util.ravel_pytree(like)[1](flat)
+
+
+def stage_influence(size, problem, lam, tasks, target, log) -> tuple[dict, metaif.Influence]:
+    """The default influence call beside one meta-gradient: seconds, compile, extra peak memory."""
+    chunk, peak = size["chunk"], Peak()
+    gradient = jax.jit(lambda p, l, t: core.value_and_grad(p, l, t, chunk_size=chunk))
+    first, warm, _ = timed(lambda: gradient(problem, lam, tasks))
+    _, grad_memory = peak.measure(lambda: gradient(problem, lam, tasks))
+    log(f"influence: meta-gradient {warm:.2f} s warm, {first - warm:.1f} s compile")
+    call = lambda: metaif.influence(problem, lam, tasks, target=target, chunk_size=chunk)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", metaif.NonStationaryWarning)  # an Adam point: reported below
+        i_first, i_warm, result = timed(call)
+        _, influence_memory = peak.measure(call)
+    solve, diag = result.diagnostics.solve, result.diagnostics
+    log(f"influence: {i_warm:.2f} s warm ({i_warm / warm:.1f} meta-gradients), δ = {float(solve.damping):.4g}")
+    row = {
+        "meta_gradient": ratio_row(first, warm, warm, first - warm),
+        "influence": ratio_row(i_first, i_warm, warm, first - warm),
+        "peak_memory_bytes": {"meta_gradient": grad_memory, "influence": influence_memory},
+        "memory_ratio": influence_memory / grad_memory if grad_memory else None,
+        "chunk_size": chunk,
+        "damping": float(solve.damping),
+        "min_curvature_seen": float(solve.min_eigenvalue),
+        "cg_iterations": int(solve.iterations),
+        "cg_converged": bool(solve.converged),
+        "cg_relative_residual": float(solve.relative_residual),
+        "indefinite": bool(solve.indefinite),
+        "grad_norm": float(diag.grad_norm),
+        "nonstationary_change": float(diag.nonstationary_change),
+        "largest_task_score": float(jnp.max(jnp.abs(result.tasks))),
+    }
+    return row, result
+
+
+def spearmans(a: metaif.Influence | metaif.Scores, b) -> dict:
+    s = evaluation.metrics.spearman
+    return {
+        "tasks": s(np.ravel(a.tasks), np.ravel(b.tasks)),
+        "support": s(np.ravel(a.support), np.ravel(b.support)),
+        "query": s(np.ravel(a.query), np.ravel(b.query)),
+    }
+
+
+def stage_reference(size, problem, lam, tasks, target, default, log) -> dict:
+    """The default's scores against CG with the same δ run to tol 1e-6 (or reference_maxiter)."""
+    solver = metaif.solvers.CG(damping=float(default.solve.damping), tol=1e-6, maxiter=size["reference_maxiter"])
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", metaif.NonStationaryWarning)
+        reference = metaif.influence(problem, lam, tasks, target=target, solver=solver, chunk_size=size["chunk"])
+    seconds = time.perf_counter() - start
+    info = reference.solve
+    row = {
+        "spearman": spearmans(default, reference),
+        "seconds": seconds,
+        "damping": float(info.damping),
+        "iterations": int(info.iterations),
+        "relative_residual": float(info.relative_residual),
+        "converged": bool(info.converged),
+    }
+    log(f"reference: {row['spearman']}, relative residual {row['relative_residual']:.2g}")
+    return row
+
+
+def stage_truth(size, model, problem, lam, tasks, target, default, log) -> dict:
+    """Proximal leave-one-out retraining at ρ = δ (Newton–CG to a tolerance) and every method's
+    Spearman against it."""
+    rho = float(default.solve.damping)
+    n, m, q = tasks.n_tasks, tasks.n_support, tasks.n_query
+    count = size["removals"]
+    rng = np.random.default_rng(0)
+    picks = {
+        "tasks": rng.choice(n, min(count, n), replace=False),
+        "support": rng.choice(n * m, min(count, n * m), replace=False),
+        "query": rng.choice(n * q, min(count, n * q), replace=False),
+    }
+    solver = metaif.solvers.CG(tol=1e-6, maxiter=size["retrain_maxiter"])
+    retrain = lambda start, weights, tol: evaluation.retrain(
+        problem, start, tasks, weights, steps=20, proximal=rho, center=lam, tol=tol, chunk_size=1,
+        solver=solver, task_chunk_size=size["chunk"],
+    )  # fmt: skip
+    f = target_fn(problem, target, size["chunk"])
+    ones = core.Weights(jnp.ones((1, n)), jnp.ones((1, n, m)), jnp.ones((1, n, q)))
+    start = time.perf_counter()
+    base = retrain(lam, ones, 1e-4 * float(default.diagnostics.grad_norm))
+    hat = jax.tree.map(lambda x: x[0], base.params)
+    log(f"truth: full proximal retraining ‖∇‖ = {float(base.grad_norm[0]):.2e} in {int(base.iterations[0])} steps")
+    truth, converged, ceiling, tolerance = {}, {}, {}, {}
+    perturbation = jax.flatten_util.ravel_pytree(hat)[1](
+        1e-3 * jax.random.normal(jax.random.key(1), jax.flatten_util.ravel_pytree(hat)[0].shape, jnp.float32)
+    )
+    base_value = float(f(hat))
+    for level, index in picks.items():
+        weights = evaluation.removal_weights(n, m, q, level, index, dtype=jnp.float32)
+        # each removal's tolerance: 1e-3 of the smallest starting gradient (≈ ‖∂ removal‖ at λ̂)
+        tol = 1e-3 * float(jnp.min(proximal_gradient_norms(problem, hat, lam, rho, tasks, weights, size["chunk"])))
+        tolerance[level] = tol
+        first = retrain(hat, weights, tol)
+        again = retrain(jax.tree.map(jnp.add, hat, perturbation), weights, tol)
+        values = np.asarray(jax.vmap(f)(first.params)) - base_value
+        repeat = np.asarray(jax.vmap(f)(again.params)) - base_value
+        truth[level] = values
+        converged[level] = int(np.sum(np.asarray(first.grad_norm) <= tol))
+        ceiling[level] = evaluation.metrics.spearman(values, repeat)
+        log(f"truth: {level}: {converged[level]}/{len(index)} converged, ceiling {ceiling[level]:.3f}")
+    seconds = time.perf_counter() - start
+
+    def against(scores) -> dict:
+        out = {}
+        for level, index in picks.items():
+            flat = np.ravel(np.asarray(getattr(scores, level)))[index]
+            out[level] = evaluation.metrics.spearman(-flat, truth[level])  # removal changes f by about −score
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", metaif.NonStationaryWarning)
+        warnings.simplefilter("ignore", metaif.solvers.IndefiniteCurvatureWarning)
+        ftarget = lambda l: f(l)
+        chunk = size["chunk"]
+        delta = rho
+        methods = {
+            "task-IF (default CG)": default,
+            "task-IF (CG, δ = 1e-4·λ_max)": metaif.influence(
+                problem, lam, tasks, target=ftarget, chunk_size=chunk,
+                solver=metaif.solvers.CG(damping=1e-4 * largest_eigenvalue(problem, lam, tasks, chunk)),
+            ),
+            "task-IF (Gauss-Newton, same δ)": metaif.influence(
+                problem, lam, tasks, target=ftarget, chunk_size=chunk, solver=metaif.solvers.CG(damping=delta),
+                curvature=model.cross_entropy.gauss_newton(),
+            ),
+            "Direct-IF": evaluation.direct_if(problem, lam, tasks, ftarget, solver=metaif.solvers.CG(damping=delta), chunk_size=chunk),
+            "TracIn (gradient dot)": evaluation.grad_dot(problem, lam, tasks, ftarget, chunk_size=chunk),
+            "TRAK": evaluation.trak(problem, lam, tasks, ftarget, chunk_size=chunk),
+            "single-level IF": evaluation.single_level(problem, lam, tasks, ftarget, solver=metaif.solvers.CG(damping=delta), chunk_size=chunk),
+            "raw loss": evaluation.raw_loss(problem, lam, tasks),
+            "random": evaluation.random_scores(tasks, seed=0),
+        }  # fmt: skip
+    return {
+        "rho": rho,
+        "removals": {level: len(index) for level, index in picks.items()},
+        "converged": converged,
+        "tolerance": tolerance,
+        "noise_ceiling": ceiling,
+        "seconds": seconds,
+        "spearman": {name: against(scores) for name, scores in methods.items()},
+    }
+
+
+def proximal_gradient_norms(problem, lam, center, rho, tasks, weights, chunk) -> jax.Array:
+    """[B] ‖∇F(λ; w_b) + ρ(λ − center)‖ for a batch of weight settings (one at a time)."""
+
+    def norm(w):
+        grad = core.value_and_grad(problem, lam, tasks, w, chunk_size=chunk)[1]
+        flat = jax.flatten_util.ravel_pytree(grad)[0] + rho * (
+            jax.flatten_util.ravel_pytree(lam)[0] - jax.flatten_util.ravel_pytree(center)[0]
+        )
+        return jnp.linalg.norm(flat)
+
+    return jax.jit(lambda ws: jax.lax.map(norm, ws))(weights)
+
+
+def largest_eigenvalue(problem, lam, tasks, chunk) -> float:
+    """λ_max(H) from 5 Lanczos products (the scale of the former default δ = 1e-4·λ_max)."""
+    top = lambda l: metaif.solvers.lanczos_eigenvalues(
+        core.operator(problem, l, tasks, chunk_size=chunk)[2], k=1, which="largest", iterations=5
+    ).values[0]
+    return float(jax.jit(top)(lam))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
+    parser.add_argument("--data", default=None, help="folder with Omniglot's zips (default $METAIF_DATA, ../shared/data)")
+    parser.add_argument("--out", default=None, help="result folder (default results/scale-<size>)")
+    parser.add_argument("--fresh", action="store_true", help="ignore finished stages and checkpoints")
+    args = parser.parse_args(argv)
+    size = SIZES[args.size]
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        parser.error(f"--stages: unknown {unknown}; choose from {', '.join(STAGES)}")
+    folder = Path(args.out) if args.out else ROOT / "results" / f"scale-{args.size}"
+    folder.mkdir(parents=True, exist_ok=True)
+    result_path = folder / "scale.json"
+    if args.fresh:
+        for name in ("scale.json", "train_state.npz", "meta_params.npz"):
+            (folder / name).unlink(missing_ok=True)
+    results = json.loads(result_path.read_text()) if result_path.exists() else {}
+    results.update(
+        size=args.size, config=size, backend=jax.default_backend(), device=str(jax.devices()[0]),
+        jax=jax.__version__, python=platform.python_version(), cpu_count=os.cpu_count(),
+        command="python benchmarks/scale.py --size " + args.size,
+    )  # fmt: skip
+    log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def save():
+        tmp = result_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1, default=float) + "\n")
+        tmp.replace(result_path)
+
+    model, problem, tasks, target_tasks, test = build(size, data_root(args.data))
+    results["d"] = int(sum(x.size for x in jax.tree.leaves(model.params)))
+    log(f"size {args.size}: d = {results['d']:,}, n = {tasks.n_tasks}, {size['ways']}-way {SHOTS}-shot")
+    if "train" in stages and "train" not in results:
+        results["train"] = stage_train(size, model, problem, tasks, test, folder, log)
+        save()
+        log(f"train: test accuracy {results['train']['test_accuracy']:.3f}")
+    if not (folder / "meta_params.npz").exists():
+        sys.exit(f"scale.py: no trained meta_params in {folder}: run the train stage first.")
+    lam = _load_params(folder, model.params)
+    target = target_fn(problem, target_tasks, size["chunk"])
+    default = None
+    for stage in ("influence", "reference", "truth"):
+        if stage not in stages or (stage in results and stage != "influence"):
+            continue
+        if default is None:
+            row, default = stage_influence(size, problem, lam, tasks, target, log)
+            if "influence" in stages:
+                results["influence"] = row
+                save()
+        if stage == "reference":
+            results["reference"] = stage_reference(size, problem, lam, tasks, target, default, log)
+        elif stage == "truth" and size["removals"]:
+            results["truth"] = stage_truth(size, model, problem, lam, tasks, target_tasks, default, log)
+        save()
+    log(f"wrote {result_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
