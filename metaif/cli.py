@@ -81,11 +81,14 @@ unknown keys are an error that lists the valid ones):
               sha256 = "..." (npz, checked), verify = true (checksums of the standard datasets),
               image_size, held_out = "auto" | "classes" | "images", held_fraction
   [tasks]     ways, shots, queries, train, target, test, corrupt_tasks, flip_support, seed
-  [model]     kind = "mlp" | "python", features (PCA, 0 = raw pixels), hidden = [8], module = "model.py",
+  [model]     kind = "mlp" | "conv4" | "python", features (PCA, 0 = raw pixels), hidden = [8],
+              filters, norm = "group" | "layer" | "none" (conv4, on raw images, float32), module = "model.py",
               adapt = "maml" | "imaml", inner_steps, inner_lr, prox_reg, meta_reg
               (kind = "python" EXECUTES the module file, with --check too: use only files you trust)
-  [train]     adam_steps, adam_lr, newton_steps, checkpoint_every, seed
-  [influence] solver = "dense" | "cg", damping, batch_size (tasks at once; bounds memory), chunk, cg_maxiter
+  [train]     adam_steps, adam_lr, minibatch (tasks per Adam step), chunk (tasks at once per gradient),
+              newton_steps, checkpoint_every, seed
+  [influence] solver = "dense" | "cg", damping (or "auto"), batch_size (tasks at once; bounds memory), chunk,
+              cg_maxiter
   [check]     tasks, support, query (leave-one-out sample sizes), retrain_steps, chunk, batch_size
   [edit]      tasks, support (fractions removed, highest influence first), damping (of the edit's solves)
   [report]    top_k, plots
@@ -95,6 +98,7 @@ unknown keys are an error that lists the valid ones):
 examples:
   metaif run configs/digits.toml --out runs/digits
   METAIF_DATA=~/data metaif run configs/omniglot.toml --out runs/omniglot
+  METAIF_DATA=~/data metaif run configs/omniglot-conv4.toml --out runs/omniglot-conv4   # Conv4 on raw images
   metaif run configs/omniglot.toml --out runs/omniglot     # after Ctrl-C or a crash: resumes
   metaif run my.toml --check                               # validate + memory estimate only
   metaif run my.toml --out runs/x --fresh                  # delete the run's checkpoints, start over

@@ -158,6 +158,20 @@ def test_help_and_bench_list_do_not_import_jax():
         ),
         ("[tasks]\ncorrupt_tasks = 1.5\n", ["corrupt_tasks is a fraction"]),
         ("[tasks\n", ["is not valid TOML"]),
+        (
+            '[model]\nkind = "conv4"\nfeatures = 16\n',
+            ['[model] kind = "conv4" reads the raw images', "received features = 16", "Remove the features line"],
+        ),
+        (
+            '[model]\nkind = "conv4"\nfilters = 6\n',
+            ['norm = "group"', "filters must be a multiple of 4", "received filters = 6", 'norm = "layer"'],
+        ),
+        ('[model]\nnorm = "batch"\n', ["[model] norm must be one of 'group', 'layer', 'none'"]),
+        ("[model]\nfilters = 0\n", ["[model] filters must be >= 1; received 0"]),
+        ("[train]\nminibatch = 60\n", ["[train] minibatch = 60 tasks per Adam step", "[tasks] train = 50"]),
+        ("[train]\nchunk = -1\n", ["[train] chunk must be >= 0; received -1"]),
+        ('[influence]\ndamping = "big"\n', ['[influence] damping must be a number or "auto"', "'big'"]),
+        ("[influence]\ndamping = -0.5\n", ["[influence] damping must be >= 0; received -0.5"]),
     ],
 )
 def test_bad_config_is_one_paragraph_and_exit_2(capsys, tmp_path, text, expected):
@@ -167,6 +181,21 @@ def test_bad_config_is_one_paragraph_and_exit_2(capsys, tmp_path, text, expected
     for part in expected:
         assert part in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_conv4_defaults_depend_on_the_kind_and_survive_the_run_folder(tmp_path):
+    """conv4 reads raw images and takes tasks one at a time unless the file says otherwise; the
+    resolved values are what the run folder's config.toml records."""
+    conv = run_config.from_dict({"model": {"kind": "conv4"}, "influence": {"damping": "auto"}})
+    assert (conv.model.features, conv.train.chunk, conv.influence.batch_size) == (0, 1, 1)
+    assert (conv.model.filters, conv.model.norm, conv.influence.damping) == (32, "group", "auto")
+    explicit = run_config.from_dict({"model": {"kind": "conv4", "features": 0}, "train": {"chunk": 0}})
+    assert (explicit.train.chunk, explicit.influence.batch_size) == (0, 1)  # an explicit 0: all tasks at once
+    mlp = run_config.from_dict({"model": {"kind": "mlp"}})
+    assert (mlp.model.features, mlp.train.chunk, mlp.influence.batch_size) == (12, 0, 0)
+    saved = write(tmp_path / "saved.toml", run_config.to_toml(conv))
+    assert run_config.load(saved) == dataclasses.replace(conv, run=dataclasses.replace(conv.run, name="demo"))
+    assert pipeline._solver(conv).damping is None  # "auto": the solvers' default δ = 1e-4·λ_max(H)
 
 
 def test_missing_config_file(capsys, tmp_path):
@@ -236,9 +265,42 @@ def test_check_names_omniglot_limits(capsys, monkeypatch):
     assert code == 0 and "of 1,200 classes" in out and "of 423 classes" in out
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            name,
+            marks=pytest.mark.skipif(not (DATA / folder).is_dir(), reason=f"{folder} data not found in {DATA}"),
+        )
+        for name, folder in (("omniglot-conv4", "omniglot"), ("mnist-conv4", "mnist"))
+    ],
+)
+def test_check_validates_the_conv4_configs(capsys, monkeypatch, name):
+    monkeypatch.setenv("METAIF_DATA", str(DATA))
+    code, out, err = run_main(capsys, "run", str(ROOT / "configs" / f"{name}.toml"), "--check")
+    assert code == 0, err
+    assert "valid" in out and "d = 7333 meta-parameters; n = 256, m = 5, q = 10" in out
+    assert "estimated peak memory: adam" in out and "GiB available" in out
+
+
+@pytest.mark.skipif(not (DATA / "omniglot").is_dir(), reason=f"Omniglot archives not found in {DATA}/omniglot")
+def test_the_gpu_conv4_config_fits_one_h200(monkeypatch):
+    """The GPU size as `--check` sees it on a machine with the memory (this one may have less)."""
+    monkeypatch.setenv("METAIF_DATA", str(DATA))
+    config = run_config.load(ROOT / "configs" / "omniglot-conv4-gpu.toml")
+    prepared = pipeline.setup(config, pipeline.build_data(config), memory_limit_bytes=float("inf"))
+    train, model = prepared.train, prepared.model
+    assert (train.n_tasks, train.n_support, train.n_query, model.dtype) == (2000, 20, 20, np.float32)
+    assert train.support["x"].shape == (2000, 20, 28, 28) and train.support["x"].dtype == jnp.float32
+    assert 110_000 < model.n_params < 130_000  # the standard Conv4 at 64 filters (about 112k, 20-way head)
+    assert prepared.estimate["peak"] < 100 * memory.GiB  # one H200 has 139 GiB
+
+
 def test_every_example_config_is_valid():
     names = sorted(p.name for p in (ROOT / "configs").glob("*.toml"))
-    assert {"digits.toml", "omniglot.toml", "mnist.toml"} <= set(names)
+    assert {"digits.toml", "omniglot.toml", "mnist.toml", "omniglot-conv4.toml", "omniglot-conv4-gpu.toml"} <= set(
+        names
+    )
     for path in (ROOT / "configs").glob("*.toml"):
         run_config.load(path)
     assert run_config.load(ROOT / "configs" / "digits.toml").to_dict() == {
@@ -321,6 +383,29 @@ def test_memory_estimate_and_batch_size_suggestion():
     with pytest.raises(run_config.ConfigError, match=r"would not fit in memory.*set \[influence\] batch_size = \d+"):
         memory.check(config, 64, 5000, 400, 10, 15, limit=limit)
     assert memory.check(chunked_config, 64, 5000, 400, 10, 15, limit=limit) == chunked
+
+
+def test_memory_estimate_of_conv4_counts_feature_maps_in_float32_and_its_chunks():
+    conv = run_config.from_dict(
+        {
+            "model": {"kind": "conv4", "filters": 16},
+            "train": {"newton_steps": 0, "minibatch": 16},
+            "check": {"tasks": 0, "support": 0, "query": 0},
+            "edit": {"tasks": 0.0, "support": 0.0},
+        }
+    )
+    replace = lambda section, **changes: dataclasses.replace(
+        conv, **{section: dataclasses.replace(getattr(conv, section), **changes)}
+    )
+    shape, d = (28, 28), 7333
+    stages = memory.estimate(conv, shape, d, 50, 5, 10)
+    data = (50 + 50 + 100) * 15 * 28 * 28 * 4  # the float32 images of the train, target and test tasks
+    assert stages["newton"] == stages["check"] == stages["edit"] == data  # no dense-Hessian stage runs
+    assert memory.estimate(replace("model", filters=64), shape, d, 50, 5, 10)["scores"] > 3.5 * stages["scores"]
+    # one task at a time (the conv4 default) against the whole minibatch of 16 at once
+    assert memory.estimate(replace("train", chunk=0), shape, d, 50, 5, 10)["adam"] > 10 * stages["adam"]
+    with pytest.raises(run_config.ConfigError, match=r"activations \(float32\)"):
+        memory.check(conv, shape, d, 50, 5, 10, limit=1.0)
 
 
 def test_fit_pca_whitens_and_maps_any_leading_axes():
@@ -448,7 +533,7 @@ def test_figures_show_classes_full_bars_and_newton_on_its_own_axis(tiny_run, tmp
     results = pipeline.run(run_config.load(config_path), out, pipeline.UI(quiet=True))  # every stage reused
     summary = report.summarize(results)
     figures = {}
-    monkeypatch.setattr(report, "_finish", lambda fig, path: figures.setdefault(path.name, fig))
+    monkeypatch.setattr(report, "_finish", lambda fig, path, caption: figures.setdefault(path.name, fig))
     report.figures(tmp_path, results, summary, top_k=3)
     try:
         loss_axis, accuracy_axis = figures["editing.png"].axes[:2]
@@ -559,6 +644,78 @@ def test_run_without_check_and_edit(tmp_path):
     ) in table
     assert ("edit", "not run", "[edit] tasks, support = 0 (e.g. metaif demo --quick)") in table
     assert not any(row and "n/a" in row[1] for row in table)
+
+
+TINY_CONV4 = """\
+[tasks]
+train = 4
+target = 4
+test = 4
+shots = 1
+queries = 1
+[model]
+kind = "conv4"
+filters = 4
+inner_lr = 0.4
+meta_reg = 0.0001
+[train]
+adam_steps = 4
+adam_lr = 0.01
+minibatch = 2
+newton_steps = 0
+checkpoint_every = 2
+[influence]
+solver = "cg"
+damping = "auto"
+chunk = 2
+[check]
+tasks = 0
+support = 0
+query = 0
+[edit]
+tasks = 0.0
+support = 0.0
+[report]
+top_k = 2
+"""
+
+
+def test_conv4_reads_raw_images_in_float32_and_evaluates_tasks_in_chunks(tmp_path):
+    """digits (8×8) through conv4: images kept as images, float32 throughout; the target loss and
+    the accuracy one task at a time equal metaif's all-at-once values."""
+    config = run_config.load(write(tmp_path / "c.toml", TINY_CONV4))
+    data = pipeline.build_data(config)
+    assert data["train_sx"].shape == (4, 5, 8, 8) and data["train_sx"].dtype == np.float32
+    prepared = pipeline.setup(config, data)
+    model, target_tasks = prepared.model, prepared.target
+    lam = model.init(0)
+    assert model.dtype == np.float32 and {x.dtype for x in jax.tree.leaves(lam)} == {jnp.dtype(jnp.float32)}
+    assert model.n_params == 541  # 4 filters, 8×8 pooled by rounding up to 1×1, a 5-way head
+    assert target_tasks.support["x"].dtype == jnp.float32
+    whole = metaif.task_losses(model.problem, lam, target_tasks)
+    np.testing.assert_allclose(float(pipeline._target_fn(model.problem, target_tasks, 1)(lam)), whole.mean(), rtol=1e-5)
+    direct = metaif.task_accuracies(model.problem, lam, target_tasks, model.predict).mean()
+    assert pipeline.accuracy(model, lam, target_tasks, 1) == pytest.approx(float(direct))
+
+
+@pytest.mark.slow
+def test_conv4_run_end_to_end(tmp_path):
+    """A whole `metaif run` of kind = "conv4" (float32, Adam on task minibatches one task at a time,
+    CG with the default damping): the run folder's outputs, finite scores for every level."""
+    config = write(tmp_path / "conv4.toml", TINY_CONV4)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    for name in ("scores_tasks.csv", "scores.json", "summary.json", "report.html", "config.toml", "training.png"):
+        assert (out / name).is_file(), name
+    scores = json.loads((out / "scores.json").read_text())
+    for level, shape in (("tasks", (4,)), ("support", (4, 5)), ("query", (4, 5))):
+        assert np.shape(scores[level]) == shape and np.isfinite(scores[level]).all(), level
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["d"] == 541 and summary["device"].endswith("float32")
+    saved = tomllib.loads((out / "config.toml").read_text())
+    assert (
+        saved["model"]["kind"] == "conv4" and saved["train"]["chunk"] == 1 and saved["influence"]["damping"] == "auto"
+    )
 
 
 def test_chunked_scores_equal_one_influence_call(tiny_run):

@@ -45,9 +45,11 @@ class Tasks:
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    kind: str = "mlp"  # mlp | python
-    features: int = 12  # whitened PCA components of the pixels (0: raw pixels)
+    kind: str = "mlp"  # mlp | conv4 | python
+    features: int = 12  # whitened PCA components of the pixels (0: raw pixels; conv4: always 0)
     hidden: tuple = (6,)  # tanh MLP hidden widths ([] : linear softmax)
+    filters: int = 32  # conv4: channels of every conv layer (64 in the standard network)
+    norm: str = "group"  # conv4: group (4 channel groups) | layer | none, per example
     module: str = (
         ""  # python: a .py file with init(key, n_inputs, ways), loss(params, meta_params, example), logits(params, x)
     )
@@ -64,14 +66,16 @@ class Train:
     adam_lr: float = 1e-2
     newton_steps: int = 20  # exact Newton polish to a stationary point (0: skip)
     checkpoint_every: int = 250  # Adam steps between checkpoints
+    minibatch: int = 0  # tasks per Adam step, drawn without replacement (0: all tasks)
+    chunk: int = 0  # tasks per chunk of each meta-gradient (lax.map; 0: all at once; conv4 default 1)
     seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Influence:
     solver: str = "dense"  # dense | cg
-    damping: float = 0.0
-    batch_size: int = 0  # tasks per vmapped batch inside a computation (0: all at once)
+    damping: float | str = 0.0  # δ >= 0, or "auto": the solvers' default δ = 1e-4·λ_max(H)
+    batch_size: int = 0  # tasks per vmapped batch inside a computation (0: all at once; conv4 default 1)
     chunk: int = 25  # tasks per saved chunk of scores
     cg_maxiter: int = 200
 
@@ -138,7 +142,8 @@ _CLASSES = {f.name: type(getattr(DEMO, f.name)) for f in dataclasses.fields(Conf
 CHOICES = {
     ("data", "dataset"): DATASETS,
     ("data", "held_out"): ("auto", "classes", "images"),
-    ("model", "kind"): ("mlp", "python"),
+    ("model", "kind"): ("mlp", "conv4", "python"),
+    ("model", "norm"): ("group", "layer", "none"),
     ("model", "adapt"): ("maml", "imaml"),
     ("influence", "solver"): ("dense", "cg"),
 }
@@ -148,6 +153,13 @@ POSITIVE = {
     ("model", "inner_lr"): "The inner step size must be > 0 for adaptation to descend the support loss.",
     ("model", "prox_reg"): "The proximal strength must be > 0 for the imaml inner problem to have a unique minimiser.",
 }
+# Keys that also take the string "auto" (see the key's comment).
+AUTO = {("influence", "damping")}
+# Defaults that depend on [model] kind, for keys the file leaves out: conv4 reads raw images (no PCA),
+# and takes its tasks one at a time (vmapping per-task conv weights over tasks makes grouped
+# convolutions, several times slower on CPU than a lax.map over tasks).
+KIND_DEFAULTS = {"conv4": {("model", "features"): 0, ("train", "chunk"): 1, ("influence", "batch_size"): 1}}
+CONV4_GROUPS = 4  # channel groups of [model] norm = "group"
 FRACTIONS = {
     ("tasks", "corrupt_tasks"),
     ("tasks", "flip_support"),
@@ -174,6 +186,9 @@ def _suggest(word: str, options) -> str:
 
 def _coerce(where: str, key: str, value: Any, default: Any) -> Any:
     """value converted to the type of `default`, or a ConfigError naming the key."""
+    auto = tuple(key.split(".")) in AUTO
+    if auto and value == "auto":
+        return value
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
@@ -195,7 +210,7 @@ def _coerce(where: str, key: str, value: Any, default: Any) -> Any:
             float: "a number",
             str: "a string",
             tuple: "a list of positive integers, e.g. [16, 8]",
-        }[type(default)]
+        }[type(default)] + (' or "auto"' if auto else "")
         raise ConfigError(
             f"{where}: [{key.split('.')[0]}] {key.split('.')[1]} must be {expected}; "
             f"received {value!r} ({type(value).__name__})."
@@ -228,6 +243,7 @@ def _check_values(where: str, config: Config) -> None:
         ("check", "retrain_steps"),
         ("report", "top_k"),
         ("model", "inner_steps"),
+        ("model", "filters"),
         ("train", "adam_steps"),
     ]
     for section, key in positive:
@@ -241,6 +257,8 @@ def _check_values(where: str, config: Config) -> None:
     non_negative = [
         ("model", "features"),
         ("train", "newton_steps"),
+        ("train", "minibatch"),
+        ("train", "chunk"),
         ("influence", "batch_size"),
         ("influence", "damping"),
         ("check", "tasks"),
@@ -255,7 +273,7 @@ def _check_values(where: str, config: Config) -> None:
     ]
     for section, key in non_negative:
         value = getattr(getattr(config, section), key)
-        if value < 0:
+        if not isinstance(value, str) and value < 0:
             raise ConfigError(f"{where}: [{section}] {key} must be >= 0; received {value!r}.")
     if config.tasks.ways < 2:
         raise ConfigError(f"{where}: [tasks] ways must be >= 2 for classification; received {config.tasks.ways}.")
@@ -274,6 +292,23 @@ def _check_values(where: str, config: Config) -> None:
             f"{where}: [run] name must be a single folder name: it names the run folder runs/<name> when "
             f"there is no --out; received {name!r}. Use a name without '/', '\\' or control characters "
             "that is not '.' or '..'; to write anywhere else, pass --out PATH."
+        )
+    if config.train.minibatch > config.tasks.train:
+        raise ConfigError(
+            f"{where}: [train] minibatch = {config.train.minibatch} tasks per Adam step, but [tasks] train = "
+            f"{config.tasks.train}. Set minibatch <= {config.tasks.train}, or 0 for all tasks at every step."
+        )
+    if config.model.kind == "conv4" and config.model.features:
+        raise ConfigError(
+            f'{where}: [model] kind = "conv4" reads the raw images, so features (PCA components) must be 0; '
+            f'received features = {config.model.features}. Remove the features line, or use kind = "mlp" on '
+            "PCA features."
+        )
+    if config.model.kind == "conv4" and config.model.norm == "group" and config.model.filters % CONV4_GROUPS:
+        raise ConfigError(
+            f'{where}: [model] norm = "group" normalises {CONV4_GROUPS} groups of channels, so filters must be a '
+            f"multiple of {CONV4_GROUPS}; received filters = {config.model.filters}. Set filters to a multiple "
+            f'of {CONV4_GROUPS}, or norm = "layer" or "none".'
         )
     if config.model.kind == "python" and not config.model.module:
         raise ConfigError(
@@ -309,6 +344,10 @@ def from_dict(raw: dict, where: str = "config") -> Config:
                 f"Valid keys of [{name}]: {_valid_keys(name)}. Fix or remove the key and run the command again."
             )
         sections[name] = cls(**{k: _coerce(where, f"{name}.{k}", v, getattr(defaults, k)) for k, v in values.items()})
+    kind = sections["model"].kind if "model" in sections else DEMO.model.kind
+    for (name, key), value in KIND_DEFAULTS.get(kind, {}).items():
+        if key not in raw.get(name, {}):
+            sections[name] = dataclasses.replace(sections.get(name, getattr(DEMO, name)), **{key: value})
     config = dataclasses.replace(DEMO, **sections)
     _check_values(where, config)
     return config

@@ -1,47 +1,79 @@
-"""Peak-memory estimate of a run before it starts, from d, n, m, q, the model's widths and the
-dtype (float64), and the error with a suggested batch_size when it would not fit.
+"""Peak-memory estimate of a run before it starts, from d, n, m, q, the model's layer sizes and
+the dtype (float64; float32 for conv4), and the error with a suggested batch_size when it would
+not fit.
 
-The estimate is a model, not a measurement: per example, the activations of every layer of the
-MLP (forward + backward, through the inner adaptation steps) are kept once per meta-gradient; the
-exact Newton steps and the dense Hessian build d such gradients at once (forward-mode over d
-directions), `influence.batch_size` tasks at a time; leave-one-out retraining runs
-`check.batch_size` Newton solves at once. The constant `SLACK` was calibrated on the demo (see
-the report's measured peak RSS next to the estimate).
+The estimate is a model, not a measurement: per example, the activations of every layer (the
+MLP's widths; conv4's feature maps, block by block: convolution, normalisation, activation and
+pooling) are kept once per meta-gradient (forward + backward, through the inner adaptation
+steps), for the tasks computed at once (`train.minibatch` and `train.chunk` in meta-training,
+`influence.batch_size` in influence), with each such task's adapted parameters; the exact Newton
+steps and the dense Hessian build d such gradients at once (forward-mode over d directions);
+leave-one-out retraining runs `check.batch_size` Newton solves at once. A kind = "python" model is
+counted as an MLP without hidden layers. The constant `SLACK` was calibrated on the demo (see the
+report's measured peak RSS next to the estimate).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 from .config import Config, ConfigError
 
-BYTES = 8  # float64
 SLACK = 3.0  # intermediate copies per stored activation (calibrated on the demo)
 GiB = 1024**3
+CONV4_BLOCKS = 4
 
 
-def _per_gradient(config: Config, n_inputs: int, tasks: int, m: int, q: int) -> float:
-    """Bytes of one meta-gradient over `tasks` tasks."""
-    widths = n_inputs + sum(config.model.hidden) + config.tasks.ways
+def _bytes(config: Config) -> int:
+    return 4 if config.model.kind == "conv4" else 8  # float32 | float64
+
+
+def _activations(config: Config, input_shape: tuple[int, ...]) -> int:
+    """Numbers stored per example by one forward pass (input, every layer's output, logits)."""
+    pixels = math.prod(input_shape)
+    if config.model.kind != "conv4":
+        hidden = sum(config.model.hidden) if config.model.kind == "mlp" else 0
+        return pixels + hidden + config.tasks.ways
+    height, width = input_shape[:2]
+    large = min(height, width) >= 16  # pooling as in pipeline._conv4: VALID (floor), else SAME (ceil)
+    total = pixels
+    for _ in range(CONV4_BLOCKS):
+        maps = height * width * config.model.filters
+        height, width = (height // 2, width // 2) if large else (-(-height // 2), -(-width // 2))
+        total += 3 * maps + height * width * config.model.filters  # conv, norm, activation; pooled
+    return total + config.tasks.ways
+
+
+def _per_gradient(config: Config, input_shape: tuple[int, ...], d: int, tasks: int, m: int, q: int) -> float:
+    """Bytes of one meta-gradient over `tasks` tasks computed at once."""
     steps = config.model.inner_steps
-    per_example = widths * BYTES * SLACK
-    return tasks * (2 * m * (steps + 1) + 2 * q) * per_example
+    per_example = _activations(config, input_shape) * _bytes(config) * SLACK
+    adapted = 2 * (steps + 1) * d * _bytes(config)  # each task's adapted parameters and their cotangents
+    return tasks * ((2 * m * (steps + 1) + 2 * q) * per_example + adapted)
 
 
-def estimate(config: Config, n_inputs: int, d: int, n: int, m: int, q: int) -> dict[str, float]:
-    """Estimated peak bytes of each heavy stage and of the whole run ("peak")."""
+def estimate(config: Config, input_shape: int | tuple[int, ...], d: int, n: int, m: int, q: int) -> dict[str, float]:
+    """Estimated peak bytes of each heavy stage and of the whole run ("peak"), for examples of
+    `input_shape` (an int: flat vectors)."""
+    shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
+    word = _bytes(config)
     chunk = min(config.influence.batch_size or n, n)
-    grad_all = _per_gradient(config, n_inputs, n, m, q)
-    grad_chunk = _per_gradient(config, n_inputs, chunk, m, q)
-    dense = 3 * d * d * BYTES
-    data = (config.tasks.train + config.tasks.target + config.tasks.test) * (m + q) * n_inputs * BYTES
+    train_tasks = min(config.train.minibatch or n, config.train.chunk or n, n)
+    grad_all = _per_gradient(config, shape, d, n, m, q)
+    grad_train = _per_gradient(config, shape, d, train_tasks, m, q)
+    grad_chunk = _per_gradient(config, shape, d, chunk, m, q)
+    dense = 3 * d * d * word
+    data = (config.tasks.train + config.tasks.target + config.tasks.test) * (m + q) * math.prod(shape) * word
     stages = {
-        "adam": 2 * grad_all + 4 * d * BYTES,
+        "adam": 2 * grad_train + 4 * d * word,
         "newton": (d * grad_all + dense) if config.train.newton_steps else 0.0,
         "solve": (d * grad_chunk + dense) if config.influence.solver == "dense" else 4 * grad_chunk,
         "scores": (1 + m + q) * grad_chunk,
-        "edit": n * (1 + m + q) * d * BYTES * 2 + (m + q) * grad_chunk + (d * grad_chunk + dense),
+        "edit": (n * (1 + m + q) * d * word * 2 + (m + q) * grad_chunk + (d * grad_chunk + dense))
+        if config.edit.tasks or config.edit.support
+        else 0.0,
         "check": min(config.check.batch_size, max(config.check.tasks, config.check.support, config.check.query))
         * (d * grad_all + dense),
     }
@@ -66,11 +98,11 @@ def available_bytes() -> float:
 
 
 def check(
-    config: Config, n_inputs: int, d: int, n: int, m: int, q: int, limit: float | None = None
+    config: Config, input_shape: int | tuple[int, ...], d: int, n: int, m: int, q: int, limit: float | None = None
 ) -> dict[str, float]:
     """The estimate (see `estimate`); raises a ConfigError (one paragraph, with a suggested batch_size) when the estimate exceeds
     the limit: `limit` bytes, else [run] memory_limit_gb, else the memory available now."""
-    stages = estimate(config, n_inputs, d, n, m, q)
+    stages = estimate(config, input_shape, d, n, m, q)
     if limit is None:
         limit = config.run.memory_limit_gb * GiB if config.run.memory_limit_gb else available_bytes()
     if stages["peak"] <= limit:
@@ -80,7 +112,7 @@ def check(
     if worst in ("solve", "scores", "edit"):
         fits = lambda b: estimate(
             dataclasses.replace(config, influence=dataclasses.replace(config.influence, batch_size=b)),
-            n_inputs,
+            input_shape,
             d,
             n,
             m,
@@ -109,6 +141,7 @@ def check(
     raise ConfigError(
         f"this run would not fit in memory: the estimated peak is {stages['peak'] / GiB:.2f} GiB (in the {worst} stage) "
         f"but {limit / GiB:.2f} GiB is available{' ([run] memory_limit_gb)' if config.run.memory_limit_gb else ''}. "
-        f"To fit, {'; or '.join(advice)}. The estimate counts float64 activations of every task's support and query "
-        "examples through adaptation, d at a time for exact Hessians; raise [run] memory_limit_gb if you know it fits."
+        f"To fit, {'; or '.join(advice)}. The estimate counts the activations ({'float32' if _bytes(config) == 4 else 'float64'}) "
+        "of every task's support and query examples through adaptation, d at a time for exact Hessians; raise "
+        "[run] memory_limit_gb if you know it fits."
     )

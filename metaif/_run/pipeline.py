@@ -34,12 +34,12 @@ import numpy as np
 import optax
 
 import metaif
-from metaif import core, evaluation, problems
+from metaif import _batching, core, evaluation, problems
 from metaif.data import _args as data_args
 from metaif.data import _source as data_source
 
 from . import memory
-from .config import Config, ConfigError
+from .config import CONV4_GROUPS, Config, ConfigError
 from .store import Store, code_version, fingerprint, load_tree, save_tree
 from .ui import UI
 
@@ -290,8 +290,14 @@ def check_pools(config: Config, pools: Pools, where: str = "config") -> None:
             )
 
 
+def dtype(model_config) -> np.dtype:
+    """The float dtype of a run's model and data: float32 for conv4 (real networks), float64 otherwise."""
+    return np.dtype(np.float32 if model_config.kind == "conv4" else np.float64)
+
+
 def build_data(config: Config, pools: Pools | None = None) -> dict[str, np.ndarray]:
-    """Tasks in feature space, corruption masks, the raw support images (for plots) and the PCA."""
+    """Tasks in feature space (conv4: the images themselves), corruption masks, the raw support
+    images (for plots) and the PCA."""
     pools = load_pools(config) if pools is None else pools
     check_pools(config, pools)
     t = config.tasks
@@ -304,11 +310,12 @@ def build_data(config: Config, pools: Pools | None = None) -> dict[str, np.ndarr
                 f"[model] features = {config.model.features} (PCA components of {pools.source}): {error} "
                 "Set [model] features lower, or to 0 to use the raw pixels."
             ) from None
-    embed = (
-        (lambda x: features(x))
-        if features is not None
-        else (lambda x: np.asarray(x, np.float64).reshape(*x.shape[:2], -1))
-    )
+    if features is not None:
+        embed = lambda x: np.asarray(features(x), np.float64)
+    elif config.model.kind == "conv4":
+        embed = lambda x: np.asarray(x, np.float32)  # [n, k, H, W(, C)]
+    else:
+        embed = lambda x: np.asarray(x, np.float64).reshape(*x.shape[:2], -1)
     sample = lambda images, labels, n, seed: metaif.data.few_shot_tasks(
         images, labels, n, t.ways, t.shots, t.queries, seed
     )
@@ -348,9 +355,9 @@ def build_data(config: Config, pools: Pools | None = None) -> dict[str, np.ndarr
     return out
 
 
-def task_set(data: dict, name: str) -> metaif.TaskSet:
+def task_set(data: dict, name: str, dtype=jnp.float64) -> metaif.TaskSet:
     part = lambda p: {
-        "x": jnp.asarray(data[f"{name}_{p}x"], jnp.float64),
+        "x": jnp.asarray(data[f"{name}_{p}x"], dtype),
         "y": jnp.asarray(data[f"{name}_{p}y"], jnp.int32),
     }
     return metaif.TaskSet(part("s"), part("q"))
@@ -364,8 +371,9 @@ class Model(NamedTuple):
     init: Callable[[int], Any]  # seed -> meta_params
     logits: Callable | None  # (params, x [k, D]) -> [k, ways]
     n_params: int
-    source_sha256: str  # of the Python model file ("" for the built-in MLP)
+    source_sha256: str  # of the Python model file ("" for the built-in models)
     predict: Callable | None  # (params, meta_params, example) -> logits, for metaif.task_accuracies
+    dtype: np.dtype  # of the meta-parameters and the inputs
 
 
 def _logits_of_example(logits, params, meta_params, example):
@@ -405,23 +413,49 @@ def _python_model(path: str, source: bytes):
     return module
 
 
-def build_model(model_config, n_inputs: int, ways: int) -> Model:
-    """The bilevel problem of the [model] section; a Python model file is read (and executed) anew,
-    so an edited file is never served from the cache of an earlier call."""
-    return _build_model(model_config, n_inputs, ways, _model_source(model_config))
+def build_model(model_config, input_shape: int | tuple[int, ...], ways: int) -> Model:
+    """The bilevel problem of the [model] section on examples of `input_shape` (an int: flat
+    vectors); a Python model file is read (and executed) anew, so an edited file is never served
+    from the cache of an earlier call."""
+    shape = (input_shape,) if isinstance(input_shape, int) else tuple(int(k) for k in input_shape)
+    return _build_model(model_config, shape, ways, _model_source(model_config))
+
+
+def _conv4(model_config, image_shape: tuple[int, ...], ways: int, seed: int):
+    """The conv4 model as a `metaif.models.PureModel`; 2×2 pooling rounds down (the standard) when
+    the images are large enough for four poolings, else up (small images such as 8×8 digits)."""
+    from flax import nnx
+
+    m = model_config
+    options = dict(filters=m.filters, norm=None if m.norm == "none" else m.norm, groups=CONV4_GROUPS)
+    large = min(image_shape[:2]) >= 16
+    try:
+        module = metaif.models.Conv4(
+            image_shape, ways, **options, pool_padding="VALID" if large else "SAME", rngs=nnx.Rngs(seed)
+        )
+    except ValueError as error:
+        raise ConfigError(f'[model] kind = "conv4" on images of shape {image_shape}: {error}') from None
+    return metaif.models.from_nnx(module)
 
 
 @functools.lru_cache(maxsize=None)
-def _build_model(model_config, n_inputs: int, ways: int, source: bytes) -> Model:
+def _build_model(model_config, input_shape: tuple[int, ...], ways: int, source: bytes) -> Model:
     m = model_config
+    n_inputs = int(np.prod(input_shape))
     if m.adapt == "maml":
         adapt = metaif.Unrolled(steps=m.inner_steps, lr=m.inner_lr)
-    else:
-        adapt = metaif.Proximal(reg=m.prox_reg, steps=m.inner_steps, lr=m.inner_lr, inner_solve="dense")
+    else:  # conv4 is too large for dense inner solves: conjugate gradients, matrix-free
+        adapt = metaif.Proximal(
+            reg=m.prox_reg, steps=m.inner_steps, lr=m.inner_lr, inner_solve="cg" if m.kind == "conv4" else "dense"
+        )
     if m.kind == "mlp":
         sizes = (n_inputs, *m.hidden, ways)
         loss, logits = problems.mlp_cross_entropy, problems.mlp_logits
         init = lambda seed: problems.mlp_init(jax.random.key(seed), sizes)
+    elif m.kind == "conv4":
+        pure = _conv4(m, input_shape, ways, 0)
+        loss, logits = pure.cross_entropy, pure.apply
+        init = lambda seed: pure.params if seed == 0 else _conv4(m, input_shape, ways, seed).params
     else:
         module = _python_model(m.module, source)
         loss, logits = module.loss, getattr(module, "logits", None)
@@ -431,20 +465,40 @@ def _build_model(model_config, n_inputs: int, ways: int, source: bytes) -> Model
     problem = metaif.BilevelProblem(loss, loss, adapt, meta_reg=m.meta_reg)
     size = sum(int(np.size(x)) for x in jax.tree.leaves(jax.eval_shape(lambda: init(0))))
     predict = None if logits is None else functools.partial(_logits_of_example, logits)
-    return Model(problem, init, logits, size, hashlib.sha256(source).hexdigest() if source else "", predict)
+    digest = hashlib.sha256(source).hexdigest() if source else ""
+    return Model(problem, init, logits, size, digest, predict, dtype(m))
 
 
-def accuracy(model: Model, meta_params, tasks) -> float:
-    return (
-        float("nan")
-        if model.predict is None
-        else float(metaif.task_accuracies(model.problem, meta_params, tasks, model.predict).mean())
+def _per_task(fn: Callable, tasks, chunk_size: int | None):
+    """[n, ...] values of fn(one-task TaskSet) -> [1, ...], `chunk_size` tasks at a time (lax.map;
+    None: all at once). Traceable."""
+    one = lambda task: jax.tree.map(lambda x: x[0], fn(jax.tree.map(lambda x: x[None], task)))
+    return _batching.map_tasks(one, tasks, chunk_size)
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "predict", "chunk_size"))
+def _accuracies(problem, predict, meta_params, tasks, chunk_size):
+    return _per_task(lambda t: metaif.task_accuracies(problem, meta_params, t, predict), tasks, chunk_size)
+
+
+def accuracy(model: Model, meta_params, tasks, chunk_size: int | None = None) -> float:
+    """Mean query accuracy after adaptation, `chunk_size` tasks at a time (nan without logits)."""
+    if model.predict is None:
+        return float("nan")
+    return float(_accuracies(model.problem, model.predict, meta_params, tasks, chunk_size).mean())
+
+
+@functools.partial(jax.jit, static_argnames=("optimizer", "steps", "minibatch", "chunk_size"))
+def _train_steps(problem, optimizer, params, opt_state, tasks, weights, *, steps, key, minibatch, chunk_size):
+    """Pure optax steps of metaif.meta_train, jitted once (checkpointed between calls); each
+    gradient summed `chunk_size` tasks at a time (None: all at once)."""
+    chunking = {} if chunk_size is None else {"chunk_size": chunk_size}
+    return core.train_steps(
+        problem, optimizer, params, opt_state, tasks, weights, steps=steps, key=key, minibatch=minibatch, **chunking
     )
 
 
-# Pure optax steps of metaif.meta_train, jitted once (checkpointed between calls).
-_train_steps = jax.jit(core.train_steps, static_argnames=("optimizer", "steps", "minibatch"))
-_value_and_grad = jax.jit(core.value_and_grad)
+_value_and_grad = jax.jit(core.value_and_grad, static_argnames=("chunk_size",))
 # Scores of a chunk of tasks given v = H⁻¹∇f, as in metaif.influence (n_tasks: the whole set's n).
 _chunk_scores = jax.jit(core.target_scores, static_argnames=("chunk_size", "n_tasks"))
 
@@ -528,7 +582,8 @@ def _chunks(total: int, size: int) -> list[tuple[int, int]]:
 
 
 def _adam(ctx: Context, model: Model, tasks, fp: str) -> dict[str, np.ndarray]:
-    """Full-batch Adam, checkpointed every `checkpoint_every` steps (resumes mid-training)."""
+    """Adam (full-batch, or on task minibatches), checkpointed every `checkpoint_every` steps
+    (resumes mid-training)."""
     cfg = ctx.config.train
     name = "train_adam"
     optimizer = _optimizer(cfg.adam_lr)
@@ -562,7 +617,7 @@ def _adam(ctx: Context, model: Model, tasks, fp: str) -> dict[str, np.ndarray]:
             [],
             0.0,
         )
-    weights = metaif.Weights.ones(tasks.n_tasks, tasks.n_support, tasks.n_query, jnp.float64)
+    weights = metaif.Weights.ones(tasks.n_tasks, tasks.n_support, tasks.n_query, model.dtype)
     earlier_rss = float(saved.get("max_rss", np.nan)) if saved is not None else np.nan
     with ctx.ui.progress(label, cfg.adam_steps, done) as advance:
         while done < cfg.adam_steps:
@@ -570,7 +625,16 @@ def _adam(ctx: Context, model: Model, tasks, fp: str) -> dict[str, np.ndarray]:
             length = min(cfg.checkpoint_every, cfg.adam_steps - done)
             key, sub = jax.random.split(key)
             params, opt_state, v, g = _train_steps(
-                model.problem, optimizer, params, opt_state, tasks, weights, steps=length, key=sub
+                model.problem,
+                optimizer,
+                params,
+                opt_state,
+                tasks,
+                weights,
+                steps=length,
+                key=sub,
+                minibatch=cfg.minibatch or None,
+                chunk_size=cfg.chunk or None,
             )
             losses += np.asarray(v).tolist()
             norms += np.asarray(g).tolist()
@@ -615,15 +679,15 @@ def setup(config: Config, data: dict, memory_limit_bytes: float | None = None) -
     """The model on the built tasks, checked as the run checks it before training (`metaif run
     --check` runs the same): the model file loads, its loss is a scalar on a real task, and the
     memory estimate fits."""
-    train, target, test = (task_set(data, k) for k in ("train", "target", "test"))
-    n_inputs = int(data["train_sx"].shape[-1])
-    model = build_model(config.model, n_inputs, config.tasks.ways)
+    train, target, test = (task_set(data, k, dtype(config.model)) for k in ("train", "target", "test"))
+    input_shape = tuple(int(k) for k in data["train_sx"].shape[2:])
+    model = build_model(config.model, input_shape, config.tasks.ways)
     problem = model.problem
     jax.eval_shape(
         lambda lam: metaif.meta_objective(problem, lam, train), model.init(0)
     )  # e.g. a non-scalar loss fails here
     estimate = memory.check(
-        config, n_inputs, model.n_params, train.n_tasks, train.n_support, train.n_query, memory_limit_bytes
+        config, input_shape, model.n_params, train.n_tasks, train.n_support, train.n_query, memory_limit_bytes
     )
     return Setup(model, train, target, test, estimate)
 
@@ -635,7 +699,8 @@ def _settings(config: Config) -> dict:
     drop = {
         "model": {"module"}
         | ({"prox_reg"} if config.model.adapt != "imaml" else set())
-        | ({"hidden"} if config.model.kind != "mlp" else set()),
+        | ({"hidden"} if config.model.kind != "mlp" else set())
+        | ({"filters", "norm"} if config.model.kind != "conv4" else set()),
         "train": {"checkpoint_every"},
         "influence": {"cg_maxiter"} if config.influence.solver != "cg" else set(),
     }
@@ -653,7 +718,9 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
 
     # ---- data: keyed on the content of the loaded images and labels, not on where they came from
     pools = load_pools(config)
-    fp_data = fingerprint("data", pools_sha256(pools), sec["tasks"], sec["model"]["features"], code)
+    fp_data = fingerprint(
+        "data", pools_sha256(pools), sec["tasks"], sec["model"]["features"], str(dtype(config.model)), code
+    )
     build = functools.partial(build_data, config, pools)
     data = _stage(ctx, "data", f"Data: {config.data.dataset} tasks", fp_data, lambda advance, build=build: build())
     data = {**data, "source": np.asarray(pools.source)}
@@ -668,18 +735,24 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
     )
     problem = model.problem
     n, m, q = train.n_tasks, train.n_support, train.n_query
+    chunk_size = config.influence.batch_size or None  # tasks at a time inside influence and evaluation
 
     # ---- meta-training
     t = sec["train"]
     fp_adam = fingerprint(
-        "adam", after("data"), sec["model"], model.source_sha256, t["adam_steps"], t["adam_lr"], t["seed"], code
+        "adam",
+        after("data"),
+        sec["model"],
+        model.source_sha256,
+        [t[k] for k in ("adam_steps", "adam_lr", "seed", "minibatch", "chunk")],
+        code,
     )
     adam = _adam(ctx, model, train, fp_adam)
     adam_params = load_tree("p", adam, model.init(0))
 
     def newton(advance):
         if config.train.newton_steps == 0:
-            value, grad = _value_and_grad(problem, adam_params, train)
+            value, grad = _value_and_grad(problem, adam_params, train, chunk_size=config.train.chunk or None)
             result = metaif.TrainResult(
                 adam_params, jnp.zeros(0), jnp.zeros(0), value, optax.tree_utils.tree_norm(grad)
             )
@@ -697,15 +770,15 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
         ctx, "train_newton", f"Meta-training: exact Newton, {config.train.newton_steps} steps", fp_newton, newton
     )
     lam = load_tree("p", refined, model.init(0))
-    target = _target_fn(problem, target_tasks)
+    target = _target_fn(problem, target_tasks, chunk_size)
 
     def evaluate(advance):
         return {
-            "train_accuracy": accuracy(model, lam, train),
-            "test_accuracy": accuracy(model, lam, test),
+            "train_accuracy": accuracy(model, lam, train, chunk_size),
+            "test_accuracy": accuracy(model, lam, test, chunk_size),
             "target_loss": float(target(lam)),
             "adam_target_loss": float(target(adam_params)),
-            "adam_test_accuracy": accuracy(model, adam_params, test),
+            "adam_test_accuracy": accuracy(model, adam_params, test, chunk_size),
         }
 
     evaluated = _stage(
@@ -720,7 +793,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
     solver = _solver(config)
 
     def solve(advance):
-        op = metaif.hessian_operator(problem, lam, train, chunk_size=config.influence.batch_size or None)
+        op = metaif.hessian_operator(problem, lam, train, chunk_size=chunk_size)
         if model.n_params <= DENSE_SPECTRUM:  # exact: eigenvalues of the materialised Hessian
             values = np.linalg.eigvalsh(np.asarray(op.to_dense()))
             spectrum = {
@@ -764,9 +837,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
 
             def compute(lo=lo, hi=hi):
                 sub = jax.tree.map(lambda x: x[lo:hi], train)
-                t_, a_, b_ = _chunk_scores(
-                    problem, lam, sub, v, chunk_size=config.influence.batch_size or None, n_tasks=n
-                )
+                t_, a_, b_ = _chunk_scores(problem, lam, sub, v, chunk_size=chunk_size, n_tasks=n)
                 return with_rss({"tasks": t_, "support": a_, "query": b_})
 
             parts.append(store.cached(f"scores_{i:04d}", fingerprint(fp_scores, i), compute))
@@ -782,7 +853,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
         "baseline",
         "Baseline: raw loss after adaptation",
         fp_base,
-        lambda advance: dict(zip(LEVELS, evaluation.baselines.raw_loss(problem, lam, train)[:3])),
+        lambda advance: _raw_loss(problem, lam, train, chunk_size),
     )
     baseline = {level: base[level] for level in LEVELS}
 
@@ -856,7 +927,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
 
     def edit(advance):
         edit_solver = dataclasses.replace(solver, damping=e.damping)
-        infl = metaif.influence(problem, lam, train, solver=edit_solver, chunk_size=config.influence.batch_size or None)
+        infl = metaif.influence(problem, lam, train, solver=edit_solver, chunk_size=chunk_size)
         removed = {"tasks": remove_tasks, "support": remove_support}
         edited = evaluation.edit(lam, infl, removed, problem=problem, tasks=train)
         weights = [
@@ -881,7 +952,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
             ("retrain_base", pick(1)),
         ):
             out[f"target_{key}"] = float(target(params))
-            out[f"test_accuracy_{key}"] = accuracy(model, params, test)
+            out[f"test_accuracy_{key}"] = accuracy(model, params, test, chunk_size)
         return out
 
     fp_edit = fingerprint(
@@ -929,16 +1000,27 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
 
 def _solver(config: Config):
     i = config.influence
+    damping = None if isinstance(i.damping, str) else i.damping  # "auto": the solvers' default, 1e-4·λ_max(H)
     if i.solver == "dense":
-        return metaif.solvers.Dense(damping=i.damping)
-    return metaif.solvers.CG(damping=i.damping, maxiter=i.cg_maxiter)
+        return metaif.solvers.Dense(damping=damping)
+    return metaif.solvers.CG(damping=damping, maxiter=i.cg_maxiter)
 
 
-def _target_fn(problem, tasks) -> Callable:
-    """λ ↦ mean query loss over the held-out target tasks (jitted, one object per task set)."""
+def _target_fn(problem, tasks, chunk_size: int | None = None) -> Callable:
+    """λ ↦ mean query loss over the held-out target tasks, `chunk_size` tasks at a time (jitted,
+    one object per task set)."""
 
     @jax.jit
     def target(meta_params):
-        return jnp.mean(metaif.task_losses(problem, meta_params, tasks))
+        return jnp.mean(_per_task(lambda t: metaif.task_losses(problem, meta_params, t), tasks, chunk_size))
 
     return target
+
+
+def _raw_loss(problem, meta_params, tasks, chunk_size: int | None) -> dict[str, np.ndarray]:
+    """The raw-loss baseline's task, support and query scores, `chunk_size` tasks per call."""
+    parts = [
+        evaluation.baselines.raw_loss(problem, meta_params, jax.tree.map(lambda x: x[lo:hi], tasks))[:3]
+        for lo, hi in _chunks(tasks.n_tasks, chunk_size or tasks.n_tasks)
+    ]
+    return {level: np.concatenate([np.asarray(p[i]) for p in parts]) for i, level in enumerate(LEVELS)}

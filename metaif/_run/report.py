@@ -39,9 +39,9 @@ STAGES = {
 }
 
 
-def device_caption() -> str:
+def device_caption(dtype: str = "float64") -> str:
     devices = jax.devices()
-    return f"backend {jax.default_backend()}, device {devices[0].device_kind} ×{len(devices)}, float64"
+    return f"backend {jax.default_backend()}, device {devices[0].device_kind} ×{len(devices)}, {dtype}"
 
 
 def _safe(fn, *args) -> float:
@@ -130,7 +130,7 @@ def summarize(r: dict) -> dict:
         "n_query": r["q"],
         "ways": config.tasks.ways,
         "d": r["d"],
-        "device": device_caption(),
+        "device": device_caption(str(r["model"].dtype)),
         "stationarity": {
             "adam_grad_norm": float(adam["grad_norms"][-1]),
             "grad_norm": float(refined["grad_norm"]),
@@ -466,11 +466,12 @@ def _plt():
     return plt
 
 
-def _finish(fig, path: Path) -> None:
+def _finish(fig, path: Path, caption: str) -> None:
+    """Save the figure with `caption` (the summary's device line) in its corner."""
     fig.text(
         0.995,
         0.005,
-        f"{device_caption()} · metaif {metaif.__version__}",
+        f"{caption} · metaif {metaif.__version__}",
         ha="right",
         va="bottom",
         fontsize=6,
@@ -501,7 +502,7 @@ def figures(out: Path, r: dict, summary: dict, top_k: int) -> list[tuple[str, st
     axes[2].set(xlabel="exact Newton step", ylabel="‖∇F‖", title="then exact Newton")
     axes[2].xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
-    _finish(fig, out / "training.png")
+    _finish(fig, out / "training.png", summary["device"])
     made.append(
         (
             "training.png",
@@ -530,7 +531,7 @@ def figures(out: Path, r: dict, summary: dict, top_k: int) -> list[tuple[str, st
         ax.set(xlabel="influence on the held-out loss (> 0: harmful)", ylabel="count", title=title)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _finish(fig, out / "scores.png")
+    _finish(fig, out / "scores.png", summary["device"])
     made.append(
         (
             "scores.png",
@@ -555,7 +556,7 @@ def figures(out: Path, r: dict, summary: dict, top_k: int) -> list[tuple[str, st
             )
             ax.title.set_fontsize(9)
         fig.tight_layout()
-        _finish(fig, out / "predicted_vs_actual.png")
+        _finish(fig, out / "predicted_vs_actual.png", summary["device"])
         made.append(
             (
                 "predicted_vs_actual.png",
@@ -586,7 +587,7 @@ def figures(out: Path, r: dict, summary: dict, top_k: int) -> list[tuple[str, st
         ax.set(xlabel="fraction inspected (highest score first)", ylabel="fraction of corrupted found", title=title)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _finish(fig, out / "detection.png")
+    _finish(fig, out / "detection.png", summary["device"])
     made.append(("detection.png", "Detection: inspecting data in order of decreasing score; ROC-AUC in the legend."))
 
     # examples
@@ -610,7 +611,7 @@ def figures(out: Path, r: dict, summary: dict, top_k: int) -> list[tuple[str, st
             )
     fig.set_size_inches(max(8, 1.5 * top_k), 4.4)
     fig.tight_layout()
-    _finish(fig, out / "examples.png")
+    _finish(fig, out / "examples.png", summary["device"])
     made.append(
         (
             "examples.png",
@@ -643,7 +644,7 @@ def figures(out: Path, r: dict, summary: dict, top_k: int) -> list[tuple[str, st
         ax.set(ylabel=name, title=title, ylim=(0, top or 1.15 * max(values)))
         ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
-    _finish(fig, out / "editing.png")
+    _finish(fig, out / "editing.png", summary["device"])
     made.append(
         (
             "editing.png",
