@@ -98,52 +98,25 @@ def target_fn(problem, target_tasks, chunk):
     return lambda lam: core.objective(problem, lam, target_tasks, core.unit_weights(lam, target_tasks))
 
 
-class Peak:
-    """Extra peak memory of a call: device peak bytes on accelerators; on CPU the process's peak
-    resident set (VmHWM, reset through /proc/self/clear_refs) above its size before the call."""
-
-    def __init__(self):
-        self.device = jax.devices()[0]
-
-    def _now(self) -> tuple[int, int]:
-        stats = self.device.memory_stats() if self.device.platform != "cpu" else None
-        if stats:
-            return int(stats.get("bytes_in_use", 0)), int(stats.get("peak_bytes_in_use", 0))
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-        kb = lambda key: int(fields[key].split()[0]) * 1024
-        return kb("VmRSS"), kb("VmHWM")
-
-    def measure(self, fn):
-        """(output, extra peak bytes of fn())."""
-        if self.device.platform == "cpu":
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
-        before, _ = self._now()
-        out = jax.block_until_ready(fn())
-        _, peak = self._now()
-        return out, max(peak - before, 0)
-
-
-def timed(fn) -> tuple[float, float, object]:
-    """(first-call seconds, warm seconds, output)."""
+def compiled(fn, *args):
+    """(compiled executable, compile seconds, bytes XLA assigns beyond the arguments: temporaries
+    and outputs, the call's peak working memory)."""
     start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    return first, time.perf_counter() - start, out
+    executable = jax.jit(fn).lower(*args).compile()
+    seconds = time.perf_counter() - start
+    memory = executable.memory_analysis()
+    working = None if memory is None else int(memory.temp_size_in_bytes + memory.output_size_in_bytes)
+    return executable, seconds, working
 
 
-def ratio_row(first, warm, base_warm, base_compile) -> dict:
-    compile_s = max(first - warm, 0.0)
-    return {
-        "compile_s": compile_s,
-        "warm_s": warm,
-        "warm_ratio": warm / base_warm,
-        "compile_ratio": compile_s / base_compile if base_compile > 0 else None,
-    }
+def warm_seconds(executable, *args, repeats: int = 2) -> tuple[float, object]:
+    """(fastest of `repeats` calls, output)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(executable(*args))
+        best = min(best, time.perf_counter() - start)
+    return best, out
 
 
 # ----------------------------------------------------------------------------- stages
@@ -226,24 +199,27 @@ def _load_params(folder: Path, like):
 
 
 def stage_influence(size, problem, lam, tasks, target, log) -> tuple[dict, metaif.Influence]:
-    """The default influence call beside one meta-gradient: seconds, compile, extra peak memory."""
-    chunk, peak = size["chunk"], Peak()
-    gradient = jax.jit(lambda p, l, t: core.value_and_grad(p, l, t, chunk_size=chunk))
-    first, warm, _ = timed(lambda: gradient(problem, lam, tasks))
-    _, grad_memory = peak.measure(lambda: gradient(problem, lam, tasks))
-    log(f"influence: meta-gradient {warm:.2f} s warm, {first - warm:.1f} s compile")
-    call = lambda: metaif.influence(problem, lam, tasks, target=target, chunk_size=chunk)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", metaif.NonStationaryWarning)  # an Adam point: reported below
-        i_first, i_warm, result = timed(call)
-        _, influence_memory = peak.measure(call)
+    """The default influence computation (what `metaif.influence(problem, λ, tasks, target)` runs:
+    CG with the curvature-aware damping) beside one meta-gradient, compiled ahead of time:
+    compile seconds, warm seconds and working memory, each as a ratio."""
+    chunk = size["chunk"]
+    gradient, g_compile, g_memory = compiled(lambda l: core.value_and_grad(problem, l, tasks, chunk_size=chunk), lam)
+    g_warm, _ = warm_seconds(gradient, lam)
+    log(f"influence: meta-gradient {g_warm:.2f} s warm, {g_compile:.1f} s compile, {g_memory / 2**20:.0f} MiB")
+    call = lambda l: core.influence_on_target(problem, l, tasks, target, chunk_size=chunk)
+    executable, i_compile, i_memory = compiled(call, lam)
+    i_warm, result = warm_seconds(executable, lam)
     solve, diag = result.diagnostics.solve, result.diagnostics
-    log(f"influence: {i_warm:.2f} s warm ({i_warm / warm:.1f} meta-gradients), δ = {float(solve.damping):.4g}")
+    log(
+        f"influence: {i_warm:.2f} s warm ({i_warm / g_warm:.1f} meta-gradients), {i_compile:.1f} s compile, "
+        f"{i_memory / 2**20:.0f} MiB, δ = {float(solve.damping):.4g}"
+    )
     row = {
-        "meta_gradient": ratio_row(first, warm, warm, first - warm),
-        "influence": ratio_row(i_first, i_warm, warm, first - warm),
-        "peak_memory_bytes": {"meta_gradient": grad_memory, "influence": influence_memory},
-        "memory_ratio": influence_memory / grad_memory if grad_memory else None,
+        "meta_gradient": {"compile_s": g_compile, "warm_s": g_warm, "working_memory_bytes": g_memory},
+        "influence": {"compile_s": i_compile, "warm_s": i_warm, "working_memory_bytes": i_memory},
+        "warm_ratio": i_warm / g_warm,
+        "compile_ratio": i_compile / g_compile,
+        "memory_ratio": i_memory / g_memory if g_memory else None,
         "chunk_size": chunk,
         "damping": float(solve.damping),
         "min_curvature_seen": float(solve.min_eigenvalue),
@@ -400,7 +376,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
-    parser.add_argument("--data", default=None, help="folder with Omniglot's zips (default $METAIF_DATA, ../shared/data)")
+    parser.add_argument(
+        "--data", default=None, help="folder with Omniglot's zips (default $METAIF_DATA, ../shared/data)"
+    )
     parser.add_argument("--out", default=None, help="result folder (default results/scale-<size>)")
     parser.add_argument("--fresh", action="store_true", help="ignore finished stages and checkpoints")
     args = parser.parse_args(argv)
@@ -439,20 +417,21 @@ def main(argv=None) -> int:
         sys.exit(f"scale.py: no trained meta_params in {folder}: run the train stage first.")
     lam = _load_params(folder, model.params)
     target = target_fn(problem, target_tasks, size["chunk"])
-    default = None
-    for stage in ("influence", "reference", "truth"):
-        if stage not in stages or (stage in results and stage != "influence"):
-            continue
-        if default is None:
-            row, default = stage_influence(size, problem, lam, tasks, target, log)
-            if "influence" in stages:
-                results["influence"] = row
-                save()
-        if stage == "reference":
-            results["reference"] = stage_reference(size, problem, lam, tasks, target, default, log)
-        elif stage == "truth" and size["removals"]:
-            results["truth"] = stage_truth(size, model, problem, lam, tasks, target_tasks, default, log)
+    pending = [
+        stage
+        for stage in ("influence", "reference", "truth")
+        if stage in stages and stage not in results and (stage != "truth" or size["removals"])
+    ]
+    if pending:  # every later stage compares with the default influence: computed once here
+        row, default = stage_influence(size, problem, lam, tasks, target, log)
+        results["influence"] = row
         save()
+        if "reference" in pending:
+            results["reference"] = stage_reference(size, problem, lam, tasks, target, default, log)
+            save()
+        if "truth" in pending:
+            results["truth"] = stage_truth(size, model, problem, lam, tasks, target_tasks, default, log)
+            save()
     log(f"wrote {result_path}")
     return 0
 

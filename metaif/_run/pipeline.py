@@ -488,14 +488,7 @@ def accuracy(model: Model, meta_params, tasks, chunk_size: int | None = None) ->
     return float(_accuracies(model.problem, model.predict, meta_params, tasks, chunk_size).mean())
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer", "steps", "minibatch", "chunk_size"))
-def _train_steps(problem, optimizer, params, opt_state, tasks, weights, *, steps, key, minibatch, chunk_size):
-    """Pure optax steps of metaif.meta_train, jitted once (checkpointed between calls); each
-    gradient summed `chunk_size` tasks at a time (None: all at once)."""
-    chunking = {} if chunk_size is None else {"chunk_size": chunk_size}
-    return core.train_steps(
-        problem, optimizer, params, opt_state, tasks, weights, steps=steps, key=key, minibatch=minibatch, **chunking
-    )
+_train_steps = jax.jit(core.train_steps, static_argnames=("optimizer", "steps", "minibatch", "chunk_size"))
 
 
 _value_and_grad = jax.jit(core.value_and_grad, static_argnames=("chunk_size",))

@@ -1,0 +1,59 @@
+"""benchmarks/scale.py end to end at its tiny size on real Omniglot (slow lane): every stage
+writes its numbers, the default solve agrees with the converged reference, the proximal
+leave-one-out ground truth converges, and a rerun resumes instead of recomputing."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from _paths import DATA, ROOT
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (DATA / "omniglot").exists(), reason="needs Omniglot under ../shared/data"),
+]
+
+
+def run(out, *extra):
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "scale.py"),
+            "--size",
+            "tiny",
+            "--out",
+            str(out),
+            "--data",
+            str(DATA),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+
+
+def test_every_stage_writes_its_numbers_and_a_rerun_resumes(tmp_path):
+    done = run(tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "scale.json").read_text())
+    train, influence, reference, truth = (result[k] for k in ("train", "influence", "reference", "truth"))
+    low, high = train["test_accuracy_ci95"]
+    assert 0 <= low <= train["test_accuracy"] <= high <= 1 and train["test_tasks"] == 20
+    assert influence["warm_ratio"] > 1 and influence["compile_ratio"] > 0
+    assert influence["influence"]["working_memory_bytes"] > influence["meta_gradient"]["working_memory_bytes"] > 0
+    # the curvature-aware default: H + δI positive definite where CG looked, converged on this tiny net
+    assert influence["damping"] > max(0.0, -influence["min_curvature_seen"]) and not influence["indefinite"]
+    assert reference["damping"] == influence["damping"]
+    assert min(reference["spearman"].values()) > 0.9
+    assert truth["removals"] == {"tasks": 3, "support": 3, "query": 3}
+    assert truth["converged"] == truth["removals"]
+    assert set(truth["spearman"]) >= {"task-IF (default CG)", "Direct-IF", "TRAK", "random"}
+    # a second run finds every stage done and its checkpoint: nothing is retrained
+    again = run(tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "train: step" not in again.stdout and json.loads((tmp_path / "scale.json").read_text())["train"] == train
+    bad = run(tmp_path, "--stages", "train,bogus")
+    assert bad.returncode != 0 and "unknown ['bogus']" in bad.stderr
