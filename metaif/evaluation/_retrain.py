@@ -2,6 +2,8 @@
 
 * `retrain`: warm-started at λ*, trust-region Newton on F(λ; w) (`metaif.training.newton_steps`)
   until ‖∇‖ <= tol, for a batch of weight settings, `lax.map(..., batch_size=...)` over the batch.
+  With `solver=metaif.solvers.CG(...)`: matrix-free Newton–CG (`metaif._newton_cg`), which never
+  forms the d×d Hessian (networks such as Conv4).
   With `proximal=ρ` it minimises F(λ; w) + (ρ/2)‖λ − center‖² (center λ* by default) instead:
   the retraining that damped influence (solver damping δ = ρ) estimates, and the meaningful
   ground truth in non-convex networks, where plain retraining can leave λ*'s basin.
