@@ -1,7 +1,8 @@
 """Evaluating influence: ground truth by retraining, metrics, baselines and editing.
 
 * Ground truth (`_retrain`, `_lds`): warm-started Newton retraining (`retrain`, optionally
-  proximal), cold-started retraining over seeds (`retrain_cold`), leave-one-out at every level
+  proximal; dense Newton for small models, matrix-free Newton–CG with `solver=CG(...)` for
+  networks), cold-started retraining over seeds (`retrain_cold`), leave-one-out at every level
   (`leave_one_out`), random-subset retraining for the linear datamodeling score (`subset_weights`,
   `lds`), and `noise_ceiling`, the agreement of repeated retrainings.
 * `metrics`: pearson, spearman, roc_auc, detection curve and area, top-k overlap.

@@ -2,6 +2,8 @@
 
 * `retrain`: warm-started at λ*, trust-region Newton on F(λ; w) (`metaif.training.newton_steps`)
   until ‖∇‖ <= tol, for a batch of weight settings, `lax.map(..., batch_size=...)` over the batch.
+  With `solver=metaif.solvers.CG(...)`: matrix-free Newton–CG (`metaif._newton_cg`), which never
+  forms the d×d Hessian (networks such as Conv4).
   With `proximal=ρ` it minimises F(λ; w) + (ρ/2)‖λ − center‖² (center λ* by default) instead:
   the retraining that damped influence (solver damping δ = ρ) estimates, and the meaningful
   ground truth in non-convex networks, where plain retraining can leave λ*'s basin.
@@ -16,6 +18,7 @@ changes can be told apart from optimiser noise; compare repeated retrainings wit
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Literal, NamedTuple
 
@@ -28,6 +31,8 @@ from .. import _tree, _validate
 from .._objective import Weights, check_arguments
 from .._problem import BilevelProblem, TaskSet
 from .._deprecation import renamed
+from .._newton_cg import newton_cg
+from ..solvers import CG
 from ..training import newton_steps as _newton
 from ..training import train_steps
 
@@ -38,11 +43,14 @@ LEVELS = ("tasks", "support", "query")
 
 class Retrained(NamedTuple):
     """Retrained meta-parameters (leading batch axes, e.g. [B] or [S, B]), the final gradient
-    norm of the objective each retraining minimised and the Newton steps it took (same axes)."""
+    norm of the objective each retraining minimised and the Newton steps it took (same axes);
+    `products`: the Hessian-vector products each spent (matrix-free `solver=CG(...)` only, else
+    None)."""
 
     meta_params: PyTree
     grad_norm: jax.Array
     iterations: jax.Array | None = None
+    products: jax.Array | None = None
 
 
 def check_level(level: Any) -> str:
@@ -120,6 +128,41 @@ def _retrain(problem, steps, damping, proximal, tol, chunk_size, meta_params, ce
     return Retrained(*_map(solve, weights, chunk_size))
 
 
+@functools.partial(jax.jit, static_argnames=("chunk_size", "task_chunk_size"))
+def _retrain_cg(
+    problem,
+    solver,
+    steps,
+    shift,
+    initial_shift,
+    proximal,
+    tol,
+    chunk_size,
+    task_chunk_size,
+    meta_params,
+    center,
+    tasks,
+    weights,
+):
+    def solve(w):
+        result = newton_cg(
+            problem, solver, steps, shift, proximal, center, meta_params, tasks, w, tol, initial_shift, task_chunk_size
+        )
+        return result.params, result.grad_norm, result.iterations, result.products
+
+    return Retrained(*_map(solve, weights, chunk_size))
+
+
+def _check_solver(solver: Any) -> CG | None:
+    if solver is None or isinstance(solver, CG):
+        return solver
+    raise TypeError(
+        "solver must be None (dense trust-region Newton, small models) or a metaif.solvers.CG instance "
+        "(matrix-free Newton–CG), e.g. metaif.solvers.CG(maxiter=200, tol=1e-8); "
+        f"received {_validate.describe(solver)}."
+    )
+
+
 def _chunk_size(value, weights: Weights, repeats: int = 1):
     """The validated batch size, None when it covers all `repeats`·B settings (one compiled vmap)."""
     if value is None:
@@ -141,13 +184,16 @@ def retrain(
     proximal: float = 0.0,
     center: PyTree | None = None,
     tol: float = 1e-10,
+    solver: CG | None = None,
+    task_chunk_size: int | None = None,
 ) -> Retrained:
     """Re-solve the objective for each weight setting in `weights` (leaves [B, n], [B, n, m],
-    [B, n, q]), warm-started at meta_params, by trust-region Newton steps until the gradient
-    norm is <= tol or `steps` steps are spent.
+    [B, n, q]), warm-started at meta_params, by Newton steps until the gradient norm is <= tol
+    or `steps` steps are spent: dense trust-region Newton by default, matrix-free Newton–CG with
+    `solver=metaif.solvers.CG(...)`.
 
     Args:
-      steps: the most Newton steps (dense Hessians) per retraining.
+      steps: the most Newton steps per retraining (dense Hessians, or Newton–CG linear solves).
       shift: a fixed shift added to the model Hessian of every step (does not change the
         solution).
       chunk_size: weight settings solved at a time (`lax.map`); None: all at once (vmap; a batch
@@ -158,10 +204,23 @@ def retrain(
         Pass λ* here and a perturbed start as meta_params for a noise ceiling of proximal
         retraining.
       tol: stop once ‖∇‖ <= tol.
+      solver: None: dense trust-region Newton (`metaif.training.newton_steps`; materialises the
+        d×d Hessian, small models). A `metaif.solvers.CG`: truncated Newton that never forms H
+        (`metaif._newton_cg`): each step solves (H + (ρ + shift + μ)I) p = −∇ by CG on exact
+        Hessian-vector products with the solver's `maxiter`, `tol` and preconditioner, under a
+        Levenberg–Marquardt shift μ >= 0 (raised on non-positive curvature or a poor step,
+        lowered after good ones; backtracking as a fallback), so an indefinite H (an
+        Adam-trained λ) is handled. The solver's `damping` is μ₀ (None: 1e-3 (ρ + ‖∇(start)‖)).
+        For a ground truth use a tight CG tol (1e-6 to 1e-8) and maxiter of 100 or more: steps
+        are then near-exact Newton steps and convergence is fast near the minimum.
+      task_chunk_size: with `solver`, tasks per chunk of the gradients and Hessian-vector
+        products (None: all tasks at once). For conv nets on CPU, 1 is much faster than vmapped
+        tasks (per-task conv weights vmap into grouped convolutions).
 
     Returns:
       `Retrained` with leading axis B; `grad_norm` (of the minimised objective) above tol means
-      the budget ran out; `iterations` the Newton steps taken.
+      the budget ran out; `iterations` the Newton steps taken; with `solver`, `products` the
+      Hessian-vector products spent.
     """
     meta_params = check_arguments(problem, meta_params, tasks)
     _validate.finite_tree("meta_params", meta_params)
@@ -176,8 +235,36 @@ def retrain(
         _validate.finite_tree("center", center)
         _check_like("center", center, meta_params)
     weights = Weights(*(jnp.asarray(w, _tree.float_dtype(meta_params)) for w in weights))
-    return _retrain(
-        problem, steps, shift, proximal, tol, _chunk_size(chunk_size, weights), meta_params, center, tasks, weights
+    solver = _check_solver(solver)
+    if task_chunk_size is not None:
+        task_chunk_size = _validate.positive_int("task_chunk_size", task_chunk_size)
+        if solver is None:
+            raise ValueError(
+                f"task_chunk_size chunks the matrix-free path; received task_chunk_size={task_chunk_size} with "
+                "solver=None (dense Newton). Pass solver=metaif.solvers.CG(...) or task_chunk_size=None."
+            )
+    if solver is None:
+        return _retrain(
+            problem, steps, shift, proximal, tol, _chunk_size(chunk_size, weights), meta_params, center, tasks, weights
+        )
+    # damping is μ₀, passed on its own (NaN: the default; one compiled program for None and numbers);
+    # the solver keeps a numeric leaf there, which each step replaces with ρ + shift + μ
+    initial_shift = np.nan if solver.damping is None else solver.damping
+    solver = dataclasses.replace(solver, damping=0.0)
+    return _retrain_cg(
+        problem,
+        solver,
+        steps,
+        shift,
+        initial_shift,
+        proximal,
+        tol,
+        _chunk_size(chunk_size, weights),
+        task_chunk_size,
+        meta_params,
+        center,
+        tasks,
+        weights,
     )
 
 
@@ -330,13 +417,16 @@ def leave_one_out(
     *,
     proximal: float = 0.0,
     tol: float = 1e-10,
+    solver: CG | None = None,
+    task_chunk_size: int | None = None,
 ):
     """Actual change of `target` when each datum in `indices` is removed and F is re-solved.
 
     Args:
       level: "tasks", "support" or "query".
       indices: task indices [B] or (task, example) pairs [B, 2]; None for every datum of the level.
-      steps, proximal, tol: as in `retrain` (proximal 0: plain retraining).
+      steps, proximal, tol, solver, task_chunk_size: as in `retrain` (proximal 0: plain
+        retraining; solver=metaif.solvers.CG(...): matrix-free Newton–CG).
 
     Returns (changes = target(λ_without) − target(λ*), final gradient norms): arrays [B], or the
     level's shape ([n], [n, m] or [n, q]) when indices is None. Compare with −influence.
@@ -347,7 +437,16 @@ def leave_one_out(
     indices = all_indices(level, n, m, q) if full else indices
     weights = removal_weights(n, m, q, level, indices, _tree.float_dtype(meta_params))
     result = retrain(
-        problem, meta_params, tasks, weights, steps=steps, chunk_size=chunk_size, proximal=proximal, tol=tol
+        problem,
+        meta_params,
+        tasks,
+        weights,
+        steps=steps,
+        chunk_size=chunk_size,
+        proximal=proximal,
+        tol=tol,
+        solver=solver,
+        task_chunk_size=task_chunk_size,
     )
     changes = target_values(target, result) - target(meta_params)
     if full:
