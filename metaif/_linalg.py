@@ -355,78 +355,114 @@ def fused_conjugate_gradient(
     *,
     tol: float,
     maxiter: int,
-    damping: Any = None,
-    estimate_steps: int = 0,
-    key: jax.Array | None = None,
-    damping_of: Callable[[jax.Array], jax.Array] | None = None,
-    raise_damping: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-    restarts: int = 0,
+    damping: Any,
 ) -> tuple[PyTree, SolveInfo]:
-    """CG on (H + δI) x = b in one `lax.while_loop` whose body holds the only call of `hvp`.
-
-    With `damping` given, δ = damping; else δ = damping_of(ascending Ritz values of
-    `estimate_steps` Lanczos products on H from a random start with `key`), and when CG then
-    meets a direction p with pᵀ(H + δI)p <= 0 it sets δ = raise_damping(δ, pᵀHp/‖p‖²) and
-    restarts from 0, at most `restarts` times (each restart gets `maxiter` products). Same
-    products and numbers as `lanczos` followed by `conjugate_gradient` on v ↦ H v + δ v with its
-    residual check, but the Lanczos steps, the CG steps and the residual check share one compiled
-    product: XLA's compile time grows with the number of call sites of a costly `hvp` (an HVP
-    through unrolled adaptation compiles about as long as a meta-gradient). SolveInfo's
-    `iterations` counts CG products of the last restart; `min_eigenvalue` is the smallest
-    curvature seen (Ritz value or restart direction; NaN with a given damping)."""
+    """CG on (H + δI) x = b, δ = `damping`, in one `lax.while_loop` whose body holds the only
+    call of `hvp`: the CG steps and the residual check share one compiled product (XLA's compile
+    time grows with the number of call sites of a costly `hvp`; an HVP through unrolled
+    adaptation compiles about as long as a meta-gradient). Same numbers as `conjugate_gradient`
+    on v ↦ H v + δ v with its residual check."""
     b_norm = _tree.norm(b)
     dtype = b_norm.dtype
     threshold = tol * b_norm
     no_precondition = lambda r, rs: (r, rs)
-    steps = 0 if damping is not None else estimate_steps
-    restarts = restarts if steps else 0
-    nan = jnp.full((), jnp.nan, dtype)
+    delta = jnp.asarray(damping, dtype)
 
     def body(state):
-        i, lanczos_state, cg, delta, residual, _, restarted, smallest = state
-        estimating = i < steps
-        solving = ~estimating & _cg_running(cg, threshold, maxiter)
-        if steps:
-            vector = jax.tree.map(
-                lambda q, p, x: jnp.where(estimating, q, jnp.where(solving, p, x)), lanczos_state[3], cg[3], cg[1]
-            )
-        else:
-            vector = jax.tree.map(lambda p, x: jnp.where(solving, p, x), cg[3], cg[1])
-        w = hvp(vector)
-        if steps:
-            lanczos_state = jax.lax.cond(
-                estimating, lambda s: _lanczos_update(jnp.minimum(i, steps - 1), s, w), lambda s: s, lanczos_state
-            )
-            ritz = _ritz_values(lanczos_state)
-            delta = jnp.where(i == steps - 1, damping_of(ritz), delta)
-            smallest = jnp.where(i == steps - 1, ritz[0], smallest)
-        applied = _tree.axpy(delta, vector, w)  # (H + δI) vector, as `_damping.damped` forms it
+        cg, residual, _ = state
+        solving = _cg_running(cg, threshold, maxiter)
+        vector = jax.tree.map(lambda p, x: jnp.where(solving, p, x), cg[3], cg[1])
+        applied = _tree.axpy(delta, vector, hvp(vector))  # (H + δI) vector, as `_damping.damped` forms it
         cg = jax.lax.cond(solving, lambda c: _cg_update(c, applied, no_precondition), lambda c: c, cg)
-        if restarts:
-            curvature = _tree.vdot(vector, w) / jnp.maximum(_tree.sq_norm(vector), jnp.finfo(dtype).tiny)
-            restart = solving & cg[-1] & (restarted < restarts)
-            smallest = jnp.where(solving & cg[-1], jnp.minimum(smallest, curvature), smallest)
-            delta = jnp.where(restart, raise_damping(delta, curvature), delta)
-            cg = jax.lax.cond(restart, lambda c: _cg_init(b, no_precondition), lambda c: c, cg)
-            restarted = restarted + restart.astype(jnp.int32)
-        checked = ~estimating & ~solving
-        residual = jnp.where(checked, _tree.norm(_tree.sub(applied, b)), residual)
-        return i + 1, lanczos_state, cg, delta, residual, checked, restarted, smallest
+        residual = jnp.where(solving, residual, _tree.norm(_tree.sub(applied, b)))
+        return cg, residual, ~solving
 
-    lanczos_state = _lanczos_init(b, steps, key) if steps else None
-    delta0 = jnp.zeros((), dtype) if damping is None else jnp.asarray(damping, dtype)
-    init = (
-        jnp.zeros((), jnp.int32),
-        lanczos_state,
-        _cg_init(b, no_precondition),
-        delta0,
-        nan,
-        jnp.zeros((), bool),
-        jnp.zeros((), jnp.int32),
-        nan,
+    init = (_cg_init(b, no_precondition), jnp.full((), jnp.nan, dtype), jnp.zeros((), bool))
+    cg, residual, _ = jax.lax.while_loop(lambda state: ~state[-1], body, init)
+    return cg[1], _cg_info(cg, residual, b_norm, threshold, delta)
+
+
+def damped_lanczos_solve(
+    hvp: Callable[[PyTree], PyTree],
+    b: PyTree,
+    *,
+    tol: float,
+    maxiter: int,
+    damping_of: Callable[[jax.Array], jax.Array],
+) -> tuple[PyTree, SolveInfo]:
+    """Solve (H + δI) x = b with δ chosen from the curvature the solve itself sees.
+
+    Krylov spaces are shift-invariant, K_k(H + δI, b) = K_k(H, b), so one Lanczos run on H from
+    b (full reorthogonalisation) serves every δ: with H Q_k = Q_k T_k + β_k q_{k+1} e_kᵀ,
+    x_k = Q_k (T_k + δI)⁻¹ ‖b‖ e₁ is the Galerkin solution, what CG on H + δI computes after k
+    products when that matrix is positive definite. δ = damping_of(ascending Ritz values of T_k)
+    is chosen after each product; T_k + δI stays positive definite when δ > −θ_min, so an
+    indefinite H gives the damped solve, never an early stop. Stops when the Lanczos residual
+    β_k |e_kᵀ y| <= tol·‖b‖ or after `maxiter` products, then recomputes the residual with one
+    more product at the same call site. Memory: maxiter vectors like b.
+
+    SolveInfo: `iterations` the Lanczos products, `damping` the final δ, `min_eigenvalue` the
+    smallest Ritz value (an upper bound of λ_min(H)), `indefinite` whether θ_min + δ <= 0.
+    """
+    b_norm = _tree.norm(b)
+    dtype = b_norm.dtype
+    steps = maxiter
+    threshold = tol * b_norm
+    start = _tree.scale(1.0 / jnp.where(b_norm > 0, b_norm, 1.0), b)
+    basis, alphas, betas, *_ = _lanczos_init(b, steps, jax.random.key(0))
+    lanczos = (basis, alphas, betas, start, _tree.zeros_like(b), jnp.zeros((), dtype))
+
+    def projected(state, k):
+        """(y [steps], δ, θ_min, Lanczos residual) of the solve in the first k + 1 vectors."""
+        _, alphas, betas, *_ = state
+        index = jnp.arange(steps, dtype=jnp.int32)
+        valid = index <= k
+        # padding: decoupled diagonal entries equal to α₀ (inside the valid block's Ritz range),
+        # so the extreme Ritz values are the valid block's own
+        diagonal = jnp.where(valid, alphas, alphas[0])
+        off = jnp.where(index[:-1] < k, betas[:-1], 0.0)
+        factor = eigh(jnp.diag(diagonal) + jnp.diag(off, 1) + jnp.diag(off, -1))
+        delta = damping_of(factor.values)
+        shifted = factor.values + delta
+        safe = jnp.where(shifted > 0, shifted, 1.0)
+        y = factor.vectors @ (factor.vectors[0] * b_norm / safe)
+        y = jnp.where(valid, y, 0.0)
+        return y, delta, factor.values[0], jnp.abs(betas[k] * y[k]), jnp.any(shifted <= 0)
+
+    def body(state):
+        k, used, lanczos, x, delta, smallest, bad, residual, _ = state
+        solving = k < steps
+        vector = jax.tree.map(lambda q, v: jnp.where(solving, q, v), lanczos[3], x)
+        w = hvp(vector)
+        lanczos = jax.lax.cond(
+            solving, lambda s: _lanczos_update(jnp.minimum(k, steps - 1), s, w), lambda s: s, lanczos
+        )
+        y, new_delta, new_smallest, estimate, new_bad = projected(lanczos, jnp.minimum(k, steps - 1))
+        new_x = basis_combine(lanczos[0], y)
+        x = jax.tree.map(lambda a, c: jnp.where(solving, a, c), new_x, x)
+        delta = jnp.where(solving, new_delta, delta)
+        smallest = jnp.where(solving, new_smallest, smallest)
+        bad = jnp.where(solving, new_bad, bad)
+        checked = ~solving
+        residual = jnp.where(checked, _tree.norm(_tree.sub(_tree.axpy(delta, vector, w), b)), residual)
+        # done after this product's solve meets tol: the next pass only checks the residual
+        used = used + solving.astype(jnp.int32)
+        k = jnp.where(solving & (estimate <= threshold), steps, k + 1)
+        return k, used, lanczos, x, delta, smallest, bad, residual, checked
+
+    zero, count = jnp.zeros((), dtype), jnp.zeros((), jnp.int32)
+    init = (count, count, lanczos, _tree.zeros_like(b), zero, zero, jnp.zeros((), bool), zero, jnp.zeros((), bool))
+    _, used, _, x, delta, smallest, bad, residual, _ = jax.lax.while_loop(lambda state: ~state[-1], body, init)
+    relative = _relative(residual, b_norm)
+    return x, SolveInfo(
+        iterations=used,
+        residual_norm=residual,
+        relative_residual=relative,
+        converged=jnp.isfinite(residual) & (residual <= threshold) & ~bad,
+        indefinite=bad,
+        min_eigenvalue=smallest,
+        damping=delta,
     )
-    _, _, cg, delta, residual, _, _, smallest = jax.lax.while_loop(lambda state: ~state[5], body, init)
-    return cg[1], _cg_info(cg, residual, b_norm, threshold, delta, smallest)
 
 
 # ----------------------------------------------------------------------------- dense

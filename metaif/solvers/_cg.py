@@ -20,15 +20,15 @@ class CG(Solver):
     Needs H + damping·I positive definite. With a given `damping`, on meeting non-positive
     curvature it stops and reports `indefinite=True, converged=False` (raise `damping`;
     `metaif.influence` warns). With the default `damping=None`, δ is curvature-aware
-    (`metaif.solvers._damping`): max(1e-4·λ_max(H), 2·max(0, −λ_min(H))) from 5 Lanczos
-    products, and CG restarts with δ raised to twice the negative curvature it meets (at most 3
-    times), so an indefinite H (a λ from Adam) gives the damped, proximal influence instead of an
-    early stop; `SolveInfo.damping` is the δ used. `tol` is relative to ‖b‖.
+    (`metaif.solvers._damping`): max(1e-4·λ_max(H), 2·max(0, −λ_min(H))) from the Ritz values
+    of the solve's own Lanczos run (one target: δ is re-chosen after each product, and the
+    solution is the Galerkin solve of (H + δI) x = b in that Krylov space, what CG computes), so
+    an indefinite H (a λ from Adam) gives the damped, proximal influence instead of an early
+    stop; `SolveInfo.damping` is the δ used. `tol` is relative to ‖b‖.
 
     The defaults are a budgeted solve for ranking, chosen from benchmarks/solvers.py (mlp-maml,
-    docs/solvers.md) and benchmarks/scale.py (Conv4 at an Adam point): at most 16 CG products,
-    so one target costs 22 products with the Lanczos estimate and the residual check (16 more
-    per restart). How well
+    docs/solvers.md) and benchmarks/scale.py (Conv4 at an Adam point): at most 16 products per
+    target, and one more for the residual check. How well
     they rank scores against the exact solve with the same δ (`Dense(damping=None)`), and how
     the error falls as `maxiter` grows, is measured in the docs' "Measured results" page (raise
     `maxiter` for accurate magnitudes). `converged` is False when `tol` was not met.
@@ -91,23 +91,22 @@ class CG(Solver):
         return matvec, _preconditioner.spectral(operator.hvp, operator.like, delta, rank, steps, self.seed), delta
 
     def solve_one(self, operator, b):
-        """One right-hand side: without a preconditioner, the damping estimate, the CG steps and the
-        residual check run in one loop around one product (`_linalg.fused_conjugate_gradient`),
-        with the same numbers as `solve(prepare(operator), b)` and a third of its compile time."""
+        """One right-hand side, without a preconditioner, in one loop around one product: with the
+        default damping the Lanczos–Galerkin solve that picks δ from its own Ritz values
+        (`_linalg.damped_lanczos_solve`); with a given damping CG and its residual check
+        (`_linalg.fused_conjugate_gradient`, the same numbers as `solve(prepare(operator), b)`)."""
         if self.preconditioner is not None:
             return super().solve_one(operator, b)
-        steps = min(_damping.ESTIMATE_STEPS, _tree.size(operator.like))
+        if self.damping is None:
+            return _linalg.damped_lanczos_solve(
+                operator.hvp,
+                b,
+                tol=self.tol,
+                maxiter=min(self.maxiter, _tree.size(operator.like)),
+                damping_of=_damping.of_ritz_values,
+            )
         return _linalg.fused_conjugate_gradient(
-            operator.hvp,
-            b,
-            tol=self.tol,
-            maxiter=self.maxiter,
-            damping=self.damping,
-            estimate_steps=steps,
-            key=jax.random.key(self.seed),
-            damping_of=_damping.of_ritz_values,
-            raise_damping=_damping.raised,
-            restarts=_damping.MAX_RESTARTS,
+            operator.hvp, b, tol=self.tol, maxiter=self.maxiter, damping=self.damping
         )
 
     def solve(self, state, b):

@@ -5,17 +5,18 @@ Default (`damping=None` on every matrix-free solver; `Dense(damping=None)` is it
 
     δ = max(RELATIVE_DAMPING · λ_max(H),  NEGATIVE_MARGIN · max(0, −λ_min(H)))
 
-with λ_max and λ_min the extreme Ritz values of ESTIMATE_STEPS Lanczos products shared by every
-right-hand side (Dense uses the exact eigenvalues). Where H is positive semi-definite (a trained
+with λ_max and λ_min extreme Ritz values (Dense uses the exact eigenvalues). `CG().solve_one`
+(one target, the common call) takes them from the Lanczos run of its own solve, choosing δ after
+each product (`_linalg.damped_lanczos_solve`: Krylov spaces do not depend on the shift); solves
+of many right-hand sides share an estimate of ESTIMATE_STEPS Lanczos products. Where H is positive semi-definite (a trained
 minimum) this is δ = 1e-4 · λ_max: relative to the curvature scale, so δ rescales with the loss and
 bounds the condition number of H + δI by about 10⁴ (evidence: benchmarks/solvers.py, mlp-maml,
 docs/solvers.md "Damping"). Where H is indefinite, as at a λ from Adam that is not a stationary
 point, δ is twice the most negative curvature seen, so H + δI is positive definite and influence
 is the response of proximal retraining (minimise F + (δ/2)‖λ − λ*‖², the PBRF view) rather than
-an ill-posed solve. A few Lanczos steps see only part of the negative spectrum: when CG then meets
-a direction p with pᵀ(H + δI)p <= 0, it raises δ to NEGATIVE_MARGIN times that direction's
-curvature |pᵀHp|/‖p‖² and restarts (at most MAX_RESTARTS times); `SolveInfo.damping` reports the
-δ used and `SolveInfo.min_eigenvalue` the most negative curvature seen.
+an ill-posed solve. The Ritz values bound λ_min from above, so the solve is positive definite on
+the space it searched; `SolveInfo.damping` reports the δ used and `SolveInfo.min_eigenvalue` the
+smallest Ritz value.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ PyTree = Any
 RELATIVE_DAMPING = 1e-4
 NEGATIVE_MARGIN = 2.0  # δ >= this × the most negative curvature seen
 ESTIMATE_STEPS = 5  # Lanczos products for λ_max (mlp-maml: 5 steps give λ_max to 1e-8 relative)
-MAX_RESTARTS = 3  # CG restarts with a raised δ after meeting non-positive curvature
 
 
 class IndefiniteCurvatureWarning(RuntimeWarning):
@@ -69,12 +69,6 @@ def curvature_aware(smallest: jax.Array, largest: jax.Array) -> jax.Array:
 def of_ritz_values(values: jax.Array) -> jax.Array:
     """The default δ from ascending Ritz (or exact) eigenvalues."""
     return curvature_aware(values[0], values[-1])
-
-
-def raised(damping: jax.Array, curvature: jax.Array) -> jax.Array:
-    """δ after CG met a direction of curvature pᵀHp/‖p‖² = `curvature` <= −δ: NEGATIVE_MARGIN ×
-    |curvature|, at least twice the old δ."""
-    return jnp.maximum(NEGATIVE_MARGIN * jnp.abs(curvature), 2.0 * damping)
 
 
 def ritz_range(hvp: Callable[[PyTree], PyTree], like: PyTree, steps: int, seed: int) -> tuple[jax.Array, jax.Array]:
