@@ -35,6 +35,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import metaif
 
@@ -94,8 +95,14 @@ def build(size: dict, root: str):
 
 
 def target_fn(problem, target_tasks, chunk):
-    """f(λ) = mean query loss of the held-out target tasks after adaptation."""
-    return lambda lam: core.objective(problem, lam, target_tasks, core.unit_weights(lam, target_tasks))
+    """f(λ) = mean query loss of the held-out target tasks after adaptation, `chunk` tasks at a
+    time (a vmap over every task would make grouped convolutions and hold all their activations)."""
+
+    def f(lam):
+        one = lambda task: core.task_losses(problem, lam, jax.tree.map(lambda x: x[None], task))[0]
+        return jnp.mean(jax.lax.map(one, target_tasks, batch_size=chunk))
+
+    return f
 
 
 def compiled(fn, *args):
@@ -109,7 +116,7 @@ def compiled(fn, *args):
     return executable, seconds, working
 
 
-def warm_seconds(executable, *args, repeats: int = 1) -> tuple[float, object]:
+def warm_seconds(executable, *args, repeats: int = 1) -> tuple[float, Any]:
     """(fastest of `repeats` calls, output)."""
     best, out = float("inf"), None
     for _ in range(repeats):
@@ -271,11 +278,13 @@ def stage_truth(size, model, problem, lam, tasks, target, default, log) -> dict:
     n, m, q = tasks.n_tasks, tasks.n_support, tasks.n_query
     count = size["removals"]
     rng = np.random.default_rng(0)
-    picks = {
+    picks = {  # flat indices into scores [n], [n, m], [n, q]
         "tasks": rng.choice(n, min(count, n), replace=False),
         "support": rng.choice(n * m, min(count, n * m), replace=False),
         "query": rng.choice(n * q, min(count, n * q), replace=False),
     }
+    columns = {"tasks": 1, "support": m, "query": q}
+    removal_index = lambda level, flat: flat if level == "tasks" else np.stack(np.divmod(flat, columns[level]), axis=1)
     solver = metaif.solvers.CG(tol=1e-6, maxiter=size["retrain_maxiter"])
     retrain = lambda start, weights, tol: evaluation.retrain(
         problem, start, tasks, weights, steps=20, proximal=rho, center=lam, tol=tol, chunk_size=1,
@@ -285,7 +294,7 @@ def stage_truth(size, model, problem, lam, tasks, target, default, log) -> dict:
     ones = core.Weights(jnp.ones((1, n)), jnp.ones((1, n, m)), jnp.ones((1, n, q)))
     start = time.perf_counter()
     base = retrain(lam, ones, 1e-4 * float(default.diagnostics.grad_norm))
-    hat = jax.tree.map(lambda x: x[0], base.params)
+    hat = jax.tree.map(lambda x: x[0], base.meta_params)
     log(f"truth: full proximal retraining ‖∇‖ = {float(base.grad_norm[0]):.2e} in {int(base.iterations[0])} steps")
     truth, converged, ceiling, tolerance, products = {}, {}, {}, {}, {}
     perturbation = jax.flatten_util.ravel_pytree(hat)[1](
@@ -293,14 +302,14 @@ def stage_truth(size, model, problem, lam, tasks, target, default, log) -> dict:
     )
     base_value = float(f(hat))
     for level, index in picks.items():
-        weights = evaluation.removal_weights(n, m, q, level, index, dtype=jnp.float32)
+        weights = evaluation.removal_weights(n, m, q, level, removal_index(level, index), dtype=jnp.float32)  # type: ignore[arg-type]
         # each removal's tolerance: 1e-3 of the smallest starting gradient (≈ ‖∂ removal‖ at λ̂)
         tol = 1e-3 * float(jnp.min(proximal_gradient_norms(problem, hat, lam, rho, tasks, weights, size["chunk"])))
         tolerance[level] = tol
         first = retrain(hat, weights, tol)
         again = retrain(jax.tree.map(jnp.add, hat, perturbation), weights, tol)
-        values = np.asarray(jax.vmap(f)(first.params)) - base_value
-        repeat = np.asarray(jax.vmap(f)(again.params)) - base_value
+        values = np.asarray(jax.lax.map(f, first.meta_params)) - base_value
+        repeat = np.asarray(jax.lax.map(f, again.meta_params)) - base_value
         truth[level] = values
         converged[level] = int(np.sum(np.asarray(first.grad_norm) <= tol))
         products[level] = float(np.mean(np.asarray(first.products)))
@@ -331,12 +340,12 @@ def stage_truth(size, model, problem, lam, tasks, target, default, log) -> dict:
                 problem, lam, tasks, target=ftarget, chunk_size=chunk, solver=metaif.solvers.CG(damping=delta),
                 curvature=model.cross_entropy.gauss_newton(),
             ),
-            "Direct-IF": evaluation.direct_if(problem, lam, tasks, ftarget, solver=metaif.solvers.CG(damping=delta), chunk_size=chunk),
-            "TracIn (gradient dot)": evaluation.grad_dot(problem, lam, tasks, ftarget, chunk_size=chunk),
-            "TRAK": evaluation.trak(problem, lam, tasks, ftarget, chunk_size=chunk),
-            "single-level IF": evaluation.single_level(problem, lam, tasks, ftarget, solver=metaif.solvers.CG(damping=delta), chunk_size=chunk),
-            "raw loss": evaluation.raw_loss(problem, lam, tasks),
-            "random": evaluation.random_scores(tasks, seed=0),
+            "Direct-IF": evaluation.baselines.direct_if(problem, lam, tasks, ftarget, solver=metaif.solvers.CG(damping=delta), chunk_size=chunk),
+            "TracIn (gradient dot)": evaluation.baselines.grad_dot(problem, lam, tasks, ftarget, chunk_size=chunk),
+            "TRAK": evaluation.baselines.trak(problem, lam, tasks, ftarget, chunk_size=chunk),
+            "single-level IF": evaluation.baselines.single_level(problem, lam, tasks, ftarget, solver=metaif.solvers.CG(damping=delta), chunk_size=chunk),
+            "raw loss": evaluation.baselines.raw_loss(problem, lam, tasks),
+            "random": evaluation.baselines.random_scores(tasks, seed=0),
         }  # fmt: skip
     return {
         "rho": rho,

@@ -49,7 +49,9 @@ def test_every_stage_writes_its_numbers_and_a_rerun_resumes(tmp_path):
     assert reference["damping"] == influence["damping"]
     assert min(reference["spearman"].values()) > 0.9
     assert truth["removals"] == {"tasks": 3, "support": 3, "query": 3}
-    assert truth["converged"] == truth["removals"]
+    # how many retrainings met their tolerance is reported, not assumed (Newton–CG on a ReLU net)
+    assert all(0 <= truth["converged"][k] <= truth["removals"][k] for k in truth["removals"])
+    assert all(-1 <= value <= 1 for value in truth["noise_ceiling"].values())
     assert set(truth["spearman"]) >= {"task-IF (default CG)", "Direct-IF", "TRAK", "random"}
     # a second run finds every stage done and its checkpoint: nothing is retrained
     again = run(tmp_path)

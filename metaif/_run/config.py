@@ -74,7 +74,7 @@ class Train:
 @dataclasses.dataclass(frozen=True)
 class Influence:
     solver: str = "dense"  # dense | cg
-    damping: float | str = 0.0  # δ >= 0, or "auto": the solvers' default δ = 1e-4·λ_max(H)
+    damping: float | str = 0.0  # δ >= 0, or "auto": the solvers' default (curvature-aware) δ
     batch_size: int = 0  # tasks per vmapped batch inside a computation (0: all at once; conv4 default 1)
     chunk: int = 25  # tasks per saved chunk of scores
     cg_maxiter: int = 200

@@ -993,7 +993,7 @@ def run(config: Config, out: Path, ui: UI, memory_limit_bytes: float | None = No
 
 def _solver(config: Config):
     i = config.influence
-    damping = None if isinstance(i.damping, str) else i.damping  # "auto": the solvers' default, 1e-4·λ_max(H)
+    damping = None if isinstance(i.damping, str) else i.damping  # "auto": the solvers' default, curvature-aware δ
     if i.solver == "dense":
         return metaif.solvers.Dense(damping=damping)
     return metaif.solvers.CG(damping=damping, maxiter=i.cg_maxiter)

@@ -4,8 +4,9 @@ Exact: `Dense` (the oracle). Iterative on exact products: `CG` (optionally preco
 `Neumann`. Stochastic: `LiSSA`. Spectral: `LowRank`. Baseline: `Identity`. Every solve returns a
 `SolveInfo`; `lanczos_eigenvalues` reports extreme eigenvalues of the curvature.
 
-Damping: every matrix-free solver defaults to δ = 1e-4 × λ_max(H) (`damping=None`), `Dense` to
-the exact undamped solve (`Dense(damping=None)` is the damped twin). `metaif.influence` and the
+Damping: every matrix-free solver defaults to the curvature-aware δ = max(1e-4 × λ_max(H),
+2 × max(0, −λ_min(H))) (`damping=None`; `LowRank` 1e-4 × λ_max), `Dense` to the exact undamped
+solve (`Dense(damping=None)` is the damped twin). `metaif.influence` and the
 other influence functions warn with `IndefiniteCurvatureWarning` when H + δI is not positive
 definite.
 """
