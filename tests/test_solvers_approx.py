@@ -168,8 +168,10 @@ def test_neumann_with_many_terms_equals_dense():
 
 def test_neumann_flags_negative_curvature():
     indefinite = spd(np.r_[-0.5, np.linspace(0.5, 4.0, D - 1)])
-    x, info = run(Neumann(iterations=50), operator(indefinite))
+    x, info = run(Neumann(1e-3, iterations=50), operator(indefinite))  # δ given: Lanczos for η only
     assert bool(info.indefinite) and not bool(info.converged)
+    x, info = run(Neumann(iterations=50), operator(indefinite))  # the default δ clears λ_min = −0.5
+    assert not bool(info.indefinite) and float(info.damping) > 0.5
     x, info = run(Neumann(0.0, iterations=200, scale=0.2), operator(indefinite))  # no Lanczos: the series sees it
     assert bool(info.indefinite) and not bool(info.converged)
 
@@ -388,13 +390,13 @@ def test_default_damping_is_relative_to_the_largest_eigenvalue():
         ),
         (
             lambda: Neumann(damping=float("nan")),
-            "Neumann.damping must be None (default: 0.0001 × the largest eigenvalue of H) or a finite number >= 0; received float nan",
+            "Neumann.damping must be None (default: 0.0001 × the largest eigenvalue of H, raised to 2 × |λ_min(H)| where H is indefinite) or a finite number >= 0; received float nan",
         ),
         (
             lambda: CG(damping=-1.0),
-            "CG.damping must be None (default: 0.0001 × the largest eigenvalue of H) or a finite number >= 0",
+            "CG.damping must be None (default: 0.0001 × the largest eigenvalue of H, raised to 2 × |λ_min(H)| where H is indefinite) or a finite number >= 0",
         ),
-        (lambda: Dense(damping="auto"), "Dense.damping must be None (default: 0.0001 × the largest eigenvalue of H)"),
+        (lambda: Dense(damping="auto"), "Dense.damping must be None (default: 0.0001 × the largest eigenvalue of H, raised to 2 × |λ_min(H)| where H is indefinite)"),
         (lambda: LiSSA(batch=0), "LiSSA.batch must be an int >= 1; received int 0"),
         (lambda: LiSSA(repeats=2.5), "LiSSA.repeats must be an int >= 1; received float 2.5"),
         (lambda: LiSSA(seed=-1), "LiSSA.seed must be an int >= 0; received int -1"),
