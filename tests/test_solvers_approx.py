@@ -396,7 +396,10 @@ def test_default_damping_is_relative_to_the_largest_eigenvalue():
             lambda: CG(damping=-1.0),
             "CG.damping must be None (default: 0.0001 × the largest eigenvalue of H, raised to 2 × |λ_min(H)| where H is indefinite) or a finite number >= 0",
         ),
-        (lambda: Dense(damping="auto"), "Dense.damping must be None (default: 0.0001 × the largest eigenvalue of H, raised to 2 × |λ_min(H)| where H is indefinite)"),
+        (
+            lambda: Dense(damping="auto"),
+            "Dense.damping must be None (default: 0.0001 × the largest eigenvalue of H, raised to 2 × |λ_min(H)| where H is indefinite)",
+        ),
         (lambda: LiSSA(batch=0), "LiSSA.batch must be an int >= 1; received int 0"),
         (lambda: LiSSA(repeats=2.5), "LiSSA.repeats must be an int >= 1; received float 2.5"),
         (lambda: LiSSA(seed=-1), "LiSSA.seed must be an int >= 0; received int -1"),
