@@ -28,6 +28,7 @@ Stages (each a ratio measured in this one process, never a timed assertion):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -327,23 +328,21 @@ def stage_truth(size, model, problem, lam, tasks, target, default, log) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", metaif.NonStationaryWarning)
         warnings.simplefilter("ignore", metaif.solvers.IndefiniteCurvatureWarning)
-        ftarget = lambda l: f(l)
         chunk = size["chunk"]
-        delta = rho
         methods = {
             "task-IF (default CG)": default,
             "task-IF (CG, δ = 1e-4·λ_max)": metaif.influence(
-                problem, lam, tasks, target=ftarget, chunk_size=chunk,
+                problem, lam, tasks, target=f, chunk_size=chunk,
                 solver=metaif.solvers.CG(damping=1e-4 * largest_eigenvalue(problem, lam, tasks, chunk)),
             ),
             "task-IF (Gauss-Newton, same δ)": metaif.influence(
-                problem, lam, tasks, target=ftarget, chunk_size=chunk, solver=metaif.solvers.CG(damping=delta),
+                problem, lam, tasks, target=f, chunk_size=chunk, solver=metaif.solvers.CG(damping=rho),
                 curvature=model.cross_entropy.gauss_newton(),
             ),
-            "Direct-IF": evaluation.baselines.direct_if(problem, lam, tasks, ftarget, solver=metaif.solvers.CG(damping=delta), chunk_size=chunk),
-            "TracIn (gradient dot)": evaluation.baselines.grad_dot(problem, lam, tasks, ftarget, chunk_size=chunk),
-            "TRAK": evaluation.baselines.trak(problem, lam, tasks, ftarget, chunk_size=chunk),
-            "single-level IF": evaluation.baselines.single_level(problem, lam, tasks, ftarget, solver=metaif.solvers.CG(damping=delta), chunk_size=chunk),
+            "Direct-IF": evaluation.baselines.direct_if(problem, lam, tasks, f, solver=metaif.solvers.CG(damping=rho), chunk_size=chunk),
+            "TracIn (gradient dot)": evaluation.baselines.grad_dot(problem, lam, tasks, f, chunk_size=chunk),
+            "TRAK": evaluation.baselines.trak(problem, lam, tasks, f, chunk_size=chunk),
+            "single-level IF": evaluation.baselines.single_level(problem, lam, tasks, f, solver=metaif.solvers.CG(damping=rho), chunk_size=chunk),
             "raw loss": evaluation.baselines.raw_loss(problem, lam, tasks),
             "random": evaluation.baselines.random_scores(tasks, seed=0),
         }  # fmt: skip
@@ -360,17 +359,17 @@ def stage_truth(size, model, problem, lam, tasks, target, default, log) -> dict:
     }
 
 
+@functools.partial(jax.jit, static_argnames=("chunk",))
 def proximal_gradient_norms(problem, lam, center, rho, tasks, weights, chunk) -> jax.Array:
-    """[B] ‖∇F(λ; w_b) + ρ(λ − center)‖ for a batch of weight settings (one at a time)."""
+    """[B] ‖∇F(λ; w_b) + ρ(λ − center)‖ for a batch of weight settings (one at a time); jitted
+    once, so every removal level reuses the compiled program."""
+    offset = rho * (jax.flatten_util.ravel_pytree(lam)[0] - jax.flatten_util.ravel_pytree(center)[0])
 
     def norm(w):
         grad = core.value_and_grad(problem, lam, tasks, w, chunk_size=chunk)[1]
-        flat = jax.flatten_util.ravel_pytree(grad)[0] + rho * (
-            jax.flatten_util.ravel_pytree(lam)[0] - jax.flatten_util.ravel_pytree(center)[0]
-        )
-        return jnp.linalg.norm(flat)
+        return jnp.linalg.norm(jax.flatten_util.ravel_pytree(grad)[0] + offset)
 
-    return jax.jit(lambda ws: jax.lax.map(norm, ws))(weights)
+    return jax.lax.map(norm, weights)
 
 
 def largest_eigenvalue(problem, lam, tasks, chunk) -> float:

@@ -307,12 +307,13 @@ def _orthogonalise(basis, w):
     return w
 
 
-def _lanczos_init(like, steps, key):
-    """(basis [steps, ...], alphas, betas, q, q_prev, beta_prev) before the first product."""
+def _lanczos_init(like, steps, key=None, start=None):
+    """(basis [steps, ...], alphas, betas, q, q_prev, beta_prev) before the first product, from
+    the unit vector `start` or else a random one drawn with `key`."""
     dtype = _tree.float_dtype(like)
     basis = jax.tree.map(lambda leaf: jnp.zeros((steps, *leaf.shape), leaf.dtype), like)
     vector = jnp.zeros((steps,), dtype)
-    start = _normalise(random_like(key, like))
+    start = _normalise(random_like(key, like)) if start is None else start
     return basis, vector, vector, start, _tree.zeros_like(like), jnp.zeros((), dtype)
 
 
@@ -409,8 +410,7 @@ def damped_lanczos_solve(
     steps = maxiter
     threshold = tol * b_norm
     start = _tree.scale(1.0 / jnp.where(b_norm > 0, b_norm, 1.0), b)
-    basis, alphas, betas, *_ = _lanczos_init(b, steps, jax.random.key(0))
-    lanczos = (basis, alphas, betas, start, _tree.zeros_like(b), jnp.zeros((), dtype))
+    lanczos = _lanczos_init(b, steps, start=start)
 
     def projected(state, k):
         """(y [steps], δ, θ_min, Lanczos residual) of the solve in the first k + 1 vectors."""
