@@ -59,8 +59,13 @@ def test_pairwise_equals_separate_single_target_calls(method, solver, batch_size
         target_chunk_size=target_batch_size,
     )
     assert result.tasks.shape == (8, N) and result.support.shape == (8, N, M) and result.query.shape == (8, N, Q)
+    # single-target calls through the pure core, jitted once with the target's index traced (the
+    # checked `influence` equals the core: tests/test_core.py)
+    single_target = jax.jit(
+        lambda lam, t: metaif.core.influence_on_target(PROBLEM, lam, TASKS, lambda l: targets(l)[t], solver=solver)
+    )
     for t in range(8):
-        single = metaif.influence(PROBLEM, LAM, TASKS, target=lambda lam: targets(lam)[t], solver=solver)
+        single = single_target(LAM, t)
         for pair, one in zip(result[:3], single[:3]):
             np.testing.assert_allclose(pair[t], one, rtol=1e-8, atol=1e-11 * float(np.max(np.abs(one))))
     assert bool(result.solve.converged)

@@ -26,6 +26,9 @@ CASES = {
 }
 
 
+REFINE_STEPS = 8  # one compiled Newton polish serves λ* and every re-solved optimum (it stops at tol)
+
+
 @functools.cache
 def _solved(case):
     loss, adaptation = CASES[case]
@@ -37,7 +40,7 @@ def _solved(case):
         else problems.mlp_init(key, (DIM, 4, WAYS))
     )
     trained = metaif.meta_train(problem, init, TASKS, optax.adam(0.05), steps=1000)
-    lam = metaif.newton_refine(problem, trained.meta_params, TASKS, steps=8).meta_params
+    lam = metaif.newton_refine(problem, trained.meta_params, TASKS, steps=REFINE_STEPS).meta_params
     target = lambda l: metaif.task_losses(problem, l, TEST).mean()
     return problem, lam, target
 
@@ -64,7 +67,7 @@ def test_influence_equals_finite_differences_of_resolved_optima(case):
 
         def resolved(delta):
             weights = dict(ones, **{name: ones[name].at[index].add(delta)})
-            return metaif.newton_refine(problem, lam, TASKS, steps=5, **weights).meta_params
+            return metaif.newton_refine(problem, lam, TASKS, steps=REFINE_STEPS, **weights).meta_params
 
         plus, minus = resolved(h), resolved(-h)
         fd = (ravel(plus)[0] - ravel(minus)[0]) / (2 * h)

@@ -124,7 +124,7 @@ def test_bad_input_is_named():
 def _dense_reduced_hessian(lam, weights):
     flat, unravel = ravel(lam)
     objective = lambda x: metaif.meta_objective(PROBLEM, unravel(x), TASKS, *weights)
-    return np.asarray(jax.hessian(objective)(flat))
+    return np.asarray(jax.jit(jax.hessian(objective))(flat))
 
 
 @pytest.mark.parametrize("level", ["tasks", "query"])
