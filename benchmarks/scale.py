@@ -3,9 +3,14 @@ meta-gradient, the default solve against a converged reference, and proximal lea
 retraining as ground truth where the dense Hessian is out of reach.
 
     .venv/bin/python benchmarks/scale.py                    # CPU size: 16 filters, n = 256, 5-way 1-shot
-    .venv/bin/python benchmarks/scale.py --size truth       # CPU ground truth: proximal leave-one-out, 8 filters, n = 16
+    .venv/bin/python benchmarks/scale.py --size truth       # CPU ground truth: proximal leave-one-out, 8 filters, n = 16 (smooth Conv4)
     .venv/bin/python benchmarks/scale.py --size gpu         # 64 filters, n = 2,000, 20-way 1-shot (one GPU)
     .venv/bin/python benchmarks/scale.py --size tiny        # a smoke run of every stage (the tests run it)
+
+The network is Conv4 with group norm, ReLU and max-pooling, except where the size says `smooth`
+(or --smooth is given): softplus and average pooling. With ReLU or max-pooling the MAML
+meta-gradient jumps (the inner step differentiates through the switches), so ‖∇F‖ -> 0
+retraining, the ground truth of the truth stage, need not exist; the smooth network is C².
 
 Needs Omniglot's official zips under $METAIF_DATA (default ../shared/data from the repository
 root). Writes results/scale-<size>/scale.json after every stage; the trained λ and Adam state are
@@ -54,13 +59,13 @@ from metaif import core, evaluation  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
     "tiny": dict(filters=4, n=8, ways=5, queries=1, steps=20, minibatch=4, log_every=10, test=20, target=8,
-                 chunk=1, reference_maxiter=40, removals=3, retrain_maxiter=60),
+                 chunk=1, reference_maxiter=40, removals=3, retrain_maxiter=60, smooth=False),
     "cpu": dict(filters=16, n=256, ways=5, queries=1, steps=1500, minibatch=16, log_every=250, test=600,
-                target=64, chunk=1, reference_maxiter=60, removals=0, retrain_maxiter=0),
+                target=64, chunk=1, reference_maxiter=60, removals=0, retrain_maxiter=0, smooth=False),
     "truth": dict(filters=8, n=16, ways=5, queries=1, steps=1000, minibatch=8, log_every=250, test=600,
-                  target=64, chunk=1, reference_maxiter=60, removals=16, retrain_maxiter=100),
+                  target=64, chunk=1, reference_maxiter=60, removals=16, retrain_maxiter=100, smooth=True),
     "gpu": dict(filters=64, n=2000, ways=20, queries=1, steps=2000, minibatch=32, log_every=500, test=600,
-                target=64, chunk=100, reference_maxiter=60, removals=0, retrain_maxiter=0),
+                target=64, chunk=100, reference_maxiter=60, removals=0, retrain_maxiter=0, smooth=False),
 }  # fmt: skip
 SHOTS, INNER_STEPS, INNER_LR, ADAM_LR, META_REG = 1, 1, 0.4, 3e-3, 0.0
 STAGES = ("train", "influence", "reference", "truth")
@@ -86,7 +91,10 @@ def build(size: dict, root: str):
     tasks = sample(size["n"], size["queries"], 0, split.train)
     target = sample(size["target"], 5, 1, split.test)
     test = sample(size["test"], 5, 2, split.test)
-    module = metaif.models.Conv4((28, 28), size["ways"], filters=size["filters"], norm="group", rngs=nnx.Rngs(0))
+    module = metaif.models.Conv4(
+        (28, 28), size["ways"], filters=size["filters"], norm="group", rngs=nnx.Rngs(0),
+        activation=jax.nn.softplus if size["smooth"] else jax.nn.relu, pool="avg" if size["smooth"] else "max",
+    )  # fmt: skip
     model = metaif.models.from_nnx(module)
     problem = metaif.BilevelProblem(
         model.cross_entropy, model.cross_entropy, metaif.Unrolled(INNER_STEPS, INNER_LR), meta_reg=META_REG
@@ -297,12 +305,13 @@ def stage_truth(size, model, problem, lam, tasks, target, default, log) -> dict:
     base = retrain(lam, ones, 1e-4 * float(default.diagnostics.grad_norm))
     hat = jax.tree.map(lambda x: x[0], base.meta_params)
     log(f"truth: full proximal retraining ‖∇‖ = {float(base.grad_norm[0]):.2e} in {int(base.iterations[0])} steps")
-    truth, converged, ceiling, tolerance, products = {}, {}, {}, {}, {}
+    truth, converged, ceiling, tolerance, products, level_seconds = {}, {}, {}, {}, {}, {}
     perturbation = jax.flatten_util.ravel_pytree(hat)[1](
         1e-3 * jax.random.normal(jax.random.key(1), jax.flatten_util.ravel_pytree(hat)[0].shape, jnp.float32)
     )
     base_value = float(f(hat))
     for level, index in picks.items():
+        level_start = time.perf_counter()
         weights = evaluation.removal_weights(n, m, q, level, removal_index(level, index), dtype=jnp.float32)  # type: ignore[arg-type]
         # each removal's tolerance: 1e-3 of the smallest starting gradient (≈ ‖∂ removal‖ at λ̂)
         tol = 1e-3 * float(jnp.min(proximal_gradient_norms(problem, hat, lam, rho, tasks, weights, size["chunk"])))
@@ -315,7 +324,11 @@ def stage_truth(size, model, problem, lam, tasks, target, default, log) -> dict:
         converged[level] = int(np.sum(np.asarray(first.grad_norm) <= tol))
         products[level] = float(np.mean(np.asarray(first.products)))
         ceiling[level] = evaluation.metrics.spearman(values, repeat)
-        log(f"truth: {level}: {converged[level]}/{len(index)} converged, ceiling {ceiling[level]:.3f}")
+        level_seconds[level] = time.perf_counter() - level_start
+        log(
+            f"truth: {level}: {converged[level]}/{len(index)} converged, ceiling {ceiling[level]:.3f}, "
+            f"{products[level]:.0f} products per retraining, {level_seconds[level]:.0f} s for {2 * len(index)} retrainings"
+        )
     seconds = time.perf_counter() - start
 
     def against(scores) -> dict:
@@ -325,27 +338,33 @@ def stage_truth(size, model, problem, lam, tasks, target, default, log) -> dict:
             out[level] = evaluation.metrics.spearman(-flat, truth[level])  # removal changes f by about −score
         return out
 
+    chunk = size["chunk"]
+    methods = {  # computed one by one below, each timed (compile included)
+        "task-IF (default CG)": lambda: default,
+        "task-IF (CG, δ = 1e-4·λ_max)": lambda: metaif.influence(
+            problem, lam, tasks, target=f, chunk_size=chunk,
+            solver=metaif.solvers.CG(damping=1e-4 * largest_eigenvalue(problem, lam, tasks, chunk)),
+        ),
+        "task-IF (Gauss-Newton, same δ)": lambda: metaif.influence(
+            problem, lam, tasks, target=f, chunk_size=chunk, solver=metaif.solvers.CG(damping=rho),
+            curvature=model.cross_entropy.gauss_newton(),
+        ),
+        "Direct-IF": lambda: evaluation.baselines.direct_if(problem, lam, tasks, f, solver=metaif.solvers.CG(damping=rho), chunk_size=chunk),
+        "TracIn (gradient dot)": lambda: evaluation.baselines.grad_dot(problem, lam, tasks, f, chunk_size=chunk),
+        "TRAK": lambda: evaluation.baselines.trak(problem, lam, tasks, f, chunk_size=chunk),
+        "single-level IF": lambda: evaluation.baselines.single_level(problem, lam, tasks, f, solver=metaif.solvers.CG(damping=rho), chunk_size=chunk),
+        "raw loss": lambda: evaluation.baselines.raw_loss(problem, lam, tasks),
+        "random": lambda: evaluation.baselines.random_scores(tasks, seed=0),
+    }  # fmt: skip
+    spearman, method_seconds = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", metaif.NonStationaryWarning)
         warnings.simplefilter("ignore", metaif.solvers.IndefiniteCurvatureWarning)
-        chunk = size["chunk"]
-        methods = {
-            "task-IF (default CG)": default,
-            "task-IF (CG, δ = 1e-4·λ_max)": metaif.influence(
-                problem, lam, tasks, target=f, chunk_size=chunk,
-                solver=metaif.solvers.CG(damping=1e-4 * largest_eigenvalue(problem, lam, tasks, chunk)),
-            ),
-            "task-IF (Gauss-Newton, same δ)": metaif.influence(
-                problem, lam, tasks, target=f, chunk_size=chunk, solver=metaif.solvers.CG(damping=rho),
-                curvature=model.cross_entropy.gauss_newton(),
-            ),
-            "Direct-IF": evaluation.baselines.direct_if(problem, lam, tasks, f, solver=metaif.solvers.CG(damping=rho), chunk_size=chunk),
-            "TracIn (gradient dot)": evaluation.baselines.grad_dot(problem, lam, tasks, f, chunk_size=chunk),
-            "TRAK": evaluation.baselines.trak(problem, lam, tasks, f, chunk_size=chunk),
-            "single-level IF": evaluation.baselines.single_level(problem, lam, tasks, f, solver=metaif.solvers.CG(damping=rho), chunk_size=chunk),
-            "raw loss": evaluation.baselines.raw_loss(problem, lam, tasks),
-            "random": evaluation.baselines.random_scores(tasks, seed=0),
-        }  # fmt: skip
+        for name, method in methods.items():
+            method_start = time.perf_counter()
+            spearman[name] = against(jax.block_until_ready(method()))
+            method_seconds[name] = time.perf_counter() - method_start
+            log(f"truth: {name}: {spearman[name]} ({method_seconds[name]:.0f} s with compile)")
     return {
         "rho": rho,
         "removals": {level: len(index) for level, index in picks.items()},
@@ -355,7 +374,9 @@ def stage_truth(size, model, problem, lam, tasks, target, default, log) -> dict:
         "full_retraining": {"grad_norm": float(base.grad_norm[0]), "products": int(base.products[0])},
         "noise_ceiling": ceiling,
         "seconds": seconds,
-        "spearman": {name: against(scores) for name, scores in methods.items()},
+        "level_seconds": level_seconds,
+        "spearman": spearman,
+        "method_seconds": method_seconds,
     }
 
 
@@ -392,13 +413,19 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default=None, help="result folder (default results/scale-<size>)")
     parser.add_argument("--fresh", action="store_true", help="ignore finished stages and checkpoints")
+    parser.add_argument("--smooth", action="store_true", help="softplus and average pooling (a C² network)")
+    parser.add_argument("--removals", type=int, default=None, help="removals per level in the truth stage")
     args = parser.parse_args(argv)
-    size = SIZES[args.size]
+    size = dict(SIZES[args.size])
+    name = args.size + ("-smooth" if args.smooth and not size["smooth"] else "")
+    size["smooth"] = size["smooth"] or args.smooth
+    if args.removals is not None:
+        size["removals"] = args.removals
     stages = [s for s in args.stages.split(",") if s]
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"--stages: unknown {unknown}; choose from {', '.join(STAGES)}")
-    folder = Path(args.out) if args.out else ROOT / "results" / f"scale-{args.size}"
+    folder = Path(args.out) if args.out else ROOT / "results" / f"scale-{name}"
     folder.mkdir(parents=True, exist_ok=True)
     result_path = folder / "scale.json"
     if args.fresh:
@@ -408,7 +435,7 @@ def main(argv=None) -> int:
     results.update(
         size=args.size, config=size, backend=jax.default_backend(), device=str(jax.devices()[0]),
         jax=jax.__version__, python=platform.python_version(), cpu_count=os.cpu_count(),
-        command="python benchmarks/scale.py --size " + args.size,
+        command="python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
     )  # fmt: skip
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 

@@ -23,7 +23,7 @@ from . import _tree, _validate, curvature as _curvature
 from ._objective import check_arguments, check_finite_losses, unit_weights
 from .curvature import Curvature
 from .solvers import Solver, default_solver
-from .solvers._damping import caller_level, warn_if_indefinite
+from .solvers._damping import caller_level, warn_if_inaccurate, warn_if_indefinite
 
 PyTree = Any
 
@@ -125,8 +125,8 @@ def flags(
 def check_result(
     result, problem, meta_params, tasks, flag: Flags | None = None, *, target_name: str = "target"
 ) -> None:
-    """Raise on a non-finite result, naming the cause; warn on indefinite curvature, a constant
-    target and a non-stationary λ. Skipped under tracing."""
+    """Raise on a non-finite result, naming the cause; warn on indefinite curvature, a solve far
+    from converged, a constant target and a non-stationary λ. Skipped under tracing."""
     d = result.diagnostics
     if not _validate.is_concrete((d.objective, flag)):
         return
@@ -150,7 +150,8 @@ def check_result(
             "(check it for log(0), overflow or NaN in the data it reads)."
         )
     if flag is None:
-        warn_if_indefinite(d.solve)
+        if not warn_if_indefinite(d.solve):
+            warn_if_inaccurate(d.solve)
         return
     if not flag.gradient_finite:
         known = "" if target is None else f" although {target_name}(meta_params) = {float(target):.6g} is finite"
@@ -179,6 +180,7 @@ def check_result(
         )
     if warn_if_indefinite(d.solve):
         return  # the more fundamental warning: no local minimum, so no stationarity to speak of
+    warn_if_inaccurate(d.solve)
     # rounding floor: at a point polished to machine precision both numbers are noise
     floor = (
         1e3 * np.finfo(np.asarray(objective).dtype).eps * max(1.0, abs(float(target)) if target is not None else 1.0)

@@ -38,9 +38,8 @@ class SolveInfo(NamedTuple):
         False means none was detected, not that none exists.
       min_eigenvalue: smallest eigenvalue of H (without damping) for dense solves; for LowRank the
         smallest Ritz value of its Lanczos run (an upper bound, exact when the run spans the whole
-        space); for CG with the default damping the smallest curvature it saw (the smallest Ritz
-        value of its estimate, or the direction that made it raise δ: an upper bound); NaN
-        otherwise.
+        space); for CG with the default damping the smallest Ritz value of its Lanczos run (an
+        upper bound on λ_min(H)); NaN otherwise.
       damping: the δ the solve used (the default relative one resolved to a number).
 
     Batched solves (one per right-hand side) carry a leading batch axis on every field.

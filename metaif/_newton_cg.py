@@ -13,6 +13,10 @@ Globalisation for a non-convex F (H may be indefinite at an Adam-trained λ):
   residual is orthogonal to its iterate, so pᵀ(H + (ρ + shift + μ)I)p = −∇Gᵀp.
 * A step that fails the sufficient-decrease test (ratio <= 1e-4) is backtracked on G (halving,
   up to MAX_HALVINGS times) before it is given up.
+* Inexact Newton (Eisenstat–Walker forcing): step k's CG stops at relative residual
+  η_k = clip(sqrt(‖∇G_k‖ / ‖∇G_0‖), solver.tol, FORCING_MAX); far from the minimum a rough step
+  costs a few products, near it the steps tighten and convergence stays superlinear. The outer
+  tolerance on ‖∇G‖ alone decides where it stops.
 
 Everything runs in one `lax.while_loop`; under vmap over weight settings, finished members stay
 frozen until the slowest one is done.
@@ -34,7 +38,9 @@ RAISE, LOWER = 4.0, 0.25  # LM shift factors after a bad and after a good step
 REFERENCE = 1e-3  # μ_ref = REFERENCE · (ρ + ‖∇G(start)‖): the default μ₀ and the least raised μ
 ACCEPT, BAD, GOOD = 1e-4, 0.25, 0.75  # ratio thresholds: sufficient decrease, raise μ, lower μ
 MAX_HALVINGS = 30
+FORCING_MAX = 0.1  # the loosest relative residual of a Newton step's CG
 _DAMPING = (jax.tree_util.GetAttrKey("damping"),)
+_TOL = (jax.tree_util.GetAttrKey("tol"),)
 
 
 class NewtonCGResult(NamedTuple):
@@ -60,11 +66,12 @@ class NewtonCGResult(NamedTuple):
     converged: jax.Array
 
 
-def with_damping(solver, damping):
-    """`solver` with its damping leaf replaced by `damping` (a traced scalar), rebuilt from pytree
+def with_numbers(solver, damping, tol):
+    """`solver` with its damping and tol leaves replaced (traced scalars), rebuilt from pytree
     leaves so the constructor's checks (concrete numbers only) are not re-run. The solver's
     damping must be a number (not None)."""
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: damping if path == _DAMPING else leaf, solver)
+    numbers = {_DAMPING: damping, _TOL: tol}
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: numbers.get(path, leaf), solver)
 
 
 def newton_cg(
@@ -87,7 +94,7 @@ def newton_cg(
 
     Args:
       solver: a `metaif.solvers.CG` with a numeric damping (it is replaced by ρ + shift + μ each
-        step); its `maxiter`, `tol` and preconditioner set the inner solve.
+        step); its `maxiter`, preconditioner and `tol` (the tightest forcing η_k) set the inner solve.
       shift: a fixed shift added to every system (does not change the minimiser).
       initial_shift: μ₀ (None or NaN: μ_ref = 1e-3 (ρ + ‖∇G(start)‖)).
       chunk_size: tasks per chunk of the gradients and Hessian-vector products (None: all).
@@ -101,6 +108,7 @@ def newton_cg(
         return value + 0.5 * proximal * _tree.sq_norm(offset), _tree.axpy(proximal, offset, grad)
 
     value0, grad0 = value_grad(start)
+    norm0 = jnp.maximum(_tree.norm(grad0), jnp.finfo(dtype).tiny)
     reference = jnp.maximum(REFERENCE * (proximal + _tree.norm(grad0)), jnp.finfo(dtype).tiny).astype(dtype)
     mu0 = (
         reference
@@ -111,7 +119,9 @@ def newton_cg(
     def step(state):
         k, x, value, grad, mu, products = state
         hvp_operator = operator(problem, x, tasks, weights, chunk_size=chunk_size)[2]
-        p, info = with_damping(solver, proximal + shift + mu).solve_one(hvp_operator, _tree.scale(-1.0, grad))
+        forcing = jnp.clip(jnp.sqrt(_tree.norm(grad) / norm0), solver.tol, jnp.maximum(solver.tol, FORCING_MAX))
+        step_solver = with_numbers(solver, proximal + shift + mu, forcing.astype(dtype))
+        p, info = step_solver.solve_one(hvp_operator, _tree.scale(-1.0, grad))
         slope = _tree.vdot(grad, p)  # ∇Gᵀp < 0 for a usable step
         curvature = -slope - (shift + mu) * _tree.sq_norm(p)  # pᵀ(H + ρI)p
         usable = ~info.indefinite & jnp.isfinite(curvature) & (slope < 0)

@@ -384,3 +384,31 @@ def test_bad_inputs_are_refused_with_clear_errors():
     problem = metaif.BilevelProblem(PURE_CONV.cross_entropy, PURE_CONV.cross_entropy, metaif.Unrolled(steps=1, lr=0.1))
     with _raises(ValueError, "problem.inner_loss failed", "Conv4 input x", r"\(14, 14\)"):
         metaif.meta_objective(problem, p, few_shot_tasks(2, 2, 2, (14, 14), seed=0))
+
+
+@pytest.mark.parametrize("activation,pool,smooth", [(jax.nn.softplus, "avg", True), (jax.nn.relu, "max", False)])
+def test_meta_gradient_is_smooth_only_with_a_smooth_activation_and_average_pooling(activation, pool, smooth):
+    """Taylor test of the MAML meta-gradient along a random unit direction u:
+    r(ε) = ‖∇F(λ + εu) − ∇F(λ) − ε H u‖ is O(ε²) for a C² network; with ReLU and max-pooling the
+    inner step differentiates through switches, so ∇F jumps and r does not shrink like ε²."""
+    module = models.Conv4(
+        (14, 14, 1), WAYS, filters=4, blocks=2, norm="group", groups=2, activation=activation, pool=pool,
+        param_dtype=F64, rngs=nnx.Rngs(3),
+    )  # fmt: skip
+    model = models.from_nnx(module)
+    problem = metaif.BilevelProblem(model.cross_entropy, model.cross_entropy, metaif.Unrolled(1, 0.4))
+    tasks = few_shot_tasks(4, 3, 3, (14, 14, 1), seed=5)
+    flat, unravel = ravel_pytree(model.params)
+    grad = jax.jit(lambda x: ravel_pytree(jax.grad(lambda y: metaif.meta_objective(problem, unravel(y), tasks))(x))[0])
+    u = jax.random.normal(jax.random.key(0), flat.shape, F64)
+    u = u / jnp.linalg.norm(u)
+    hu = jax.jvp(grad, (flat,), (u,))[1]
+    # r(ε)/ε² at three scales: about constant (the third derivative) for a C² network
+    per_square = [
+        float(jnp.linalg.norm(grad(flat + eps * u) - grad(flat) - eps * hu)) / eps**2 for eps in (1e-2, 1e-3, 1e-4)
+    ]
+    spread = max(per_square) / min(per_square)
+    if smooth:
+        assert spread < 3, per_square
+    else:
+        assert spread > 100, per_square

@@ -88,7 +88,8 @@ def test_cg_reports_non_convergence(LAM):
     )
     assert not bool(info.converged) and int(info.iterations) == 2 and float(info.relative_residual) > 1e-6
     assert np.all(np.isfinite(scores))
-    batched = metaif.instance_influence(PROBLEM, LAM, TASKS, solver=metaif.solvers.CG(maxiter=1))
+    with pytest.warns(metaif.solvers.InaccurateSolveWarning):  # one product leaves relative residual 0.52
+        batched = metaif.instance_influence(PROBLEM, LAM, TASKS, solver=metaif.solvers.CG(maxiter=1))
     assert not bool(batched.solve.converged) and int(batched.solve.iterations) == 1
 
 
@@ -146,7 +147,7 @@ def test_indefinite_curvature_warns(LAM, FLAT, UNRAVEL):
         ok = metaif.influence(
             problem, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(damping=2 * abs(smallest) + 0.1)
         )
-        # the defaults are curvature-aware: δ rises above |λ_min(H)| (CG by restarts), no warning
+        # the defaults are curvature-aware: δ rises above |λ_min(H)| (CG from its Ritz values), no warning
         cg = metaif.influence(problem, LAM, TASKS, target=TARGET, solver=metaif.solvers.CG(tol=1e-12, maxiter=200))
         twin = metaif.influence(problem, LAM, TASKS, target=TARGET, solver=metaif.solvers.Dense(damping=None))
         # CG solved (H + δI) x = b for the δ it reports: the dense solve with that δ agrees
@@ -158,6 +159,17 @@ def test_indefinite_curvature_warns(LAM, FLAT, UNRAVEL):
     assert float(cg.solve.damping) > abs(smallest) and bool(cg.solve.converged) and not bool(cg.solve.indefinite)
     assert smallest - 1e-12 <= float(cg.solve.min_eigenvalue) < 0
     np.testing.assert_allclose(cg.tasks, dense.tasks, rtol=1e-8, atol=1e-12 * float(np.max(np.abs(dense.tasks))))
+
+
+def test_a_solve_far_from_converged_warns(LAM):
+    """One CG product cannot solve this system: the influence call says so (and where to look)."""
+    solver = metaif.solvers.CG(damping=1e-3, maxiter=1)
+    target = lambda lam: lam["b"][0]
+    with pytest.warns(metaif.solvers.InaccurateSolveWarning, match="after 1 products") as record:
+        result = metaif.influence(PROBLEM, LAM, TASKS, target=target, solver=solver)
+    assert float(result.solve.relative_residual) > 0.5 and not bool(result.solve.converged)
+    assert record[0].filename == __file__  # points at the user's call
+    assert "maxiter" in str(record[0].message) and "preconditioner" in str(record[0].message)
 
 
 _CONCURRENT_BATCHED_KERNELS = """

@@ -207,12 +207,15 @@ def retrain(
       solver: None: dense trust-region Newton (`metaif.training.newton_steps`; materialises the
         d×d Hessian, small models). A `metaif.solvers.CG`: truncated Newton that never forms H
         (`metaif._newton_cg`): each step solves (H + (ρ + shift + μ)I) p = −∇ by CG on exact
-        Hessian-vector products with the solver's `maxiter`, `tol` and preconditioner, under a
+        Hessian-vector products with the solver's `maxiter` and preconditioner, under a
         Levenberg–Marquardt shift μ >= 0 (raised on non-positive curvature or a poor step,
         lowered after good ones; backtracking as a fallback), so an indefinite H (an
         Adam-trained λ) is handled. The solver's `damping` is μ₀ (None: 1e-3 (ρ + ‖∇(start)‖)).
-        For a ground truth use a tight CG tol (1e-6 to 1e-8) and maxiter of 100 or more: steps
-        are then near-exact Newton steps and convergence is fast near the minimum.
+        Each step's CG stops at relative residual clip(sqrt(‖∇_k‖ / ‖∇_0‖), solver.tol, 0.1)
+        (inexact Newton: cheap rough steps far away, near-exact ones close by); `tol` above alone
+        decides convergence. Use a small CG tol (1e-6 to 1e-8) and maxiter of 100 or more.
+        The objective must be twice differentiable: with ReLU or max-pooling the MAML
+        meta-gradient jumps and ‖∇‖ <= tol may not be reachable (`metaif.models.Conv4`).
       task_chunk_size: with `solver`, tasks per chunk of the gradients and Hessian-vector
         products (None: all tasks at once). For conv nets on CPU, 1 is much faster than vmapped
         tasks (per-task conv weights vmap into grouped convolutions).

@@ -52,13 +52,33 @@ class GroupNorm(nnx.Module):
         return y * scale + bias
 
 
+def _pool2x2(x: jax.Array, kind: str, padding: str) -> jax.Array:
+    """2×2 max- or average-pooling with stride 2 over [B, H, W, C] in x's dtype (an average over
+    the window's four cells, padding counted as 0)."""
+    if kind == "max":
+        return nnx.max_pool(x, (2, 2), strides=(2, 2), padding=padding)
+    b, h, w, c = x.shape
+    if padding == "VALID":
+        x = x[:, : h - h % 2, : w - w % 2]
+    else:
+        x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    b, h, w, c = x.shape
+    return jnp.mean(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
 def _pooled(size: int, padding: str) -> int:
     return size // 2 if padding == "VALID" else -(-size // 2)
 
 
 class Conv4(nnx.Module):
-    """`blocks` × [3×3 conv ('SAME', `filters` channels) → optional norm → activation → 2×2 max-pool],
+    """`blocks` × [3×3 conv ('SAME', `filters` channels) → optional norm → activation → 2×2 pool],
     then a linear head from the flattened feature map to `ways` logits.
+
+    Smoothness: with ReLU or max-pooling the MAML meta-gradient is discontinuous in λ (the inner
+    step differentiates the network, so activation and argmax switches make it jump). Its Hessian
+    is then that of the smooth piece only, and ‖∇F‖ -> 0 retraining (Newton, proximal leave-one-out)
+    may not exist. `activation=jax.nn.softplus, pool="avg"` gives a C² network where those hold
+    (docs/real-networks.md measures both).
 
     Args:
       image_shape: one image's shape (H, W) or (H, W, C); (H, W) means C = 1.
@@ -68,6 +88,7 @@ class Conv4(nnx.Module):
       norm: None (default: no normalisation), "layer" (per example over H, W, C) or "group"
         (`groups` channel groups per example). Never batch norm: see the module docstring.
       groups: channel groups for `norm="group"` (must divide `filters`).
+      pool: "max" (default, the standard) or "avg" (smooth: see above).
       pool_padding: "VALID" (floor, the standard: 28 → 14 → 7 → 3 → 1; 84 → 5) or "SAME" (ceil:
         28 → 2, 14 → 1), for small images that VALID would reduce to nothing.
       activation: elementwise nonlinearity (default `jax.nn.relu`).
@@ -86,6 +107,7 @@ class Conv4(nnx.Module):
         blocks: int = 4,
         norm: Literal["layer", "group"] | None = None,
         groups: int = 4,
+        pool: Literal["max", "avg"] = "max",
         pool_padding: Literal["VALID", "SAME"] = "VALID",
         activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
         param_dtype=jnp.float32,
@@ -103,11 +125,14 @@ class Conv4(nnx.Module):
             raise ValueError(
                 f"Conv4.norm must be None, 'layer' or 'group' (batch norm is not supported: it is stateful); received {norm!r}."
             )
+        if pool not in ("max", "avg"):
+            raise ValueError(f"Conv4.pool must be 'max' or 'avg'; received {pool!r}.")
         if pool_padding not in ("VALID", "SAME"):
             raise ValueError(f"Conv4.pool_padding must be 'VALID' or 'SAME'; received {pool_padding!r}.")
         _validate.callable_("Conv4.activation", activation, "array -> array (elementwise)")
         self.dtype = jnp.dtype(param_dtype if dtype is None else dtype)
         self.activation = activation
+        self.pool = pool
         self.pool_padding = pool_padding
         height, width, channels = self.image_shape
         for _ in range(blocks):
@@ -137,6 +162,6 @@ class Conv4(nnx.Module):
             h = conv(h)
             if self.norms is not None:
                 h = self.norms[i](h)
-            h = nnx.max_pool(self.activation(h), (2, 2), strides=(2, 2), padding=self.pool_padding)
+            h = _pool2x2(self.activation(h), self.pool, self.pool_padding)
         logits = self.head(h.reshape(h.shape[0], -1))
         return logits.reshape(leading + logits.shape[-1:])

@@ -8,7 +8,8 @@ Damping: every matrix-free solver defaults to the curvature-aware δ = max(1e-4 
 2 × max(0, −λ_min(H))) (`damping=None`; `LowRank` 1e-4 × λ_max), `Dense` to the exact undamped
 solve (`Dense(damping=None)` is the damped twin). `metaif.influence` and the
 other influence functions warn with `IndefiniteCurvatureWarning` when H + δI is not positive
-definite.
+definite, and with `InaccurateSolveWarning` when an iterative solve (CG, Neumann, LiSSA) ends with
+relative residual above 0.5.
 """
 
 from .._linalg import SolveInfo as SolveInfo
@@ -16,6 +17,7 @@ from ._base import Operator as Operator
 from ._base import Solver as Solver
 from ._cg import CG as CG
 from ._damping import RELATIVE_DAMPING as RELATIVE_DAMPING
+from ._damping import InaccurateSolveWarning as InaccurateSolveWarning
 from ._damping import IndefiniteCurvatureWarning as IndefiniteCurvatureWarning
 from ._default import DENSE_LIMIT as DENSE_LIMIT
 from ._default import default_solver as default_solver
@@ -33,6 +35,7 @@ __all__ = [
     "Dense",
     "Eigenpairs",
     "Identity",
+    "InaccurateSolveWarning",
     "IndefiniteCurvatureWarning",
     "LiSSA",
     "LowRank",

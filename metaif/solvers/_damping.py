@@ -43,6 +43,12 @@ class IndefiniteCurvatureWarning(RuntimeWarning):
     """H + δI showed a non-positive curvature direction: influence there is ill-posed."""
 
 
+class InaccurateSolveWarning(RuntimeWarning):
+    """An influence function's iterative inverse-Hessian solve (CG, Neumann, LiSSA) ended far
+    from converged (relative residual above 0.5): its scores can rank differently from the exact
+    solve's."""
+
+
 def optional_non_negative(name: str, value: Any) -> float | None:
     """None (the default relative damping) or a finite number >= 0."""
     if value is None:
@@ -103,6 +109,32 @@ def caller_level() -> int:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
         frame, level = frame.f_back, level + 1
     return level
+
+
+INACCURATE = 0.5  # relative residual above which `warn_if_inaccurate` warns
+
+
+def warn_if_inaccurate(info: _linalg.SolveInfo) -> bool:
+    """Warn (InaccurateSolveWarning, pointing at the user's call) when a concrete SolveInfo of an
+    iterative solve (products spent: CG, Neumann, LiSSA; not the spectral LowRank or Identity,
+    whose residual is large by design) ends with a worst relative residual above INACCURATE;
+    silent under tracing. Returns whether it warned."""
+    if info is None or not _validate.is_concrete(info.relative_residual):
+        return False
+    residual = float(np.max(np.asarray(info.relative_residual)))
+    products = int(np.max(np.asarray(info.iterations)))
+    if not (residual > INACCURATE and products > 0):
+        return False
+    warnings.warn(
+        f"The inverse-Hessian solve stopped at relative residual {residual:.3g} after {products} products "
+        f"(δ = {float(np.max(np.asarray(info.damping))):.3g}): x is far from (H + δI)⁻¹b, so the scores can rank "
+        "differently from the exact solve's. H + δI is badly conditioned here (λ_max(H)/δ large). Raise the "
+        "solver's maxiter (e.g. solver=metaif.solvers.CG(maxiter=64)), add a preconditioner "
+        "(CG(preconditioner='lowrank')) or raise the damping; result.solve holds the numbers.",
+        InaccurateSolveWarning,
+        stacklevel=caller_level(),
+    )
+    return True
 
 
 def warn_if_indefinite(info: _linalg.SolveInfo) -> bool:
