@@ -349,6 +349,12 @@ def stage_truth(size, model, problem, lam, tasks, target, default, log) -> dict:
             problem, lam, tasks, target=f, chunk_size=chunk, solver=metaif.solvers.CG(damping=rho),
             curvature=model.cross_entropy.gauss_newton(),
         ),
+        # the exact derivative of the proximal ground truth: λ̂ minimises F(λ) + (ρ/2)‖λ − λ*‖², so
+        # influence at λ̂ with δ = ρ is d(argmin)/dω there (the default linearises at λ* instead)
+        "task-IF at the retrained λ̂ (CG, δ = ρ)": lambda: metaif.influence(
+            problem, hat, tasks, target=f, chunk_size=chunk,
+            solver=metaif.solvers.CG(damping=rho, tol=1e-6, maxiter=size["reference_maxiter"]),
+        ),
         "Direct-IF": lambda: evaluation.baselines.direct_if(problem, lam, tasks, f, solver=metaif.solvers.CG(damping=rho), chunk_size=chunk),
         "TracIn (gradient dot)": lambda: evaluation.baselines.grad_dot(problem, lam, tasks, f, chunk_size=chunk),
         "TRAK": lambda: evaluation.baselines.trak(problem, lam, tasks, f, chunk_size=chunk),
