@@ -24,6 +24,8 @@ Stages (each a ratio measured in this one process, never a timed assertion):
              meta-gradient's, as a ratio, and the extra peak memory of each call.
   reference  the same curvature and damping solved to tol 1e-6 (or `reference_maxiter`): the
              Spearman of the default's task, support and query scores against it.
+  budget     CG with fewer products (BUDGETS) than the default's 16: cost, δ and Spearman
+             against the default.
   truth      proximal leave-one-out retraining (minimise F(λ; w) + (ρ/2)‖λ − λ*‖², ρ = the
              default's δ, Newton–CG to a gradient tolerance) for `removals` tasks, support and
              query examples; repeated from a perturbed start for the noise ceiling; every
@@ -68,7 +70,8 @@ SIZES = {
                 target=64, chunk=100, reference_maxiter=60, removals=0, retrain_maxiter=0, smooth=False),
 }  # fmt: skip
 SHOTS, INNER_STEPS, INNER_LR, ADAM_LR, META_REG = 1, 1, 0.4, 3e-3, 0.0
-STAGES = ("train", "influence", "reference", "truth")
+BUDGETS = (8, 12)  # the budget stage: CG(maxiter=k) for these k beside the default's 16
+STAGES = ("train", "influence", "reference", "budget", "truth")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -105,10 +108,12 @@ def build(size: dict, root: str):
 
 def target_fn(problem, target_tasks, chunk):
     """f(λ) = mean query loss of the held-out target tasks after adaptation, `chunk` tasks at a
-    time (a vmap over every task would make grouped convolutions and hold all their activations)."""
+    time (a vmap over every task would make grouped convolutions and hold all their activations).
+    Each task's loss is rematerialised (`jax.checkpoint`), so ∇f holds one task's activations at a
+    time rather than every task's."""
 
     def f(lam):
-        one = lambda task: core.task_losses(problem, lam, jax.tree.map(lambda x: x[None], task))[0]
+        one = jax.checkpoint(lambda task: core.task_losses(problem, lam, jax.tree.map(lambda x: x[None], task))[0])
         return jnp.mean(jax.lax.map(one, target_tasks, batch_size=chunk))
 
     return f
@@ -280,9 +285,36 @@ def stage_reference(size, problem, lam, tasks, target, default, log) -> dict:
     return row
 
 
-def stage_truth(size, model, problem, lam, tasks, target, default, log) -> dict:
+def stage_budget(size, problem, lam, tasks, target, default, log) -> dict:
+    """Fewer products than the default's 16: `CG(maxiter=k)` (default damping, so δ is raised
+    where k products cannot solve to 1e-2) for k in BUDGETS, each as a warm-time ratio to one
+    meta-gradient (measured again here) with its δ, residual and Spearman against the default."""
+    chunk = size["chunk"]
+    gradient, _, _ = compiled(lambda l: core.value_and_grad(problem, l, tasks, chunk_size=chunk), lam)
+    g_warm, _ = warm_seconds(gradient, lam)
+    rows = {}
+    for k in BUDGETS:
+        solver = metaif.solvers.CG(maxiter=k)
+        call = lambda l: core.influence_on_target(problem, l, tasks, target, solver=solver, chunk_size=chunk)
+        executable, seconds, _ = compiled(call, lam)
+        warm, result = warm_seconds(executable, lam)
+        info = result.diagnostics.solve
+        rows[str(k)] = {
+            "warm_ratio": warm / g_warm,
+            "compile_s": seconds,
+            "damping": float(info.damping),
+            "min_curvature_seen": float(info.min_eigenvalue),
+            "relative_residual": float(info.relative_residual),
+            "spearman_vs_default": spearmans(result, default),
+        }
+        log(f"budget: {k} products, {warm / g_warm:.1f} meta-gradients, δ = {float(info.damping):.4g}, {rows[str(k)]}")
+    return rows
+
+
+def stage_truth(size, model, problem, lam, tasks, target, default, folder: Path, log) -> dict:
     """Proximal leave-one-out retraining at ρ = δ (Newton–CG to a tolerance) and every method's
-    Spearman against it."""
+    Spearman against it. Each finished level is kept in truth_levels.json, so a rerun with the
+    same ρ and removals resumes after it."""
     rho = float(default.solve.damping)
     n, m, q = tasks.n_tasks, tasks.n_support, tasks.n_query
     count = size["removals"]
@@ -310,21 +342,39 @@ def stage_truth(size, model, problem, lam, tasks, target, default, log) -> dict:
         1e-3 * jax.random.normal(jax.random.key(1), jax.flatten_util.ravel_pytree(hat)[0].shape, jnp.float32)
     )
     base_value = float(f(hat))
+    floor = 1e-4 * float(default.diagnostics.grad_norm)  # the full retraining's tolerance
+    saved_path = folder / "truth_levels.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
+    if saved.get("rho") != rho or saved.get("removals") != count:
+        saved = {"rho": rho, "removals": count, "levels": {}}
     for level, index in picks.items():
-        level_start = time.perf_counter()
-        weights = evaluation.removal_weights(n, m, q, level, removal_index(level, index), dtype=jnp.float32)  # type: ignore[arg-type]
-        # each removal's tolerance: 1e-3 of the smallest starting gradient (≈ ‖∂ removal‖ at λ̂)
-        tol = 1e-3 * float(jnp.min(proximal_gradient_norms(problem, hat, lam, rho, tasks, weights, size["chunk"])))
-        tolerance[level] = tol
-        first = retrain(hat, weights, tol)
-        again = retrain(jax.tree.map(jnp.add, hat, perturbation), weights, tol)
-        values = np.asarray(jax.lax.map(f, first.meta_params)) - base_value
-        repeat = np.asarray(jax.lax.map(f, again.meta_params)) - base_value
-        truth[level] = values
-        converged[level] = int(np.sum(np.asarray(first.grad_norm) <= tol))
-        products[level] = float(np.mean(np.asarray(first.products)))
-        ceiling[level] = evaluation.metrics.spearman(values, repeat)
-        level_seconds[level] = time.perf_counter() - level_start
+        if level in saved["levels"]:
+            row = saved["levels"][level]
+            log(f"truth: {level}: kept from {saved_path.name}")
+        else:
+            level_start = time.perf_counter()
+            weights = evaluation.removal_weights(n, m, q, level, removal_index(level, index), dtype=jnp.float32)  # type: ignore[arg-type]
+            # each removal's tolerance: 1e-3 of the smallest starting gradient (≈ ‖∂ removal‖ at λ̂),
+            # but not below the full retraining's (float32 stalls there)
+            start_norms = proximal_gradient_norms(problem, hat, lam, rho, tasks, weights, size["chunk"])
+            tol = max(1e-3 * float(jnp.min(start_norms)), floor)
+            first = retrain(hat, weights, tol)
+            again = retrain(jax.tree.map(jnp.add, hat, perturbation), weights, tol)
+            row = {
+                "values": (np.asarray(jax.lax.map(f, first.meta_params)) - base_value).tolist(),
+                "repeat": (np.asarray(jax.lax.map(f, again.meta_params)) - base_value).tolist(),
+                "converged": int(np.sum(np.asarray(first.grad_norm) <= tol)),
+                "products": float(np.mean(np.asarray(first.products))),
+                "tolerance": tol,
+                "smallest_start_gradient": float(jnp.min(start_norms)),
+                "seconds": time.perf_counter() - level_start,
+            }
+            saved["levels"][level] = row
+            saved_path.write_text(json.dumps(saved) + "\n")
+        truth[level] = np.asarray(row["values"])
+        converged[level], products[level], tolerance[level] = row["converged"], row["products"], row["tolerance"]
+        ceiling[level] = evaluation.metrics.spearman(truth[level], np.asarray(row["repeat"]))
+        level_seconds[level] = row["seconds"]
         log(
             f"truth: {level}: {converged[level]}/{len(index)} converged, ceiling {ceiling[level]:.3f}, "
             f"{products[level]:.0f} products per retraining, {level_seconds[level]:.0f} s for {2 * len(index)} retrainings"
@@ -376,6 +426,7 @@ def stage_truth(size, model, problem, lam, tasks, target, default, log) -> dict:
         "removals": {level: len(index) for level, index in picks.items()},
         "converged": converged,
         "tolerance": tolerance,
+        "tolerance_floor": floor,
         "mean_products_per_retraining": products,
         "full_retraining": {"grad_norm": float(base.grad_norm[0]), "products": int(base.products[0])},
         "noise_ceiling": ceiling,
@@ -419,6 +470,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default=None, help="result folder (default results/scale-<size>)")
     parser.add_argument("--fresh", action="store_true", help="ignore finished stages and checkpoints")
+    parser.add_argument(
+        "--redo", action="store_true", help="rerun the --stages named even where finished (keeps the trained λ)"
+    )
     parser.add_argument("--smooth", action="store_true", help="softplus and average pooling (a C² network)")
     parser.add_argument("--removals", type=int, default=None, help="removals per level in the truth stage")
     args = parser.parse_args(argv)
@@ -438,6 +492,9 @@ def main(argv=None) -> int:
         for name in ("scale.json", "train_state.npz", "meta_params.npz"):
             (folder / name).unlink(missing_ok=True)
     results = json.loads(result_path.read_text()) if result_path.exists() else {}
+    if args.redo:
+        for stage in stages:
+            results.pop(stage, None)
     results.update(
         size=args.size, config=size, backend=jax.default_backend(), device=str(jax.devices()[0]),
         jax=jax.__version__, python=platform.python_version(), cpu_count=os.cpu_count(),
@@ -463,7 +520,7 @@ def main(argv=None) -> int:
     target = target_fn(problem, target_tasks, size["chunk"])
     pending = [
         stage
-        for stage in ("influence", "reference", "truth")
+        for stage in ("influence", "reference", "budget", "truth")
         if stage in stages and stage not in results and (stage != "truth" or size["removals"])
     ]
     if pending:  # every later stage compares with the default influence: computed once here
@@ -473,8 +530,11 @@ def main(argv=None) -> int:
         if "reference" in pending:
             results["reference"] = stage_reference(size, problem, lam, tasks, target, default, log)
             save()
+        if "budget" in pending:
+            results["budget"] = stage_budget(size, problem, lam, tasks, target, default, log)
+            save()
         if "truth" in pending:
-            results["truth"] = stage_truth(size, model, problem, lam, tasks, target_tasks, default, log)
+            results["truth"] = stage_truth(size, model, problem, lam, tasks, target_tasks, default, folder, log)
             save()
     log(f"wrote {result_path}")
     return 0

@@ -389,6 +389,7 @@ def damped_lanczos_solve(
     tol: float,
     maxiter: int,
     damping_of: Callable[[jax.Array], jax.Array],
+    budget_residual: float | None = None,
 ) -> tuple[PyTree, SolveInfo]:
     """Solve (H + δI) x = b with δ chosen from the curvature the solve itself sees.
 
@@ -400,6 +401,11 @@ def damped_lanczos_solve(
     indefinite H gives the damped solve, never an early stop. Stops when the Lanczos residual
     β_k |e_kᵀ y| <= tol·‖b‖ or after `maxiter` products, then recomputes the residual with one
     more product at the same call site. Memory: maxiter vectors like b.
+
+    `budget_residual`: where the last product leaves the Lanczos residual above
+    max(tol, budget_residual)·‖b‖, δ is raised to the smallest value (on a geometric grid) at
+    which it is not: that residual is exact for every shift, so the answer is an accurate solve at
+    a larger, reported δ rather than an inaccurate one at the smaller δ (None: never raised).
 
     SolveInfo: `iterations` the Lanczos products, `damping` the final δ, `min_eigenvalue` the
     smallest Ritz value (an upper bound of λ_min(H)), `indefinite` whether θ_min + δ <= 0.
@@ -422,6 +428,9 @@ def damped_lanczos_solve(
         off = jnp.where(index[:-1] < k, betas[:-1], 0.0)
         factor = eigh(jnp.diag(diagonal) + jnp.diag(off, 1) + jnp.diag(off, -1))
         delta = damping_of(factor.values)
+        if budget_residual is not None:
+            accurate = _accurate_shift(factor, betas[k], k, delta, jnp.maximum(tol, budget_residual))
+            delta = jnp.where(k == steps - 1, accurate, delta)
         shifted = factor.values + delta
         safe = jnp.where(shifted > 0, shifted, 1.0)
         y = factor.vectors @ (factor.vectors[0] * b_norm / safe)
@@ -462,6 +471,23 @@ def damped_lanczos_solve(
         min_eigenvalue=smallest,
         damping=delta,
     )
+
+
+SHIFT_GRID = 128  # shifts tried by `_accurate_shift`, geometric from δ to 1e2 · max(|θ|, δ)
+
+
+def _accurate_shift(factor, beta, k, delta, relative: float):
+    """The smallest shift s >= δ on a geometric grid at which the Galerkin solve in the first
+    k + 1 Lanczos vectors has residual β_k |e_kᵀ (T + sI)⁻¹ e₁| <= `relative` (× ‖b‖), from the
+    eigenpairs of T (padded entries are decoupled from e₁ and add nothing)."""
+    top = 1e2 * jnp.maximum(jnp.max(jnp.abs(factor.values)), delta)
+    shifts = delta * jnp.logspace(0.0, 1.0, SHIFT_GRID, dtype=delta.dtype) ** jnp.log10(top / delta)
+    weights = factor.vectors[k] * factor.vectors[0]
+    shifted = factor.values[None, :] + shifts[:, None]
+    safe = jnp.where(shifted > 0, shifted, 1.0)
+    residual = jnp.abs(beta) * jnp.abs(jnp.sum(weights[None, :] / safe, axis=1))
+    ok = (residual <= relative) & jnp.all(shifted > 0, axis=1)
+    return jnp.where(jnp.any(ok), shifts[jnp.argmax(ok)], shifts[-1])
 
 
 # ----------------------------------------------------------------------------- dense

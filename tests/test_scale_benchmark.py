@@ -1,5 +1,5 @@
 """benchmarks/scale.py at its tiny size on real Omniglot (slow lane): training, the default
-influence and the converged reference write their numbers, the default solve agrees with the
+influence, the converged reference and the smaller budgets write their numbers, the default solve agrees with the
 reference, and a rerun resumes instead of recomputing. The ground-truth stage (proximal
 leave-one-out by Newton–CG, then every baseline) takes longer than the suite allows; it runs as
 `benchmarks/scale.py --size truth`."""
@@ -19,7 +19,7 @@ pytestmark = [
 
 
 def run(out, *extra):
-    stages = [] if "--stages" in extra else ["--stages", "train,influence,reference"]
+    stages = [] if "--stages" in extra else ["--stages", "train,influence,reference,budget"]
     return subprocess.run(
         [
             sys.executable,
@@ -52,6 +52,12 @@ def test_every_stage_writes_its_numbers_and_a_rerun_resumes(tmp_path):
     assert influence["damping"] > max(0.0, -influence["min_curvature_seen"]) and not influence["indefinite"]
     assert reference["damping"] == influence["damping"]
     assert min(reference["spearman"].values()) > 0.9
+    # fewer products: δ is raised until the budgeted solve meets relative residual 1e-2 (the last
+    # product checks it)
+    assert set(result["budget"]) == {"8", "12"}
+    for row in result["budget"].values():
+        assert row["relative_residual"] <= 1.01e-2 and row["damping"] > 0 and row["warm_ratio"] > 1
+        assert set(row["spearman_vs_default"]) == {"tasks", "support", "query"}
     # a second run finds every stage done and its checkpoint: nothing is retrained
     again = run(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

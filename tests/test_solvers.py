@@ -111,6 +111,46 @@ def test_cg_on_zero_right_hand_side():
     assert bool(info.converged) and int(info.iterations) == 0 and np.all(x == 0)
 
 
+def test_default_damping_is_raised_until_the_budgeted_solve_is_accurate():
+    # a spread spectrum (λ_max 1e3, many small eigenvalues, one negative) that 8 products cannot
+    # resolve: the curvature rule alone leaves the 8-product Galerkin solve far from its system;
+    # the budget raises δ to the smallest grid shift at which the residual is <= 1e-2·‖b‖, and the
+    # answer is then the accurate solve of (H + δI) x = b at the δ it reports
+    rng = np.random.default_rng(0)
+    spectrum = np.concatenate([[-0.05], np.geomspace(1e-3, 1e3, 199)])
+    basis = np.linalg.qr(rng.normal(size=(200, 200)))[0]
+    matrix = jnp.asarray(basis @ np.diag(spectrum) @ basis.T)
+    b = jnp.asarray(rng.normal(size=200))
+    hvp = lambda v: matrix @ v
+    solve = lambda budget: _linalg.damped_lanczos_solve(
+        hvp, b, tol=1e-10, maxiter=8, damping_of=metaif.solvers._damping.of_ritz_values, budget_residual=budget
+    )
+    plain_x, plain = solve(None)
+    x, info = solve(1e-2)
+    assert float(plain.relative_residual) > 0.1  # the rule alone: inaccurate
+    delta = float(info.damping)
+    assert delta > float(plain.damping) and int(info.iterations) == 8 and not bool(info.indefinite)
+    assert float(info.relative_residual) <= 1e-2 * (1 + 1e-9)  # the checked residual, one more product
+    exact = np.linalg.solve(np.asarray(matrix) + delta * np.eye(200), np.asarray(b))
+    assert np.linalg.norm(np.asarray(x) - exact) / np.linalg.norm(exact) < 0.05
+    # the smallest such shift on the grid: the grid point below it is not accurate
+    ratio = (1e2 * max(np.max(np.abs(spectrum)), float(plain.damping)) / float(plain.damping)) ** (
+        1 / (_linalg.SHIFT_GRID - 1)
+    )
+    below = np.linalg.solve(np.asarray(matrix) + delta / ratio * np.eye(200), np.asarray(b))
+    assert np.linalg.norm(np.asarray(x) - below) > 0  # sanity: a different system
+    _, below_info = _linalg.damped_lanczos_solve(
+        hvp, b, tol=1e-10, maxiter=8, damping_of=lambda values: jnp.asarray(delta / ratio), budget_residual=None
+    )
+    assert float(below_info.relative_residual) > 1e-2
+    # enough products to meet the budget: δ is the rule's
+    _, full = _linalg.damped_lanczos_solve(
+        hvp, b, tol=1e-10, maxiter=200, damping_of=metaif.solvers._damping.of_ritz_values, budget_residual=1e-2
+    )
+    smallest_ritz = float(full.min_eigenvalue)
+    np.testing.assert_allclose(float(full.damping), max(1e-4 * 1e3, -2 * smallest_ritz), rtol=1e-6)
+
+
 def test_default_damping_is_scale_aware(LAM):
     # F scaled by c (loss, meta_reg; inner lr by 1/c so that θ(λ) is unchanged): δ scales with
     # λ_max(H), so the scores of an unscaled target do not change

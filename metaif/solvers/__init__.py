@@ -6,7 +6,9 @@ Exact: `Dense` (the oracle). Iterative on exact products: `CG` (optionally preco
 
 Damping: every matrix-free solver defaults to the curvature-aware δ = max(1e-4 × λ_max(H),
 2 × max(0, −λ_min(H))) (`damping=None`; `LowRank` 1e-4 × λ_max), `Dense` to the exact undamped
-solve (`Dense(damping=None)` is the damped twin). `metaif.influence` and the
+solve (`Dense(damping=None)` is the damped twin). `CG()` with one target raises δ further where
+its `maxiter` products would leave a relative residual above `BUDGET_RESIDUAL` (1e-2), so its
+answer is an accurate solve at the δ it reports. `metaif.influence` and the
 other influence functions warn with `IndefiniteCurvatureWarning` when H + δI is not positive
 definite, and with `InaccurateSolveWarning` when an iterative solve (CG, Neumann, LiSSA) ends with
 relative residual above 0.5.
@@ -16,6 +18,7 @@ from .._linalg import SolveInfo as SolveInfo
 from ._base import Operator as Operator
 from ._base import Solver as Solver
 from ._cg import CG as CG
+from ._damping import BUDGET_RESIDUAL as BUDGET_RESIDUAL
 from ._damping import RELATIVE_DAMPING as RELATIVE_DAMPING
 from ._damping import InaccurateSolveWarning as InaccurateSolveWarning
 from ._damping import IndefiniteCurvatureWarning as IndefiniteCurvatureWarning
@@ -30,6 +33,7 @@ from ._spectrum import Eigenpairs as Eigenpairs
 from ._spectrum import lanczos_eigenvalues as lanczos_eigenvalues
 
 __all__ = [
+    "BUDGET_RESIDUAL",
     "CG",
     "DENSE_LIMIT",
     "Dense",

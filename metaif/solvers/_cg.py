@@ -24,7 +24,10 @@ class CG(Solver):
     of the solve's own Lanczos run (one target: δ is re-chosen after each product, and the
     solution is the Galerkin solve of (H + δI) x = b in that Krylov space, what CG computes), so
     an indefinite H (a λ from Adam) gives the damped, proximal influence instead of an early
-    stop; `SolveInfo.damping` is the δ used. `tol` is relative to ‖b‖.
+    stop. Where the `maxiter` products still leave a relative residual above 1e-2
+    (`metaif.solvers.BUDGET_RESIDUAL`; or above `tol` if larger), the last step raises δ to the
+    smallest shift at which they do not: an accurate solve at a larger δ, never an inaccurate
+    one. `SolveInfo.damping` is the δ used. `tol` is relative to ‖b‖.
 
     The defaults are a budgeted solve for ranking, chosen from benchmarks/solvers.py (mlp-maml,
     docs/solvers.md) and benchmarks/scale.py (Conv4 at an Adam point): at most 16 products per
@@ -104,6 +107,7 @@ class CG(Solver):
                 tol=self.tol,
                 maxiter=min(self.maxiter, _tree.size(operator.like)),
                 damping_of=_damping.of_ritz_values,
+                budget_residual=_damping.BUDGET_RESIDUAL,
             )
         return _linalg.fused_conjugate_gradient(
             operator.hvp, b, tol=self.tol, maxiter=self.maxiter, damping=self.damping

@@ -17,6 +17,15 @@ is the response of proximal retraining (minimise F + (δ/2)‖λ − λ*‖², t
 an ill-posed solve. The Ritz values bound λ_min from above, so the solve is positive definite on
 the space it searched; `SolveInfo.damping` reports the δ used and `SolveInfo.min_eigenvalue` the
 smallest Ritz value.
+
+Budget (`CG().solve_one` only): where `maxiter` products leave the solve at this δ with relative
+residual above BUDGET_RESIDUAL (H + δI too ill-conditioned for the budget, or λ_min not found in
+it), δ is raised to the smallest shift at which the same Krylov space solves to BUDGET_RESIDUAL.
+The Lanczos residual is exact for every shift, so no product is spent on the choice: the answer
+is an accurate solve at a larger, reported δ (a retraining that stays closer to λ) instead of an
+inaccurate one at the smaller δ. Evidence: benchmarks/scale.py --size truth, where 16 products
+saw no negative curvature, δ = 1e-4·λ_max left relative residual 0.86 and ranked tasks at
+Spearman 0.58 against the converged solve; raised to δ = 1.6 it ranks at 1.0 (docs/real-networks.md).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ PyTree = Any
 RELATIVE_DAMPING = 1e-4
 NEGATIVE_MARGIN = 2.0  # δ >= this × the most negative curvature seen
 ESTIMATE_STEPS = 5  # Lanczos products for λ_max (mlp-maml: 5 steps give λ_max to 1e-8 relative)
+BUDGET_RESIDUAL = 1e-2  # CG().solve_one: δ is raised until the maxiter-product solve meets this
 
 
 class IndefiniteCurvatureWarning(RuntimeWarning):
