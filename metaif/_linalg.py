@@ -481,7 +481,7 @@ def _accurate_shift(factor, beta, k, delta, relative: float):
     k + 1 Lanczos vectors has residual β_k |e_kᵀ (T + sI)⁻¹ e₁| <= `relative` (× ‖b‖), from the
     eigenpairs of T (padded entries are decoupled from e₁ and add nothing)."""
     top = 1e2 * jnp.maximum(jnp.max(jnp.abs(factor.values)), delta)
-    shifts = delta * jnp.logspace(0.0, 1.0, SHIFT_GRID, dtype=delta.dtype) ** jnp.log10(top / delta)
+    shifts = delta * (top / delta) ** jnp.linspace(0.0, 1.0, SHIFT_GRID, dtype=delta.dtype)
     weights = factor.vectors[k] * factor.vectors[0]
     shifted = factor.values[None, :] + shifts[:, None]
     safe = jnp.where(shifted > 0, shifted, 1.0)
