@@ -26,6 +26,8 @@ Stages (each a ratio measured in this one process, never a timed assertion):
              Spearman of the default's task, support and query scores against it.
   budget     CG with fewer products (BUDGETS) than the default's 16: cost, δ and Spearman
              against the default.
+  scaling    the default influence's cost and memory against n and width (the size's `scaling`
+             points, at the initial λ), as ratios to one meta-gradient; resumes point by point.
   truth      proximal leave-one-out retraining (minimise F(λ; w) + (ρ/2)‖λ − λ*‖², ρ = the
              default's δ, Newton–CG to a gradient tolerance) for `removals` tasks, support and
              query examples; repeated from a perturbed start for the noise ceiling; every
@@ -61,17 +63,21 @@ from metaif import core, evaluation  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
     "tiny": dict(filters=4, n=8, ways=5, queries=1, steps=20, minibatch=4, log_every=10, test=20, target=8,
-                 chunk=1, reference_maxiter=40, removals=3, retrain_maxiter=60, smooth=False),
+                 chunk=1, reference_maxiter=40, removals=3, retrain_maxiter=60, smooth=False,
+                 scaling=((8, 4), (16, 4), (8, 8))),
     "cpu": dict(filters=16, n=256, ways=5, queries=1, steps=1500, minibatch=16, log_every=250, test=600,
-                target=64, chunk=1, reference_maxiter=60, removals=0, retrain_maxiter=0, smooth=False),
+                target=64, chunk=1, reference_maxiter=60, removals=0, retrain_maxiter=0, smooth=False,
+                scaling=((256, 16), (512, 16), (256, 32))),
     "truth": dict(filters=8, n=16, ways=5, queries=1, steps=1000, minibatch=8, log_every=250, test=600,
-                  target=64, chunk=1, reference_maxiter=60, removals=16, retrain_maxiter=100, smooth=True),
+                  target=64, chunk=1, reference_maxiter=60, removals=16, retrain_maxiter=100, smooth=True,
+                  scaling=()),
     "gpu": dict(filters=64, n=2000, ways=20, queries=1, steps=2000, minibatch=32, log_every=500, test=600,
-                target=64, chunk=100, reference_maxiter=60, removals=0, retrain_maxiter=0, smooth=False),
+                target=64, chunk=100, reference_maxiter=60, removals=0, retrain_maxiter=0, smooth=False,
+                scaling=((256, 16), (512, 16), (1024, 16), (256, 32), (256, 64))),
 }  # fmt: skip
 SHOTS, INNER_STEPS, INNER_LR, ADAM_LR, META_REG = 1, 1, 0.4, 3e-3, 0.0
 BUDGETS = (8, 12)  # the budget stage: CG(maxiter=k) for these k beside the default's 16
-STAGES = ("train", "influence", "reference", "budget", "truth")
+STAGES = ("train", "influence", "reference", "budget", "truth", "scaling")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -219,15 +225,15 @@ def _load_params(folder: Path, like):
     return jax.flatten_util.ravel_pytree(like)[1](flat)
 
 
-def stage_influence(size, problem, lam, tasks, target, log) -> tuple[dict, metaif.Influence]:
+def stage_influence(size, problem, lam, tasks, target, log, solver=None) -> tuple[dict, metaif.Influence]:
     """The default influence computation (what `metaif.influence(problem, λ, tasks, target)` runs:
-    CG with the curvature-aware damping) beside one meta-gradient, compiled ahead of time:
-    compile seconds, warm seconds and working memory, each as a ratio."""
+    CG with the curvature-aware damping, or `solver`) beside one meta-gradient, compiled ahead of
+    time: compile seconds, warm seconds and working memory, each as a ratio."""
     chunk = size["chunk"]
     gradient, g_compile, g_memory = compiled(lambda l: core.value_and_grad(problem, l, tasks, chunk_size=chunk), lam)
     g_warm, _ = warm_seconds(gradient, lam)
     log(f"influence: meta-gradient {g_warm:.2f} s warm, {g_compile:.1f} s compile, {g_memory / 2**20:.0f} MiB")
-    call = lambda l: core.influence_on_target(problem, l, tasks, target, chunk_size=chunk)
+    call = lambda l: core.influence_on_target(problem, l, tasks, target, solver=solver, chunk_size=chunk)
     executable, i_compile, i_memory = compiled(call, lam)
     i_warm, result = warm_seconds(executable, lam)
     solve, diag = result.diagnostics.solve, result.diagnostics
@@ -308,6 +314,33 @@ def stage_budget(size, problem, lam, tasks, target, default, log) -> dict:
             "spearman_vs_default": spearmans(result, default),
         }
         log(f"budget: {k} products, {warm / g_warm:.1f} meta-gradients, δ = {float(info.damping):.4g}, {rows[str(k)]}")
+    return rows
+
+
+def stage_scaling(size, root: str, rows: dict, save, log) -> dict:
+    """Cost and memory of the default influence against n and width: for each (n, filters) in the
+    size's `scaling` points, one meta-gradient and the default influence at the initial λ, with
+    all 16 products spent (`CG(tol=1e-30)`: at a trained λ the default does not converge early,
+    at the initial one it can), compile and warm seconds and working memory, each as a ratio.
+    `rows` holds finished points (resumed)."""
+    for n, filters in size["scaling"]:
+        key = f"n={n},filters={filters}"
+        if key in rows:
+            continue
+        point = dict(size, n=n, filters=filters)
+        model, problem, tasks, target_tasks, _ = build(point, root)
+        target = target_fn(problem, target_tasks, point["chunk"])
+        row, _ = stage_influence(point, problem, model.params, tasks, target, log, metaif.solvers.CG(tol=1e-30))
+        d = int(sum(x.size for x in jax.tree.leaves(model.params)))
+        rows[key] = {"n": n, "filters": filters, "d": d, **{k: row[k] for k in ("meta_gradient", "influence")}}
+        rows[key].update(
+            warm_ratio=row["warm_ratio"],
+            compile_ratio=row["compile_ratio"],
+            memory_ratio=row["memory_ratio"],
+            products=row["cg_iterations"],
+        )
+        save(rows)
+        log(f"scaling: {key}, d = {d:,}: {row['warm_ratio']:.1f} meta-gradients, memory {row['memory_ratio']:.1f}×")
     return rows
 
 
@@ -536,6 +569,17 @@ def main(argv=None) -> int:
         if "truth" in pending:
             results["truth"] = stage_truth(size, model, problem, lam, tasks, target_tasks, default, folder, log)
             save()
+    if "scaling" in stages and size["scaling"] and "scaling" not in results:
+
+        def keep(rows):
+            results["scaling_partial"] = rows
+            save()
+
+        results["scaling"] = stage_scaling(
+            size, data_root(args.data), dict(results.pop("scaling_partial", {})), keep, log
+        )
+        results.pop("scaling_partial", None)
+        save()
     log(f"wrote {result_path}")
     return 0
 

@@ -1,6 +1,6 @@
 """benchmarks/scale.py at its tiny size on real Omniglot (slow lane): training, the default
-influence, the converged reference and the smaller budgets write their numbers, the default solve agrees with the
-reference, and a rerun resumes instead of recomputing. The ground-truth stage (proximal
+influence, the converged reference, the smaller budgets and the scaling points write their
+numbers, the default solve agrees with the reference, and a rerun resumes instead of recomputing. The ground-truth stage (proximal
 leave-one-out by Newton–CG, then every baseline) takes longer than the suite allows; it runs as
 `benchmarks/scale.py --size truth`."""
 
@@ -64,3 +64,13 @@ def test_every_stage_writes_its_numbers_and_a_rerun_resumes(tmp_path):
     assert "train: step" not in again.stdout and json.loads((tmp_path / "scale.json").read_text())["train"] == train
     bad = run(tmp_path, "--stages", "train,bogus")
     assert bad.returncode != 0 and "unknown ['bogus']" in bad.stderr
+    # the scaling stage: one row per (n, filters) point, each a measured ratio; d grows with width
+    scaled = run(tmp_path, "--stages", "scaling")
+    assert scaled.returncode == 0, scaled.stderr[-3000:]
+    rows = json.loads((tmp_path / "scale.json").read_text())["scaling"]
+    assert set(rows) == {"n=8,filters=4", "n=16,filters=4", "n=8,filters=8"}
+    assert rows["n=8,filters=8"]["d"] > rows["n=8,filters=4"]["d"] == rows["n=16,filters=4"]["d"] == result["d"]
+    for row in rows.values():
+        assert row["warm_ratio"] > 1 and row["compile_ratio"] > 0 and row["memory_ratio"] > 0
+    again = run(tmp_path, "--stages", "scaling")
+    assert again.returncode == 0 and "scaling: n=" not in again.stdout
