@@ -293,27 +293,20 @@ def stage_reference(size, problem, lam, tasks, target, default, log) -> dict:
 
 def stage_budget(size, problem, lam, tasks, target, default, log) -> dict:
     """Fewer products than the default's 16: `CG(maxiter=k)` (default damping, so δ is raised
-    where k products cannot solve to 1e-2) for k in BUDGETS, each as a warm-time ratio to one
-    meta-gradient (measured again here) with its δ, residual and Spearman against the default."""
-    chunk = size["chunk"]
-    gradient, _, _ = compiled(lambda l: core.value_and_grad(problem, l, tasks, chunk_size=chunk), lam)
-    g_warm, _ = warm_seconds(gradient, lam)
+    where k products cannot solve to 1e-2) for k in BUDGETS, each measured by `stage_influence`
+    (a warm-time ratio to one meta-gradient) with its δ, residual and Spearman against the default."""
     rows = {}
     for k in BUDGETS:
-        solver = metaif.solvers.CG(maxiter=k)
-        call = lambda l: core.influence_on_target(problem, l, tasks, target, solver=solver, chunk_size=chunk)
-        executable, seconds, _ = compiled(call, lam)
-        warm, result = warm_seconds(executable, lam)
-        info = result.diagnostics.solve
+        row, result = stage_influence(size, problem, lam, tasks, target, log, metaif.solvers.CG(maxiter=k))
         rows[str(k)] = {
-            "warm_ratio": warm / g_warm,
-            "compile_s": seconds,
-            "damping": float(info.damping),
-            "min_curvature_seen": float(info.min_eigenvalue),
-            "relative_residual": float(info.relative_residual),
+            "warm_ratio": row["warm_ratio"],
+            "compile_s": row["influence"]["compile_s"],
+            "damping": row["damping"],
+            "min_curvature_seen": row["min_curvature_seen"],
+            "relative_residual": row["cg_relative_residual"],
             "spearman_vs_default": spearmans(result, default),
         }
-        log(f"budget: {k} products, {warm / g_warm:.1f} meta-gradients, δ = {float(info.damping):.4g}, {rows[str(k)]}")
+        log(f"budget: {k} products: {rows[str(k)]}")
     return rows
 
 
@@ -367,7 +360,8 @@ def stage_truth(size, model, problem, lam, tasks, target, default, folder: Path,
     f = target_fn(problem, target, size["chunk"])
     ones = core.Weights(jnp.ones((1, n)), jnp.ones((1, n, m)), jnp.ones((1, n, q)))
     start = time.perf_counter()
-    base = retrain(lam, ones, 1e-4 * float(default.diagnostics.grad_norm))
+    floor = 1e-4 * float(default.diagnostics.grad_norm)  # the full retraining's tolerance
+    base = retrain(lam, ones, floor)
     hat = jax.tree.map(lambda x: x[0], base.meta_params)
     log(f"truth: full proximal retraining ‖∇‖ = {float(base.grad_norm[0]):.2e} in {int(base.iterations[0])} steps")
     truth, converged, ceiling, tolerance, products, level_seconds = {}, {}, {}, {}, {}, {}
@@ -375,7 +369,6 @@ def stage_truth(size, model, problem, lam, tasks, target, default, folder: Path,
         1e-3 * jax.random.normal(jax.random.key(1), jax.flatten_util.ravel_pytree(hat)[0].shape, jnp.float32)
     )
     base_value = float(f(hat))
-    floor = 1e-4 * float(default.diagnostics.grad_norm)  # the full retraining's tolerance
     saved_path = folder / "truth_levels.json"
     saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
     if saved.get("rho") != rho or saved.get("removals") != count:

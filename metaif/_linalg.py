@@ -476,7 +476,7 @@ def damped_lanczos_solve(
 SHIFT_GRID = 128  # shifts tried by `_accurate_shift`, geometric from δ to 1e2 · max(|θ|, δ)
 
 
-def _accurate_shift(factor, beta, k, delta, relative: float):
+def _accurate_shift(factor: Eigh, beta: jax.Array, k: jax.Array, delta: jax.Array, relative: jax.Array) -> jax.Array:
     """The smallest shift s >= δ on a geometric grid at which the Galerkin solve in the first
     k + 1 Lanczos vectors has residual β_k |e_kᵀ (T + sI)⁻¹ e₁| <= `relative` (× ‖b‖), from the
     eigenpairs of T (padded entries are decoupled from e₁ and add nothing)."""

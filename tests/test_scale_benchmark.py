@@ -1,8 +1,8 @@
 """benchmarks/scale.py at its tiny size on real Omniglot (slow lane): training, the default
 influence, the converged reference, the smaller budgets and the scaling points write their
-numbers, the default solve agrees with the reference, and a rerun resumes instead of recomputing. The ground-truth stage (proximal
-leave-one-out by Newton–CG, then every baseline) takes longer than the suite allows; it runs as
-`benchmarks/scale.py --size truth`."""
+numbers, the default solve agrees with the reference, and a rerun resumes instead of recomputing.
+The ground-truth stage (proximal leave-one-out by Newton–CG, then every baseline) takes longer
+than the suite allows; it runs as `benchmarks/scale.py --size truth`."""
 
 import json
 import subprocess

@@ -125,7 +125,7 @@ def test_default_damping_is_raised_until_the_budgeted_solve_is_accurate():
     solve = lambda budget: _linalg.damped_lanczos_solve(
         hvp, b, tol=1e-10, maxiter=8, damping_of=metaif.solvers._damping.of_ritz_values, budget_residual=budget
     )
-    plain_x, plain = solve(None)
+    _, plain = solve(None)
     x, info = solve(1e-2)
     assert float(plain.relative_residual) > 0.1  # the rule alone: inaccurate
     delta = float(info.damping)
@@ -137,8 +137,6 @@ def test_default_damping_is_raised_until_the_budgeted_solve_is_accurate():
     ratio = (1e2 * max(np.max(np.abs(spectrum)), float(plain.damping)) / float(plain.damping)) ** (
         1 / (_linalg.SHIFT_GRID - 1)
     )
-    below = np.linalg.solve(np.asarray(matrix) + delta / ratio * np.eye(200), np.asarray(b))
-    assert np.linalg.norm(np.asarray(x) - below) > 0  # sanity: a different system
     _, below_info = _linalg.damped_lanczos_solve(
         hvp, b, tol=1e-10, maxiter=8, damping_of=lambda values: jnp.asarray(delta / ratio), budget_residual=None
     )
