@@ -28,6 +28,9 @@ Stages (each a ratio measured in this one process, never a timed assertion):
              against the default.
   scaling    the default influence's cost and memory against n and width (the size's `scaling`
              points, at the initial λ), as ratios to one meta-gradient; resumes point by point.
+  accuracy   what limits held-out accuracy: the train stage again (same steps, optimiser and
+             initialisation) at each (n, queries per class) of the size's `accuracy` points, beside
+             the train stage's own; resumes point by point.
   truth      proximal leave-one-out retraining (minimise F(λ; w) + (ρ/2)‖λ − λ*‖², ρ = the
              default's δ, Newton–CG to a gradient tolerance) for `removals` tasks, support and
              query examples; repeated from a perturbed start for the noise ceiling; every
@@ -64,20 +67,20 @@ ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
     "tiny": dict(filters=4, n=8, ways=5, queries=1, steps=20, minibatch=4, log_every=10, test=20, target=8,
                  chunk=1, reference_maxiter=40, removals=3, retrain_maxiter=60, smooth=False,
-                 scaling=((8, 4), (16, 4), (8, 8))),
+                 scaling=((8, 4), (16, 4), (8, 8)), accuracy=((16, 1), (8, 2))),
     "cpu": dict(filters=16, n=256, ways=5, queries=1, steps=1500, minibatch=16, log_every=250, test=600,
                 target=64, chunk=1, reference_maxiter=60, removals=0, retrain_maxiter=0, smooth=False,
-                scaling=((256, 16), (512, 16), (256, 32))),
+                scaling=((256, 16), (512, 16), (1024, 16), (256, 32)), accuracy=((1024, 1), (4096, 1), (16384, 1), (256, 5))),
     "truth": dict(filters=8, n=16, ways=5, queries=1, steps=1000, minibatch=8, log_every=250, test=600,
                   target=64, chunk=1, reference_maxiter=60, removals=16, retrain_maxiter=100, smooth=True,
-                  scaling=()),
+                  scaling=(), accuracy=()),
     "gpu": dict(filters=64, n=2000, ways=20, queries=1, steps=2000, minibatch=32, log_every=500, test=600,
                 target=64, chunk=100, reference_maxiter=60, removals=0, retrain_maxiter=0, smooth=False,
-                scaling=((256, 16), (512, 16), (1024, 16), (256, 32), (256, 64))),
+                scaling=((256, 16), (512, 16), (1024, 16), (256, 32), (256, 64)), accuracy=()),
 }  # fmt: skip
 SHOTS, INNER_STEPS, INNER_LR, ADAM_LR, META_REG = 1, 1, 0.4, 3e-3, 0.0
 BUDGETS = (8, 12)  # the budget stage: CG(maxiter=k) for these k beside the default's 16
-STAGES = ("train", "influence", "reference", "budget", "truth", "scaling")
+STAGES = ("train", "influence", "reference", "budget", "truth", "scaling", "accuracy")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -149,8 +152,9 @@ def warm_seconds(executable, *args, repeats: int = 1) -> tuple[float, Any]:
 # ----------------------------------------------------------------------------- stages
 
 
-def stage_train(size, model, problem, tasks, test, folder: Path, log) -> dict:
-    """Adam on the fixed tasks, checkpointed every `log_every` steps; accuracy with a 95% interval."""
+def stage_train(size, model, problem, tasks, test, folder: Path, log, *, full: bool = True) -> dict:
+    """Adam on the fixed tasks, checkpointed every `log_every` steps; accuracy with a 95% interval.
+    `full=False` skips F and ‖∇F‖ over all n tasks and scores train accuracy on the first 600."""
     optimizer = optax.adam(ADAM_LR)
     step = jax.jit(core.train_steps, static_argnames=("optimizer", "steps", "minibatch", "chunk_size"))
     checkpoint = folder / "train_state.npz"
@@ -182,10 +186,13 @@ def stage_train(size, model, problem, tasks, test, folder: Path, log) -> dict:
         np.savez(checkpoint, state=np.asarray(jax.flatten_util.ravel_pytree((lam, state))[0]), done=done,
                  seconds=seconds, values=np.asarray(values))  # fmt: skip
         log(f"train: step {done}/{size['steps']}, minibatch F = {float(np.mean(np.asarray(v))):.4f}, {elapsed:.1f} s")
-    grad = jax.jit(lambda p, l, t: core.value_and_grad(p, l, t, chunk_size=size["chunk"]))
-    objective, gradient = grad(problem, lam, tasks)
+    objective, grad_norm = None, None
+    if full:
+        grad = jax.jit(lambda p, l, t: core.value_and_grad(p, l, t, chunk_size=size["chunk"]))
+        objective, gradient = grad(problem, lam, tasks)
+        objective, grad_norm = float(objective), float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(gradient))))
     accuracy = accuracies(problem, model, lam, test)
-    train_accuracy = accuracies(problem, model, lam, tasks)
+    train_accuracy = accuracies(problem, model, lam, tasks if full else jax.tree.map(lambda x: x[:600], tasks))
     half = 1.96 * float(np.std(accuracy, ddof=1)) / np.sqrt(accuracy.size)
     per_step = (chunk_seconds[-1] / size["log_every"]) if len(chunk_seconds) > 1 else None
     return {
@@ -193,8 +200,8 @@ def stage_train(size, model, problem, tasks, test, folder: Path, log) -> dict:
         "seconds": seconds,
         "seconds_per_step_warm": per_step,
         "compile_s": (chunk_seconds[0] - per_step * size["log_every"]) if per_step and done == size["steps"] else None,
-        "objective": float(objective),
-        "grad_norm": float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(gradient)))),
+        "objective": objective,
+        "grad_norm": grad_norm,
         "test_accuracy": float(np.mean(accuracy)),
         "test_accuracy_ci95": [float(np.mean(accuracy)) - half, float(np.mean(accuracy)) + half],
         "test_tasks": int(accuracy.size),
@@ -334,6 +341,26 @@ def stage_scaling(size, root: str, rows: dict, save, log) -> dict:
         )
         save(rows)
         log(f"scaling: {key}, d = {d:,}: {row['warm_ratio']:.1f} meta-gradients, memory {row['memory_ratio']:.1f}×")
+    return rows
+
+
+def stage_accuracy(size, root: str, folder: Path, rows: dict, save, log) -> dict:
+    """Held-out accuracy against the number of training tasks and queries per class: the train
+    stage at each (n, queries) of the size's `accuracy` points (train accuracy on the first 600
+    tasks), each in its own checkpoint folder (folder/accuracy/<point>). `rows` holds finished
+    points (resumed)."""
+    for n, queries in size["accuracy"]:
+        key = f"n={n},queries={queries}"
+        if key in rows:
+            continue
+        point = dict(size, n=n, queries=queries)
+        model, problem, tasks, _, test = build(point, root)
+        (folder / "accuracy" / key).mkdir(parents=True, exist_ok=True)
+        row = stage_train(point, model, problem, tasks, test, folder / "accuracy" / key, log, full=False)
+        keep = ("steps", "seconds", "seconds_per_step_warm", "test_accuracy", "test_accuracy_ci95")
+        rows[key] = {"n": n, "queries": queries, "train_accuracy": row["train_accuracy"], **{k: row[k] for k in keep}}
+        save(rows)
+        log(f"accuracy: {key}: held-out {row['test_accuracy']:.3f}, train {row['train_accuracy']:.3f}")
     return rows
 
 
@@ -540,16 +567,16 @@ def main(argv=None) -> int:
         results["train"] = stage_train(size, model, problem, tasks, test, folder, log)
         save()
         log(f"train: test accuracy {results['train']['test_accuracy']:.3f}")
-    if not (folder / "meta_params.npz").exists():
-        sys.exit(f"scale.py: no trained meta_params in {folder}: run the train stage first.")
-    lam = _load_params(folder, model.params)
-    target = target_fn(problem, target_tasks, size["chunk"])
     pending = [
         stage
         for stage in ("influence", "reference", "budget", "truth")
         if stage in stages and stage not in results and (stage != "truth" or size["removals"])
     ]
     if pending:  # every later stage compares with the default influence: computed once here
+        if not (folder / "meta_params.npz").exists():
+            sys.exit(f"scale.py: no trained meta_params in {folder}: run the train stage first.")
+        lam = _load_params(folder, model.params)
+        target = target_fn(problem, target_tasks, size["chunk"])
         row, default = stage_influence(size, problem, lam, tasks, target, log)
         results["influence"] = row
         save()
@@ -562,17 +589,24 @@ def main(argv=None) -> int:
         if "truth" in pending:
             results["truth"] = stage_truth(size, model, problem, lam, tasks, target_tasks, default, folder, log)
             save()
-    if "scaling" in stages and size["scaling"] and "scaling" not in results:
+
+    def resumable(stage, run):
+        """results[stage] = run(finished points, keep), keep(points) saving them as they finish:
+        a rerun measures only the size's points not yet in results (after --redo, all)."""
 
         def keep(rows):
-            results["scaling_partial"] = rows
+            results[stage + "_partial"] = rows
             save()
 
-        results["scaling"] = stage_scaling(
-            size, data_root(args.data), dict(results.pop("scaling_partial", {})), keep, log
-        )
-        results.pop("scaling_partial", None)
+        finished = {**results.pop(stage, {}), **results.pop(stage + "_partial", {})}
+        results[stage] = run(finished, keep)
         save()
+
+    root = data_root(args.data)
+    if "scaling" in stages and size["scaling"]:
+        resumable("scaling", lambda rows, keep: stage_scaling(size, root, rows, keep, log))
+    if "accuracy" in stages and size["accuracy"]:
+        resumable("accuracy", lambda rows, keep: stage_accuracy(size, root, folder, rows, keep, log))
     log(f"wrote {result_path}")
     return 0
 

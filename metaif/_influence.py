@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -279,7 +279,7 @@ def influence(
     *,
     solver: Solver | None = None,
     curvature: Curvature | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | Literal["auto"] | None = "auto",
 ) -> Influence:
     """Influence of every task, support example and query example, in one call.
 
@@ -290,13 +290,16 @@ def influence(
       target: optional `meta_params -> scalar` (for example a meta-test loss, see
         `metaif.task_losses`). Pass the same function object across calls to reuse compiled code.
       solver: a `metaif.solvers` solver; default `Dense()` (exact, undamped) up to 256
-        meta-parameters (it costs d Hessian-vector products), `CG()` beyond (δ = 1e-4·λ_max(H),
-        at most 21 products: docs/solvers.md). Warns (`metaif.solvers.IndefiniteCurvatureWarning`)
-        when H + δI is not positive definite.
+        meta-parameters (it costs d Hessian-vector products), `CG()` beyond (curvature-aware δ
+        from its own Lanczos run, raised until 16 products solve to 1e-2: docs/solvers.md).
+        Warns (`metaif.solvers.IndefiniteCurvatureWarning`) when H + δI is not positive definite.
       curvature: a `metaif.curvature` option for the solves (default `Exact()`, the total
         Hessian with its third-order terms); the mixed derivatives stay exact.
       chunk_size: process tasks this many at a time (`lax.map`/`scan`): same answers, peak
-        memory bounded by the chunk instead of n. Default: all tasks at once.
+        memory bounded by the chunk instead of n. None: all tasks at once. "auto" (default): all
+        at once when they fit, else the largest chunk whose working memory, estimated from the
+        traced program, fits in half the device's free memory; one task at a time for
+        convolutional models on CPU (faster there than vmapped convolutions).
 
     Returns:
       `Influence`: arrays [n], [n, m], [n, q] of I_f with a target; else pytrees like
@@ -315,7 +318,7 @@ def task_influence(
     *,
     solver: Solver | None = None,
     curvature: Curvature | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | Literal["auto"] | None = "auto",
     return_info: bool = False,
 ):
     """Task influence I(t_k) for every training task.
@@ -339,7 +342,7 @@ def instance_influence(
     *,
     solver: Solver | None = None,
     curvature: Curvature | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | Literal["auto"] | None = "auto",
 ) -> Influence:
     """Instance influence of every support example [n, m] and query example [n, q].
 
@@ -361,7 +364,7 @@ def adapted_influence(
     *,
     solver: Solver | None = None,
     curvature: Curvature | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | Literal["auto"] | None = "auto",
 ) -> AdaptedInfluence:
     """Influence of every training task and example on one task's adapted parameters θ.
 

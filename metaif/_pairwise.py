@@ -195,7 +195,7 @@ def pairwise_influence(
     solver: Solver | None = None,
     target_data: PyTree | None = None,
     curvature: Curvature | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | Literal["auto"] | None = "auto",
     target_chunk_size: int | None = None,
     method: Method = "auto",
 ) -> Influence:
@@ -241,7 +241,7 @@ def self_influence(
     *,
     solver: Solver | None = None,
     curvature: Curvature | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | Literal["auto"] | None = "auto",
 ) -> Influence:
     """Influence of each training datum on its own task's query loss L_O^k (no validation set).
 
@@ -273,7 +273,7 @@ def new_task_influence(
     *,
     solver: Solver | None = None,
     curvature: Curvature | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | Literal["auto"] | None = "auto",
     target_chunk_size: int | None = None,
 ) -> NewTaskInfluence:
     """Adapt to a new task from its support set, predict on `inputs`, and attribute each

@@ -1,5 +1,5 @@
 """benchmarks/scale.py at its tiny size on real Omniglot (slow lane): training, the default
-influence, the converged reference, the smaller budgets and the scaling points write their
+influence, the converged reference, the smaller budgets, the scaling and accuracy points write their
 numbers, the default solve agrees with the reference, and a rerun resumes instead of recomputing.
 The ground-truth stage (proximal leave-one-out by Newton–CG, then every baseline) takes longer
 than the suite allows; it runs as `benchmarks/scale.py --size truth`."""
@@ -74,3 +74,12 @@ def test_every_stage_writes_its_numbers_and_a_rerun_resumes(tmp_path):
         assert row["warm_ratio"] > 1 and row["compile_ratio"] > 0 and row["memory_ratio"] > 0
     again = run(tmp_path, "--stages", "scaling")
     assert again.returncode == 0 and "scaling: n=" not in again.stdout
+    # the accuracy stage: the train stage at each (n, queries) point, with its interval
+    trained = run(tmp_path, "--stages", "accuracy")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    rows = json.loads((tmp_path / "scale.json").read_text())["accuracy"]
+    assert set(rows) == {"n=16,queries=1", "n=8,queries=2"}
+    for row in rows.values():
+        low, high = row["test_accuracy_ci95"]
+        assert 0 <= low <= row["test_accuracy"] <= high <= 1 and row["steps"] == train["steps"]
+    assert (tmp_path / "accuracy" / "n=16,queries=1" / "meta_params.npz").exists()

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
+from .._memory import available_bytes
 from .config import Config, ConfigError
 
 SLACK = 3.0  # intermediate copies per stored activation (calibrated on the demo)
@@ -80,21 +80,6 @@ def estimate(config: Config, input_shape: int | tuple[int, ...], d: int, n: int,
     stages = {k: v + data for k, v in stages.items()}
     stages["peak"] = max(stages.values())
     return stages
-
-
-def available_bytes() -> float:
-    """MemAvailable from /proc/meminfo (Linux), else physical memory, else +inf."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return float("inf")
 
 
 def check(
