@@ -317,31 +317,40 @@ def stage_budget(size, problem, lam, tasks, target, default, log) -> dict:
     return rows
 
 
+def new_points(points: dict, rows: dict, save, measure) -> dict:
+    """rows[key] = measure(**point) for each key of `points` not yet in `rows` (finished points
+    of an earlier run), saving the rows after each."""
+    for key, point in points.items():
+        if key not in rows:
+            rows[key] = measure(**point)
+            save(rows)
+    return rows
+
+
 def stage_scaling(size, root: str, rows: dict, save, log) -> dict:
     """Cost and memory of the default influence against n and width: for each (n, filters) in the
     size's `scaling` points, one meta-gradient and the default influence at the initial λ, with
     all 16 products spent (`CG(tol=1e-30)`: at a trained λ the default does not converge early,
     at the initial one it can), compile and warm seconds and working memory, each as a ratio.
     `rows` holds finished points (resumed)."""
-    for n, filters in size["scaling"]:
-        key = f"n={n},filters={filters}"
-        if key in rows:
-            continue
+
+    def measure(n, filters):
         point = dict(size, n=n, filters=filters)
         model, problem, tasks, target_tasks, _ = build(point, root)
         target = target_fn(problem, target_tasks, point["chunk"])
         row, _ = stage_influence(point, problem, model.params, tasks, target, log, metaif.solvers.CG(tol=1e-30))
         d = int(sum(x.size for x in jax.tree.leaves(model.params)))
-        rows[key] = {"n": n, "filters": filters, "d": d, **{k: row[k] for k in ("meta_gradient", "influence")}}
-        rows[key].update(
-            warm_ratio=row["warm_ratio"],
-            compile_ratio=row["compile_ratio"],
-            memory_ratio=row["memory_ratio"],
-            products=row["cg_iterations"],
-        )
-        save(rows)
-        log(f"scaling: {key}, d = {d:,}: {row['warm_ratio']:.1f} meta-gradients, memory {row['memory_ratio']:.1f}×")
-    return rows
+        log(f"scaling: n={n},filters={filters}, d = {d:,}: {row['warm_ratio']:.1f} meta-gradients")
+        return {
+            "n": n,
+            "filters": filters,
+            "d": d,
+            **{k: row[k] for k in ("meta_gradient", "influence", "warm_ratio", "compile_ratio", "memory_ratio")},
+            "products": row["cg_iterations"],
+        }
+
+    points = {f"n={n},filters={filters}": dict(n=n, filters=filters) for n, filters in size["scaling"]}
+    return new_points(points, rows, save, measure)
 
 
 def stage_accuracy(size, root: str, folder: Path, rows: dict, save, log) -> dict:
@@ -349,19 +358,21 @@ def stage_accuracy(size, root: str, folder: Path, rows: dict, save, log) -> dict
     stage at each (n, queries) of the size's `accuracy` points (train accuracy on the first 600
     tasks), each in its own checkpoint folder (folder/accuracy/<point>). `rows` holds finished
     points (resumed)."""
-    for n, queries in size["accuracy"]:
-        key = f"n={n},queries={queries}"
-        if key in rows:
-            continue
+
+    def measure(n, queries):
         point = dict(size, n=n, queries=queries)
         model, problem, tasks, _, test = build(point, root)
-        (folder / "accuracy" / key).mkdir(parents=True, exist_ok=True)
-        row = stage_train(point, model, problem, tasks, test, folder / "accuracy" / key, log, full=False)
-        keep = ("steps", "seconds", "seconds_per_step_warm", "test_accuracy", "test_accuracy_ci95")
-        rows[key] = {"n": n, "queries": queries, "train_accuracy": row["train_accuracy"], **{k: row[k] for k in keep}}
-        save(rows)
-        log(f"accuracy: {key}: held-out {row['test_accuracy']:.3f}, train {row['train_accuracy']:.3f}")
-    return rows
+        checkpoints = folder / "accuracy" / f"n={n},queries={queries}"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        row = stage_train(point, model, problem, tasks, test, checkpoints, log, full=False)
+        log(
+            f"accuracy: n={n},queries={queries}: held-out {row['test_accuracy']:.3f}, train {row['train_accuracy']:.3f}"
+        )
+        keep = ("train_accuracy", "steps", "seconds", "seconds_per_step_warm", "test_accuracy", "test_accuracy_ci95")
+        return {"n": n, "queries": queries, **{k: row[k] for k in keep}}
+
+    points = {f"n={n},queries={queries}": dict(n=n, queries=queries) for n, queries in size["accuracy"]}
+    return new_points(points, rows, save, measure)
 
 
 def stage_truth(size, model, problem, lam, tasks, target, default, folder: Path, log) -> dict:
@@ -600,6 +611,7 @@ def main(argv=None) -> int:
 
         finished = {**results.pop(stage, {}), **results.pop(stage + "_partial", {})}
         results[stage] = run(finished, keep)
+        results.pop(stage + "_partial", None)
         save()
 
     root = data_root(args.data)

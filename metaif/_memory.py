@@ -4,13 +4,14 @@ the traced program (no compile, no computation).
 One task's working memory is estimated from the jaxpr of its heaviest pass, the reverse-over-forward
 score pass (a jvp inside a grad through the adaptation, the same order of derivative as a
 Hessian-vector product): the most bytes live at once when its equations run in order and each
-value is freed after its last use. XLA fuses and reuses buffers, so it needs less (on a Conv4 with
-16 filters, 14.8 MiB estimated against XLA's 6.7 MiB). The chunk is the number of such tasks that
-fit in `MEMORY_FRACTION` of the device's free memory (GPU/TPU: `memory_stats`; CPU: MemAvailable).
+value is freed after its last use. XLA fuses and reuses buffers, so it needs less
+(tests/test_memory.py checks the estimate against XLA's buffer assignment: above it, within 8×).
+The chunk is the number of such tasks that fit in `MEMORY_FRACTION` of the device's free memory
+(GPU/TPU: `memory_stats`; CPU: MemAvailable).
 
 On the CPU backend a model with convolutions runs one task at a time: vmapping per-task adapted
-parameters turns each convolution into a grouped convolution, which XLA:CPU runs 2.3× slower than
-a loop over tasks (docs/real-networks.md).
+parameters turns each convolution into a grouped convolution, which XLA:CPU runs several times
+slower than a loop over tasks (docs/real-networks.md).
 """
 
 from __future__ import annotations

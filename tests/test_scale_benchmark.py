@@ -83,3 +83,4 @@ def test_every_stage_writes_its_numbers_and_a_rerun_resumes(tmp_path):
         low, high = row["test_accuracy_ci95"]
         assert 0 <= low <= row["test_accuracy"] <= high <= 1 and row["steps"] == train["steps"]
     assert (tmp_path / "accuracy" / "n=16,queries=1" / "meta_params.npz").exists()
+    assert not {"scaling_partial", "accuracy_partial"} & set(json.loads((tmp_path / "scale.json").read_text()))
