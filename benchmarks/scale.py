@@ -31,6 +31,9 @@ Stages (each a ratio measured in this one process, never a timed assertion):
   accuracy   what limits held-out accuracy: the train stage again (same steps, optimiser and
              initialisation) at each (n, queries per class) of the size's `accuracy` points, beside
              the train stage's own; resumes point by point.
+  chunk      the automatic chunk size (`chunk_size="auto"`) on this network: one task's
+             working-memory estimate against what XLA assigns to the compiled score pass of 1 and
+             8 tasks, and the chunk it picks on this device.
   truth      proximal leave-one-out retraining (minimise F(λ; w) + (ρ/2)‖λ − λ*‖², ρ = the
              default's δ, Newton–CG to a gradient tolerance) for `removals` tasks, support and
              query examples; repeated from a perturbed start for the noise ceiling; every
@@ -80,7 +83,7 @@ SIZES = {
 }  # fmt: skip
 SHOTS, INNER_STEPS, INNER_LR, ADAM_LR, META_REG = 1, 1, 0.4, 3e-3, 0.0
 BUDGETS = (8, 12)  # the budget stage: CG(maxiter=k) for these k beside the default's 16
-STAGES = ("train", "influence", "reference", "budget", "truth", "scaling", "accuracy")
+STAGES = ("train", "influence", "reference", "budget", "truth", "scaling", "accuracy", "chunk")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -375,6 +378,25 @@ def stage_accuracy(size, root: str, folder: Path, rows: dict, save, log) -> dict
     return new_points(points, rows, save, measure)
 
 
+def stage_chunk(problem, lam, tasks, log) -> dict:
+    """`core.task_bytes` (the estimate `chunk_size="auto"` divides free memory by) against XLA's
+    working memory for the score pass over 1 and 8 tasks, and `core.auto_chunk_size` here."""
+    estimate, convolves = core.task_bytes(problem, lam, tasks)
+    scores = lambda lam, some: core.target_scores(problem, lam, some, lam)
+    xla = {k: compiled(scores, lam, jax.tree.map(lambda x: x[:k], tasks))[2] for k in (1, 8)}
+    row = {
+        "estimate_bytes_per_task": estimate,
+        "convolves": convolves,
+        "xla_bytes_1_task": xla[1],
+        "xla_bytes_8_tasks": xla[8],
+        "estimate_over_xla": estimate / xla[1] if xla[1] else None,
+        "auto_chunk_size": core.auto_chunk_size(problem, lam, tasks),
+    }
+    log(f"chunk: estimate {estimate / 2**20:.1f} MiB per task, XLA {xla[1] / 2**20:.1f} MiB (1 task), "
+        f"{xla[8] / 2**20:.1f} MiB (8); auto chunk {row['auto_chunk_size']}")  # fmt: skip
+    return row
+
+
 def stage_truth(size, model, problem, lam, tasks, target, default, folder: Path, log) -> dict:
     """Proximal leave-one-out retraining at ρ = δ (Newton–CG to a tolerance) and every method's
     Spearman against it. Each finished level is kept in truth_levels.json, so a rerun with the
@@ -614,6 +636,9 @@ def main(argv=None) -> int:
         results.pop(stage + "_partial", None)
         save()
 
+    if "chunk" in stages and "chunk" not in results:
+        results["chunk"] = stage_chunk(problem, model.params, tasks, log)
+        save()
     root = data_root(args.data)
     if "scaling" in stages and size["scaling"]:
         resumable("scaling", lambda rows, keep: stage_scaling(size, root, rows, keep, log))

@@ -25,6 +25,8 @@ from ._hessian import value_and_grad as value_and_grad
 from ._influence import influence_from_gradient as influence_from_gradient
 from ._influence import influence_on_params as influence_on_params
 from ._influence import influence_on_target as influence_on_target
+from ._memory import auto_chunk_size as auto_chunk_size
+from ._memory import task_bytes as task_bytes
 from ._objective import Weights as Weights
 from ._objective import adapt_one as adapt
 from ._objective import adaptation_gradient as adaptation_gradient
@@ -45,6 +47,7 @@ __all__ = [
     "Weights",
     "adapt",
     "adaptation_gradient",
+    "auto_chunk_size",
     "bilevel_task_loss",
     "diagnostics",
     "influence_from_gradient",
@@ -54,6 +57,7 @@ __all__ = [
     "objective",
     "operator",
     "target_scores",
+    "task_bytes",
     "task_loss",
     "task_losses",
     "train_steps",

@@ -84,3 +84,10 @@ def test_every_stage_writes_its_numbers_and_a_rerun_resumes(tmp_path):
         assert 0 <= low <= row["test_accuracy"] <= high <= 1 and row["steps"] == train["steps"]
     assert (tmp_path / "accuracy" / "n=16,queries=1" / "meta_params.npz").exists()
     assert not {"scaling_partial", "accuracy_partial"} & set(json.loads((tmp_path / "scale.json").read_text()))
+    # the chunk stage: the auto chunk's estimate bounds XLA's one-task working memory from above;
+    # a Conv4 on CPU runs one task at a time
+    chunked = run(tmp_path, "--stages", "chunk")
+    assert chunked.returncode == 0, chunked.stderr[-3000:]
+    row = json.loads((tmp_path / "scale.json").read_text())["chunk"]
+    assert row["convolves"] and row["auto_chunk_size"] == 1
+    assert row["xla_bytes_8_tasks"] > row["xla_bytes_1_task"] > 0 and 1 <= row["estimate_over_xla"] <= 8
