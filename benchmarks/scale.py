@@ -16,7 +16,9 @@ Needs Omniglot's official zips under $METAIF_DATA (default ../shared/data from t
 root). Writes results/scale-<size>/scale.json after every stage; the trained λ and Adam state are
 checkpointed every `log_every` steps, so a rerun resumes where it stopped (--fresh starts over).
 
-Stages (each a ratio measured in this one process, never a timed assertion):
+Stages (each a ratio measured in this one process, never a timed assertion; `scaling` and
+`accuracy` train or analyse other networks, 30–40 min each at the CPU size, so they run only when
+named in --stages):
   train      Adam on n fixed training tasks (task minibatches, per-task gradient chunks), then
              query accuracy on `test` held-out tasks (evaluation alphabets) with a 95% interval.
   influence  the default `metaif.influence` call (CG, curvature-aware damping) for one target
@@ -84,6 +86,7 @@ SIZES = {
 SHOTS, INNER_STEPS, INNER_LR, ADAM_LR, META_REG = 1, 1, 0.4, 3e-3, 0.0
 BUDGETS = (8, 12)  # the budget stage: CG(maxiter=k) for these k beside the default's 16
 STAGES = ("train", "influence", "reference", "budget", "truth", "scaling", "accuracy", "chunk")
+DEFAULT_STAGES = ("train", "influence", "reference", "budget", "truth", "chunk")  # scaling, accuracy: ask by name
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -550,7 +553,11 @@ def largest_eigenvalue(problem, lam, tasks, chunk) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
+    parser.add_argument(
+        "--stages",
+        default=",".join(DEFAULT_STAGES),
+        help=f"comma-separated subset of {','.join(STAGES)} (default {','.join(DEFAULT_STAGES)})",
+    )
     parser.add_argument(
         "--data", default=None, help="folder with Omniglot's zips (default $METAIF_DATA, ../shared/data)"
     )
