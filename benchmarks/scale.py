@@ -323,22 +323,21 @@ def stage_budget(size, problem, lam, tasks, target, default, log) -> dict:
     return rows
 
 
-def new_points(points: dict, rows: dict, save, measure) -> dict:
+def new_points(points: dict, rows: dict, save, measure) -> None:
     """rows[key] = measure(**point) for each key of `points` not yet in `rows` (finished points
-    of an earlier run), saving the rows after each."""
+    of an earlier run), calling save() after each."""
     for key, point in points.items():
         if key not in rows:
             rows[key] = measure(**point)
-            save(rows)
-    return rows
+            save()
 
 
-def stage_scaling(size, root: str, rows: dict, save, log) -> dict:
+def stage_scaling(size, root: str, rows: dict, save, log) -> None:
     """Cost and memory of the default influence against n and width: for each (n, filters) in the
     size's `scaling` points, one meta-gradient and the default influence at the initial λ, with
     all 16 products spent (`CG(tol=1e-30)`: at a trained λ the default does not converge early,
     at the initial one it can), compile and warm seconds and working memory, each as a ratio.
-    `rows` holds finished points (resumed)."""
+    Fills `rows` (finished points are kept)."""
 
     def measure(n, filters):
         point = dict(size, n=n, filters=filters)
@@ -356,14 +355,14 @@ def stage_scaling(size, root: str, rows: dict, save, log) -> dict:
         }
 
     points = {f"n={n},filters={filters}": dict(n=n, filters=filters) for n, filters in size["scaling"]}
-    return new_points(points, rows, save, measure)
+    new_points(points, rows, save, measure)
 
 
-def stage_accuracy(size, root: str, folder: Path, rows: dict, save, log) -> dict:
+def stage_accuracy(size, root: str, folder: Path, rows: dict, save, log) -> None:
     """Held-out accuracy against the number of training tasks and queries per class: the train
     stage at each (n, queries) of the size's `accuracy` points (train accuracy on the first 600
-    tasks), each in its own checkpoint folder (folder/accuracy/<point>). `rows` holds finished
-    points (resumed)."""
+    tasks), each in its own checkpoint folder (folder/accuracy/<point>). Fills `rows` (finished
+    points are kept)."""
 
     def measure(n, queries):
         point = dict(size, n=n, queries=queries)
@@ -378,7 +377,7 @@ def stage_accuracy(size, root: str, folder: Path, rows: dict, save, log) -> dict
         return {"n": n, "queries": queries, **{k: row[k] for k in keep}}
 
     points = {f"n={n},queries={queries}": dict(n=n, queries=queries) for n, queries in size["accuracy"]}
-    return new_points(points, rows, save, measure)
+    new_points(points, rows, save, measure)
 
 
 def stage_chunk(problem, lam, tasks, log) -> dict:
@@ -630,27 +629,16 @@ def main(argv=None) -> int:
             results["truth"] = stage_truth(size, model, problem, lam, tasks, target_tasks, default, folder, log)
             save()
 
-    def resumable(stage, run):
-        """results[stage] = run(finished points, keep), keep(points) saving them as they finish:
-        a rerun measures only the size's points not yet in results (after --redo, all)."""
-
-        def keep(rows):
-            results[stage + "_partial"] = rows
-            save()
-
-        finished = {**results.pop(stage, {}), **results.pop(stage + "_partial", {})}
-        results[stage] = run(finished, keep)
-        results.pop(stage + "_partial", None)
-        save()
-
     if "chunk" in stages and "chunk" not in results:
         results["chunk"] = stage_chunk(problem, model.params, tasks, log)
         save()
+    # point stages fill results[stage] in place, saved after each point: a rerun measures only
+    # the size's points not yet there (after --redo, all)
     root = data_root(args.data)
     if "scaling" in stages and size["scaling"]:
-        resumable("scaling", lambda rows, keep: stage_scaling(size, root, rows, keep, log))
+        stage_scaling(size, root, results.setdefault("scaling", {}), save, log)
     if "accuracy" in stages and size["accuracy"]:
-        resumable("accuracy", lambda rows, keep: stage_accuracy(size, root, folder, rows, keep, log))
+        stage_accuracy(size, root, folder, results.setdefault("accuracy", {}), save, log)
     log(f"wrote {result_path}")
     return 0
 

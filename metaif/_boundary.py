@@ -55,13 +55,13 @@ def check_options(problem, meta_params, tasks, solver, curvature, chunk_size) ->
         )
     curvature = _curvature.check(curvature)
     curvature.check(problem, meta_params, tasks)
-    if isinstance(chunk_size, str) and chunk_size == _memory.AUTO:
-        chunk_size = _memory.auto_chunk_size(problem, meta_params, tasks)
-    elif chunk_size is not None:
-        if isinstance(chunk_size, str):
+    if isinstance(chunk_size, str):
+        if chunk_size != _memory.AUTO:
             raise ValueError(
                 f"chunk_size must be an int >= 1, None or 'auto'; received {_validate.describe(chunk_size)}."
             )
+        chunk_size = _memory.auto_chunk_size(problem, meta_params, tasks)
+    elif chunk_size is not None:
         chunk_size = _validate.positive_int("chunk_size", chunk_size)
     return Options(solver, curvature, chunk_size), meta_params
 

@@ -104,9 +104,8 @@ def _signature(tree: PyTree) -> tuple:
 def task_bytes(problem: BilevelProblem, meta_params: PyTree, tasks: TaskSet) -> tuple[int, bool]:
     """(one task's working memory in bytes, whether the model convolves), from the jaxpr of one
     task's score pass. Shapes only (works on tracers); remembered per problem and shapes."""
-    shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     one = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype), tasks)
-    lam = jax.tree.map(shape, meta_params)
+    lam = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), meta_params)
     key = (_signature(problem), _signature(lam), _signature(one))
     if key not in _TRACED:
         closed = jax.make_jaxpr(lambda lam, t: target_scores(problem, lam, t, lam))(lam, one)
